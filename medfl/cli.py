@@ -1,0 +1,53 @@
+"""medfl: personalized federated learning for medical imaging (PFA, DET, CPA on MONAI).
+
+Each subcommand lives in `medfl/commands/<name>.py` with two functions: `add_arguments(parser)` and
+`run(args) -> int`. Command modules import only the standard library at module level, so that
+`medfl --help` answers quickly; torch and MONAI are imported inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from medfl import __version__
+from medfl.errors import MedflError
+
+# (subcommand, module under medfl.commands, one-line help)
+COMMANDS: list[tuple[str, str, str]] = [
+    ("synth", "synth", "write a deterministic synthetic multi-site data set and its site configs"),
+    ("check", "check", "validate site configs and their data; print per-site, per-split, per-class counts"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medfl", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"medfl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in COMMANDS:
+        module = importlib.import_module(f"medfl.commands.{module_name}")
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except MedflError as error:
+        print(f"medfl {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medfl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Federated learning: pure math (pfa, det, cpa), parameter roles, aggregation strategies, sites."""
