@@ -1,0 +1,266 @@
+"""Progressive Fourier aggregation (PFA): the server step of the personalized retrogress-resilient method.
+
+Each site's weight matrices are moved to the frequency domain; inside a centred low-frequency box every
+site receives the federation's (site-weighted) mean amplitude, and by default the mean phase too; outside
+the box it keeps its own spectrum. Normalisation entries stay per site, everything else that is not a
+kernel or weight matrix is averaged. See docs/algorithm.md, section PFA, for the reference behaviour kept
+here (box bounds, linear mean of wrapped phases, reshape rule of convolution kernels).
+
+The work is batched: the K sites' matrices of one entry form one (K, h, w) stack, and all entries whose
+matrices have the same shape go through one FFT call, in float64, on the device of the input tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from medfl.federated.averaging import normalise_site_weights, weighted_average
+from medfl.federated.params import Role
+
+# Upper bound on complex elements per batched FFT call (16 bytes each): keeps peak memory near 0.5 GiB.
+_MAX_ELEMENTS_PER_CALL = 1 << 25
+
+_SPECTRAL_ROLES = (Role.CONV, Role.CONV_TRANSPOSE, Role.LINEAR, Role.CLASSIFIER)
+
+
+def pfa_ratio(round: int, rounds: int, start: float = 0.7, end: float = 0.95) -> float:
+    """Low-frequency ratio of the 0-based ``round`` out of ``rounds``: start + (round/rounds)(end-start).
+
+    ``end`` itself is never reached (the last round gets start + (rounds-1)/rounds * (end-start)).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not 0 <= round < rounds:
+        raise ValueError(f"round must be in [0, {rounds}), got {round}")
+    for name, value in (("start", start), ("end", end)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"PFA ratio {name} must be in [0, 1], got {value}")
+    return start + (round / rounds) * (end - start)
+
+
+def pfa_aggregate(
+    states: Mapping[str, Mapping[str, Tensor]],
+    roles: Mapping[str, Role],
+    ratio: float,
+    site_weights: Mapping[str, float] | None = None,
+    share_phase: bool = True,
+) -> dict[str, dict[str, Tensor]]:
+    """Aggregate the sites' state dicts with PFA; returns ``{site: state}`` in the input's key order.
+
+    ``roles`` gives the :class:`Role` of every entry. NORM entries are returned as the site's own tensor
+    objects; OTHER entries get the weighted average (one copy per site); kernels, weight matrices and the
+    final classifier's rows are mixed in the frequency domain with low-frequency ``ratio`` in [0, 1].
+    ``site_weights`` (e.g. sample counts) defaults to uniform. ``share_phase=False`` shares the amplitude
+    only (the MICCAI variant). Every output tensor keeps its input's dtype and device.
+    """
+    sites = list(states)
+    keys = _validated_keys(states, roles)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"PFA ratio must be in [0, 1], got {ratio}")
+    weights = normalise_site_weights(sites, site_weights)
+
+    merged: dict[str, dict[str, Tensor]] = {site: {} for site in sites}
+    spectral: list[str] = []
+    for key in keys:
+        tensors = [states[site][key] for site in sites]
+        role = Role(roles[key])
+        if role is Role.NORM:
+            for site, tensor in zip(sites, tensors, strict=True):
+                merged[site][key] = tensor
+        elif role is Role.OTHER or tensors[0].numel() == 0:
+            average = weighted_average(tensors, weights)
+            for site, tensor in zip(sites, tensors, strict=True):
+                merged[site][key] = average.to(device=tensor.device, copy=True)
+        else:
+            spectral.append(key)
+
+    mixed = _mix_spectral_entries(states, roles, spectral, weights, ratio, share_phase)
+    for key, stacked in mixed.items():
+        for index, site in enumerate(sites):
+            original = states[site][key]
+            merged[site][key] = stacked[index].to(device=original.device, dtype=original.dtype)
+    return {site: {key: merged[site][key] for key in keys} for site in sites}
+
+
+def _validated_keys(states: Mapping[str, Mapping[str, Tensor]], roles: Mapping[str, Role]) -> list[str]:
+    """Entry names of the first site, after checking that every site has the same entries and shapes."""
+    if not states:
+        raise ValueError("no site states to aggregate")
+    sites = list(states)
+    first = states[sites[0]]
+    keys = list(first)
+    for site in sites[1:]:
+        missing = [k for k in keys if k not in states[site]]
+        extra = [k for k in states[site] if k not in first]
+        if missing or extra:
+            problem = f"lacks '{missing[0]}'" if missing else f"has an extra entry '{extra[0]}'"
+            raise ValueError(f"site '{site}': state {problem} compared with site '{sites[0]}'")
+        for key in keys:
+            if states[site][key].shape != first[key].shape:
+                raise ValueError(
+                    f"site '{site}': entry '{key}' has shape {tuple(states[site][key].shape)}, "
+                    f"site '{sites[0]}' has {tuple(first[key].shape)}"
+                )
+    for key in keys:
+        if key not in roles:
+            raise ValueError(f"entry '{key}' has no role")
+        role = Role(roles[key])
+        if role in _SPECTRAL_ROLES:
+            _check_spectral_entry(key, role, first[key])
+    return keys
+
+
+def _check_spectral_entry(key: str, role: Role, tensor: Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise ValueError(f"entry '{key}' ({role.value}) must be a floating tensor, got {tensor.dtype}")
+    needed = {Role.CONV: 3, Role.CONV_TRANSPOSE: 3, Role.CLASSIFIER: 2}.get(role, 2)
+    if tensor.ndim < needed or (role is Role.LINEAR and tensor.ndim != 2):
+        raise ValueError(f"entry '{key}' ({role.value}) has unexpected shape {tuple(tensor.shape)}")
+
+
+@dataclass
+class _Entry:
+    """One spectral entry in batched form: ``batch`` is (B, K, *signal) float64."""
+
+    key: str
+    role: Role
+    shape: torch.Size
+    batch: Tensor
+
+
+def _mix_spectral_entries(
+    states: Mapping[str, Mapping[str, Tensor]],
+    roles: Mapping[str, Role],
+    keys: Sequence[str],
+    weights: Tensor,
+    ratio: float,
+    share_phase: bool,
+) -> dict[str, Tensor]:
+    """PFA of every kernel / matrix / classifier entry; returns ``{key: (K, *shape) float64}``."""
+    sites = list(states)
+    groups: dict[tuple[int, ...], list[_Entry]] = defaultdict(list)
+    for key in keys:
+        device = states[sites[0]][key].device
+        stacked = torch.stack([states[site][key].to(device=device, dtype=torch.float64) for site in sites])
+        role = Role(roles[key])
+        entry = _Entry(key, role, stacked.shape[1:], _to_batch(stacked, role))
+        groups[tuple(entry.batch.shape[2:])].append(entry)
+
+    mixed: dict[str, Tensor] = {}
+    for signal_shape, entries in groups.items():
+        for chunk in _chunks(entries):
+            device = chunk[0].batch.device
+            batch = torch.cat([entry.batch.to(device) for entry in chunk])
+            out = _share_low_frequencies(batch, weights.to(device), ratio, share_phase, len(signal_shape))
+            for entry, part in zip(chunk, out.split([e.batch.shape[0] for e in chunk]), strict=True):
+                mixed[entry.key] = _from_batch(part, entry.role, entry.shape)
+    return mixed
+
+
+def _chunks(entries: list[_Entry]) -> list[list[_Entry]]:
+    """Split a group so that one FFT call handles at most about _MAX_ELEMENTS_PER_CALL elements."""
+    chunks: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if chunks[-1] and size + entry.batch.numel() > _MAX_ELEMENTS_PER_CALL:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(entry)
+        size += entry.batch.numel()
+    return chunks
+
+
+def _to_batch(stacked: Tensor, role: Role) -> Tensor:
+    """(K, *shape) site stack -> (B, K, *signal): one 2-D matrix (B = 1) or one row per class (1-D)."""
+    if role is Role.CLASSIFIER:
+        return stacked.reshape(stacked.shape[0], stacked.shape[1], -1).transpose(0, 1)
+    if role is Role.LINEAR:
+        return stacked.unsqueeze(0)
+    if role is Role.CONV_TRANSPOSE:
+        stacked = stacked.transpose(1, 2)
+    # (K, N, C, k1, ..., kn) -> (K, C, k1, ..., kn, N) -> (K, C*k1, k2*...*kn*N), the reference's rule.
+    k, _, c_in, k1 = stacked.shape[:4]
+    order = (0, *range(2, stacked.ndim), 1)
+    matrix = stacked.permute(order).reshape(k, c_in * k1, -1)
+    return matrix.unsqueeze(0)
+
+
+def _from_batch(batch: Tensor, role: Role, shape: torch.Size) -> Tensor:
+    """Exact inverse of :func:`_to_batch`: (B, K, *signal) -> (K, *shape)."""
+    if role is Role.CLASSIFIER:
+        return batch.transpose(0, 1).reshape(-1, *shape)
+    matrix = batch.squeeze(0)
+    if role is Role.LINEAR:
+        return matrix
+    if role is Role.CONV_TRANSPOSE:
+        shape = torch.Size((shape[1], shape[0], *shape[2:]))
+    k = matrix.shape[0]
+    kernel = matrix.reshape(k, *shape[1:], shape[0])
+    order = (0, kernel.ndim - 1, *range(1, kernel.ndim - 1))
+    kernel = kernel.permute(order)
+    return kernel.transpose(1, 2) if role is Role.CONV_TRANSPOSE else kernel
+
+
+def _share_low_frequencies(
+    batch: Tensor, weights: Tensor, ratio: float, share_phase: bool, signal_ndim: int
+) -> Tensor:
+    """Steps 1-5 of PFA on a (B, K, *signal) float64 batch; returns the same shape, float64."""
+    dims = tuple(range(-signal_ndim, 0))
+    signal_shape = batch.shape[-signal_ndim:]
+    box = _low_frequency_box(signal_shape, ratio, batch.device)
+    if not bool(box.any()):
+        return batch
+    spectrum = _canonical_spectrum(torch.fft.fftn(batch, dim=dims), signal_shape)
+    site_weights = weights.view(1, -1, *([1] * signal_ndim))
+    amplitude = spectrum.abs()
+    phase = spectrum.angle()
+    shared_amplitude = (amplitude * site_weights).sum(dim=1, keepdim=True)
+    if share_phase:
+        shared_phase = (phase * site_weights).sum(dim=1, keepdim=True)
+        replacement = torch.polar(shared_amplitude, shared_phase)
+    else:
+        replacement = torch.polar(shared_amplitude.expand_as(phase), phase)
+    mixed = torch.where(box, replacement, spectrum)
+    return torch.fft.ifftn(mixed, dim=dims).real
+
+
+def _low_frequency_box(signal_shape: Sequence[int], ratio: float, device: torch.device) -> Tensor:
+    """Boolean mask of the shared bins in unshifted (FFT) order.
+
+    In shifted order the box spans [c - b, c + b) per axis with c = floor(n/2) and b = floor(n*ratio/2);
+    the mask is built there and moved back with ifftshift, so it selects exactly the reference's bins.
+    """
+    masks = []
+    for n in signal_shape:
+        half = math.floor(n * ratio / 2)
+        centre = n // 2
+        axis = torch.zeros(n, dtype=torch.bool, device=device)
+        axis[centre - half : centre + half] = True
+        masks.append(torch.fft.ifftshift(axis))
+    box = masks[0]
+    for axis_mask in masks[1:]:
+        box = box.unsqueeze(-1) & axis_mask
+    return box
+
+
+def _canonical_spectrum(spectrum: Tensor, signal_shape: Sequence[int]) -> Tensor:
+    """Set the imaginary part of the bins that are real for real input (DC and Nyquist) to +0.
+
+    Their angle is then exactly 0 or +pi. Left alone, rounding noise or the sign of a zero picks +pi or
+    -pi depending on the FFT library, and the mean phase would differ between numpy, MKL and cuFFT.
+    """
+    real_bins = torch.ones((), dtype=torch.bool, device=spectrum.device)
+    for n in signal_shape:
+        axis = torch.zeros(n, dtype=torch.bool, device=spectrum.device)
+        axis[0] = True
+        if n % 2 == 0:
+            axis[n // 2] = True
+        real_bins = real_bins.unsqueeze(-1) & axis
+    imaginary = torch.where(real_bins, 0.0, spectrum.imag)
+    return torch.complex(spectrum.real, imaginary)
