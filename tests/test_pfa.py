@@ -102,7 +102,9 @@ def numpy_pfa_states(
     return out
 
 
-def max_difference(result: dict[str, dict[str, torch.Tensor]], expected: dict[str, dict[str, np.ndarray]]) -> float:
+def max_difference(
+    result: dict[str, dict[str, torch.Tensor]], expected: dict[str, dict[str, np.ndarray]]
+) -> float:
     return max(
         float(np.abs(result[site][key].double().numpy() - expected[site][key]).max(initial=0.0))
         for site in expected
@@ -130,7 +132,9 @@ ENTRY_SHAPES: dict[str, tuple[Role, tuple[int, ...]]] = {
 ROLES = {key: role for key, (role, _) in ENTRY_SHAPES.items()}
 
 
-def random_states(sites: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, torch.Tensor]]:
+def random_states(
+    sites: int, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     states = {}
     for index in range(sites):
@@ -262,7 +266,9 @@ def test_real_bins_with_negative_values_match_numpy(shape: tuple[int, int]) -> N
     # their zero imaginary part, i.e. angle +pi or -pi, unless both canonicalise. At L = 1 the Nyquist bins
     # lie in the box, and a flipped sign would move the shared phase there by 2pi/K.
     generator = torch.Generator().manual_seed(3)
-    states = {f"s{k}": {"w": torch.randn(shape, generator=generator, dtype=torch.float64) - 3} for k in range(4)}
+    states = {
+        f"s{k}": {"w": torch.randn(shape, generator=generator, dtype=torch.float64) - 3} for k in range(4)
+    }
     roles = {"w": Role.LINEAR}
     out = pfa_aggregate(states, roles, 1.0)
     assert max_difference(out, numpy_pfa_states(states, roles, 1.0, None, True)) <= 1e-9
@@ -310,7 +316,9 @@ def test_whole_network_equals_numpy_pfa(name: str, task: str, options: dict) -> 
     states = {}
     for site in ("a", "b", "c"):
         states[site] = {
-            key: tensor + 0.05 * torch.randn(tensor.shape, generator=generator) if tensor.is_floating_point() else tensor
+            key: tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
+            if tensor.is_floating_point()
+            else tensor
             for key, tensor in base.items()
         }
     counts = {"a": 120, "b": 40, "c": 75}
