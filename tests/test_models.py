@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import monai.networks.nets as monai_nets
 import pytest
 import torch
 from torch import nn
@@ -161,3 +162,25 @@ def test_bad_arguments_raise_config_errors(arguments, message):
     arguments = {"num_classes": 3, "in_channels": 1, **arguments}
     with pytest.raises(ConfigError, match=message):
         build_model(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("name", "monai_net"),
+    [
+        ("densenet121", lambda: monai_nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=3)),
+        ("efficientnet-b0", lambda: monai_nets.EfficientNetBN("efficientnet-b0", pretrained=False, in_channels=1,
+                                                               num_classes=3)),
+        ("resnet18", lambda: monai_nets.resnet18(spatial_dims=2, n_input_channels=1, conv1_t_stride=2,
+                                                 feed_forward=False)),
+    ],
+)  # fmt: skip
+def test_full_width_bodies_are_monai_networks_without_their_last_linear(name, monai_net):
+    body = build_model(name, "classification", num_classes=3, in_channels=1).body.state_dict()
+    reference = {
+        key: value
+        for key, value in monai_net().state_dict().items()
+        if not key.startswith(("_fc.", "class_layers.out."))
+    }
+    assert {key: value.shape for key, value in body.items()} == {
+        key: value.shape for key, value in reference.items()
+    }
