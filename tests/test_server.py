@@ -260,3 +260,12 @@ def test_build_strategy_local_options_and_errors() -> None:
         build_strategy("fedavg", Tiny(), rounds=5, start=0.5)
     with pytest.raises(ConfigError, match="weighting"):
         build_strategy("fedavg", Tiny(), rounds=5, weighting="by_size")
+
+
+def test_key_filtered_strategy_on_a_model_without_such_keys() -> None:
+    no_statistics = nn.Sequential()
+    no_statistics.add_module("norm", nn.GroupNorm(2, 4))
+    no_statistics.add_module("final_classifier", nn.Linear(4, 3))
+    with pytest.raises(ConfigError, match="SiloBN.*normalisation statistics"):
+        build_strategy("silobn", no_statistics, rounds=5)
+    assert build_strategy("fedbn", no_statistics, rounds=5).local_keys == {"norm.weight", "norm.bias"}

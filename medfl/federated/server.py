@@ -13,7 +13,7 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -195,6 +195,8 @@ class FedAvg(Strategy):
 class KeepLocalAverage(FedAvg):
     """FedAvg where a model-derived set of keys never leaves its site (the base of FedBN, SiloBN, FedPer)."""
 
+    local_entries: ClassVar[str]  # what stays local, for error messages
+
     def __init__(
         self,
         local_keys: Iterable[str],
@@ -215,12 +217,20 @@ class KeepLocalAverage(FedAvg):
 
     @classmethod
     def for_model(cls, model: nn.Module, **options: Any) -> KeepLocalAverage:
-        """The strategy with the local keys of ``model``."""
-        return cls(cls.local_keys_of(model), **options)
+        """The strategy with the local keys of ``model``; ConfigError when the model has none."""
+        local_keys = cls.local_keys_of(model)
+        if not local_keys:
+            raise ConfigError(
+                f"{cls.__name__}: model {type(model).__name__} has no {cls.local_entries}, so nothing would "
+                "stay local; use FedAvg, or a model that has them"
+            )
+        return cls(local_keys, **options)
 
 
 class FedBN(KeepLocalAverage):
     """FedBN: every normalisation entry (weights, biases, statistics, counters) stays local."""
+
+    local_entries = "normalisation entries"
 
     @staticmethod
     def local_keys_of(model: nn.Module) -> set[str]:
@@ -229,6 +239,8 @@ class FedBN(KeepLocalAverage):
 
 class SiloBN(KeepLocalAverage):
     """SiloBN: normalisation statistics stay local; normalisation weights and biases are averaged."""
+
+    local_entries = "normalisation statistics (running mean and variance)"
 
     @staticmethod
     def local_keys_of(model: nn.Module) -> set[str]:
@@ -240,6 +252,8 @@ class FedPer(KeepLocalAverage):
 
     FedRep differs from FedPer only in how a site trains (head first), not on the server.
     """
+
+    local_entries = "final classifier entries"
 
     @staticmethod
     def local_keys_of(model: nn.Module) -> set[str]:
