@@ -1,0 +1,72 @@
+"""`medfl synth`: write a deterministic synthetic multi-site data set and its site configs.
+
+Only the standard library is imported here; numpy, scikit-image and the writers load inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+DEFAULT_OUT = "data/synth"  # the git-ignored folder the repository's site_configs/ point at
+DEFAULT_SCALE = 0.1  # medfl.synth.sites.DEFAULT_SCALE: ~150-500 images per dermoscopy site, a CPU demo
+
+
+def _minimums(text: str) -> tuple[int, int, int]:
+    try:
+        train, val, test = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,VAL,TEST integers such as 10,5,5, got {text!r}") from None
+    return train, val, test
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `medfl synth`."""
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same arguments give identical files")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=DEFAULT_SCALE,
+        help="fraction of the reference sites' sizes: per-class totals = train count / 0.7 * scale, "
+        f"prostate cases = reference cases * scale, before minimums (default: {DEFAULT_SCALE})",
+    )
+    parser.add_argument("--derm-sites", type=int, default=4, help="dermoscopy sites (4 reference, then random)")
+    parser.add_argument("--prostate-sites", type=int, default=6, help="prostate sites (6 reference, then random)")
+    parser.add_argument(
+        "--min-per-class",
+        type=_minimums,
+        default=(10, 5, 5),
+        metavar="TRAIN,VAL,TEST",
+        help="per-class counts every dermoscopy site keeps after a 70/10/20 split (default: 10,5,5)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate the data set and print one line per site."""
+    from medfl.synth import Minimums, generate
+
+    start = time.perf_counter()
+    result = generate(
+        args.out,
+        seed=args.seed,
+        scale=args.scale,
+        n_derm=args.derm_sites,
+        n_prostate=args.prostate_sites,
+        minimums=Minimums(*args.min_per_class),
+    )
+    for site in result.derm:
+        counts = " ".join(f"{cls}={n}" for cls, n in site.class_counts.items())
+        extra = ", ".join(f"{label}={n}" for label, n in site.dropped.items())
+        filtered = f"; {site.filtered} rows of another dataset" if site.filtered else ""
+        print(f"{site.name:10s} {site.layout:9s} {counts}; left-out labels {extra or 'none'}{filtered}")
+    for site in result.prostate:
+        shape = "x".join(map(str, site.shape))
+        spacing = "x".join(f"{s:g}" for s in site.spacing)
+        print(f"{site.name:10s} {site.layout:9s} {len(site.cases)} cases, {shape} voxels of {spacing} mm")
+    print(
+        f"wrote {len(result.derm)} dermoscopy and {len(result.prostate)} prostate sites to {result.out} "
+        f"({result.changed} files changed), configs in {result.out / 'site_configs'} "
+        f"[{time.perf_counter() - start:.1f} s]"
+    )
+    return 0

@@ -1,0 +1,73 @@
+"""`generate`: write the whole synthetic federation (dermoscopy sites, prostate sites and their configs)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medfl.errors import ConfigError
+from medfl.synth.dermoscopy import MAX_SCALE, DermResult, write_derm_site
+from medfl.synth.files import write_text
+from medfl.synth.prostate import ProstateResult, write_prostate_site
+from medfl.synth.site_configs import config_yaml, derm_config, prostate_config, relative_root
+from medfl.synth.sites import DEFAULT_SCALE, Minimums, derm_sites, prostate_sites
+
+DEFAULT_OUT = Path("data/synth")
+MAX_SITES = 64
+
+
+@dataclass
+class SynthResult:
+    """What `generate` wrote."""
+
+    out: Path
+    derm: list[DermResult] = field(default_factory=list)
+    prostate: list[ProstateResult] = field(default_factory=list)
+    configs: list[Path] = field(default_factory=list)
+    changed: int = 0  # files created or rewritten; 0 on an identical rerun
+
+
+def _check(scale: float, n_derm: int, n_prostate: int, minimums: Minimums) -> None:
+    if not (isinstance(scale, int | float) and math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+        raise ConfigError(f"--scale must be a number in (0, {MAX_SCALE:g}], got {scale!r}")
+    for option, count in (("--derm-sites", n_derm), ("--prostate-sites", n_prostate)):
+        if not 0 <= count <= MAX_SITES:
+            raise ConfigError(f"{option} must be between 0 and {MAX_SITES}, got {count}")
+    if min(minimums.train, minimums.val, minimums.test) < 1:
+        raise ConfigError(f"per-class minimums must be at least 1, got {minimums}")
+
+
+def generate(
+    out: Path | str = DEFAULT_OUT,
+    *,
+    seed: int = 0,
+    scale: float = DEFAULT_SCALE,
+    n_derm: int = 4,
+    n_prostate: int = 6,
+    minimums: Minimums | None = None,
+) -> SynthResult:
+    """Write `n_derm` dermoscopy and `n_prostate` prostate sites under `out`, with configs in out/site_configs.
+
+    Same arguments, same bytes: every file is seeded from (seed, site name, item). Reruns rewrite only what
+    differs and prune stale files inside the site folders that `medfl synth` owns.
+    """
+    minimums = minimums or Minimums()
+    _check(scale, n_derm, n_prostate, minimums)
+    out = Path(out)
+    result = SynthResult(out=out)
+    derm_config_dir = out / "site_configs" / "dermoscopy"
+    for index, site in enumerate(derm_sites(n_derm, seed)):
+        written = write_derm_site(site, index, out / "dermoscopy", seed, scale, minimums)
+        result.derm.append(written)
+        config = derm_config(site, relative_root(derm_config_dir, written.folder))
+        result.configs.append(derm_config_dir / f"{site.name}.yaml")
+        result.changed += written.changed + write_text(result.configs[-1], config_yaml(config))
+    prostate_config_dir = out / "site_configs" / "prostate"
+    for site in prostate_sites(n_prostate, seed):
+        written = write_prostate_site(site, out / "prostate", seed, scale)
+        result.prostate.append(written)
+        config = prostate_config(site, relative_root(prostate_config_dir, written.folder))
+        result.configs.append(prostate_config_dir / f"{site.name}.yaml")
+        result.changed += written.changed + write_text(result.configs[-1], config_yaml(config))
+    return result
