@@ -18,6 +18,7 @@ from medfl.errors import MedflError
 COMMANDS: list[tuple[str, str, str]] = [
     ("synth", "synth", "write a deterministic synthetic multi-site data set and its site configs"),
     ("check", "check", "validate site configs and their data; print per-site, per-split, per-class counts"),
+    ("run", "run", "run a federated experiment (or resume one) and write its run folder"),
 ]
 
 

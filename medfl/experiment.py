@@ -1,0 +1,219 @@
+"""Experiment configs: the choices of one federated run (sites, classes, model, method, budget, runtime).
+
+Site configs (medfl.config) hold facts about data; an experiment config holds choices. It is a YAML file
+validated with pydantic: unknown keys are errors naming the key and the file, site config paths resolve
+against the experiment file's folder, and the resolved config is written into every run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from medfl.config import (
+    DataSettings,
+    SiteConfig,
+    expand_env,
+    load_site_config,
+    load_yaml_mapping,
+    validate_model,
+)
+from medfl.errors import ConfigError
+from medfl.federated.methods import METHODS, MethodSpec, method_spec
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Section):
+    """Network name (medfl.models.MODEL_NAMES), channel width multiplier and the network's own options."""
+
+    name: str = "slim_vgg16"
+    width: float = Field(default=0.25, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerSettings(_Section):
+    """SGD (the reference) or Adam; the learning rate is multiplied by `lr_gamma` every `lr_step_rounds`."""
+
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=1e-2, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-6, ge=0)
+    lr_step_rounds: int = Field(default=5, ge=1)
+    lr_gamma: float = Field(default=0.5, gt=0, le=1)
+
+
+class PFASettings(_Section):
+    """Progressive Fourier aggregation: low-frequency ratio from `start` to `end` over the rounds."""
+
+    start: float = Field(default=0.7, ge=0, le=1)
+    end: float = Field(default=0.95, ge=0, le=1)
+    share_phase: bool = True
+    weighting: Literal["uniform", "samples"] = "uniform"
+
+
+class DETSettings(_Section):
+    """Deputy-enhanced transfer thresholds (0 < lambda1 < lambda2 < 1) and distillation temperature."""
+
+    lambda1: float = Field(default=0.7, gt=0, lt=1)
+    lambda2: float = Field(default=0.9, gt=0, lt=1)
+    temperature: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DETSettings:
+        if not self.lambda1 < self.lambda2:
+            raise ValueError(f"lambda1 ({self.lambda1}) must be below lambda2 ({self.lambda2})")
+        return self
+
+
+class CPASettings(_Section):
+    """Conjoint prototype-aligned loss. `tau` None: 3 for classification, 1 for segmentation;
+    `warmup_rounds` None: 30% of the rounds (gamma = 1 before)."""
+
+    beta: float = Field(default=0.8, ge=0)
+    tau: float | None = Field(default=None, ge=0)
+    warmup_rounds: int | None = Field(default=None, ge=0)
+    prototype_mode: Literal["mean", "gaussian"] = "mean"
+    gamma_max: float = Field(default=10.0, ge=1)
+
+
+class BaselineSettings(_Section):
+    """Hyper-parameters of the comparison methods: FedProx's mu and FedProto's prototype-loss weight."""
+
+    fedprox_mu: float = Field(default=0.01, ge=0)
+    fedproto_weight: float = Field(default=1.0, ge=0)
+    fedavg_weighting: Literal["samples", "uniform"] = "samples"
+
+
+class RuntimeSettings(_Section):
+    """Threads for torch, mixed precision (CUDA only, bfloat16), and whether idle sites' models wait on the CPU."""
+
+    threads: int | None = Field(default=None, ge=1)
+    mixed_precision: bool = False
+    offload_idle_sites: bool = False
+
+
+class ExperimentConfig(_Section):
+    """One federated experiment. Defaults are the reference hyper-parameters scaled down for a CPU."""
+
+    name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9_.-]+$")
+    task: Literal["classification", "segmentation"]
+    sites: list[Path] = Field(min_length=1)
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    method: str = "prr"
+    rounds: int = Field(default=10, ge=1)
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+    pfa: PFASettings = Field(default_factory=PFASettings)
+    det: DETSettings = Field(default_factory=DETSettings)
+    cpa: CPASettings = Field(default_factory=CPASettings)
+    baselines: BaselineSettings = Field(default_factory=BaselineSettings)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    output_dir: Path = Path("runs")
+
+    _source: Path | None = PrivateAttr(default=None)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method '{value}'; choose one of: {', '.join(METHODS)}")
+        return value
+
+    @field_validator("sites", "output_dir", mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return expand_env(value)
+        if isinstance(value, list):
+            return [expand_env(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo) -> ExperimentConfig:
+        source = (info.context or {}).get("source")
+        if source is not None:
+            self._source = Path(source).resolve()
+            base = self._source.parent
+            self.sites = [p if p.is_absolute() else (base / p).resolve() for p in self.sites]
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError("a site config is listed twice")
+        if self.task == "classification" and self.data.classes is None:
+            raise ValueError("a classification experiment needs 'data.classes' (the class list and order)")
+        return self
+
+    @property
+    def source_path(self) -> Path | None:
+        return self._source
+
+    @property
+    def spec(self) -> MethodSpec:
+        return method_spec(self.method)
+
+    @property
+    def classes(self) -> list[str]:
+        """The federation's classes in order (segmentation: background, prostate)."""
+        if self.task == "segmentation":
+            return ["background", "prostate"]
+        assert self.data.classes is not None
+        return list(self.data.classes)
+
+    @property
+    def cpa_tau(self) -> float:
+        if self.cpa.tau is not None:
+            return self.cpa.tau
+        return 3.0 if self.task == "classification" else 1.0
+
+    @property
+    def cpa_warmup_rounds(self) -> int:
+        if self.cpa.warmup_rounds is not None:
+            return self.cpa.warmup_rounds
+        return int(round(0.3 * self.rounds))
+
+    def load_sites(self) -> list[SiteConfig]:
+        """Every site config, validated; names must be unique and tasks must match the experiment's."""
+        sites = [load_site_config(path) for path in self.sites]
+        names = [site.name for site in sites]
+        for site in sites:
+            if names.count(site.name) > 1:
+                raise ConfigError(f"site '{site.name}' appears twice ({site.source_path}): site names must be unique")
+            if site.task != self.task:
+                raise ConfigError(
+                    f"site '{site.name}' ({site.source_path}): its task is {site.task}, the experiment's is {self.task}"
+                )
+            if self.task == "classification":
+                missing = [c for c in self.classes if c not in site.label_targets()]
+                if missing:
+                    raise ConfigError(
+                        f"site '{site.name}' ({site.source_path}): its label_map does not cover class(es) "
+                        f"{', '.join(missing)} of the experiment"
+                    )
+        return sites
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain data with absolute paths, as written to the run folder's config.yaml."""
+        return self.model_dump(mode="json")
+
+
+def load_experiment_config(path: str | Path, **overrides: Any) -> ExperimentConfig:
+    """Read and validate an experiment config; `overrides` replace top-level keys (CLI options)."""
+    path = Path(path)
+    data = load_yaml_mapping(path)
+    data.update({key: value for key, value in overrides.items() if value is not None})
+    return validate_model(ExperimentConfig, data, path)

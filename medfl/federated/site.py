@@ -1,0 +1,470 @@
+"""A federated site as a MONAI ClientAlgo: it owns P and D, runs DET epochs, and decides what leaves it.
+
+Only the deputy's weights (or the single model's, for one-model methods), class prototypes, class
+counts, the sample count and metrics ever leave a site; every upload is written to the site's audit log
+(entry names, shapes, bytes). The site keeps its state under ``<run>/sites/<name>/`` so that it can be
+restarted from the last completed round, with per-epoch seeds derived from (seed, site, round, epoch) so
+that a resumed run repeats exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.fl.client import ClientAlgo
+from monai.fl.utils.constants import WeightType
+from monai.fl.utils.exchange_object import ExchangeObject
+from torch import Tensor, nn
+
+from medfl.checkpoints import atomic_torch_save
+from medfl.config import SiteConfig
+from medfl.errors import MedflError
+from medfl.experiment import ExperimentConfig
+from medfl.federated.cpa import PrototypeAccumulator, refinement_weights
+from medfl.federated.det import DetState, next_state
+from medfl.federated.evaluation import evaluate_model
+from medfl.federated.params import classifier_keys
+from medfl.federated.training import EpochPlan, SupervisedLoss, TrainingDiverged, train_epoch
+from medfl.metrics import retrogress, task_metric_name
+from medfl.models import build_model
+
+USED, RECEIVING = "used", "receiving"
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any parts (experiment seed, site name, round, epoch), stable across runs."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def describe_tensors(tensors: dict[str, Tensor]) -> list[dict[str, Any]]:
+    """Names, shapes, dtypes and byte sizes of tensors (the audit log's view of an upload)."""
+    return [
+        {"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
+         "bytes": v.numel() * v.element_size()}
+        for k, v in tensors.items()
+    ]
+
+
+class Site(ClientAlgo):
+    """One site of a federation: local data, the personalised model P and (two-model methods) the deputy D."""
+
+    def __init__(
+        self,
+        site_config: SiteConfig,
+        experiment: ExperimentConfig,
+        run_dir: str | Path,
+        device: torch.device | str = "cpu",
+    ):
+        self.config = site_config
+        self.experiment = experiment
+        self.name = site_config.name
+        self.spec = experiment.spec
+        self.task = experiment.task
+        self.classes = experiment.classes
+        self.device = torch.device(device)
+        self.folder = Path(run_dir) / "sites" / self.name
+        self.metric = task_metric_name(self.task)
+        self.models: dict[str, nn.Module] = {}
+        self.round = -1  # last completed round
+        self.history: list[dict[str, Any]] = []  # metric rows (round, epoch, model, split, metric, value)
+        self.det_log: list[dict[str, Any]] = []
+        self.retrogress_log: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"round": None, "value": -math.inf}
+        self._pending_rows = 0
+        self._global: dict[str, Tensor | None] = {"counts": None, "prototypes": None, "present": None}
+        self._local_prototypes: tuple[Tensor, Tensor] | None = None
+        self._received: dict[str, Tensor] | None = None
+        self._cache: dict[tuple[str, str], dict[str, float]] = {}
+        self.eval_seconds = 0.0  # time spent scoring models (the coordinator splits round time with it)
+        self.on_epoch: Callable[[dict[str, Any]], None] | None = None  # progress display hook
+
+    # ----------------------------------------------------------------- set-up
+    @property
+    def used_name(self) -> str:
+        """The model the site uses and exports: P for two-model methods, M otherwise."""
+        return "P" if self.spec.two_models else "M"
+
+    @property
+    def receiving_name(self) -> str:
+        """The model that is uploaded and overwritten by the server's weights: D, or M."""
+        return "D" if self.spec.two_models else "M"
+
+    def initialize(self, extra: dict | None = None) -> None:
+        """Read and check the site's data, build the datasets, and P and D from the common initialisation."""
+        from medfl.data import build_dataset, load_recipe, load_site
+
+        settings = self.experiment.data
+        self.data = load_site(self.config, settings)
+        records = self.data.splits
+        self.in_channels = int(np.asarray(_first_image_channels(records["train"][0], settings, self.task)))
+        train_recipe = load_recipe(settings.recipe(self.task, "train"), input_size=settings.input_size)
+        eval_recipe = load_recipe(settings.recipe(self.task, "eval"), input_size=settings.input_size)
+        self.datasets = {
+            split: build_dataset(
+                records[split],
+                train_recipe if split == "train" else eval_recipe,
+                cache_rate=settings.cache_rate,
+                num_workers=settings.num_workers,
+            )
+            for split in ("train", "val", "test")
+        }
+        self.train_transform = train_recipe
+        torch.manual_seed(self.experiment.seed)  # the common initialisation: the same at every site
+        first = build_model(
+            self.experiment.model.name,
+            self.task,
+            num_classes=len(self.classes),
+            in_channels=self.in_channels,
+            width=self.experiment.model.width,
+            **self.experiment.model.options,
+        )
+        first.check_input_size((settings.input_size, settings.input_size))
+        self.models = {self.used_name: first}
+        if self.spec.two_models:
+            self.models["D"] = copy.deepcopy(first)
+        for model in self.models.values():
+            model.to(self.device)
+        self.optimizers = {name: self._optimizer(model) for name, model in self.models.items()}
+        self.schedulers = {
+            name: torch.optim.lr_scheduler.StepLR(
+                opt, step_size=self.experiment.optimizer.lr_step_rounds, gamma=self.experiment.optimizer.lr_gamma
+            )
+            for name, opt in self.optimizers.items()
+        }
+        self.class_counts = torch.as_tensor(self.data.class_counts("train"), dtype=torch.float64)
+        self.loss_fn = SupervisedLoss(self.task, self.spec.loss, self.class_counts, self.experiment.cpa.beta)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        opt = self.experiment.optimizer
+        if opt.name == "adam":
+            return torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+    def get_data_stats(self, extra: dict | None = None) -> ExchangeObject:
+        """Per-class training counts (pixels for segmentation) and the number of training samples."""
+        return ExchangeObject(
+            statistics={"class_counts": self.class_counts.clone(), "num_samples": len(self.datasets["train"])}
+        )
+
+    # ----------------------------------------------------------------- training
+    def train(self, data: ExchangeObject, extra: dict | None = None) -> None:
+        """Run one round: load the server's weights into the receiving model, then E local epochs."""
+        round_ = int((extra or {}).get("round", self.round + 1))
+        self._to_device()
+        self._receive(data)
+        previous_phi = self._phi(self.receiving_name, round_ - 1) if round_ > 0 else math.nan
+        phis = {name: self._validate(name, round_, 0) for name in self.models}
+        if self.spec.communicates and round_ > 0:
+            self.retrogress_log.append({"round": round_, "site": self.name, "model": self.receiving_name,
+                                        "before": previous_phi, "after": phis[self.receiving_name]})
+        state = DetState.START
+        gamma = self._gamma(round_)
+        accumulator = PrototypeAccumulator(len(self.classes))
+        epochs = self.experiment.local_epochs
+        for epoch in range(1, epochs + 1):
+            if self.spec.distillation == "det":
+                state = next_state(state, phis["P"], phis["D"], self.experiment.det.lambda1, self.experiment.det.lambda2)
+            elif self.spec.distillation == "mutual":
+                state = DetState.EXCHANGE
+            self._seed_epoch(round_, epoch)
+            plan = EpochPlan(
+                state=state if self.spec.two_models else None,
+                gamma=gamma,
+                temperature=self.experiment.det.temperature,
+                proximal_mu=self.experiment.baselines.fedprox_mu if self.spec.proximal else 0.0,
+                received=self._received,
+                prototype_weight=self.experiment.baselines.fedproto_weight if self.spec.prototype_loss else 0.0,
+                global_prototypes=self._global["prototypes"],
+                global_present=self._global["present"],
+                trainable=self._trainable(epoch, epochs),
+                accumulator=accumulator if epoch == epochs else None,
+            )
+            try:
+                losses = train_epoch(
+                    self.models, self.optimizers, self._train_loader(round_, epoch), self.loss_fn, plan,
+                    self.task, self.device, self.experiment.runtime.mixed_precision,
+                )
+            except TrainingDiverged as error:
+                raise TrainingDiverged(f"site '{self.name}', round {round_}, epoch {epoch}: {error}") from None
+            phis = {name: self._validate(name, round_, epoch) for name in self.models}
+            self.det_log.append({
+                "round": round_, "epoch": epoch, "site": self.name,
+                "state": state.value if self.spec.two_models else "",
+                **{f"phi_{name}": value for name, value in phis.items()},
+                **{f"loss_{name}": value for name, value in losses.items()},
+            })
+            if self.on_epoch is not None:
+                self.on_epoch(self.det_log[-1])
+            if epoch == 1 and self.retrogress_log and self.retrogress_log[-1]["round"] == round_:
+                entry = self.retrogress_log[-1]
+                entry.update(retrogress(entry["before"], entry["after"], phis[self.receiving_name]))
+                entry["after_first_epoch"] = phis[self.receiving_name]
+        self._local_prototypes = accumulator.prototypes()
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        self.round = round_
+        self._select(round_)
+
+    def _receive(self, data: ExchangeObject | None) -> None:
+        """Load the server's weights (if any) into the receiving model and keep the global statistics."""
+        if data is None:
+            return
+        statistics = data.statistics or {}
+        for key, name in (("global_class_counts", "counts"), ("global_prototypes", "prototypes"),
+                          ("global_prototype_present", "present")):
+            if statistics.get(key) is not None:
+                self._global[name] = torch.as_tensor(statistics[key])
+        if self._global["counts"] is not None and self.spec.aggregation is not None:
+            self.loss_fn.set_class_counts(self._global["counts"])
+        if data.weights:
+            model = self.models[self.receiving_name]
+            own = model.state_dict()
+            unknown = sorted(set(data.weights) - set(own))
+            if unknown:
+                raise MedflError(f"site '{self.name}': the server sent unknown entries {unknown[:3]}")
+            model.load_state_dict({**own, **{k: v.to(own[k].device, own[k].dtype) for k, v in data.weights.items()}})
+            self._received = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self._cache = {key: value for key, value in self._cache.items() if key[0] != self.receiving_name}
+
+    def _gamma(self, round_: int) -> Tensor | None:
+        """CPA's refinement weights after warm-up, from this site's and the federation's prototypes."""
+        if self.spec.loss != "cpa" or round_ < self.experiment.cpa_warmup_rounds:
+            return None
+        if self._local_prototypes is None or self._global["prototypes"] is None:
+            return None
+        local, counts = self._local_prototypes
+        return refinement_weights(
+            local, counts, self._global["prototypes"], self._global["present"],
+            self.experiment.cpa_tau, self.experiment.cpa.gamma_max,
+        ).to(self.device)
+
+    def _trainable(self, epoch: int, epochs: int) -> list[str] | None:
+        """FedRep: the head learns first with the body frozen, the last epoch trains the body only."""
+        if not self.spec.head_first or epochs < 2:
+            return None
+        model = self.models[self.used_name]
+        head = {k for k in classifier_keys(model)}
+        names = [n for n, _ in model.named_parameters()]
+        return [n for n in names if (n in head) == (epoch < epochs)]
+
+    def _seed_epoch(self, round_: int, epoch: int) -> None:
+        """Seed data order, augmentation and any randomness of this epoch from (seed, site, round, epoch)."""
+        seed = derive_seed(self.experiment.seed, self.name, round_, epoch)
+        seed_everything(seed)
+        self.train_transform.set_random_state(seed=seed)
+
+    def _train_loader(self, round_: int, epoch: int):
+        from monai.data import DataLoader
+
+        dataset = self.datasets["train"]
+        batch_size = self.experiment.batch_size
+        generator = torch.Generator().manual_seed(derive_seed(self.experiment.seed, self.name, round_, epoch, "order"))
+        # A last batch of one sample breaks BatchNorm in training: drop it.
+        drop_last = len(dataset) > batch_size and len(dataset) % batch_size == 1
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=drop_last,
+                          num_workers=0)
+
+    def _eval_loader(self, split: str):
+        from monai.data import DataLoader
+
+        return DataLoader(self.datasets[split], batch_size=max(self.experiment.batch_size, 32), shuffle=False,
+                          num_workers=0)
+
+    # ----------------------------------------------------------------- evaluation
+    def _spacing(self, case_id: str):
+        spacing_of = getattr(self.data, "spacing_of", None)
+        return spacing_of(case_id) if spacing_of else None
+
+    def _score(self, name: str, split: str) -> dict[str, float]:
+        key = (name, split)
+        if key not in self._cache:
+            tick = time.perf_counter()
+            self._cache[key] = evaluate_model(
+                self.models[name], self._eval_loader(split), self.task, self.classes, self.device, self._spacing
+            )
+            self.eval_seconds += time.perf_counter() - tick
+        return self._cache[key]
+
+    def _validate(self, name: str, round_: int, epoch: int) -> float:
+        """phi of model ``name`` on the validation split, recorded at (round, epoch)."""
+        if epoch > 0 or name == self.receiving_name or round_ == 0:
+            self._cache.pop((name, "val"), None)
+            self._cache.pop((name, "test"), None)
+        metrics = self._score(name, "val")
+        self._record(round_, epoch, name, "val", metrics)
+        value = metrics.get(self.metric, math.nan)
+        return 0.0 if value is None or math.isnan(value) else float(value)
+
+    def _phi(self, name: str, round_: int) -> float:
+        for row in reversed(self.history):
+            if row["model"] == name and row["split"] == "val" and row["round"] == round_ and row["metric"] == self.metric:
+                return float(row["value"])
+        return math.nan
+
+    def _record(self, round_: int, epoch: int, name: str, split: str, metrics: dict[str, float]) -> None:
+        for metric, value in metrics.items():
+            self.history.append({"round": round_, "epoch": epoch, "site": self.name, "model": name,
+                                 "split": split, "metric": metric, "value": float(value)})
+
+    def _select(self, round_: int) -> None:
+        """Keep the used model of the round with the best validation metric (the site's own choice)."""
+        value = self._phi(self.used_name, round_)
+        if self.best["round"] is None or (not math.isnan(value) and value > self.best["value"]):
+            self.best = {"round": round_, "value": value}
+            atomic_torch_save(
+                {"round": round_, "model": self.models[self.used_name].config,
+                 "state_dict": _cpu_state(self.models[self.used_name])},
+                self.folder / "best_model.pt",
+            )
+
+    def evaluate(self, data: ExchangeObject | None = None, extra: dict | None = None) -> ExchangeObject:
+        """Metrics of every model on validation and test after the last round, plus the rows not yet reported."""
+        epoch = self.experiment.local_epochs
+        for name in self.models:
+            for split in ("val", "test"):
+                metrics = self._score(name, split)
+                if split == "test":
+                    self._record(self.round, epoch, name, split, metrics)
+        rows = self.history[self._pending_rows:]
+        self._pending_rows = len(self.history)
+        return ExchangeObject(metrics={
+            "round": self.round,
+            "rows": rows,
+            "det": [e for e in self.det_log if e["round"] == self.round],
+            "retrogress": [e for e in self.retrogress_log if e["round"] == self.round],
+            "best": dict(self.best),
+        })
+
+    # ----------------------------------------------------------------- upload
+    def get_weights(self, extra: dict | None = None) -> ExchangeObject:
+        """What leaves the site: the receiving model's weights (none for prototype-only methods),
+        the sample count, class counts and local class prototypes. Logged to audit.jsonl."""
+        weights: dict[str, Tensor] = {}
+        if self.spec.sends_weights:
+            weights = _cpu_state(self.models[self.receiving_name])
+        statistics: dict[str, Any] = {
+            "num_samples": len(self.datasets["train"]),
+            "class_counts": self.class_counts.clone(),
+        }
+        if self._local_prototypes is not None:
+            statistics["prototypes"] = self._local_prototypes[0].detach().cpu().clone()
+            statistics["prototype_counts"] = self._local_prototypes[1].detach().cpu().clone()
+        self._audit(weights, statistics)
+        return ExchangeObject(weights=weights, weight_type=WeightType.WEIGHTS, statistics=statistics)
+
+    def _audit(self, weights: dict[str, Tensor], statistics: dict[str, Any]) -> None:
+        tensors = {k: v for k, v in statistics.items() if isinstance(v, Tensor)}
+        entry = {
+            "round": self.round,
+            "weights": describe_tensors(weights),
+            "statistics": describe_tensors(tensors) + [
+                {"name": k, "value": v} for k, v in statistics.items() if not isinstance(v, Tensor)
+            ],
+        }
+        entry["bytes"] = sum(e["bytes"] for e in entry["weights"]) + sum(
+            e.get("bytes", 0) for e in entry["statistics"]
+        )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "audit.jsonl", "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(entry) + "\n")
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to restart this site after its last completed round."""
+        return {
+            "round": self.round,
+            "models": {name: _cpu_state(model) for name, model in self.models.items()},
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "schedulers": {name: sch.state_dict() for name, sch in self.schedulers.items()},
+            "history": self.history,
+            "det_log": self.det_log,
+            "retrogress_log": self.retrogress_log,
+            "best": self.best,
+            "pending_rows": self._pending_rows,
+            "global": self._global,
+            "local_prototypes": self._local_prototypes,
+            "received": self._received,
+        }
+
+    def save_state(self) -> Path:
+        """Write the state of the last completed round (kept per round: the coordinator picks one)."""
+        path = self.folder / f"state_round_{self.round:04d}.pt"
+        atomic_torch_save(self.state_dict(), path)
+        for old in sorted(self.folder.glob("state_round_*.pt"))[:-2]:
+            old.unlink()
+        return path
+
+    def load_state(self, round_: int) -> None:
+        """Restore the state saved after ``round_``."""
+        path = self.folder / f"state_round_{round_:04d}.pt"
+        if not path.is_file():
+            raise MedflError(f"site '{self.name}': no saved state for round {round_} ({path})")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for name, model in self.models.items():
+            model.load_state_dict(state["models"][name])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        for name, sch in self.schedulers.items():
+            sch.load_state_dict(state["schedulers"][name])
+        self.round = state["round"]
+        self.history = state["history"]
+        self.det_log = state["det_log"]
+        self.retrogress_log = state["retrogress_log"]
+        self.best = state["best"]
+        self._pending_rows = state["pending_rows"]
+        self._global = state["global"]
+        self._local_prototypes = state["local_prototypes"]
+        self._received = state["received"]
+        if self._global["counts"] is not None and self.spec.aggregation is not None:
+            self.loss_fn.set_class_counts(self._global["counts"])
+        self._cache = {}
+        self._to_device()
+
+    def _to_device(self) -> None:
+        for model in self.models.values():
+            model.to(self.device)
+        for opt in self.optimizers.values():
+            for state in opt.state.values():
+                for key, value in state.items():
+                    if isinstance(value, Tensor):
+                        state[key] = value.to(self.device)
+
+    def offload(self) -> None:
+        """Move models to the CPU while other sites use the GPU."""
+        for model in self.models.values():
+            model.to("cpu")
+
+    def finalize(self, extra: dict | None = None) -> None:
+        self.offload()
+
+    def abort(self, extra: dict | None = None) -> None:
+        self.offload()
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _first_image_channels(record: dict[str, Any], settings, task: str) -> int:
+    """Input channels: 3 for RGB dermoscopy, 1 + 2 * context slices for MRI."""
+    if task == "classification":
+        return 3
+    return int(np.asarray(record["image"]).shape[0])
