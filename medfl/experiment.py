@@ -1,8 +1,9 @@
 """Experiment configs: the choices of one federated run (sites, classes, model, method, budget, runtime).
 
 Site configs (medfl.config) hold facts about data; an experiment config holds choices. It is a YAML file
-validated with pydantic: unknown keys are errors naming the key and the file, site config paths resolve
-against the experiment file's folder, and the resolved config is written into every run folder.
+validated with pydantic: unknown keys are errors naming the key and the file, relative paths (site
+configs, output_dir) resolve against the experiment file's folder, and the resolved config is written
+into every run folder.
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ class ExperimentConfig(_Section):
             self._source = Path(source).resolve()
             base = self._source.parent
             self.sites = [p if p.is_absolute() else (base / p).resolve() for p in self.sites]
+            if not self.output_dir.is_absolute():
+                self.output_dir = (base / self.output_dir).resolve()
         if len(set(self.sites)) != len(self.sites):
             raise ValueError("a site config is listed twice")
         if self.task == "classification" and self.data.classes is None:

@@ -257,5 +257,7 @@ def _timing_means(timing: list[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def run_directory(config: ExperimentConfig, out: str | Path | None) -> Path:
-    """--out when given, else <output_dir>/<experiment name>/ (output_dir relative to the working directory)."""
-    return Path(out) if out is not None else Path(config.output_dir) / config.name
+    """--out when given, else <output_dir>/<name>-<method>-seed<seed>/, so that methods and seeds sit side by side."""
+    if out is not None:
+        return Path(out)
+    return Path(config.output_dir) / f"{config.name}-{config.method}-seed{config.seed}"

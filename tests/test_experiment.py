@@ -1,0 +1,94 @@
+"""Experiment configs: validation, path resolution, defaults derived from the task and the method table."""
+
+import pytest
+
+from medfl.errors import ConfigError
+from medfl.experiment import load_experiment_config
+from medfl.federated.methods import METHODS, method_spec
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+SITE = """name: {name}
+task: classification
+data_root: data
+layout: csv
+label_map: {{a: a, b: b}}
+"""
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    (tmp_path / "sites").mkdir()
+    write(tmp_path / "sites" / "one.yaml", SITE.format(name="one"))
+    write(tmp_path / "sites" / "two.yaml", SITE.format(name="two"))
+    return tmp_path
+
+
+def test_paths_resolve_against_the_experiment_file(folder):
+    config = load_experiment_config(write(folder / "exp.yaml", """
+task: classification
+sites: [sites/one.yaml, sites/two.yaml]
+data: {classes: [a, b]}
+output_dir: out
+"""))
+    assert config.sites == [folder / "sites" / "one.yaml", folder / "sites" / "two.yaml"]
+    assert config.output_dir == folder / "out"
+    assert [s.name for s in config.load_sites()] == ["one", "two"]
+    assert config.cpa_tau == 3.0 and config.cpa_warmup_rounds == 3  # 30% of 10 rounds
+
+
+def test_unknown_key_names_key_and_file(folder):
+    path = write(folder / "exp.yaml", "task: classification\nsites: [sites/one.yaml]\nrounds: 2\nlocal_epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml.*local_epoch.*local_epochs"):
+        load_experiment_config(path)
+
+
+def test_nested_unknown_key_and_bad_method(folder):
+    with pytest.raises(ConfigError, match=r"det\.lamda1"):
+        load_experiment_config(write(folder / "a.yaml", "task: classification\nsites: [sites/one.yaml]\n"
+                                     "data: {classes: [a, b]}\ndet: {lamda1: 0.5}\n"))
+    with pytest.raises(ConfigError, match="unknown method 'fedsomething'"):
+        load_experiment_config(write(folder / "b.yaml", "task: classification\nsites: [sites/one.yaml]\n"
+                                     "data: {classes: [a, b]}\nmethod: fedsomething\n"))
+
+
+def test_det_thresholds_must_be_ordered(folder):
+    with pytest.raises(ConfigError, match="lambda1"):
+        load_experiment_config(write(folder / "a.yaml", "task: classification\nsites: [sites/one.yaml]\n"
+                                     "data: {classes: [a, b]}\ndet: {lambda1: 0.9, lambda2: 0.8}\n"))
+
+
+def test_classes_must_be_covered_by_every_site(folder):
+    config = load_experiment_config(write(folder / "a.yaml", "task: classification\nsites: [sites/one.yaml]\n"
+                                          "data: {classes: [a, c]}\n"))
+    with pytest.raises(ConfigError, match=r"site 'one'.*does not cover class\(es\) c"):
+        config.load_sites()
+
+
+def test_duplicate_site_names_are_refused(folder):
+    write(folder / "sites" / "copy.yaml", SITE.format(name="one"))
+    config = load_experiment_config(write(folder / "a.yaml", "task: classification\n"
+                                          "sites: [sites/one.yaml, sites/copy.yaml]\ndata: {classes: [a, b]}\n"))
+    with pytest.raises(ConfigError, match="site 'one' appears twice"):
+        config.load_sites()
+
+
+def test_overrides_replace_top_level_keys(folder):
+    path = write(folder / "a.yaml", "task: classification\nsites: [sites/one.yaml]\ndata: {classes: [a, b]}\n")
+    config = load_experiment_config(path, method="fedavg", rounds=3, device=None)
+    assert (config.method, config.rounds, config.device) == ("fedavg", 3, "auto")
+
+
+def test_method_table_is_consistent():
+    assert method_spec("prr").two_models and method_spec("prr").aggregation == "pfa"
+    assert method_spec("prr").distillation == "det" and method_spec("prr").loss == "cpa"
+    assert not method_spec("local").communicates
+    assert not method_spec("fedproto").sends_weights and method_spec("fedproto").communicates
+    for spec in METHODS.values():
+        assert spec.two_models == (spec.distillation is not None)
+    with pytest.raises(ValueError, match="unknown method"):
+        method_spec("nope")
