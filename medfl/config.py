@@ -1,0 +1,341 @@
+"""Site configs (facts about one site's data) and data settings (an experiment's data choices).
+
+A site config is a small YAML file validated with pydantic: unknown keys are errors naming the key and the
+file, `${VAR}` / `$VAR` environment variables are expanded in path fields, and `data_root` resolves against
+the config file's folder, and so does `split_file`. `table` and `metadata_table` resolve against `data_root`,
+because they name files of the data set itself (their defaults are the public releases' file names). `DataSettings` holds the choices (classes, input size, splits, slices, recipes,
+runtime) with defaults that suit a 2-core CPU; the experiment config embeds it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from medfl.errors import ConfigError
+
+CLASSIFICATION_LAYOUTS = ("ham10000", "isic2019", "csv")
+SEGMENTATION_LAYOUTS = ("nifti", "metaimage")
+DEFAULT_TABLES = {
+    "ham10000": "HAM10000_metadata.csv",
+    "isic2019": "ISIC_2019_Training_GroundTruth.csv",
+    "csv": "labels.csv",
+}
+DEFAULT_ISIC_METADATA = "ISIC_2019_Training_Metadata.csv"
+SEGMENTATION_CLASSES = ("background", "prostate")
+# Keys that only make sense for one task: a classification site with `mask_suffix` is a mistake, not noise.
+_CLASSIFICATION_ONLY = ("table", "metadata_table", "filter", "label_map")
+_SEGMENTATION_ONLY = ("mask_suffix",)
+_ENV_PATTERN = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects a key given twice in one mapping (often a misspelt edit)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' is given twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file holding one mapping; any problem is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(error).split())}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def expand_env(value: str, source: str | Path | None = None) -> str:
+    """Expand `${VAR}` and `$VAR` (and a leading `~`); an unset variable is an error naming it and the file."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in os.environ:
+            where = f" (in {source})" if source else ""
+            raise ValueError(f"environment variable '{name}' is not set{where}")
+        return os.environ[name]
+
+    return os.path.expanduser(_ENV_PATTERN.sub(replace, value))
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def format_validation_error(error: ValidationError, model: type[BaseModel], source: str | Path) -> str:
+    """Turn pydantic's report into one line: `<file>: unknown key 'x' (did you mean 'y'?); key 'z': ...`."""
+    parts = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else f" (allowed: {', '.join(allowed)})"
+            parts.append(f"unknown key '{_format_location(loc)}'{suggestion}")
+        elif loc:
+            message = str(item["msg"]).removeprefix("Value error, ")
+            parts.append(f"key '{_format_location(loc)}': {message}")
+        else:
+            parts.append(str(item["msg"]).removeprefix("Value error, "))
+    return f"{source}: " + "; ".join(parts)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at `loc` (walks nested pydantic models; falls back to the top level)."""
+    current: Any = model
+    for part in loc:
+        field = current.model_fields.get(str(part)) if isinstance(current, type) else None
+        annotation = getattr(field, "annotation", None)
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            break
+        current = nested[0]
+    return list(current.model_fields)
+
+
+def validate_model(model: type[BaseModel], data: dict[str, Any], source: str | Path, **context: Any) -> Any:
+    """Validate `data` as `model`, raising one ConfigError line that names the file (and site, if known)."""
+    try:
+        return model.model_validate(data, context={"source": Path(source), **context})
+    except ValidationError as error:
+        message = format_validation_error(error, model, source)
+        name = data.get("name") if isinstance(data, dict) else None
+        if isinstance(name, str) and name:
+            message = f"site '{name}': {message}"
+        raise ConfigError(message) from None
+
+
+class RowFilter(BaseModel):
+    """Keep only table rows whose `column` holds one of `values` (several sites sharing one folder)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    column: str = Field(min_length=1)
+    values: list[str] = Field(min_length=1)
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _as_strings(cls, value: Any) -> Any:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+
+class SiteConfig(BaseModel):
+    """Facts about one site's data: where it lies, its layout, how its labels map to federation classes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    task: Literal["classification", "segmentation"]
+    data_root: Path
+    layout: Literal["ham10000", "isic2019", "csv", "nifti", "metaimage"]
+    table: Path | None = None
+    metadata_table: Path | None = None
+    filter: RowFilter | None = None
+    label_map: dict[str, str | None] | None = None
+    mask_suffix: str | None = None
+    split_file: Path | None = None
+
+    _source: Path | None = PrivateAttr(default=None)
+
+    @field_validator("data_root", "table", "metadata_table", "split_file", mode="before")
+    @classmethod
+    def _expand_environment(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = expand_env(value)
+            if not value.strip():
+                raise ValueError("must not be empty")
+        return value
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _label_keys_as_strings(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        return value
+
+    @field_validator("mask_suffix")
+    @classmethod
+    def _non_empty_suffix(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check_task_fields(self, info: ValidationInfo) -> SiteConfig:
+        layouts = CLASSIFICATION_LAYOUTS if self.task == "classification" else SEGMENTATION_LAYOUTS
+        if self.layout not in layouts:
+            raise ValueError(f"layout '{self.layout}' is not a {self.task} layout (use one of: {', '.join(layouts)})")
+        wrong = _SEGMENTATION_ONLY if self.task == "classification" else _CLASSIFICATION_ONLY
+        given = [key for key in wrong if getattr(self, key) is not None]
+        if given:
+            raise ValueError(f"key '{given[0]}' does not apply to a {self.task} site")
+        if self.task == "classification":
+            if not self.label_map:
+                raise ValueError("a classification site needs a non-empty 'label_map'")
+            if all(target is None for target in self.label_map.values()):
+                raise ValueError("'label_map' maps every label to null: the site would have no samples")
+        if self.metadata_table is not None and self.layout != "isic2019":
+            raise ValueError("key 'metadata_table' applies to the isic2019 layout only")
+        source = (info.context or {}).get("source")
+        if source is not None:
+            self._source = Path(source).resolve()
+            for key in ("data_root", "split_file"):
+                value = getattr(self, key)
+                if value is not None and not value.is_absolute():
+                    object.__setattr__(self, key, (self._source.parent / value).resolve())
+        return self
+
+    @property
+    def source_path(self) -> Path | None:
+        """The YAML file this config came from (None when built in code)."""
+        return self._source
+
+    @property
+    def table_path(self) -> Path | None:
+        """The label table of a classification site (layout default when not given), under data_root."""
+        if self.task != "classification":
+            return None
+        return self._under_root(self.table or Path(DEFAULT_TABLES[self.layout]))
+
+    @property
+    def metadata_path(self) -> Path | None:
+        """The isic2019 metadata table (with lesion_id): the given one, or the default one if it exists."""
+        if self.layout != "isic2019":
+            return None
+        if self.metadata_table is not None:
+            return self._under_root(self.metadata_table)
+        default = self._under_root(Path(DEFAULT_ISIC_METADATA))
+        return default if default.is_file() else None
+
+    @property
+    def split_path(self) -> Path | None:
+        """The official split file (CSV `id,split`), or None; relative to the config file's folder."""
+        return self.split_file
+
+    @property
+    def effective_mask_suffix(self) -> str:
+        """The mask file name suffix (matched case-insensitively)."""
+        return self.mask_suffix or "_segmentation"
+
+    def label_targets(self) -> list[str]:
+        """The federation classes this site's labels map to, in first-seen order, without nulls."""
+        if self.task == "segmentation":
+            return list(SEGMENTATION_CLASSES)
+        targets: list[str] = []
+        for target in (self.label_map or {}).values():
+            if target is not None and target not in targets:
+                targets.append(target)
+        return targets
+
+    def describe(self) -> str:
+        """`site 'name': <config file>` for messages."""
+        return f"site '{self.name}'" + (f" ({self.source_path})" if self.source_path else "")
+
+    def _under_root(self, path: Path) -> Path:
+        return path if path.is_absolute() else self.data_root / path
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate one site config; relative `data_root` resolves against the file's folder."""
+    path = Path(path)
+    return validate_model(SiteConfig, load_yaml_mapping(path), path)
+
+
+class DataSettings(BaseModel):
+    """The data choices of an experiment, with defaults for a small CPU run.
+
+    - `classes`: the federation's class names in order; None means every non-null target of the site's
+      label_map in first-seen order (what `medfl check` uses). Ignored by segmentation sites, whose classes
+      are always background and prostate.
+    - `split_fractions`: train/val/test shares of groups (lesions, images without lesion id, or cases).
+    - `slices` ("all" | "foreground") and `empty_slice_fraction`: which training slices are kept; with
+      "foreground", slices with prostate plus that share of the empty ones. Val and test keep every slice.
+    - `context_slices`: 2.5-D input; k neighbouring slices on each side become extra channels.
+    - `train_recipe` / `eval_recipe`: recipe names under transforms/ or YAML paths; None = the task default.
+    - `cache_rate`, `num_workers`: share of records cached by CacheDataset, and threads used to read and
+      validate images and to fill the cache (2 suits a 2-core machine).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    classes: list[str] | None = None
+    input_size: int = Field(default=64, ge=8, le=2048)
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    split_seed: int = 0
+    slices: Literal["all", "foreground"] = "all"
+    empty_slice_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    context_slices: int = Field(default=0, ge=0, le=8)
+    train_recipe: str | None = None
+    eval_recipe: str | None = None
+    cache_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    num_workers: int = Field(default=2, ge=0, le=64)
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if len(value) < 2:
+            raise ValueError("needs at least two classes")
+        duplicates = sorted({c for c in value if value.count(c) > 1})
+        if duplicates:
+            raise ValueError(f"class '{duplicates[0]}' is listed twice")
+        return value
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _valid_fractions(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in value):
+            raise ValueError("fractions must not be negative")
+        if abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1, not {sum(value):g}")
+        if value[0] <= 0 or value[1] <= 0:
+            raise ValueError("train and validation fractions must be positive (DET measures on validation)")
+        return value
+
+    def recipe(self, task: str, stage: Literal["train", "eval"]) -> str:
+        """The recipe name or path for a task and stage (task defaults: dermoscopy_* or prostate_*)."""
+        chosen = self.train_recipe if stage == "train" else self.eval_recipe
+        if chosen:
+            return chosen
+        modality = "dermoscopy" if task == "classification" else "prostate"
+        return f"{modality}_{stage}"

@@ -1,0 +1,156 @@
+"""Prostate MRI sites: pair volumes with masks, split by case, cut volumes into axial slice records.
+
+Pairing is by name, case-insensitively, never by numbering: `<case>.nii.gz` (or `.nii`, or `<case>.mhd`)
+goes with `<case><mask_suffix>.<same extension>`. Splits are by case. Train keeps the slices chosen by the
+`slices` setting; val and test keep every slice, so volumes can be reassembled and scored per case. With
+`context_slices` = k, a slice's image holds 2k + 1 channels (edge slices repeated); without context, and
+for interior slices, records hold views into the case's volume rather than copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfl.config import DataSettings, SiteConfig
+from medfl.data.problems import ProblemLog
+from medfl.data.records import SiteContent
+from medfl.data.splits import assign_from_file, read_split_file, split_groups
+from medfl.data.volumes import PreparedCase, prepare_case
+
+LAYOUT_EXTENSIONS = {"nifti": (".nii.gz", ".nii"), "metaimage": (".mhd",)}
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One case's image and mask files."""
+
+    case_id: str
+    image: Path
+    mask: Path
+
+
+def _split_name(path: Path, extensions: tuple[str, ...]) -> tuple[str, str] | None:
+    """(stem, extension) when the file has one of the layout's extensions (any letter case)."""
+    lower = path.name.lower()
+    for extension in extensions:
+        if lower.endswith(extension) and len(lower) > len(extension):
+            return path.name[: -len(extension)], extension
+    return None
+
+
+def find_cases(site: SiteConfig, log: ProblemLog) -> list[CaseFiles]:
+    """Pair every volume under data_root with its mask; unpaired or duplicate cases are errors."""
+    suffix = site.effective_mask_suffix.lower()
+    images: dict[str, list[Path]] = {}
+    masks: dict[str, list[Path]] = {}
+    for path in sorted(site.data_root.rglob("*")):
+        named = _split_name(path, LAYOUT_EXTENSIONS[site.layout])
+        if named is None or not path.is_file():
+            continue
+        stem = named[0]
+        if stem.lower().endswith(suffix) and len(stem) > len(suffix):
+            masks.setdefault(stem[: -len(suffix)].lower(), []).append(path)
+        else:
+            images.setdefault(stem.lower(), []).append(path)
+    cases = []
+    for key in sorted(images.keys() | masks.keys()):
+        found_images, found_masks = images.get(key, []), masks.get(key, [])
+        if len(found_images) > 1 or len(found_masks) > 1:
+            files = ", ".join(p.name for p in found_images + found_masks)
+            log.error(f"duplicate case id '{key}' (files: {files})", site.data_root, kind="duplicate case id")
+        elif not found_masks:
+            stem, extension = _split_name(found_images[0], LAYOUT_EXTENSIONS[site.layout]) or (key, "")
+            log.error(f"no mask for this image (expected {stem}{site.effective_mask_suffix}{extension})",
+                      found_images[0], kind="image without mask")
+        elif not found_images:
+            log.error("mask without an image of the same case", found_masks[0], kind="mask without image")
+        else:
+            name = _split_name(found_images[0], LAYOUT_EXTENSIONS[site.layout])
+            cases.append(CaseFiles(name[0] if name else key, found_images[0], found_masks[0]))
+    return cases
+
+
+def select_slices(mask: np.ndarray, mode: str, empty_fraction: float, seed: int, case_id: str) -> list[int]:
+    """Training slice indices: all, or those with foreground plus a seeded share of the empty ones."""
+    depth = mask.shape[0]
+    if mode == "all":
+        return list(range(depth))
+    has_foreground = mask.reshape(depth, -1).any(axis=1)
+    foreground = [i for i in range(depth) if has_foreground[i]]
+    empty = sorted(
+        (i for i in range(depth) if not has_foreground[i]),
+        key=lambda i: hashlib.sha256(f"{seed}\0{case_id}\0{i}".encode()).hexdigest(),
+    )
+    keep = math.floor(len(empty) * empty_fraction + 0.5)
+    return sorted(foreground + empty[:keep])
+
+
+def slice_record(case: PreparedCase, index: int, context: int, site: str) -> dict[str, Any]:
+    """The record of one axial slice; its image holds 2 * context + 1 neighbouring slices as channels."""
+    depth = case.image.shape[0]
+    low, high = index - context, index + context + 1
+    if low >= 0 and high <= depth:
+        image = case.image[low:high]
+    else:
+        image = case.image[np.clip(np.arange(low, high), 0, depth - 1)]
+    return {
+        "image": image,
+        "label": case.mask[index : index + 1],
+        "case_id": case.case_id,
+        "slice_index": index,
+        "num_slices": depth,
+        "site": site,
+    }
+
+
+def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: ProblemLog) -> SiteContent:
+    """Slice records of a segmentation site, split by case; every problem goes to `log`."""
+    content = SiteContent(["background", "prostate"])
+    files = find_cases(site, log)
+    prepared: list[PreparedCase] = []
+
+    def prepare(case: CaseFiles) -> tuple[PreparedCase | None, list[tuple[Path, str]]]:
+        return prepare_case(case.case_id, case.image, case.mask, settings.input_size)
+
+    with ThreadPoolExecutor(max_workers=max(1, settings.num_workers)) as pool:
+        for result, problems in pool.map(prepare, files):
+            for path, message in problems:
+                log.error(message, path)
+            if result is not None:
+                prepared.append(result)
+    assignment = _assign([case.case_id for case in prepared], site, settings, log)
+    for case in prepared:
+        split = assignment.get(case.case_id.lower())
+        if split is None:
+            continue
+        content.geometry[case.case_id] = case.geometry
+        content.groups[split] += 1
+        indices = (
+            select_slices(case.mask, settings.slices, settings.empty_slice_fraction, settings.split_seed, case.case_id)
+            if split == "train"
+            else range(case.image.shape[0])
+        )
+        content.splits[split] += [slice_record(case, i, settings.context_slices, site.name) for i in indices]
+    return content
+
+
+def _assign(case_ids: list[str], site: SiteConfig, settings: DataSettings, log: ProblemLog) -> dict[str, str]:
+    """Lower-cased case id -> split, from the official split file (ids matched case-insensitively) or random."""
+    keys = [case_id.lower() for case_id in case_ids]
+    if site.split_path is not None:
+        official = read_split_file(site.split_path, log)
+        if official is None:
+            return {}
+        official = {k.lower(): v for k, v in official.items()}
+        for unknown in sorted(official.keys() - set(keys)):
+            log.warning(f"case '{unknown}' is listed but not among the site's usable cases", site.split_path,
+                        kind="split file lists an unknown case")
+        return assign_from_file(keys, official, site.split_path, log)
+    return split_groups(dict.fromkeys(keys, "case"), settings.split_fractions, settings.split_seed)

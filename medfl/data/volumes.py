@@ -1,0 +1,215 @@
+"""MRI volumes and masks: read, check, reorient, normalise, resample in-plane.
+
+Geometry of both layouts (NIfTI and MetaImage) comes from SimpleITK, so it has one convention (ITK's LPS
+world coordinates); NIfTI voxels are read by nibabel, which notices truncated files. Every volume is reoriented to LPS (`DICOMOrient`), which makes NumPy's (z, y, x) array order
+axial slices stacked from inferior to superior, each slice with anterior at the top and the patient's right
+on the left (the radiological view). Intensities are clipped to the 0.5-99.5 percentiles and z-scored over
+the volume; slices are resized to input_size x input_size (bilinear with anti-aliasing for images, nearest
+for masks). `CaseGeometry.to_image` undoes all of this for a predicted mask.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from monai.transforms import ClipIntensityPercentiles, NormalizeIntensity, Resize
+from nibabel.filebasedimages import ImageFileError
+
+WORKING_ORIENTATION = "LPS"
+INTENSITY_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class CaseGeometry:
+    """Where a case's voxels lie, as in its original image file: enough to write a predicted mask back."""
+
+    case_id: str
+    image_file: str
+    size: tuple[int, int, int]  # voxels along the file's (x, y, z) axes, SimpleITK order
+    spacing: tuple[float, float, float]  # mm, SimpleITK order
+    origin: tuple[float, float, float]  # mm, LPS world coordinates
+    direction: tuple[float, ...]  # 3x3 direction cosines, row-major, LPS world
+    orientation: str  # the file's orientation code (e.g. "LPS", "RAI")
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4x4 voxel (i, j, k) = (x, y, z) to RAS world (mm) matrix, as nibabel writes it."""
+        matrix = np.array(self.direction, dtype=np.float64).reshape(3, 3) @ np.diag(self.spacing)
+        lps = np.eye(4)
+        lps[:3, :3] = matrix
+        lps[:3, 3] = self.origin
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+    def _reference(self) -> sitk.Image:
+        image = sitk.Image([int(s) for s in self.size], sitk.sitkUInt8)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    @property
+    def num_slices(self) -> int:
+        """Axial slices in the working orientation."""
+        return int(sitk.DICOMOrient(self._reference(), WORKING_ORIENTATION).GetSize()[2])
+
+    def to_image(self, mask: np.ndarray) -> sitk.Image:
+        """A (num_slices, H, W) mask in working orientation at any in-plane size -> an image on the file's grid."""
+        oriented = sitk.DICOMOrient(self._reference(), WORKING_ORIENTATION)
+        width, height, depth = oriented.GetSize()
+        if mask.ndim != 3 or mask.shape[0] != depth:
+            raise ValueError(f"case '{self.case_id}': mask shape {mask.shape} does not hold {depth} axial slices")
+        resize = Resize((height, width), mode="nearest-exact")
+        resized = np.asarray(resize(np.asarray(mask, dtype=np.float32)), dtype=np.uint8)
+        image = sitk.GetImageFromArray(resized)
+        image.CopyInformation(oriented)
+        restored = sitk.DICOMOrient(image, self.orientation)
+        restored.CopyInformation(self._reference())
+        return restored
+
+
+@dataclass
+class PreparedCase:
+    """A case ready for slicing: (Z, S, S) normalised float32 image and {0, 1} uint8 mask."""
+
+    case_id: str
+    image: np.ndarray
+    mask: np.ndarray
+    geometry: CaseGeometry
+
+
+def _itk_message(error: Exception) -> str:
+    """The useful last part of an ITK exception, on one line."""
+    text = str(error)
+    for marker in ("ERROR:", "Description:"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+    text = re.sub(r"\w+\(0x[0-9a-fA-F]+\):\s*", "", text)
+    return " ".join(text.split())[:200]
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _read_nifti(path: Path) -> sitk.Image:
+    """NIfTI voxels through nibabel, geometry from SimpleITK's header reader.
+
+    SimpleITK fills a truncated NIfTI file with zeros without a word; nibabel refuses it. The header is
+    still read by SimpleITK so that geometry follows ITK's conventions for both layouts.
+    """
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    info.ReadImageInformation()
+    data = np.asanyarray(nib.load(path).dataobj)
+    if data.ndim != 3 or info.GetDimension() != 3:
+        raise _VolumeShapeError(f"{max(data.ndim, info.GetDimension())} dimensions, expected a 3-D volume")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    image.SetSpacing(info.GetSpacing())
+    image.SetOrigin(info.GetOrigin())
+    image.SetDirection(info.GetDirection())
+    return image
+
+
+class _VolumeShapeError(ValueError):
+    """A readable file that does not hold one 3-D single-channel volume."""
+
+
+def read_volume(path: Path, what: str) -> tuple[sitk.Image | None, str | None]:
+    """A 3-D single-channel image, or None and why it cannot be used."""
+    try:
+        image = _read_nifti(path) if _is_nifti(path) else sitk.ReadImage(str(path))
+    except _VolumeShapeError as error:
+        return None, f"{what} has {error}"
+    except RuntimeError as error:
+        return None, f"unreadable or corrupt {what} ({_itk_message(error)})"
+    except (OSError, EOFError, ValueError, zlib.error, ImageFileError) as error:
+        return None, f"unreadable or corrupt {what} ({' '.join(str(error).split())[:200]})"
+    if image.GetDimension() != 3:
+        return None, f"{what} has {image.GetDimension()} dimensions, expected a 3-D volume"
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        return None, f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel, expected 1"
+    return image, None
+
+
+def geometry_mismatch(image: sitk.Image, mask: sitk.Image) -> str | None:
+    """Why a mask does not lie on its image's voxel grid (shape, spacing, origin or direction), or None."""
+    if image.GetSize() != mask.GetSize():
+        return f"mask shape {mask.GetSize()} differs from image shape {image.GetSize()}"
+    spacing = np.array(image.GetSpacing())
+    if not np.allclose(spacing, mask.GetSpacing(), rtol=1e-4, atol=1e-6):
+        return f"mask spacing {_fmt(mask.GetSpacing())} differs from image spacing {_fmt(image.GetSpacing())}"
+    if not np.allclose(image.GetOrigin(), mask.GetOrigin(), rtol=0, atol=0.01 * spacing.min()):
+        return f"mask origin {_fmt(mask.GetOrigin())} differs from image origin {_fmt(image.GetOrigin())}"
+    if not np.allclose(image.GetDirection(), mask.GetDirection(), rtol=0, atol=1e-4):
+        return "mask orientation (direction cosines) differs from the image's"
+    return None
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def mask_value_problem(mask: np.ndarray) -> str | None:
+    """Masks hold non-negative integers (any value > 0 is prostate); else why not."""
+    if np.issubdtype(mask.dtype, np.floating):
+        if not np.all(np.isfinite(mask)):
+            return "mask has NaN or infinite values"
+        fractional = mask[mask != np.round(mask)]
+        if fractional.size:
+            return f"mask has non-integer values (e.g. {fractional.flat[0]:g})"
+    if mask.size and mask.min() < 0:
+        return f"mask has negative values (minimum {mask.min():g})"
+    return None
+
+
+def prepare_case(case_id: str, image_path: Path, mask_path: Path,
+                 input_size: int) -> tuple[PreparedCase | None, list[tuple[Path, str]]]:
+    """Read, check and preprocess one case; problems come back as (file, message) pairs."""
+    image, problem = read_volume(image_path, "image")
+    if image is None:
+        return None, [(image_path, problem or "unreadable image")]
+    mask, problem = read_volume(mask_path, "mask")
+    if mask is None:
+        return None, [(mask_path, problem or "unreadable mask")]
+    problem = geometry_mismatch(image, mask)
+    if problem:
+        return None, [(mask_path, problem)]
+    mask_array = sitk.GetArrayViewFromImage(mask)
+    problem = mask_value_problem(mask_array)
+    if problem:
+        return None, [(mask_path, problem)]
+    geometry = CaseGeometry(
+        case_id=case_id,
+        image_file=str(image_path),
+        size=tuple(image.GetSize()),
+        spacing=tuple(image.GetSpacing()),
+        origin=tuple(image.GetOrigin()),
+        direction=tuple(image.GetDirection()),
+        orientation=sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()),
+    )
+    volume = sitk.GetArrayFromImage(sitk.DICOMOrient(image, WORKING_ORIENTATION)).astype(np.float32)
+    if not np.all(np.isfinite(volume)):
+        return None, [(image_path, "image has NaN or infinite values")]
+    labels = sitk.GetArrayFromImage(sitk.DICOMOrient(mask, WORKING_ORIENTATION)) > 0
+    return PreparedCase(case_id, preprocess_volume(volume, input_size), resize_mask(labels, input_size), geometry), []
+
+
+def preprocess_volume(volume: np.ndarray, input_size: int) -> np.ndarray:
+    """(Z, Y, X) intensities -> (Z, S, S) float32: percentile clip, z-score over the volume, in-plane resize."""
+    lower, upper = INTENSITY_PERCENTILES
+    clipped = ClipIntensityPercentiles(lower, upper)(volume)
+    normalised = NormalizeIntensity()(clipped)
+    resize = Resize((input_size, input_size), mode="bilinear", anti_aliasing=True)
+    return np.ascontiguousarray(np.asarray(resize(normalised), dtype=np.float32))
+
+
+def resize_mask(mask: np.ndarray, input_size: int) -> np.ndarray:
+    """(Z, Y, X) boolean -> (Z, S, S) uint8 in {0, 1}, nearest neighbour."""
+    resize = Resize((input_size, input_size), mode="nearest-exact")
+    return np.ascontiguousarray(np.asarray(resize(mask.astype(np.float32)), dtype=np.uint8))
