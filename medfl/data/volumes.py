@@ -4,8 +4,8 @@ Geometry of both layouts (NIfTI and MetaImage) comes from SimpleITK, so it has o
 world coordinates); NIfTI voxels are read by nibabel, which notices truncated files. Every volume is reoriented to LPS (`DICOMOrient`), which makes NumPy's (z, y, x) array order
 axial slices stacked from inferior to superior, each slice with anterior at the top and the patient's right
 on the left (the radiological view). Intensities are clipped to the 0.5-99.5 percentiles and z-scored over
-the volume; slices are resized to input_size x input_size (bilinear with anti-aliasing for images, nearest
-for masks). `CaseGeometry.to_image` undoes all of this for a predicted mask.
+the volume; slices are resized to input_size x input_size, whatever their aspect ratio (bilinear with
+anti-aliasing for images, nearest for masks). `CaseGeometry.to_image` undoes all of this for a predicted mask.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from monai.transforms import ClipIntensityPercentiles, NormalizeIntensity, Resize
+import torch
+import torch.nn.functional as F
+from monai.transforms import NormalizeIntensity
 from nibabel.filebasedimages import ImageFileError
 
 WORKING_ORIENTATION = "LPS"
@@ -64,9 +66,7 @@ class CaseGeometry:
         width, height, depth = oriented.GetSize()
         if mask.ndim != 3 or mask.shape[0] != depth:
             raise ValueError(f"case '{self.case_id}': mask shape {mask.shape} does not hold {depth} axial slices")
-        resize = Resize((height, width), mode="nearest-exact")
-        resized = np.asarray(resize(np.asarray(mask, dtype=np.float32)), dtype=np.uint8)
-        image = sitk.GetImageFromArray(resized)
+        image = sitk.GetImageFromArray(resize_slices(mask, height, width, "nearest-exact").astype(np.uint8))
         image.CopyInformation(oriented)
         restored = sitk.DICOMOrient(image, self.orientation)
         restored.CopyInformation(self._reference())
@@ -200,16 +200,24 @@ def prepare_case(case_id: str, image_path: Path, mask_path: Path,
     return PreparedCase(case_id, preprocess_volume(volume, input_size), resize_mask(labels, input_size), geometry), []
 
 
+def resize_slices(volume: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
+    """Resize every (Y, X) slice of a (Z, Y, X) array; "bilinear" is anti-aliased (PIL-like) when shrinking."""
+    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[:, None]
+    options = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(tensor, size=(height, width), mode=mode, **options)[:, 0].numpy()
+
+
 def preprocess_volume(volume: np.ndarray, input_size: int) -> np.ndarray:
-    """(Z, Y, X) intensities -> (Z, S, S) float32: percentile clip, z-score over the volume, in-plane resize."""
-    lower, upper = INTENSITY_PERCENTILES
-    clipped = ClipIntensityPercentiles(lower, upper)(volume)
-    normalised = NormalizeIntensity()(clipped)
-    resize = Resize((input_size, input_size), mode="bilinear", anti_aliasing=True)
-    return np.ascontiguousarray(np.asarray(resize(normalised), dtype=np.float32))
+    """(Z, Y, X) intensities -> (Z, S, S) float32: percentile clip, z-score over the volume, in-plane resize.
+
+    Percentiles come from NumPy: MONAI's ClipIntensityPercentiles goes through torch.quantile, which sorts
+    (slow) and refuses tensors above 16M voxels (a 512 x 512 x 64 volume).
+    """
+    low, high = np.percentile(volume, INTENSITY_PERCENTILES)
+    normalised = np.asarray(NormalizeIntensity()(np.clip(volume, low, high)), dtype=np.float32)
+    return np.ascontiguousarray(resize_slices(normalised, input_size, input_size, "bilinear"))
 
 
 def resize_mask(mask: np.ndarray, input_size: int) -> np.ndarray:
     """(Z, Y, X) boolean -> (Z, S, S) uint8 in {0, 1}, nearest neighbour."""
-    resize = Resize((input_size, input_size), mode="nearest-exact")
-    return np.ascontiguousarray(np.asarray(resize(mask.astype(np.float32)), dtype=np.uint8))
+    return np.ascontiguousarray(resize_slices(mask, input_size, input_size, "nearest-exact").astype(np.uint8))

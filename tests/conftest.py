@@ -1,0 +1,176 @@
+"""Shared fixtures: tiny site folders in every layout medfl reads, built in a temporary folder.
+
+Each `*_site` fixture is a factory: call it (with overrides) to write a data folder and its site config,
+and get the config's path back. Images are 24 x 24 JPEGs, volumes a few slices of 20 x 24 voxels.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import yaml
+from PIL import Image
+
+HAM_LABEL_MAP = {"nv": "nv", "bkl": "bkl", "mel": "mel", "akiec": None, "bcc": None, "df": None, "vasc": None}
+ISIC_COLUMNS = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+ISIC_LABEL_MAP = {"NV": "nv", "BKL": "bkl", "MEL": "mel", "BCC": None, "AK": None, "DF": None, "VASC": None,
+                  "SCC": None, "UNK": None}
+
+
+def write_jpeg(path: Path, seed: int = 0, size: tuple[int, int] = (24, 24)) -> Path:
+    """A small random RGB JPEG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def default_derm_rows(lesions_per_class: int = 10) -> list[tuple[str, str, str]]:
+    """(image id, label, lesion id): nv/bkl/mel lesions (every third with two images), plus 2 akiec rows."""
+    rows = []
+    for label in ("nv", "bkl", "mel"):
+        for k in range(lesions_per_class):
+            lesion = f"HAM_{label}{k:03d}"
+            rows.append((f"ISIC_{label}{k:03d}a", label, lesion))
+            if k % 3 == 0:
+                rows.append((f"ISIC_{label}{k:03d}b", label, lesion))
+    rows += [("ISIC_akiec000", "akiec", "HAM_akiec000"), ("ISIC_akiec001", "akiec", "HAM_akiec001")]
+    return rows
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """Write a site config mapping as YAML under tmp_path/configs/ and return its path."""
+
+    def write(data: dict[str, Any], name: str | None = None) -> Path:
+        path = tmp_path / "configs" / (name or f"{data.get('name', 'site')}.yaml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def ham10000_site(tmp_path: Path, write_config: Callable[..., Path]) -> Callable[..., Path]:
+    """Factory: a HAM10000 folder (images split over two part folders, `dataset` column) and its config."""
+
+    def make(rows: Sequence[tuple[str, str, str]] | None = None, name: str = "derm_a",
+             dataset: Callable[[int], str] = lambda i: "vidir_modern", **config: Any) -> Path:
+        rows = list(rows if rows is not None else default_derm_rows())
+        root = tmp_path / "data" / name
+        table = [(lesion, image, label, "histo", 50, "male", "back", dataset(i))
+                 for i, (image, label, lesion) in enumerate(rows)]
+        write_csv(root / "HAM10000_metadata.csv",
+                  ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset"], table)
+        for i, (image, _, _) in enumerate(rows):
+            write_jpeg(root / f"HAM10000_images_part_{1 + i % 2}" / f"{image}.jpg", seed=i)
+        data = {"name": name, "task": "classification", "data_root": f"../data/{name}", "layout": "ham10000",
+                "label_map": dict(HAM_LABEL_MAP), **config}
+        return write_config(data)
+
+    return make
+
+
+@pytest.fixture
+def isic2019_site(tmp_path: Path, write_config: Callable[..., Path]) -> Callable[..., Path]:
+    """Factory: an ISIC 2019 folder (one-hot ground truth, metadata with lesion ids, some `_downsampled`)."""
+
+    def make(rows: Sequence[tuple[str, str, str]] | None = None, name: str = "derm_isic", **config: Any) -> Path:
+        rows = list(rows if rows is not None else default_derm_rows())
+        root = tmp_path / "data" / name
+        truth, metadata = [], []
+        for i, (image, label, lesion) in enumerate(rows):
+            column = {"akiec": "AK"}.get(label, label.upper())
+            image_id = f"{image}_downsampled" if i % 4 == 0 else image
+            truth.append([image_id] + ["1.0" if c == column else "0.0" for c in ISIC_COLUMNS])
+            metadata.append([image_id, 45, "anterior torso", lesion if i % 5 else "", "female"])
+            write_jpeg(root / "ISIC_2019_Training_Input" / f"{image_id}.jpg", seed=i)
+        write_csv(root / "ISIC_2019_Training_GroundTruth.csv", ["image", *ISIC_COLUMNS], truth)
+        write_csv(root / "ISIC_2019_Training_Metadata.csv",
+                  ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"], metadata)
+        data = {"name": name, "task": "classification", "data_root": f"../data/{name}", "layout": "isic2019",
+                "label_map": dict(ISIC_LABEL_MAP), **config}
+        return write_config(data)
+
+    return make
+
+
+@pytest.fixture
+def csv_site(tmp_path: Path, write_config: Callable[..., Path]) -> Callable[..., Path]:
+    """Factory: a generic `labels.csv` folder with free-text labels and image paths in subfolders."""
+
+    def make(rows: Sequence[tuple[str, str, str]] | None = None, name: str = "derm_csv", **config: Any) -> Path:
+        rows = list(rows if rows is not None else default_derm_rows())
+        root = tmp_path / "data" / name
+        names = {"nv": "naevus", "bkl": "keratosis", "mel": "melanoma", "akiec": "actinic"}
+        table = []
+        for i, (image, label, lesion) in enumerate(rows):
+            relative = f"{label}/{image}.jpg"
+            write_jpeg(root / relative, seed=i)
+            table.append([relative, names.get(label, label), lesion])
+        write_csv(root / "labels.csv", ["image", "label", "lesion_id"], table)
+        data = {"name": name, "task": "classification", "data_root": f"../data/{name}", "layout": "csv",
+                "label_map": {"naevus": "nv", "keratosis": "bkl", "melanoma": "mel", "actinic": None}, **config}
+        return write_config(data)
+
+    return make
+
+
+def phantom_case(depth: int = 6, height: int = 20, width: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(image, mask) arrays in (z, y, x) order: noise plus a bright box, the box's middle slices as prostate."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100.0, 10.0, (depth, height, width)).astype(np.float32)
+    mask = np.zeros((depth, height, width), dtype=np.uint8)
+    mask[1 : depth - 2, 6:14, 8:16] = 1
+    mask[2, 8:10, 10:12] = 2  # a second zone: every value > 0 is prostate
+    image[mask > 0] += 80.0
+    return image, mask
+
+
+def write_volume(path: Path, array: np.ndarray, spacing: Sequence[float] = (0.6, 0.6, 3.0),
+                 origin: Sequence[float] = (0.0, 0.0, 0.0),
+                 direction: Sequence[float] = (1, 0, 0, 0, 1, 0, 0, 0, 1)) -> Path:
+    """Write a (z, y, x) array with SimpleITK (NIfTI or MetaImage by extension)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in origin])
+    image.SetDirection([float(d) for d in direction])
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture
+def prostate_site(tmp_path: Path, write_config: Callable[..., Path]) -> Callable[..., Path]:
+    """Factory: NIfTI or MetaImage cases with masks (non-contiguous ids, mixed suffix case) and their config."""
+
+    def make(layout: str = "nifti", cases: Sequence[str] = ("Case00", "Case02", "Case05", "Case07", "Case11",
+                                                          "Case12", "Case20", "Case31"),
+             name: str = "prost_a", depth: int = 6, **config: Any) -> Path:
+        root = tmp_path / "data" / name
+        extension = ".nii.gz" if layout == "nifti" else ".mhd"
+        for i, case in enumerate(cases):
+            image, mask = phantom_case(depth=depth, seed=i)
+            suffix = "_Segmentation" if i % 3 == 1 else "_segmentation"
+            write_volume(root / f"{case}{extension}", image)
+            write_volume(root / f"{case}{suffix}{extension}", mask)
+        data = {"name": name, "task": "segmentation", "data_root": f"../data/{name}", "layout": layout, **config}
+        return write_config(data)
+
+    return make
