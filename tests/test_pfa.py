@@ -227,6 +227,24 @@ def test_other_entries_get_the_sample_weighted_average() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_output_shares_memory_with_another_site_or_the_input(dtype: torch.dtype) -> None:
+    # A view into a stack of all sites would be saved, with the other sites' weights, by torch.save.
+    states = random_states(3, dtype=dtype)
+    out = pfa_aggregate(states, ROLES, 0.8)
+    storages = [
+        (site, key, out[site][key].untyped_storage().data_ptr())
+        for site in out
+        for key, role in ROLES.items()
+        if role is not Role.NORM
+    ]
+    assert len({pointer for _, _, pointer in storages}) == len(storages)
+    inputs = {t.untyped_storage().data_ptr() for state in states.values() for t in state.values()}
+    assert not inputs & {pointer for _, _, pointer in storages}
+    for site, key, _ in storages:
+        assert out[site][key].untyped_storage().nbytes() == out[site][key].nbytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_shapes_dtypes_devices_and_key_order_are_kept(dtype: torch.dtype) -> None:
     states = random_states(3, dtype=dtype)
     out = pfa_aggregate(states, ROLES, 0.8)
@@ -255,7 +273,7 @@ def test_cuda_inputs_stay_on_cuda_and_match_cpu() -> None:
 def test_equals_numpy_pfa_for_every_role(sites: int, share_phase: bool) -> None:
     states = random_states(sites, seed=sites)
     counts = {site: 10.0 * (i + 1) ** 2 for i, site in enumerate(states)} if sites % 2 else None
-    ratio = (0.5, 0.7, 0.95)[sites % 3]
+    ratio = (0.5, 0.7, 0.95, 1.0, 0.3)[sites % 5]
     out = pfa_aggregate(states, ROLES, ratio, counts, share_phase)
     assert max_difference(out, numpy_pfa_states(states, ROLES, ratio, counts, share_phase)) <= 1e-5
 

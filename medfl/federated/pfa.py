@@ -12,6 +12,7 @@ matrices have the same shape go through one FFT call, in float64, on the device 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -83,8 +84,9 @@ def pfa_aggregate(
     mixed = _mix_spectral_entries(states, roles, spectral, weights, ratio, share_phase)
     for key, stacked in mixed.items():
         for index, site in enumerate(sites):
+            # A copy, never a view of the stack: a saved view would carry the other sites' weights along.
             original = states[site][key]
-            merged[site][key] = stacked[index].to(device=original.device, dtype=original.dtype)
+            merged[site][key] = stacked[index].to(device=original.device, dtype=original.dtype, copy=True)
     return {site: {key: merged[site][key] for key in keys} for site in sites}
 
 
@@ -147,7 +149,7 @@ def _mix_spectral_entries(
     groups: dict[tuple[int, ...], list[_Entry]] = defaultdict(list)
     for key in keys:
         device = states[sites[0]][key].device
-        stacked = torch.stack([states[site][key].to(device=device, dtype=torch.float64) for site in sites])
+        stacked = torch.stack([states[site][key].to(device=device) for site in sites]).double()
         role = Role(roles[key])
         entry = _Entry(key, role, stacked.shape[1:], _to_batch(stacked, role))
         groups[tuple(entry.batch.shape[2:])].append(entry)
@@ -156,7 +158,9 @@ def _mix_spectral_entries(
     for signal_shape, entries in groups.items():
         for chunk in _chunks(entries):
             device = chunk[0].batch.device
-            batch = torch.cat([entry.batch.to(device) for entry in chunk])
+            batch = (
+                torch.cat([entry.batch.to(device) for entry in chunk]) if len(chunk) > 1 else chunk[0].batch
+            )
             out = _share_low_frequencies(batch, weights.to(device), ratio, share_phase, len(signal_shape))
             for entry, part in zip(chunk, out.split([e.batch.shape[0] for e in chunk]), strict=True):
                 mixed[entry.key] = _from_batch(part, entry.role, entry.shape)
@@ -210,57 +214,69 @@ def _from_batch(batch: Tensor, role: Role, shape: torch.Size) -> Tensor:
 def _share_low_frequencies(
     batch: Tensor, weights: Tensor, ratio: float, share_phase: bool, signal_ndim: int
 ) -> Tensor:
-    """Steps 1-5 of PFA on a (B, K, *signal) float64 batch; returns the same shape, float64."""
+    """Steps 1-5 of PFA on a (B, K, *signal) float64 batch; returns the same shape, float64.
+
+    Computed on the half spectrum of real input, which gives the same result with half the work: the
+    real part of ifft(X) is the inverse real FFT of X's Hermitian part (X[u] + conj(X[-u])) / 2. Where
+    the mixed spectrum X is F outside the box and the shared S inside it, and both F and S are Hermitian,
+    that part is F + w (S - F) with w = ([u in box] + [-u in box]) / 2. The box is one bin asymmetric,
+    so w is 1/2 on its rim. Only the bins with w > 0 (a prefix of the last axis) are transformed to
+    amplitude and phase.
+    """
     dims = tuple(range(-signal_ndim, 0))
-    signal_shape = batch.shape[-signal_ndim:]
-    box = _low_frequency_box(signal_shape, ratio, batch.device)
-    if not bool(box.any()):
+    signal_shape = tuple(batch.shape[-signal_ndim:])
+    halves = [math.floor(n * ratio / 2) for n in signal_shape]
+    if min(halves) == 0:
         return batch
-    spectrum = _canonical_spectrum(torch.fft.fftn(batch, dim=dims), signal_shape)
+    spectrum = torch.fft.rfftn(batch, dim=dims)
+    _zero_imaginary_of_real_bins(spectrum, signal_shape)
+    region = spectrum[..., : halves[-1] + 1]
+    blend = _blend_weights(signal_shape, halves, batch.device)
     site_weights = weights.view(1, -1, *([1] * signal_ndim))
-    amplitude = spectrum.abs()
-    phase = spectrum.angle()
+    amplitude = region.abs()
+    phase = region.angle()
     shared_amplitude = (amplitude * site_weights).sum(dim=1, keepdim=True)
     if share_phase:
-        shared_phase = (phase * site_weights).sum(dim=1, keepdim=True)
-        replacement = torch.polar(shared_amplitude, shared_phase)
+        shared = torch.polar(shared_amplitude, (phase * site_weights).sum(dim=1, keepdim=True))
     else:
-        replacement = torch.polar(shared_amplitude.expand_as(phase), phase)
-    mixed = torch.where(box, replacement, spectrum)
-    return torch.fft.ifftn(mixed, dim=dims).real
+        shared = torch.polar(shared_amplitude.expand_as(phase), phase)
+    region.add_(blend * (shared - region))
+    _zero_imaginary_of_real_bins(spectrum, signal_shape)
+    return torch.fft.irfftn(spectrum, s=signal_shape, dim=dims)
 
 
-def _low_frequency_box(signal_shape: Sequence[int], ratio: float, device: torch.device) -> Tensor:
-    """Boolean mask of the shared bins in unshifted (FFT) order.
+def _blend_weights(signal_shape: Sequence[int], halves: Sequence[int], device: torch.device) -> Tensor:
+    """w = ([u in box] + [-u in box]) / 2 on the half spectrum's first halves[-1] + 1 bins of the last axis.
 
-    In shifted order the box spans [c - b, c + b) per axis with c = floor(n/2) and b = floor(n*ratio/2);
-    the mask is built there and moved back with ifftshift, so it selects exactly the reference's bins.
+    In shifted order the box spans [c - b, c + b) per axis (c = floor(n/2), b = floor(n*ratio/2)); in FFT
+    order that is the indices u < b or u >= n - b; the mirror bin of u is (n - u) mod n.
     """
-    masks = []
-    for n in signal_shape:
-        half = math.floor(n * ratio / 2)
-        centre = n // 2
-        axis = torch.zeros(n, dtype=torch.bool, device=device)
-        axis[centre - half : centre + half] = True
-        masks.append(torch.fft.ifftshift(axis))
-    box = masks[0]
-    for axis_mask in masks[1:]:
-        box = box.unsqueeze(-1) & axis_mask
-    return box
+    in_box, in_mirror = [], []
+    for axis, (n, half) in enumerate(zip(signal_shape, halves, strict=True)):
+        last = axis == len(signal_shape) - 1
+        index = torch.arange(half + 1 if last else n, device=device)
+        mirror = (n - index) % n
+        in_box.append((index < half) | (index >= n - half))
+        in_mirror.append((mirror < half) | (mirror >= n - half))
+    return (_outer_and(in_box).double() + _outer_and(in_mirror).double()) / 2
 
 
-def _canonical_spectrum(spectrum: Tensor, signal_shape: Sequence[int]) -> Tensor:
-    """Set the imaginary part of the bins that are real for real input (DC and Nyquist) to +0.
+def _outer_and(masks: Sequence[Tensor]) -> Tensor:
+    result = masks[0]
+    for mask in masks[1:]:
+        result = result.unsqueeze(-1) & mask
+    return result
+
+
+def _zero_imaginary_of_real_bins(spectrum: Tensor, signal_shape: Sequence[int]) -> None:
+    """In place: imaginary part +0 on the bins that are real for real input (DC and Nyquist per axis).
 
     Their angle is then exactly 0 or +pi. Left alone, rounding noise or the sign of a zero picks +pi or
     -pi depending on the FFT library, and the mean phase would differ between numpy, MKL and cuFFT.
+    The last axis is the half spectrum's, whose Nyquist bin (even n) is its last element.
     """
-    real_bins = torch.ones((), dtype=torch.bool, device=spectrum.device)
-    for n in signal_shape:
-        axis = torch.zeros(n, dtype=torch.bool, device=spectrum.device)
-        axis[0] = True
-        if n % 2 == 0:
-            axis[n // 2] = True
-        real_bins = real_bins.unsqueeze(-1) & axis
-    imaginary = torch.where(real_bins, 0.0, spectrum.imag)
-    return torch.complex(spectrum.real, imaginary)
+    per_axis = [[0, n // 2] if n % 2 == 0 else [0] for n in signal_shape[:-1]]
+    per_axis.append([0, spectrum.shape[-1] - 1] if signal_shape[-1] % 2 == 0 else [0])
+    imaginary = spectrum.imag
+    for index in itertools.product(*per_axis):
+        imaginary[(..., *index)] = 0.0
