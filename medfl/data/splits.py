@@ -1,8 +1,8 @@
 """Train/val/test splits by group (lesion or case), stratified by class, or from an official split file.
 
 A group is everything that must stay on one side: the images of one lesion, or the slices of one case.
-Groups are ordered by a hash of (seed, group id), so a split does not depend on Python's hash seed, on the
-order of the table, or on which other classes an experiment selects. Each stratum (class) is spread
+Groups are ordered by a hash of (seed, group id), so a split depends neither on Python's hash seed nor on
+the order of the table. Each stratum (class) is spread
 evenly over the ordering, then the ordering is cut by the fractions: the split is stratified and the
 totals match the fractions as closely as whole groups allow. Where the fractions would round a split to
 nothing, validation (and, from 3 groups, test) still receives one group, because DET measures on validation.
