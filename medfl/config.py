@@ -131,15 +131,14 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def validate_model(model: type[BaseModel], data: dict[str, Any], source: str | Path, **context: Any) -> Any:
-    """Validate `data` as `model`, raising one ConfigError line that names the file (and site, if known)."""
+    """Validate `data` as `model`, raising one ConfigError line that names the file and every bad key.
+
+    The context carries `source` (the file's path) for validators that resolve relative paths.
+    """
     try:
         return model.model_validate(data, context={"source": Path(source), **context})
     except ValidationError as error:
-        message = format_validation_error(error, model, source)
-        name = data.get("name") if isinstance(data, dict) else None
-        if isinstance(name, str) and name:
-            message = f"site '{name}': {message}"
-        raise ConfigError(message) from None
+        raise ConfigError(format_validation_error(error, model, source)) from None
 
 
 class RowFilter(BaseModel):
@@ -277,7 +276,14 @@ class SiteConfig(BaseModel):
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate one site config; relative `data_root` resolves against the file's folder."""
     path = Path(path)
-    return validate_model(SiteConfig, load_yaml_mapping(path), path)
+    data = load_yaml_mapping(path)
+    try:
+        return validate_model(SiteConfig, data, path)
+    except ConfigError as error:
+        name = data.get("name")
+        if isinstance(name, str) and name:
+            raise ConfigError(f"site '{name}': {error}") from None
+        raise
 
 
 class DataSettings(BaseModel):

@@ -119,3 +119,14 @@ def test_batches_collate(derm_records, slice_records):
     prostate = next(iter(DataLoader(build_dataset(slice_records, load_recipe("prostate_eval")), batch_size=4)))
     assert prostate["label"].shape == (4, 1, 16, 16) and prostate["slice_index"].tolist() == [0, 1, 2, 3]
     assert prostate["case_id"] == ["Case01"] * 4
+
+
+def test_uncached_training_draws_leave_the_records_untouched(slice_records):
+    originals = [(r["image"].copy(), r["label"].copy()) for r in slice_records]
+    dataset = build_dataset(slice_records, load_recipe("prostate_train"), cache_rate=0.0)
+    for _ in range(5):
+        for i in range(len(dataset)):
+            dataset[i]
+    for record, (image, label) in zip(slice_records, originals, strict=True):
+        np.testing.assert_array_equal(record["image"], image)
+        np.testing.assert_array_equal(record["label"], label)
