@@ -41,7 +41,7 @@ def test_every_site_is_checked_and_each_problem_is_one_line(capsys, ham10000_sit
                for line in lines)
     assert any(line.startswith("error: site 'derm_a'") and "ISIC_nv002a" in line for line in lines)
     assert "site 'prost_a' (segmentation)" in out
-    assert "1 of 3 site(s) ready, 2 with errors" in out and "Traceback" not in out
+    assert "1 of 3 site(s) ready, 2 with problems" in out and "Traceback" not in out
 
 
 def test_warnings_alone_keep_exit_status_zero(capsys, prostate_site):
@@ -54,3 +54,8 @@ def test_bad_options_are_reported_without_traceback(capsys, ham10000_site):
     assert status == 2 and "fractions must sum to 1" in out
     with pytest.raises(SystemExit):
         main(["check", str(ham10000_site()), "--split", "half"])
+
+
+def test_strict_turns_warnings_into_failure(capsys, prostate_site):
+    status, out = _check(capsys, str(prostate_site(cases=("Case01", "Case02"))), "--input-size", "8", "--strict")
+    assert status == 1 and "0 of 1 site(s) ready, 1 with problems" in out

@@ -2,7 +2,7 @@
 
 Every site is checked, even after a bad one. Defaults match `DataSettings`: classes = each site's label-map
 targets in first-seen order, input size 64, split 0.7/0.1/0.2 by lesion or case, seed 0, all slices.
-Exit status 0 when no site has an error (warnings are allowed), 1 otherwise. Errors: unreadable configs,
+Exit status 0 when no site has an error (warnings are allowed, unless --strict), 1 otherwise. Errors: unreadable configs,
 missing or corrupt data, unknown labels, bad masks, duplicate ids, no samples, an empty train or validation
 split. Warnings: a class absent from a split, an empty test split, a class the label map never produces.
 """
@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slices", choices=("all", "foreground"), default="all",
                         help="training slices of volumes: all, or those with prostate plus a share of empty ones")
     parser.add_argument("--workers", type=int, default=2, help="threads reading images (default 2)")
+    parser.add_argument("--strict", action="store_true", help="treat warnings as errors (exit status 1)")
 
 
 def _settings(args: argparse.Namespace) -> DataSettings:
@@ -105,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False)
     settings = _settings(args)
+    classes = ",".join(settings.classes) if settings.classes else "each site's label-map targets"
+    fractions = "/".join(f"{f:g}" for f in settings.split_fractions)
+    console.print(Text(f"classes: {classes}; input size {settings.input_size}; split {fractions} "
+                       f"(seed {settings.split_seed}); training slices: {settings.slices}"), soft_wrap=True)
     failed = 0
     for path in args.configs:
         try:
@@ -114,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             continue
         _print_report(console, report)
-        failed += bool(report.errors)
+        failed += bool(report.errors or (args.strict and report.warnings))
     total = len(args.configs)
-    summary = f"{total - failed} of {total} site(s) ready" + (f", {failed} with errors" if failed else "")
+    summary = f"{total - failed} of {total} site(s) ready" + (f", {failed} with problems" if failed else "")
     console.print(summary, style="bold red" if failed else "bold green")
     return 1 if failed else 0
