@@ -31,7 +31,7 @@ def test_garbage_truncated_grey_and_missing_files_fail(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:1000])
     grey = tmp_path / "grey.png"
     Image.new("L", (8, 8)).save(grey)
-    assert check_image(garbage).startswith("unreadable or corrupt image (cannot identify image file")
+    assert check_image(garbage) == "unreadable or corrupt image (not in an image format PIL can read)"
     assert check_image(truncated).startswith("unreadable or corrupt image (image file is truncated")
     assert check_image(grey) == "image mode is L, expected RGB colour"
     assert check_image(tmp_path / "gone.jpg") == "image file not found"

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -35,6 +35,8 @@ def check_image(path: Path) -> str | None:
             image.load()
     except FileNotFoundError:
         return "image file not found"
+    except UnidentifiedImageError:
+        return "unreadable or corrupt image (not in an image format PIL can read)"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return f"unreadable or corrupt image ({' '.join(str(error).split())})"
     if mode != "RGB":
