@@ -68,11 +68,12 @@ class DermResult:
     records: list[dict] = field(default_factory=list)  # {"image": path, "label": class, "lesion_id": str}
 
 
-def _lesion_sizes(count: int, rng: np.random.Generator) -> list[int]:
-    """Split `count` images into lesions of 1 (most), 2 or 3 images."""
+def _lesion_sizes(images: int, lesions: int, rng: np.random.Generator) -> list[int]:
+    """Lesions of 1 (most), 2 or 3 images: at least `images` images in total and at least `lesions` lesions."""
     sizes: list[int] = []
-    while sum(sizes) < count:
-        sizes.append(min(int(rng.choice([1, 2, 3], p=[0.75, 0.17, 0.08])), count - sum(sizes)))
+    while sum(sizes) < images or len(sizes) < lesions:
+        size = int(rng.choice([1, 2, 3], p=[0.75, 0.17, 0.08]))
+        sizes.append(size if len(sizes) < lesions else min(size, images - sum(sizes)))
     return sizes
 
 
@@ -85,15 +86,16 @@ class _Group:
     drawn_as: str
     dataset: str | None
     acquisition: Acquisition
-    total: int
+    images: int
+    min_lesions: int = 1
 
 
 def _groups(site: DermSite, seed: int, scale: float, minimums: Minimums, rng: np.random.Generator) -> list[_Group]:
     """The site's federation classes, its left-out source classes and (derm_b) another dataset's rows."""
     kept, _ = SOURCE_LABELS[site.layout]
     groups = [
-        _Group(source, cls, cls, site.dataset, site.acquisition, total)
-        for cls, source, total in zip(CLASSES, kept, site.totals(scale, minimums), strict=True)
+        _Group(source, cls, cls, site.dataset, site.acquisition, total, minimums.lesions())
+        for cls, source, total in zip(CLASSES, kept, site.totals(scale), strict=True)
     ]
     for source, total in site.dropped:
         groups.append(_Group(source, None, str(rng.choice(["bkl", "mel"])), site.dataset, site.acquisition, total))
@@ -110,7 +112,7 @@ def _plan_rows(site: DermSite, index: int, seed: int, scale: float, minimums: Mi
     lesions = [
         (group, size)
         for group in _groups(site, seed, scale, minimums, rng)
-        for size in _lesion_sizes(group.total, rng)
+        for size in _lesion_sizes(group.images, group.min_lesions, rng)
     ]
     n_images = sum(size for _, size in lesions)
     base = 24306 + index * ID_STRIDE
@@ -172,10 +174,13 @@ def _isic_layout(rows: list[Row], site: DermSite, rng: np.random.Generator) -> t
     lesion_sizes: dict[str, int] = {}
     for row in rows:
         lesion_sizes[row.lesion_id] = lesion_sizes.get(row.lesion_id, 0) + 1
+    ordered = sorted(rows, key=lambda r: r.image_id)
+    n_small = max(1, round(site.downsampled * len(ordered))) if site.downsampled else 0
+    small = {ordered[i].image_id for i in rng.choice(len(ordered), n_small, replace=False)}
     paths: dict[str, Row] = {}
     truth, metadata = [], []
-    for row in sorted(rows, key=lambda r: r.image_id):
-        name = row.image_id + ("_downsampled" if rng.uniform() < site.downsampled else "")
+    for row in ordered:
+        name = row.image_id + ("_downsampled" if row.image_id in small else "")
         paths[f"ISIC_2019_Training_Input/{name}.jpg"] = row
         truth.append((name, *("1.0" if column == row.source_label else "0.0" for column in ISIC_COLUMNS)))
         age, sex = _demographics(row, rng)

@@ -34,7 +34,7 @@ def _check(scale: float, n_derm: int, n_prostate: int, minimums: Minimums) -> No
     for option, count in (("--derm-sites", n_derm), ("--prostate-sites", n_prostate)):
         if not 0 <= count <= MAX_SITES:
             raise ConfigError(f"{option} must be between 0 and {MAX_SITES}, got {count}")
-    if min(minimums.train, minimums.val, minimums.test) < 1:
+    if min(minimums.train, minimums.val, minimums.test, minimums.cases) < 1:
         raise ConfigError(f"per-class minimums must be at least 1, got {minimums}")
 
 
@@ -65,7 +65,7 @@ def generate(
         result.changed += written.changed + write_text(result.configs[-1], config_yaml(config))
     prostate_config_dir = out / "site_configs" / "prostate"
     for site in prostate_sites(n_prostate, seed):
-        written = write_prostate_site(site, out / "prostate", seed, scale)
+        written = write_prostate_site(site, out / "prostate", seed, scale, minimums.cases)
         result.prostate.append(written)
         config = prostate_config(site, relative_root(prostate_config_dir, written.folder))
         result.configs.append(prostate_config_dir / f"{site.name}.yaml")

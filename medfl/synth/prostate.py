@@ -71,11 +71,11 @@ def _split_rows(cases: list[str], rng: np.random.Generator) -> list[tuple[str, s
     return [(case, split.get(case, "train")) for case in cases]
 
 
-def write_prostate_site(site: ProstateSite, root: Path, seed: int, scale: float) -> ProstateResult:
+def write_prostate_site(site: ProstateSite, root: Path, seed: int, scale: float, min_cases: int) -> ProstateResult:
     """Write `site` under `root/<name>` and prune stale files; every case gets an image and a mask."""
     folder = Path(root) / site.name
     claim_folder(folder)
-    cases = case_ids(site.num_cases(scale), rng_for(seed, site.name, "cases"))
+    cases = case_ids(site.num_cases(scale, min_cases), rng_for(seed, site.name, "cases"))
     outputs: dict[str, bytes] = {}
     for case in cases:
         anatomy = sample_anatomy(rng_for(seed, site.name, "anatomy", case))

@@ -52,4 +52,4 @@ def prostate_config(site: ProstateSite, data_root: str) -> dict:
 
 def config_yaml(config: dict) -> str:
     """YAML text of a config, keys in schema order."""
-    return HEADER + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    return HEADER + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)

@@ -1,10 +1,12 @@
 """Which synthetic sites exist: the reference sites and randomly drawn extra ones, and how many samples each has.
 
 Counts. `--scale` multiplies the reference sites' TRAINING counts and turns them into per-class TOTALS that a
-70/10/20 train/val/test split divides: total = round(train_count / 0.7 * scale). Every class then gets at
-least `Minimums.total()` images, the smallest total whose 70/10/20 split still leaves the minimum train,
-validation and test counts, plus a 20% margin for splits that keep a lesion's images together (defaults 10/5/5
-give 60). Prostate sites have `round(reference_cases * scale)` cases, at least `min_cases`.
+70/10/20 train/val/test split divides: total = round(train_count / 0.7 * scale) images. Splits keep a lesion's
+images together, so the minimum is counted in lesions: every class has at least `Minimums.lesions()` lesions,
+the smallest number whose 70/10/20 split still leaves the minimum train, validation and test counts, plus a
+20% margin for whole-lesion rounding (defaults 10/5/5 give 60 lesions, about 80 images). Prostate sites have
+`round(reference_cases * scale)` cases, at least `Minimums.cases` (default 10: a 70/10/20 split by case
+then has 7/1/2).
 """
 
 from __future__ import annotations
@@ -22,19 +24,20 @@ from medfl.synth.rng import rng_for
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 SPLIT_MARGIN = 1.2
 DEFAULT_SCALE = 0.1
-MIN_CASES = 10
 
 
 @dataclass(frozen=True)
 class Minimums:
-    """Per-class minimum counts every site keeps in each split of a 70/10/20 split."""
+    """Per-class minimum counts every dermoscopy site keeps in each split of a 70/10/20 split, and the
+    minimum number of cases of a prostate site."""
 
     train: int = 10
     val: int = 5
     test: int = 5
+    cases: int = 10
 
-    def total(self) -> int:
-        """Smallest per-class total that leaves these counts after the split, with the margin."""
+    def lesions(self) -> int:
+        """Smallest per-class number of lesions that leaves these counts after the split, with the margin."""
         needed = max(n / f for n, f in zip((self.train, self.val, self.test), SPLIT_FRACTIONS, strict=True))
         return math.ceil(round(needed * SPLIT_MARGIN, 6))
 
@@ -52,9 +55,9 @@ class DermSite:
     dropped: tuple[tuple[str, int], ...] = ()  # rows of source classes the federation leaves out
     downsampled: float = 0.0  # isic2019: share of images named ISIC_xxxxxxx_downsampled
 
-    def totals(self, scale: float, minimums: Minimums) -> tuple[int, int, int]:
-        """Per-class image totals (nv, bkl, mel) at `scale`."""
-        return tuple(max(minimums.total(), round(n / SPLIT_FRACTIONS[0] * scale)) for n in self.train_counts)
+    def totals(self, scale: float) -> tuple[int, int, int]:
+        """Per-class image totals (nv, bkl, mel) at `scale`, before the per-class minimum number of lesions."""
+        return tuple(round(n / SPLIT_FRACTIONS[0] * scale) for n in self.train_counts)
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,9 @@ class ProstateSite:
     mask_suffix: str = "_segmentation"
     split_file: bool = False  # ships an official split.csv
 
-    def num_cases(self, scale: float) -> int:
-        """Number of cases at `scale`."""
-        return max(MIN_CASES, round(self.cases * scale))
+    def num_cases(self, scale: float, minimum: int) -> int:
+        """Number of cases at `scale`, at least `minimum`."""
+        return max(minimum, round(self.cases * scale))
 
 
 REFERENCE_DERM = (
