@@ -39,6 +39,7 @@ def test_prepared_case_shapes_values_and_geometry(tmp_path, extension):
     assert case.geometry.size == (24, 20, 6) and case.geometry.spacing == pytest.approx((0.5, 0.7, 3.0))
     assert case.geometry.origin == pytest.approx((1, 2, 3)) and case.geometry.orientation == "LPS"
     assert case.geometry.num_slices == 6
+    assert case.geometry.slice_volume_spacing(16) == pytest.approx((0.7 * 20 / 16, 0.5 * 24 / 16, 3.0))
 
 
 def test_volumes_are_reoriented_so_one_anatomy_gives_one_array(tmp_path):
@@ -49,6 +50,7 @@ def test_volumes_are_reoriented_so_one_anatomy_gives_one_array(tmp_path):
                           direction=FLIP_X_AND_Z, origin=(23 * 0.6, 0, 5 * 3.0))
     flipped, _ = prepare_case("b", *flipped_paths, input_size=20)
     assert flipped.geometry.orientation == "RPI"
+    assert flipped.geometry.slice_volume_spacing(10) == pytest.approx((1.2, 1.44, 3.0))
     np.testing.assert_allclose(flipped.image, plain.image, atol=1e-5)
     np.testing.assert_array_equal(flipped.mask, plain.mask)
 
@@ -147,3 +149,13 @@ def test_preprocessing_clips_outliers_and_standardises():
     assert out.shape == (4, 30, 30) and out.max() < 5 and abs(out.mean()) < 1e-3 and abs(out.std() - 1) < 0.05
     assert resize_mask(np.pad(np.ones((2, 4, 4), bool), ((0, 0), (2, 2), (2, 2))), 4).tolist() == \
         [[[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]] * 2
+
+
+def test_a_volume_stored_sideways_is_sliced_axially(tmp_path):
+    sideways = (0, 0, 1, 0, 1, 0, -1, 0, 0)  # file x runs along world S, file z along world R
+    paths = _case(tmp_path, spacing=(0.5, 0.7, 3.0), direction=sideways)
+    case, _ = prepare_case("Case01", *paths, input_size=10)
+    assert case.geometry.num_slices == 24 and case.image.shape == (24, 10, 10)
+    assert case.geometry.slice_volume_spacing(10) == pytest.approx((1.4, 1.8, 0.5))
+    restored = case.geometry.to_image(np.zeros((24, 10, 10), np.uint8))
+    assert restored.GetSize() == (24, 20, 6) and restored.GetDirection() == pytest.approx(sideways)

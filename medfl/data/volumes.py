@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import nibabel as nib
@@ -55,10 +56,25 @@ class CaseGeometry:
         image.SetDirection(self.direction)
         return image
 
+    @cached_property
+    def _oriented(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """(size, spacing) of the volume in working orientation, SimpleITK (x, y, z) order."""
+        oriented = sitk.DICOMOrient(self._reference(), WORKING_ORIENTATION)
+        return tuple(oriented.GetSize()), tuple(oriented.GetSpacing())
+
     @property
     def num_slices(self) -> int:
         """Axial slices in the working orientation."""
-        return int(sitk.DICOMOrient(self._reference(), WORKING_ORIENTATION).GetSize()[2])
+        return int(self._oriented[0][2])
+
+    def slice_volume_spacing(self, input_size: int) -> tuple[float, float, float]:
+        """Voxel spacing (mm) of the preprocessed slices stacked as an (H, W, slices) volume.
+
+        Rows run along y and columns along x of the working orientation; resizing a slice to input_size
+        stretches each in-plane spacing by (original size / input_size).
+        """
+        (width, height, _), (spacing_x, spacing_y, spacing_z) = self._oriented
+        return (spacing_y * height / input_size, spacing_x * width / input_size, spacing_z)
 
     def to_image(self, mask: np.ndarray) -> sitk.Image:
         """A (num_slices, H, W) mask in working orientation at any in-plane size -> an image on the file's grid."""
