@@ -24,8 +24,8 @@ from torch import Tensor
 from medfl.federated.averaging import normalise_site_weights, weighted_average
 from medfl.federated.params import Role
 
-# Upper bound on complex elements per batched FFT call (16 bytes each): keeps peak memory near 0.5 GiB.
-_MAX_ELEMENTS_PER_CALL = 1 << 25
+# Upper bound on float64 elements per batched FFT call: 128 MiB of input, peak memory well under 1 GiB.
+_MAX_ELEMENTS_PER_CALL = 1 << 24
 
 _SPECTRAL_ROLES = (Role.CONV, Role.CONV_TRANSPOSE, Role.LINEAR, Role.CLASSIFIER)
 
@@ -82,11 +82,9 @@ def pfa_aggregate(
             spectral.append(key)
 
     mixed = _mix_spectral_entries(states, roles, spectral, weights, ratio, share_phase)
-    for key, stacked in mixed.items():
-        for index, site in enumerate(sites):
-            # A copy, never a view of the stack: a saved view would carry the other sites' weights along.
-            original = states[site][key]
-            merged[site][key] = stacked[index].to(device=original.device, dtype=original.dtype, copy=True)
+    for key, tensors in mixed.items():
+        for site, tensor in zip(sites, tensors, strict=True):
+            merged[site][key] = tensor
     return {site: {key: merged[site][key] for key in keys} for site in sites}
 
 
@@ -126,14 +124,46 @@ def _check_spectral_entry(key: str, role: Role, tensor: Tensor) -> None:
         raise ValueError(f"entry '{key}' ({role.value}) has unexpected shape {tuple(tensor.shape)}")
 
 
-@dataclass
-class _Entry:
-    """One spectral entry in batched form: ``batch`` is (B, K, *signal) float64."""
+@dataclass(frozen=True)
+class _Layout:
+    """Where one entry's tensor goes in a batch of signals, and how it gets there and back.
+
+    The stored tensor, with its axes permuted by ``permutation``, is written into ``rows`` consecutive
+    signals of shape ``signal`` (one 2-D matrix, or one 1-D row per class), so copying in and out are
+    each one strided copy per site.
+    """
 
     key: str
-    role: Role
-    shape: torch.Size
-    batch: Tensor
+    shape: tuple[int, ...]
+    permutation: tuple[int, ...]
+    rows: int
+    signal: tuple[int, ...]
+
+    @property
+    def permuted_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[axis] for axis in self.permutation)
+
+    @property
+    def inverse_permutation(self) -> tuple[int, ...]:
+        return tuple(self.permutation.index(axis) for axis in range(len(self.shape)))
+
+
+def _layout(key: str, role: Role, shape: Sequence[int]) -> _Layout:
+    """The reference's reshape rules: conv (N, C, k1, ..., kn) -> (C, k1, ..., kn, N) -> (C*k1, k2*...*kn*N);
+    transposed conv (C, N, k...) -> the same after swapping the first two axes; linear as is; classifier
+    one row per class."""
+    shape = tuple(shape)
+    ndim = len(shape)
+    if role is Role.CLASSIFIER:
+        return _Layout(key, shape, tuple(range(ndim)), shape[0], (math.prod(shape[1:]),))
+    if role is Role.LINEAR:
+        return _Layout(key, shape, (0, 1), 1, shape)
+    if role is Role.CONV:
+        permutation = (*range(1, ndim), 0)
+    else:
+        permutation = (0, *range(2, ndim), 1)
+    permuted = [shape[axis] for axis in permutation]
+    return _Layout(key, shape, permutation, 1, (permuted[0] * permuted[1], math.prod(permuted[2:])))
 
 
 def _mix_spectral_entries(
@@ -143,72 +173,63 @@ def _mix_spectral_entries(
     weights: Tensor,
     ratio: float,
     share_phase: bool,
-) -> dict[str, Tensor]:
-    """PFA of every kernel / matrix / classifier entry; returns ``{key: (K, *shape) float64}``."""
-    sites = list(states)
-    groups: dict[tuple[int, ...], list[_Entry]] = defaultdict(list)
-    for key in keys:
-        device = states[sites[0]][key].device
-        stacked = torch.stack([states[site][key].to(device=device) for site in sites]).double()
-        role = Role(roles[key])
-        entry = _Entry(key, role, stacked.shape[1:], _to_batch(stacked, role))
-        groups[tuple(entry.batch.shape[2:])].append(entry)
+) -> dict[str, list[Tensor]]:
+    """PFA of every kernel / matrix / classifier entry; returns ``{key: [tensor per site]}``.
 
-    mixed: dict[str, Tensor] = {}
-    for signal_shape, entries in groups.items():
-        for chunk in _chunks(entries):
-            device = chunk[0].batch.device
-            batch = (
-                torch.cat([entry.batch.to(device) for entry in chunk]) if len(chunk) > 1 else chunk[0].batch
+    Entries whose signals have the same shape share one batch of shape (B, K, *signal), float64.
+    """
+    sites = list(states)
+    groups: dict[tuple[int, ...], list[_Layout]] = defaultdict(list)
+    for key in keys:
+        layout = _layout(key, Role(roles[key]), states[sites[0]][key].shape)
+        groups[layout.signal].append(layout)
+
+    mixed: dict[str, list[Tensor]] = {}
+    for signal, layouts in groups.items():
+        for chunk in _chunks(layouts, len(sites)):
+            device = states[sites[0]][chunk[0].key].device
+            batch = torch.empty(
+                (sum(layout.rows for layout in chunk), len(sites), *signal),
+                dtype=torch.float64,
+                device=device,
             )
-            out = _share_low_frequencies(batch, weights.to(device), ratio, share_phase, len(signal_shape))
-            for entry, part in zip(chunk, out.split([e.batch.shape[0] for e in chunk]), strict=True):
-                mixed[entry.key] = _from_batch(part, entry.role, entry.shape)
+            for layout, slots in _slots(batch, chunk):
+                for index, site in enumerate(sites):
+                    slots[:, index].view(layout.permuted_shape).copy_(
+                        states[site][layout.key].permute(layout.permutation)
+                    )
+            out = _share_low_frequencies(batch, weights.to(device), ratio, share_phase, len(signal))
+            for layout, slots in _slots(out, chunk):
+                mixed[layout.key] = [
+                    _copy_out(slots[:, index], layout, states[site][layout.key])
+                    for index, site in enumerate(sites)
+                ]
     return mixed
 
 
-def _chunks(entries: list[_Entry]) -> list[list[_Entry]]:
+def _slots(batch: Tensor, layouts: Sequence[_Layout]) -> list[tuple[_Layout, Tensor]]:
+    """Each layout with its (rows, K, *signal) part of the batch, in order."""
+    return list(zip(layouts, batch.split([layout.rows for layout in layouts]), strict=True))
+
+
+def _copy_out(slot: Tensor, layout: _Layout, original: Tensor) -> Tensor:
+    """A fresh tensor shaped, typed and placed like ``original`` (never a view of the batch)."""
+    result = torch.empty(layout.shape, dtype=original.dtype, device=original.device)
+    return result.copy_(slot.view(layout.permuted_shape).permute(layout.inverse_permutation))
+
+
+def _chunks(layouts: list[_Layout], sites: int) -> list[list[_Layout]]:
     """Split a group so that one FFT call handles at most about _MAX_ELEMENTS_PER_CALL elements."""
-    chunks: list[list[_Entry]] = [[]]
+    chunks: list[list[_Layout]] = [[]]
     size = 0
-    for entry in entries:
-        if chunks[-1] and size + entry.batch.numel() > _MAX_ELEMENTS_PER_CALL:
+    for layout in layouts:
+        elements = sites * math.prod(layout.shape)
+        if chunks[-1] and size + elements > _MAX_ELEMENTS_PER_CALL:
             chunks.append([])
             size = 0
-        chunks[-1].append(entry)
-        size += entry.batch.numel()
+        chunks[-1].append(layout)
+        size += elements
     return chunks
-
-
-def _to_batch(stacked: Tensor, role: Role) -> Tensor:
-    """(K, *shape) site stack -> (B, K, *signal): one 2-D matrix (B = 1) or one row per class (1-D)."""
-    if role is Role.CLASSIFIER:
-        return stacked.reshape(stacked.shape[0], stacked.shape[1], -1).transpose(0, 1)
-    if role is Role.LINEAR:
-        return stacked.unsqueeze(0)
-    if role is Role.CONV_TRANSPOSE:
-        stacked = stacked.transpose(1, 2)
-    # (K, N, C, k1, ..., kn) -> (K, C, k1, ..., kn, N) -> (K, C*k1, k2*...*kn*N), the reference's rule.
-    k, _, c_in, k1 = stacked.shape[:4]
-    order = (0, *range(2, stacked.ndim), 1)
-    matrix = stacked.permute(order).reshape(k, c_in * k1, -1)
-    return matrix.unsqueeze(0)
-
-
-def _from_batch(batch: Tensor, role: Role, shape: torch.Size) -> Tensor:
-    """Exact inverse of :func:`_to_batch`: (B, K, *signal) -> (K, *shape)."""
-    if role is Role.CLASSIFIER:
-        return batch.transpose(0, 1).reshape(-1, *shape)
-    matrix = batch.squeeze(0)
-    if role is Role.LINEAR:
-        return matrix
-    if role is Role.CONV_TRANSPOSE:
-        shape = torch.Size((shape[1], shape[0], *shape[2:]))
-    k = matrix.shape[0]
-    kernel = matrix.reshape(k, *shape[1:], shape[0])
-    order = (0, kernel.ndim - 1, *range(1, kernel.ndim - 1))
-    kernel = kernel.permute(order)
-    return kernel.transpose(1, 2) if role is Role.CONV_TRANSPOSE else kernel
 
 
 def _share_low_frequencies(
@@ -220,8 +241,8 @@ def _share_low_frequencies(
     real part of ifft(X) is the inverse real FFT of X's Hermitian part (X[u] + conj(X[-u])) / 2. Where
     the mixed spectrum X is F outside the box and the shared S inside it, and both F and S are Hermitian,
     that part is F + w (S - F) with w = ([u in box] + [-u in box]) / 2. The box is one bin asymmetric,
-    so w is 1/2 on its rim. Only the bins with w > 0 (a prefix of the last axis) are transformed to
-    amplitude and phase.
+    so w is 1/2 on its rim. Only the bins with w > 0 (a prefix of the last axis; of the other axis, its
+    first and last rows) are transformed to amplitude and phase.
     """
     dims = tuple(range(-signal_ndim, 0))
     signal_shape = tuple(batch.shape[-signal_ndim:])
@@ -230,9 +251,23 @@ def _share_low_frequencies(
         return batch
     spectrum = torch.fft.rfftn(batch, dim=dims)
     _zero_imaginary_of_real_bins(spectrum, signal_shape)
-    region = spectrum[..., : halves[-1] + 1]
-    blend = _blend_weights(signal_shape, halves, batch.device)
+    blend = _blend_weights(signal_shape, halves, batch.device).to(spectrum.dtype)
     site_weights = weights.view(1, -1, *([1] * signal_ndim))
+    columns = slice(0, halves[-1] + 1)
+    if signal_ndim == 1:
+        regions = [(columns,)]
+    elif 2 * halves[0] + 1 < signal_shape[0]:
+        regions = [(slice(0, halves[0] + 1), columns), (slice(signal_shape[0] - halves[0], None), columns)]
+    else:
+        regions = [(slice(None), columns)]
+    for region in regions:
+        _blend_shared_spectrum(spectrum[(..., *region)], blend[region], site_weights, share_phase)
+    _zero_imaginary_of_real_bins(spectrum, signal_shape)
+    return torch.fft.irfftn(spectrum, s=signal_shape, dim=dims)
+
+
+def _blend_shared_spectrum(region: Tensor, blend: Tensor, site_weights: Tensor, share_phase: bool) -> None:
+    """In place on a (B, K, ...) part of the sites' spectra: region += blend * (shared - region)."""
     amplitude = region.abs()
     phase = region.angle()
     shared_amplitude = (amplitude * site_weights).sum(dim=1, keepdim=True)
@@ -240,9 +275,7 @@ def _share_low_frequencies(
         shared = torch.polar(shared_amplitude, (phase * site_weights).sum(dim=1, keepdim=True))
     else:
         shared = torch.polar(shared_amplitude.expand_as(phase), phase)
-    region.add_(blend * (shared - region))
-    _zero_imaginary_of_real_bins(spectrum, signal_shape)
-    return torch.fft.irfftn(spectrum, s=signal_shape, dim=dims)
+    region.lerp_(shared.expand_as(region), blend)
 
 
 def _blend_weights(signal_shape: Sequence[int], halves: Sequence[int], device: torch.device) -> Tensor:
