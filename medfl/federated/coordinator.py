@@ -130,6 +130,7 @@ class Coordinator:
         if resume:
             if last is None:
                 raise MedflError(f"nothing to resume in {self.run_dir}: no completed round was checkpointed")
+            self._check_same_config()
             return last + 1
         if last is not None or (self.run_dir / "summary.json").exists():
             raise MedflError(
@@ -140,6 +141,18 @@ class Coordinator:
             self.run_dir / "config.yaml", yaml.safe_dump(self.config.resolved(), sort_keys=False)
         )
         return 0
+
+    def _check_same_config(self) -> None:
+        """A resumed run must use the config it started with; only the number of rounds may grow."""
+        saved = yaml.safe_load((self.run_dir / "config.yaml").read_text(encoding="utf-8"))
+        current = self.config.resolved()
+        changed = sorted(k for k in set(saved) | set(current) if k != "rounds" and saved.get(k) != current.get(k))
+        if changed:
+            raise ConfigError(
+                f"cannot resume {self.run_dir}: the config differs from the one it started with in {', '.join(changed)}"
+            )
+        if current["rounds"] != saved["rounds"]:
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(current, sort_keys=False))
 
     def last_completed_round(self) -> int | None:
         pointer = self.run_dir / CHECKPOINTS / "last.pt"

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from medfl.federated.training import plain_tensors
 from medfl.metrics import (
     classification_metrics,
     reassemble_volumes,
@@ -40,9 +41,10 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
-        if task == "classification":
-            return _classification(model, loader, classes, device)
-        return _segmentation(model, loader, device, spacing_of)
+        with plain_tensors():
+            if task == "classification":
+                return _classification(model, loader, classes, device)
+            return _segmentation(model, loader, device, spacing_of)
     finally:
         model.train(was_training)
 

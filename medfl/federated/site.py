@@ -289,9 +289,12 @@ class Site(ClientAlgo):
                           num_workers=0)
 
     # ----------------------------------------------------------------- evaluation
-    def _spacing(self, case_id: str):
-        spacing_of = getattr(self.data, "spacing_of", None)
-        return spacing_of(case_id) if spacing_of else None
+    def _spacing(self, case_id: str) -> tuple[float, float, float] | None:
+        """Voxel spacing (mm) of a reassembled (H, W, slices) volume at the experiment's input size."""
+        geometry = self.data.geometry.get(case_id)
+        if geometry is None:
+            return None
+        return geometry.slice_volume_spacing(self.experiment.data.input_size)
 
     def _score(self, name: str, split: str) -> dict[str, float]:
         key = (name, split)

@@ -1,0 +1,203 @@
+"""End-to-end federated runs on tiny synthetic sites: every method, the run folder, selection, faults, privacy."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from medfl.errors import MedflError
+from medfl.experiment import load_experiment_config
+from medfl.federated.coordinator import Coordinator
+from medfl.federated.methods import METHODS
+from medfl.federated.site import Site
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A tiny synthetic federation: 2 dermoscopy and 2 prostate sites written by medfl synth."""
+    from medfl.synth import Minimums, generate
+
+    root = tmp_path_factory.mktemp("federation")
+    generate(root, scale=0.01, n_derm=2, n_prostate=2, minimums=Minimums(6, 3, 3))
+    return root
+
+
+@pytest.fixture(scope="module")
+def derm_experiment(federation):
+    path = federation / "derm.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny_derm", "task": "classification",
+        "sites": [str(federation / "site_configs" / "dermoscopy" / f"{s}.yaml") for s in ("derm_a", "derm_b")],
+        "data": {"classes": ["nv", "bkl", "mel"], "input_size": 32, "num_workers": 0},
+        "model": {"name": "slim_vgg16", "width": 0.125},
+        "rounds": 2, "local_epochs": 1, "batch_size": 16,
+        "cpa": {"warmup_rounds": 1},
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prostate_experiment(federation):
+    path = federation / "prostate.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny_prostate", "task": "segmentation",
+        "sites": [str(federation / "site_configs" / "prostate" / f"{s}.yaml") for s in ("prost_a", "prost_b")],
+        "data": {"input_size": 32, "num_workers": 0, "slices": "foreground", "empty_slice_fraction": 0.1},
+        "model": {"name": "unet", "width": 0.25},
+        "rounds": 2, "local_epochs": 1, "batch_size": 8,
+        "cpa": {"warmup_rounds": 1},
+    }))
+    return path
+
+ALLOWED_STATISTICS = {"num_samples", "class_counts", "prototypes", "prototype_counts"}
+
+
+def run(config, tmp_path, name="run", **kwargs):
+    coordinator = Coordinator(config, tmp_path / name, torch.device("cpu"), **kwargs)
+    return coordinator, coordinator.run()
+
+
+def rows(path):
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_on_classification(method, derm_experiment, tmp_path):
+    config = load_experiment_config(derm_experiment, method=method)
+    coordinator, summary = run(config, tmp_path)
+    run_dir = tmp_path / "run"
+    assert summary["finished"] and summary["completed_rounds"] == 2
+    assert set(summary["sites"]) == {"derm_a", "derm_b"}
+    for site in summary["sites"].values():
+        assert site["selected_round"] in (0, 1)
+        assert 0.0 <= site["test"]["macro_f1"] <= 1.0
+        assert 0.0 <= site["test"]["accuracy"] <= 1.0
+    metrics = rows(run_dir / "metrics.csv")
+    used = "P" if METHODS[method].two_models else "M"
+    assert {r["model"] for r in metrics} == ({"P", "D"} if METHODS[method].two_models else {"M"})
+    assert {r["split"] for r in metrics} == {"val", "test"}
+    assert {r["metric"] for r in metrics} >= {"macro_f1", "auc", "accuracy", "balanced_accuracy", "f1_mel"}
+    assert any(r["model"] == used and r["epoch"] == "0" for r in metrics)
+    assert json.loads((run_dir / "summary.json").read_text())["method"] == method
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["method"] == method and saved["rounds"] == 2
+    timing = rows(run_dir / "timing.csv")
+    assert len(timing) == 2 and all(float(t["train_s"]) > 0 for t in timing)
+    if METHODS[method].communicates and METHODS[method].aggregation != "prototypes":
+        assert float(timing[0]["aggregation_s"]) > 0
+
+
+def test_prr_records_det_states_retrogress_and_selects_on_validation(derm_experiment, tmp_path):
+    config = load_experiment_config(derm_experiment, rounds=3)
+    coordinator, summary = run(config, tmp_path)
+    det = rows(tmp_path / "run" / "det_states.csv")
+    assert len(det) == 2 * 3 * config.local_epochs
+    for row in det:
+        if row["epoch"] == "1":
+            assert row["state"] == "recover"  # the first epoch of every round
+        assert row["state"] in {"recover", "exchange", "sublimate"}
+    retro = rows(tmp_path / "run" / "retrogress.csv")
+    assert {(r["site"], r["round"]) for r in retro} == {(s, str(t)) for s in ("derm_a", "derm_b") for t in (1, 2)}
+    for row in retro:
+        assert math.isclose(float(row["retrogress"]), float(row["before"]) - float(row["after"]), abs_tol=1e-12)
+        assert math.isclose(float(row["recovery"]), float(row["after_first_epoch"]) - float(row["after"]), abs_tol=1e-12)
+    metrics = rows(tmp_path / "run" / "metrics.csv")
+    for site, result in summary["sites"].items():
+        val = {
+            int(r["round"]): float(r["value"]) for r in metrics
+            if r["site"] == site and r["model"] == "P" and r["split"] == "val" and r["metric"] == "macro_f1"
+            and r["epoch"] == str(config.local_epochs)
+        }
+        assert result["selected_round"] == max(val, key=lambda t: (val[t], -t))
+        test_at_selected = [
+            float(r["value"]) for r in metrics if r["site"] == site and r["model"] == "P" and r["split"] == "test"
+            and r["metric"] == "macro_f1" and int(r["round"]) == result["selected_round"]
+        ]
+        assert result["test"]["macro_f1"] == pytest.approx(test_at_selected[0])
+        assert (tmp_path / "run" / "sites" / site / "best_model.pt").is_file()
+    assert not math.isnan(summary["mean"]["retrogress"])
+
+
+def test_personalised_model_is_untouched_by_communication(derm_experiment, tmp_path):
+    config = load_experiment_config(derm_experiment, rounds=2)
+    _, _ = run(config, tmp_path)
+    metrics = rows(tmp_path / "run" / "metrics.csv")
+    for site in ("derm_a", "derm_b"):
+        def value(model, round_, epoch):
+            return next(float(r["value"]) for r in metrics if r["site"] == site and r["model"] == model
+                        and r["split"] == "val" and r["metric"] == "macro_f1"
+                        and r["round"] == str(round_) and r["epoch"] == str(epoch))
+        assert value("P", 1, 0) == value("P", 0, config.local_epochs)
+
+
+def test_only_allowed_objects_leave_a_site(derm_experiment, tmp_path, monkeypatch):
+    received = []
+    original = Site.get_weights
+
+    def spy(self, extra=None):
+        exchange = original(self, extra)
+        received.append((self, exchange))
+        return exchange
+
+    monkeypatch.setattr(Site, "get_weights", spy)
+    config = load_experiment_config(derm_experiment, rounds=3)
+    run(config, tmp_path)
+    assert received
+    for site, exchange in received:
+        deputy = site.models["D"].state_dict()
+        assert set(exchange.weights) == set(deputy)
+        for key, tensor in exchange.weights.items():
+            assert tensor.shape == deputy[key].shape
+        assert set(exchange.statistics) <= ALLOWED_STATISTICS
+        assert exchange.optim is None and exchange.metrics is None
+        assert exchange.statistics["prototypes"].shape[0] == 3  # class prototypes, never samples
+    for site in ("derm_a", "derm_b"):
+        audit = [json.loads(line) for line in (tmp_path / "run" / "sites" / site / "audit.jsonl").read_text().splitlines()]
+        assert len(audit) == 2  # rounds 0 and 1 upload; the last round does not
+        assert audit[0]["bytes"] == sum(e["bytes"] for e in audit[0]["weights"]) + sum(
+            e.get("bytes", 0) for e in audit[0]["statistics"])
+        assert {e["name"] for e in audit[0]["statistics"]} == ALLOWED_STATISTICS
+
+
+def test_an_earlier_run_is_never_overwritten(derm_experiment, tmp_path):
+    config = load_experiment_config(derm_experiment, rounds=1)
+    run(config, tmp_path)
+    before = (tmp_path / "run" / "summary.json").read_bytes()
+    with pytest.raises(MedflError, match="already holds a run"):
+        run(config, tmp_path)
+    assert (tmp_path / "run" / "summary.json").read_bytes() == before
+
+
+def test_diverging_loss_names_site_round_and_epoch_and_keeps_checkpoint(derm_experiment, tmp_path, monkeypatch):
+    config = load_experiment_config(derm_experiment, rounds=2)
+    coordinator = Coordinator(config, tmp_path / "run", torch.device("cpu"))
+    original = Site.train
+
+    def poisoned(self, data, extra=None):
+        if extra and extra.get("round") == 1 and self.name == "derm_b":
+            self.loss_fn.forward = lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
+        return original(self, data, extra)
+
+    monkeypatch.setattr(Site, "train", poisoned)
+    with pytest.raises(MedflError, match=r"site 'derm_b', round 1, epoch 1: .*nan"):
+        coordinator.run()
+    assert coordinator.last_completed_round() == 0
+
+
+@pytest.mark.parametrize("method", ["prr", "fedavg"])
+def test_segmentation_runs(method, prostate_experiment, tmp_path):
+    config = load_experiment_config(prostate_experiment, method=method)
+    _, summary = run(config, tmp_path)
+    assert summary["metric"] == "dice"
+    for site in summary["sites"].values():
+        assert 0.0 <= site["test"]["dice"] <= 1.0
+        assert site["test"]["num_cases"] >= 1
+        assert "hd95_missing" in site["test"]
