@@ -131,7 +131,7 @@ def test_personalised_model_is_untouched_by_communication(derm_experiment, tmp_p
     _, _ = run(config, tmp_path)
     metrics = rows(tmp_path / "run" / "metrics.csv")
     for site in ("derm_a", "derm_b"):
-        def value(model, round_, epoch):
+        def value(model, round_, epoch, site=site):
             return next(float(r["value"]) for r in metrics if r["site"] == site and r["model"] == model
                         and r["split"] == "val" and r["metric"] == "macro_f1"
                         and r["round"] == str(round_) and r["epoch"] == str(epoch))

@@ -1,11 +1,9 @@
 """Scoring a model on a split: classification metrics and per-case segmentation metrics on reassembled volumes."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from medfl.data.volumes import CaseGeometry
 from medfl.federated.evaluation import evaluate_model
 from medfl.metrics import classification_metrics
 
@@ -45,8 +43,3 @@ def test_segmentation_reassembles_cases_and_scores_them_with_spacing():
     assert result["dice"] == pytest.approx((2 * 4 / (8 + 4) + 1.0) / 2)
     assert result["hd95_missing"] == 0
 
-
-def test_slice_volume_spacing_follows_the_resampling():
-    geometry = CaseGeometry(case_id="c", image_file="c.nii.gz", size=(40, 30, 10), spacing=(0.5, 0.8, 3.0),
-                            origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()), orientation="LPS")
-    assert geometry.slice_volume_spacing(32) == pytest.approx((0.8 * 30 / 32, 0.5 * 40 / 32, 3.0))

@@ -76,13 +76,6 @@ class CaseGeometry:
         (width, height, _), (spacing_x, spacing_y, spacing_z) = self._oriented
         return (spacing_y * height / input_size, spacing_x * width / input_size, spacing_z)
 
-    def slice_volume_spacing(self, input_size: int) -> tuple[float, float, float]:
-        """Spacing (mm) of a volume reassembled from its slices at `input_size`: axes (rows, columns, slices)
-        of the working orientation, as medfl.metrics.reassemble_volumes stacks them."""
-        oriented = sitk.DICOMOrient(self._reference(), WORKING_ORIENTATION)
-        (sx, sy, sz), (nx, ny, _) = oriented.GetSpacing(), oriented.GetSize()
-        return (sy * ny / input_size, sx * nx / input_size, sz)
-
     def to_image(self, mask: np.ndarray) -> sitk.Image:
         """A (num_slices, H, W) mask in working orientation at any in-plane size -> an image on the file's grid."""
         oriented = sitk.DICOMOrient(self._reference(), WORKING_ORIENTATION)
