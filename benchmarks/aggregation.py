@@ -251,7 +251,7 @@ def bar_chart(rows: list[dict], info: dict, path: Path) -> None:
     axis.set_yscale("log")
     axis.set_ylabel("median time per aggregation (ms, log)")
     axis.set_title(
-        f"K={rows[0]['sites']} sites, {info['device']}, {info['torch_threads']} threads\n{info['cpu']}",
+        f"K={rows[0]['sites']} sites, device {info['device']}, torch threads {info['torch_threads']}\n{info['cpu']}",
         fontsize=9,
     )
     axis.legend(fontsize=8)
@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     machine_line = ", ".join(f"{k}: {v}" for k, v in info.items())
     args.output.with_suffix(".md").write_text(
-        f"# Aggregation speed\n\n{machine_line}; K = {args.sites} sites, L = {args.ratio}, "
+        f"# Aggregation speed\n\n`python benchmarks/aggregation.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+        f"\n\n{machine_line}; K = {args.sites} sites, L = {args.ratio}, "
         f"median of {args.repeats} runs (wall time; the CPU-time ratio is the process's CPU time).\n\n{text}\n"
     )
     bar_chart(rows, info, args.output.with_suffix(".png"))
