@@ -1,7 +1,7 @@
 """Is the synthetic dermoscopy task learnable but not trivial, and does pooling sites help?
 
 Generates the default synthetic federation (`medfl synth` defaults, dermoscopy only) in a temporary folder,
-splits every site 70/10/20 by lesion and class (medfl's own splitter), then trains a width-reduced slim VGG-16
+reads every site with medfl's own reader (`load_site`: 70/10/20 split by lesion, stratified by class), then trains a width-reduced slim VGG-16
 (a) on each site alone and (b) on all sites' training images pooled, picks the epoch with the best validation
 macro-F1 and reports every site's test macro-F1. Repeated over a few training seeds; the data stay fixed.
 
@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from medfl.data.splits import split_groups
+from medfl.config import DataSettings, load_site_config
+from medfl.data import load_site
 from medfl.models import build_model
 from medfl.synth import generate
 from medfl.synth.lesions import CLASSES
@@ -34,21 +35,19 @@ from medfl.synth.lesions import CLASSES
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def load_site(records: list[dict], size: int, split_seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Images resized to `size` and labels, split 70/10/20 by lesion, stratified by class."""
-    strata = {r["lesion_id"]: r["label"] for r in records}
-    assignment = split_groups(strata, (0.7, 0.1, 0.2), split_seed)
-    splits: dict[str, tuple[list, list]] = {name: ([], []) for name in ("train", "val", "test")}
-    for record in records:
-        with Image.open(record["image"]) as image:
-            pixels = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
-        images, labels = splits[assignment[record["lesion_id"]]]
-        images.append((pixels / 255.0 - 0.5) / 0.25)
-        labels.append(CLASSES.index(record["label"]))
-    return {
-        name: (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels))
-        for name, (images, labels) in splits.items()
-    }
+def load_images(config: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A site's images resized to `size`, and labels, per split, as medfl's reader splits them."""
+    site = load_site(load_site_config(config), DataSettings(classes=list(CLASSES), input_size=size))
+    splits = {}
+    for name, records in site.splits.items():
+        images = []
+        for record in records:
+            with Image.open(record["image"]) as image:
+                pixels = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+            images.append((pixels / 255.0 - 0.5) / 0.25)
+        labels = torch.tensor([record["label"] for record in records])
+        splits[name] = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), labels)
+    return splits
 
 
 def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         synth = generate(tmp, seed=args.seed, scale=args.scale, n_derm=4, n_prostate=0)
-        sites = {site.name: load_site(site.records, args.size, split_seed=0) for site in synth.derm}
+        sites = {path.stem: load_images(path, args.size) for path in synth.configs}
     tests = {name: data["test"] for name, data in sites.items()}
     single: dict[str, list[float]] = {name: [] for name in sites}
     pooled: dict[str, list[float]] = {name: [] for name in sites}

@@ -18,6 +18,8 @@ import yaml
 from PIL import Image
 
 from medfl.commands import synth as synth_command
+from medfl.config import DataSettings, load_site_config
+from medfl.data import load_site
 from medfl.errors import ConfigError
 from medfl.synth import Minimums, generate
 from medfl.synth.site_configs import config_yaml, derm_config, prostate_config
@@ -248,6 +250,20 @@ def test_configs_point_at_the_data(synth) -> None:
         ).resolve()
         if config.get("split_file"):
             assert (path.parent / config["split_file"]).is_file()
+
+
+def test_medfl_reader_loads_every_site_with_the_class_minimums(synth) -> None:
+    settings = DataSettings(classes=["nv", "bkl", "mel"], input_size=16, num_workers=1)
+    for path in synth.configs:
+        site = load_site(load_site_config(path), settings)
+        assert not site.report.errors, site.report.errors
+        if site.task == "classification":
+            for split, minimum in (("train", TINY.train), ("val", TINY.val), ("test", TINY.test)):
+                assert min(site.class_counts(split)) >= minimum, (site.name, split, site.class_counts(split))
+        else:
+            cases = {split: {r["case_id"] for r in records} for split, records in site.splits.items()}
+            assert sum(map(len, cases.values())) == TINY.cases and all(cases.values())
+            assert all(site.class_counts(split)[1] > 0 for split in cases)
 
 
 def test_shipped_site_configs_match_the_generator() -> None:
