@@ -15,9 +15,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo's run folders are its own: they are replaced on every `make demo` (medfl itself never overwrites a run).
 demo: $(STAMP)
 	$(VENV)/bin/medfl synth
 	$(VENV)/bin/medfl check site_configs/dermoscopy/*.yaml site_configs/prostate/*.yaml
+	rm -rf runs/demo
+	$(VENV)/bin/medfl run site_configs/experiments/dermoscopy.yaml --out runs/demo/dermoscopy
+	$(VENV)/bin/medfl run site_configs/experiments/prostate.yaml --out runs/demo/prostate
 
 test: $(STAMP)
 	$(PY) -m pytest -q
