@@ -7,7 +7,10 @@ kernel or weight matrix is averaged. See docs/algorithm.md, section PFA, for the
 here (box bounds, linear mean of wrapped phases, reshape rule of convolution kernels).
 
 The work is batched: the K sites' matrices of one entry form one (K, h, w) stack, and all entries whose
-matrices have the same shape go through one FFT call, in float64, on the device of the input tensors.
+matrices have the same shape go through one FFT call, in float64, on the device of the input tensors
+(the first site's). Only the half spectrum of the real inputs is computed, and the bins that are real in
+theory get an imaginary part of exactly +0, so that their phase (0 or pi) does not depend on the FFT
+library's rounding.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def pfa_aggregate(
 
     ``roles`` gives the :class:`Role` of every entry. NORM entries are returned as the site's own tensor
     objects; OTHER entries get the weighted average (one copy per site); kernels, weight matrices and the
-    final classifier's rows are mixed in the frequency domain with low-frequency ``ratio`` in [0, 1].
+    final classifier's rows (one per class, its trailing axes flattened, so a (classes, features, 1, 1)
+    conv head works too) are mixed in the frequency domain with low-frequency ``ratio`` in [0, 1].
     ``site_weights`` (e.g. sample counts) defaults to uniform. ``share_phase=False`` shares the amplitude
     only (the MICCAI variant). Every output tensor keeps its input's dtype and device.
     """
@@ -119,8 +123,8 @@ def _validated_keys(states: Mapping[str, Mapping[str, Tensor]], roles: Mapping[s
 def _check_spectral_entry(key: str, role: Role, tensor: Tensor) -> None:
     if not tensor.is_floating_point():
         raise ValueError(f"entry '{key}' ({role.value}) must be a floating tensor, got {tensor.dtype}")
-    needed = {Role.CONV: 3, Role.CONV_TRANSPOSE: 3, Role.CLASSIFIER: 2}.get(role, 2)
-    if tensor.ndim < needed or (role is Role.LINEAR and tensor.ndim != 2):
+    minimum_ndim = 2 if role in (Role.LINEAR, Role.CLASSIFIER) else 3
+    if tensor.ndim < minimum_ndim or (role is Role.LINEAR and tensor.ndim > 2):
         raise ValueError(f"entry '{key}' ({role.value}) has unexpected shape {tuple(tensor.shape)}")
 
 
@@ -262,6 +266,7 @@ def _share_low_frequencies(
         regions = [(slice(None), columns)]
     for region in regions:
         _blend_shared_spectrum(spectrum[(..., *region)], blend[region], site_weights, share_phase)
+    # A real bin's Hermitian part is the real part of its (mixed) value.
     _zero_imaginary_of_real_bins(spectrum, signal_shape)
     return torch.fft.irfftn(spectrum, s=signal_shape, dim=dims)
 
