@@ -125,6 +125,7 @@ ENTRY_SHAPES: dict[str, tuple[Role, tuple[int, ...]]] = {
     "fc": (Role.LINEAR, (6, 10)),
     "fc_same_shape": (Role.LINEAR, (6, 10)),
     "head": (Role.CLASSIFIER, (3, 10)),
+    "conv_head": (Role.CLASSIFIER, (2, 10, 1, 1)),
     "bias": (Role.OTHER, (8,)),
     "bn.weight": (Role.NORM, (8,)),
     "bn.num_batches_tracked": (Role.NORM, ()),
@@ -175,6 +176,19 @@ def test_hand_computed_phase_is_a_linear_mean_of_angles() -> None:
     amplitude_only = pfa_aggregate(states, {"head": Role.CLASSIFIER}, 0.5, share_phase=False)
     assert torch.allclose(amplitude_only["a"]["head"], states["a"]["head"])
     assert torch.allclose(amplitude_only["b"]["head"], states["b"]["head"])
+
+
+def test_classifier_classes_never_mix() -> None:
+    states = random_states(3)
+    changed = {site: dict(state) for site, state in states.items()}
+    changed["site1"]["head"] = states["site1"]["head"].clone()
+    changed["site1"]["head"][1] += 5.0
+    before = pfa_aggregate(states, ROLES, 0.9)
+    after = pfa_aggregate(changed, ROLES, 0.9)
+    for site in states:
+        for row in (0, 2):
+            assert torch.allclose(before[site]["head"][row], after[site]["head"][row], atol=1e-7)
+        assert not torch.allclose(before[site]["head"][1], after[site]["head"][1])
 
 
 def test_identity_when_all_sites_agree() -> None:
