@@ -122,7 +122,9 @@ def test_prr_records_det_states_retrogress_and_selects_on_validation(derm_experi
             and r["metric"] == "macro_f1" and int(r["round"]) == result["selected_round"]
         ]
         assert result["test"]["macro_f1"] == pytest.approx(test_at_selected[0])
-        assert (tmp_path / "run" / "sites" / site / "best_model.pt").is_file()
+        saved = torch.load(tmp_path / "run" / "sites" / site / "models" / f"round_{result['selected_round']:04d}.pt",
+                           weights_only=True)
+        assert saved["used"] == "P" and set(saved["models"]) == {"P", "D"}
     assert not math.isnan(summary["mean"]["retrogress"])
 
 

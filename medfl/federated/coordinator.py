@@ -49,11 +49,11 @@ def strategy_options(config: ExperimentConfig) -> dict[str, Any]:
     return options
 
 
-def site_update(exchange: ExchangeObject) -> SiteUpdate:
-    """Turn a site's upload into the strategy's input."""
+def site_update(exchange: ExchangeObject, device: torch.device) -> SiteUpdate:
+    """Turn a site's upload into the strategy's input, its weights on the aggregation device."""
     stats = exchange.statistics or {}
     return SiteUpdate(
-        weights=dict(exchange.weights or {}),
+        weights={key: value.to(device) for key, value in (exchange.weights or {}).items()},
         num_samples=int(stats["num_samples"]),
         class_counts=stats.get("class_counts"),
         prototypes=stats.get("prototypes"),
@@ -207,7 +207,7 @@ class Coordinator:
             if self.config.runtime.offload_idle_sites and self.device.type == "cuda":
                 site.offload()
         if self.strategy is not None and round_ < self.config.rounds - 1:
-            updates = {name: site_update(site.get_weights()) for name, site in self.sites.items()}
+            updates = {name: site_update(site.get_weights(), self.device) for name, site in self.sites.items()}
             tick = time.perf_counter()
             aggregate = self.strategy.aggregate(round_, updates)
             timing["aggregation_s"] = time.perf_counter() - tick

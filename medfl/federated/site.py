@@ -328,15 +328,20 @@ class Site(ClientAlgo):
                                  "split": split, "metric": metric, "value": float(value)})
 
     def _select(self, round_: int) -> None:
-        """Keep the used model of the round with the best validation metric (the site's own choice)."""
+        """Save this round's models and keep the round whose used model scores best on validation.
+
+        Every round's models are kept (``models/round_XXXX.pt``: network config and a state dict per model),
+        so that `medfl export --round` can take the selected, the last or any round.
+        """
+        atomic_torch_save(
+            {"round": round_, "site": self.name, "network": self.models[self.used_name].config,
+             "used": self.used_name, "receiving": self.receiving_name,
+             "models": {name: _cpu_state(model) for name, model in self.models.items()}},
+            self.folder / "models" / f"round_{round_:04d}.pt",
+        )
         value = self._phi(self.used_name, round_)
         if self.best["round"] is None or (not math.isnan(value) and value > self.best["value"]):
             self.best = {"round": round_, "value": value}
-            atomic_torch_save(
-                {"round": round_, "model": self.models[self.used_name].config,
-                 "state_dict": _cpu_state(self.models[self.used_name])},
-                self.folder / "best_model.pt",
-            )
 
     def evaluate(self, data: ExchangeObject | None = None, extra: dict | None = None) -> ExchangeObject:
         """Metrics of every model on validation and test after the last round, plus the rows not yet reported."""
