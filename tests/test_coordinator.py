@@ -141,26 +141,39 @@ def test_personalised_model_is_untouched_by_communication(derm_experiment, tmp_p
 
 
 def test_only_allowed_objects_leave_a_site(derm_experiment, tmp_path, monkeypatch):
+    """Every object the coordinator receives from a site: weights of D, counts, prototypes and metrics only."""
     received = []
-    original = Site.get_weights
+    for method in ("get_weights", "get_data_stats", "evaluate"):
+        original = getattr(Site, method)
 
-    def spy(self, extra=None):
-        exchange = original(self, extra)
-        received.append((self, exchange))
-        return exchange
+        def spy(self, *args, _original=original, _method=method, **kwargs):
+            exchange = _original(self, *args, **kwargs)
+            received.append((_method, self, exchange))
+            return exchange
 
-    monkeypatch.setattr(Site, "get_weights", spy)
+        monkeypatch.setattr(Site, method, spy)
     config = load_experiment_config(derm_experiment, rounds=3)
     run(config, tmp_path)
-    assert received
-    for site, exchange in received:
-        deputy = site.models["D"].state_dict()
-        assert set(exchange.weights) == set(deputy)
-        for key, tensor in exchange.weights.items():
-            assert tensor.shape == deputy[key].shape
-        assert set(exchange.statistics) <= ALLOWED_STATISTICS
-        assert exchange.optim is None and exchange.metrics is None
-        assert exchange.statistics["prototypes"].shape[0] == 3  # class prototypes, never samples
+    assert {method for method, _, _ in received} == {"get_weights", "get_data_stats", "evaluate"}
+    for method, site, exchange in received:
+        assert exchange.optim is None
+        if method == "get_weights":
+            deputy = site.models["D"].state_dict()
+            assert set(exchange.weights) == set(deputy)
+            for key, tensor in exchange.weights.items():
+                assert tensor.shape == deputy[key].shape
+            assert set(exchange.statistics) <= ALLOWED_STATISTICS
+            assert exchange.metrics is None
+            assert exchange.statistics["prototypes"].shape[0] == 3  # class prototypes, never samples
+        elif method == "get_data_stats":
+            assert exchange.weights is None and exchange.metrics is None
+            assert set(exchange.statistics) == {"class_counts", "num_samples"}
+        else:
+            assert exchange.weights is None and exchange.statistics is None
+            assert set(exchange.metrics) == {"round", "rows", "det", "retrogress", "best"}
+            for row in exchange.metrics["rows"]:
+                assert set(row) == {"round", "epoch", "site", "model", "split", "metric", "value"}
+                assert isinstance(row["value"], float)
     for site in ("derm_a", "derm_b"):
         audit = [json.loads(line) for line in (tmp_path / "run" / "sites" / site / "audit.jsonl").read_text().splitlines()]
         assert len(audit) == 2  # rounds 0 and 1 upload; the last round does not
