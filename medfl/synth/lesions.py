@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from skimage.filters import gaussian
-from skimage.transform import warp
+from skimage.transform import resize, warp
 
 CLASSES = ("nv", "bkl", "mel")
 
@@ -30,7 +30,7 @@ _MEANS = {
     "mel": (0.66, 0.68, 0.72, 0.22, 0.30),
 }
 # Spread of every latent feature around its class mean: the knob that sets how hard the task is.
-LATENT_SD = 0.2
+LATENT_SD = 0.15
 
 _PALETTE = {
     "black": (0.10, 0.07, 0.07),
@@ -138,18 +138,23 @@ def render_lesion(lesion: Lesion, size: int, view_rng: np.random.Generator) -> n
     dy, dx = yy - centre[0], xx - centre[1]
     u = (np.cos(angle) * dx + np.sin(angle) * dy) / radius
     v = (-np.sin(angle) * dx + np.cos(angle) * dy) / (radius * lesion.aspect)
-    rho, phi = np.hypot(u, v), np.arctan2(v, u)
     k, amp, phase = lesion.harmonics.T
-    border = 1.0 + (amp[:, None, None] * np.cos(k[:, None, None] * phi + phase[:, None, None])).sum(0)
-    dist = rho / np.maximum(border, 0.3)
-    alpha = lesion.opacity / (1.0 + np.exp(-(1.0 - dist) / lesion.softness))
+    table = np.linspace(-np.pi, np.pi, 721)
+    border = 1.0 + (amp[:, None] * np.cos(k[:, None] * table + phase[:, None])).sum(0)
+    dist = np.hypot(u, v) / np.maximum(np.interp(np.arctan2(v, u), table, border), 0.3)
+    alpha = lesion.opacity / (1.0 + np.exp(np.clip(-(1.0 - dist) / lesion.softness, -50, 50)))
 
-    grid = (np.stack([v, u]) + _TEX_EXTENT) * (_TEX - 1) / (2 * _TEX_EXTENT)
+    rows, cols = np.nonzero(alpha.max(1) > 1e-3)[0], np.nonzero(alpha.max(0) > 1e-3)[0]
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)) if rows.size else (slice(0, 0),) * 2
+    grid = (np.stack([v[box], u[box]]) + _TEX_EXTENT) * (_TEX - 1) / (2 * _TEX_EXTENT)
     pattern = _texture(lesion)
-    texture = np.stack([warp(pattern[..., c], grid, order=1, mode="edge") for c in range(3)], axis=-1)
+    texture = np.zeros((size, size, 3))
+    if rows.size:
+        texture[box] = np.stack([warp(pattern[..., c], grid, order=1, mode="edge") for c in range(3)], axis=-1)
     texture *= (0.75 + 0.35 * np.clip(dist, 0, 1) ** 2)[..., None]  # darker centre
 
-    mottling = gaussian(view_rng.standard_normal((size, size)), sigma=size * 0.1)
+    coarse = max(4, size // 10)
+    mottling = resize(view_rng.standard_normal((coarse, coarse)), (size, size), order=3, mode="reflect")
     mottling /= mottling.std() + 1e-8
     skin = np.asarray(lesion.skin) * (1.0 + 0.04 * mottling)[..., None]
     image = (1 - alpha[..., None]) * skin + alpha[..., None] * texture

@@ -145,8 +145,8 @@ def render_case(anatomy: Anatomy, scanner: Scanner, rng: np.random.Generator) ->
     """Sample one case with `scanner`; return (image, mask, affine) with arrays in (i, j, k) order."""
     centre = np.array([0.0, -6.0, 0.0]) + rng.normal(0, 3, 3)
     matrix = affine(scanner, centre)
-    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in scanner.shape()], indexing="ij"), axis=-1)
-    world = ijk @ matrix[:3, :3].T + matrix[:3, 3]
+    ijk = np.moveaxis(np.indices(scanner.shape(), dtype=np.float32), 0, -1)
+    world = np.einsum("...j,ij->...i", ijk, matrix[:3, :3].astype(np.float32)) + matrix[:3, 3].astype(np.float32)
     x, y = world[..., 0], world[..., 1]
     edge = max(scanner.spacing, scanner.thickness) / 2
 
@@ -156,15 +156,18 @@ def render_case(anatomy: Anatomy, scanner: Scanner, rng: np.random.Generator) ->
     gc = anatomy.gland_centre
     rectum = _soft(11.0 - np.hypot((x - gc[0]) / 1.3, y - (gc[1] - anatomy.gland_axes[1] - 11)), edge)
     bladder_c = gc + np.array([0.0, 6.0, anatomy.gland_axes[2] + anatomy.bladder_radius * 0.8])
-    bladder = _soft(anatomy.bladder_radius - np.linalg.norm(world - bladder_c, axis=-1), edge)
-    gland_rho = _gland_distance(anatomy, world)
+    bladder = _soft(anatomy.bladder_radius - np.sqrt(((world - bladder_c) ** 2).sum(-1)), edge)
+    near = ((world - gc) ** 2).sum(-1) < (2.0 * anatomy.gland_axes.max()) ** 2  # the gland lies well inside
+    gland_rho = np.full(near.shape, 10.0)
+    gland_rho[near] = _gland_distance(anatomy, world[near])
     gland = _soft((1.0 - gland_rho) * anatomy.gland_axes[1], edge)
     inner = replace(
         anatomy,
         gland_centre=gc + np.array([0.0, 0.25 * anatomy.gland_axes[1], 2.0]),
         gland_axes=anatomy.gland_axes * anatomy.central_scale,
     )
-    central_rho = _gland_distance(inner, world)
+    central_rho = np.full(near.shape, 10.0)
+    central_rho[near] = _gland_distance(inner, world[near])
     central = _soft((1.0 - central_rho) * anatomy.gland_axes[1] * anatomy.central_scale, edge) * gland
 
     tissue_rng = np.random.default_rng(anatomy.seed)

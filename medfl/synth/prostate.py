@@ -46,7 +46,7 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
-    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
+    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
 
 
 def metaimage_bytes(array: np.ndarray, affine: np.ndarray, name: str) -> dict[str, bytes]:
