@@ -97,6 +97,58 @@ def summarize(
     return {"sites": sites, "mean": mean}
 
 
+class RunLog:
+    """What the sites reported through ``evaluate``: metric rows, DET states, retrogress, selected rounds.
+
+    The coordinator (in process or on NVFlare) only ever sees these reports, never a site's internals;
+    the log is part of the server checkpoint so that a resumed run continues it.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.det: list[dict[str, Any]] = []
+        self.retrogress: list[dict[str, Any]] = []
+        self.best: dict[str, dict[str, Any]] = {}
+
+    def add(self, site: str, report: Mapping[str, Any]) -> None:
+        """Add one site's evaluate() metrics: {"rows", "det", "retrogress", "best"}."""
+        self.rows.extend(report["rows"])
+        self.det.extend(report["det"])
+        self.retrogress.extend(report["retrogress"])
+        self.best[site] = dict(report["best"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "det": self.det, "retrogress": self.retrogress, "best": self.best}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rows, self.det = list(state["rows"]), list(state["det"])
+        self.retrogress, self.best = list(state["retrogress"]), dict(state["best"])
+
+    def write(self, run_dir: Path, header: Mapping[str, Any], timing: Sequence[Mapping[str, Any]],
+              used_model: str, metric: str, last_round: int, final_epoch: int) -> dict[str, Any]:
+        """Rewrite the run's CSVs and summary.json from everything reported so far; return the summary."""
+        summary = {
+            **header,
+            **summarize(self.rows, self.retrogress, self.best, used_model, metric, last_round, final_epoch),
+            "timing": _timing_means(timing),
+        }
+        write_run_files(run_dir, _ordered(self.rows), _ordered(self.det), _ordered(self.retrogress), timing, summary)
+        return summary
+
+
+def _ordered(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rows grouped by site in first-seen order, then by time: the same file whatever the reporting order."""
+    sites = list(dict.fromkeys(row["site"] for row in rows))
+    return sorted(rows, key=lambda row: (sites.index(row["site"]), row["round"], row.get("epoch", 0)))
+
+
+def _timing_means(timing: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    keys = ("train_s", "eval_s", "aggregation_s", "round_s")
+    means = {f"mean_{k}": sum(t[k] for t in timing) / len(timing) for k in keys} if timing else {}
+    means["peak_rss_mb"] = max((t.get("peak_rss_mb", math.nan) for t in timing), default=math.nan)
+    return means
+
+
 def write_run_files(
     run_dir: Path,
     rows: Sequence[Mapping[str, Any]],

@@ -7,10 +7,9 @@ atomically; the run's CSVs and summary are rewritten. ``--resume`` continues aft
 
 from __future__ import annotations
 
-import math
 import resource
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,8 @@ from medfl.errors import ConfigError, DataError, MedflError
 from medfl.experiment import ExperimentConfig
 from medfl.federated.server import Aggregate, SiteUpdate, Strategy, build_strategy
 from medfl.federated.site import Site
-from medfl.runlog import summarize, write_run_files
+from medfl.metrics import task_metric_name
+from medfl.runlog import RunLog
 
 CHECKPOINTS = "checkpoints"
 
@@ -98,6 +98,7 @@ class Coordinator:
         self.strategy: Strategy | None = None
         self.deliveries: dict[str, ExchangeObject | None] = {}
         self.timing: list[dict[str, Any]] = []
+        self.log = RunLog()
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -172,6 +173,7 @@ class Coordinator:
             for name, d in state["deliveries"].items()
         }
         self.timing = state["timing"]
+        self.log.load_state_dict(state["log"])
         for site in self.sites.values():
             site.load_state(round_)
 
@@ -202,7 +204,7 @@ class Coordinator:
             inner_eval = site.eval_seconds - eval_before
             timing["train_s"] += time.perf_counter() - tick - inner_eval
             tick = time.perf_counter()
-            site.evaluate()
+            self.log.add(name, site.evaluate().metrics)
             timing["eval_s"] += time.perf_counter() - tick + inner_eval
             if self.config.runtime.offload_idle_sites and self.device.type == "cuda":
                 site.offload()
@@ -234,39 +236,24 @@ class Coordinator:
                 for name, d in self.deliveries.items()
             },
             "timing": self.timing,
+            "log": self.log.state_dict(),
         }
         atomic_torch_save(state, self.run_dir / CHECKPOINTS / "last.pt")
 
     def write_outputs(self, round_: int) -> dict[str, Any]:
-        rows = [row for site in self.sites.values() for row in site.history]
-        det_rows = [row for site in self.sites.values() for row in site.det_log]
-        retro_rows = [row for site in self.sites.values() for row in site.retrogress_log]
-        first = next(iter(self.sites.values()))
-        summary = summarize(
-            rows, retro_rows, {name: site.best for name, site in self.sites.items()}, first.used_name,
-            first.metric, round_, self.config.local_epochs,
-        )
-        summary = {
+        header = {
             "experiment": self.config.name,
             "method": self.config.method,
             "task": self.config.task,
-            "metric": first.metric,
+            "metric": task_metric_name(self.config.task),
             "completed_rounds": round_ + 1,
             "rounds": self.config.rounds,
             "finished": round_ + 1 == self.config.rounds,
             "device": str(self.device),
-            **summary,
-            "timing": _timing_means(self.timing),
         }
-        write_run_files(self.run_dir, rows, det_rows, retro_rows, self.timing, summary)
-        return summary
-
-
-def _timing_means(timing: list[Mapping[str, Any]]) -> dict[str, float]:
-    keys = ("train_s", "eval_s", "aggregation_s", "round_s")
-    means = {f"mean_{k}": sum(t[k] for t in timing) / len(timing) for k in keys} if timing else {}
-    means["peak_rss_mb"] = max((t.get("peak_rss_mb", math.nan) for t in timing), default=math.nan)
-    return means
+        used = "P" if self.config.spec.two_models else "M"
+        return self.log.write(self.run_dir, header, self.timing, used, header["metric"], round_,
+                              self.config.local_epochs)
 
 
 def run_directory(config: ExperimentConfig, out: str | Path | None) -> Path:
