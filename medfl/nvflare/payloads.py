@@ -1,0 +1,110 @@
+"""What travels in NVFlare's FLModel between the medfl controller and a site, in each direction.
+
+The in-process coordinator hands a Site MONAI ExchangeObjects; over NVFlare the same objects travel as
+FLModel params (weights, as torch tensors) and a `medfl` entry in FLModel meta (statistics as tensors,
+round, flags). Decoding gives back ExchangeObjects equal to the in-process ones, so a site trains on
+exactly what it would have received in process. A site's evaluation report travels as FLModel metrics.
+
+A failing site reports only the error's type: the message (which may name the site's files) stays in the
+site's own log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from monai.fl.utils.exchange_object import ExchangeObject
+from nvflare.app_common.abstract.fl_model import FLModel
+
+TASK_DATA_STATS = "data_stats"
+TASK_TRAIN = "train"
+KEY = "medfl"
+
+
+@dataclass
+class TrainTask:
+    """A site's task for one round: what the server delivers, the round, and whether to upload after it."""
+
+    delivery: ExchangeObject | None
+    round: int
+    upload: bool
+
+
+@dataclass
+class Reply:
+    """One site's answer to a task, as the controller reads it."""
+
+    site: str
+    failed: str | None = None  # the error type when the site could not do the task
+    round: int | None = None
+    report: dict[str, Any] | None = None  # Site.evaluate() metrics: rows, det, retrogress, best
+    upload: ExchangeObject | None = None  # Site.get_weights(): deputy weights and statistics
+    statistics: dict[str, Any] | None = None  # Site.get_data_stats(): class counts, sample count
+    network: dict[str, Any] | None = None  # build_model keywords of the site's models (for parameter roles)
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- server -> site
+def stats_task() -> FLModel:
+    """Ask a site to load its data and report its class counts, sample count and network."""
+    return FLModel(params={}, meta={KEY: {}})
+
+
+def train_task(delivery: ExchangeObject | None, round_: int, rounds: int, upload: bool) -> FLModel:
+    """Round `round_` for one site: its own weights (if any) and the federation's statistics."""
+    encoded = None
+    if delivery is not None:
+        encoded = {"has_weights": delivery.weights is not None, "statistics": delivery.statistics}
+    weights = dict(delivery.weights) if delivery is not None and delivery.weights else {}
+    return FLModel(params=weights, current_round=round_, total_rounds=rounds,
+                   meta={KEY: {"round": round_, "upload": upload, "delivery": encoded}})
+
+
+def read_train_task(model: FLModel) -> TrainTask:
+    """The site's view of a train task: the ExchangeObject the in-process coordinator would have passed."""
+    entry = _entry(model)
+    encoded = entry.get("delivery")
+    delivery = None
+    if encoded is not None:
+        weights = dict(model.params or {}) if encoded["has_weights"] else None
+        delivery = ExchangeObject(weights=weights, statistics=encoded["statistics"])
+    return TrainTask(delivery=delivery, round=int(entry["round"]), upload=bool(entry["upload"]))
+
+
+# ---------------------------------------------------------------- site -> server
+def stats_reply(statistics: dict[str, Any], network: dict[str, Any]) -> FLModel:
+    return FLModel(params={}, meta={KEY: {"statistics": dict(statistics), "network": dict(network)}})
+
+
+def train_reply(round_: int, report: dict[str, Any], upload: ExchangeObject | None,
+                timing: dict[str, float]) -> FLModel:
+    """The round's evaluation report, and (except after the last round) the deputy's weights and statistics."""
+    weights = dict(upload.weights or {}) if upload is not None else {}
+    statistics = dict(upload.statistics or {}) if upload is not None else None
+    return FLModel(params=weights, metrics=dict(report), current_round=round_,
+                   meta={KEY: {"round": round_, "upload": statistics, "timing": dict(timing)}})
+
+
+def failure_reply(round_: int | None, error_type: str) -> FLModel:
+    return FLModel(params={}, meta={KEY: {"round": round_, "failed": error_type}})
+
+
+def read_reply(model: FLModel) -> Reply:
+    """Decode a site's reply; the site's name is the one NVFlare authenticated, not one the site wrote."""
+    entry = _entry(model)
+    reply = Reply(site=str(model.meta["client_name"]), failed=entry.get("failed"), round=entry.get("round"),
+                  statistics=entry.get("statistics"), network=entry.get("network"),
+                  timing=dict(entry.get("timing") or {}))
+    if model.metrics:
+        reply.report = dict(model.metrics)
+    if entry.get("upload") is not None:
+        reply.upload = ExchangeObject(weights=dict(model.params or {}), statistics=entry["upload"])
+    return reply
+
+
+def _entry(model: FLModel) -> dict[str, Any]:
+    entry = (model.meta or {}).get(KEY)
+    if not isinstance(entry, dict):
+        raise ValueError(f"not a medfl message: FLModel meta has no '{KEY}' entry")
+    return entry

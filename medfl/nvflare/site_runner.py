@@ -1,0 +1,160 @@
+"""The site-side adapter: NVFlare's Client API drives the very medfl Site the in-process coordinator drives.
+
+`SiteRunner` answers the controller's tasks with one `Site` (a MONAI ClientAlgo): `data_stats` ->
+initialize and get_data_stats; `train` -> train, evaluate, get_weights, save_state, in the coordinator's
+order, so that a site computes over NVFlare exactly what it computes in process. The site keeps its state
+in `<run dir>/sites/<name>/` as in process: after a failure, a missed round or a restarted job it resumes
+from the newest saved round before the one asked for. Any failure is answered with a failure reply naming
+only the error's type (details go to the site's log), and the site rejoins at the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel
+
+from medfl.config import SiteConfig, load_yaml_mapping
+from medfl.errors import ConfigError, MedflError
+from medfl.experiment import ExperimentConfig, load_experiment_config
+from medfl.federated.coordinator import resolve_device
+from medfl.federated.site import Site
+from medfl.nvflare.layout import EXPERIMENT_FILE, JOB_FILE, resolve_run_dir, site_config_path
+from medfl.nvflare.payloads import (
+    TASK_DATA_STATS,
+    TASK_TRAIN,
+    failure_reply,
+    read_train_task,
+    stats_reply,
+    train_reply,
+)
+
+logger = logging.getLogger(__name__)
+_STATE_FILE = re.compile(r"state_round_(\d+)\.pt")
+
+
+def load_job_configs(config_dir: Path, site_name: str) -> tuple[ExperimentConfig, SiteConfig]:
+    """The job's experiment config and this site's config, checked against each other and the NVFlare name."""
+    experiment = load_experiment_config(config_dir / EXPERIMENT_FILE)
+    path = site_config_path(config_dir).resolve()
+    experiment = experiment.model_copy(update={"sites": [path]})
+    site_config = experiment.load_sites()[0]
+    if site_config.name != site_name:
+        raise ConfigError(
+            f"{path}: this site config is for site '{site_config.name}', but this NVFlare client is "
+            f"'{site_name}' (site names must equal the client names of the NVFlare project)"
+        )
+    return experiment, site_config
+
+
+def saved_rounds(folder: Path) -> list[int]:
+    """Rounds whose state a Site saved in `folder` (`state_round_XXXX.pt`), in increasing order."""
+    matches = (_STATE_FILE.fullmatch(path.name) for path in folder.glob("state_round_*.pt"))
+    return sorted(int(match.group(1)) for match in matches if match)
+
+
+class SiteRunner:
+    """Answers the medfl controller's tasks with one Site, built lazily and rebuilt after a failure."""
+
+    def __init__(self, site_config: SiteConfig, experiment: ExperimentConfig, run_dir: str | Path,
+                 device: torch.device | str = "cpu"):
+        self.site_config = site_config
+        self.experiment = experiment
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device)
+        self.site: Site | None = None
+
+    @property
+    def name(self) -> str:
+        return self.site_config.name
+
+    def handle(self, task: str, model: FLModel) -> FLModel:
+        """The reply to one task; never raises, so that the site stays in the job after a failure."""
+        round_ = None
+        try:
+            if task == TASK_DATA_STATS:
+                return self._data_stats()
+            if task == TASK_TRAIN:
+                train = read_train_task(model)
+                round_ = train.round
+                return self._train(train.delivery, train.round, train.upload)
+            raise MedflError(f"unknown task '{task}'")
+        except Exception as error:  # reported to the server by type only; the site rejoins next round
+            logger.exception("site '%s': task '%s' (round %s) failed: %s", self.name, task, round_, error)
+            self.site = None  # drop half-trained models: the next task resumes from the last saved round
+            return failure_reply(round_, type(error).__name__)
+
+    def _ready_site(self) -> Site:
+        if self.site is None:
+            site = Site(self.site_config, self.experiment, self.run_dir, self.device)
+            site.initialize()
+            self.site = site
+        return self.site
+
+    def _data_stats(self) -> FLModel:
+        site = self._ready_site()
+        statistics = site.get_data_stats().statistics or {}
+        return stats_reply(statistics, site.models[site.receiving_name].config)
+
+    def _catch_up(self, site: Site, round_: int) -> None:
+        """Make the site's last completed round `round_ - 1`, or the newest saved round before it."""
+        if site.round == round_ - 1:
+            return
+        earlier = [r for r in saved_rounds(site.folder) if r < round_]
+        if earlier:
+            site.load_state(earlier[-1])
+            logger.info("site '%s': resumed from the state saved after round %d", self.name, earlier[-1])
+        elif site.round >= round_:
+            raise MedflError(
+                f"site '{self.name}': asked for round {round_} but holds round {site.round} and no earlier state"
+            )
+
+    def _train(self, delivery, round_: int, upload: bool) -> FLModel:
+        site = self._ready_site()
+        self._catch_up(site, round_)
+        eval_before, tick = site.eval_seconds, time.perf_counter()
+        site.train(delivery, {"round": round_})
+        inner_eval = site.eval_seconds - eval_before
+        train_s = time.perf_counter() - tick - inner_eval
+        tick = time.perf_counter()
+        report = site.evaluate().metrics or {}
+        eval_s = time.perf_counter() - tick + inner_eval
+        exchange = site.get_weights() if upload else None
+        site.save_state()
+        return train_reply(round_, report, exchange, {"train_s": train_s, "eval_s": eval_s})
+
+
+def build_runner(config_dir: Path, site_name: str) -> SiteRunner:
+    """The runner of this site from the job's config folder (and `MEDFL_SITE_CONFIG` / `MEDFL_RUN_DIR`)."""
+    experiment, site_config = load_job_configs(config_dir, site_name)
+    run_dir = load_yaml_mapping(config_dir / JOB_FILE).get("run_dir")
+    if not run_dir:
+        raise ConfigError(f"{config_dir / JOB_FILE}: no 'run_dir'")
+    if experiment.runtime.threads:
+        torch.set_num_threads(experiment.runtime.threads)
+    return SiteRunner(site_config, experiment, resolve_run_dir(run_dir), resolve_device(experiment.device))
+
+
+def main(config_dir: str | Path) -> None:
+    """The Client API loop of one site (run by the job's `custom/medfl_site.py`)."""
+    import nvflare.client as flare
+
+    flare.init()
+    name = flare.get_site_name()
+    runner: SiteRunner | None = None
+    setup_error = ""
+    try:
+        runner = build_runner(Path(config_dir), name)
+    except MedflError as error:
+        logger.error("site '%s' cannot take part: %s", name, error)
+        setup_error = type(error).__name__
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        task = flare.get_task_name()
+        flare.send(runner.handle(task, model) if runner is not None else failure_reply(None, setup_error))
