@@ -23,6 +23,7 @@ from medfl.experiment import ExperimentConfig
 from medfl.federated.server import Aggregate, SiteUpdate, Strategy, build_strategy
 from medfl.federated.site import Site
 from medfl.metrics import task_metric_name
+from medfl.report.tensorboard import write_round_scalars
 from medfl.runlog import RunLog
 
 CHECKPOINTS = "checkpoints"
@@ -252,8 +253,11 @@ class Coordinator:
             "device": str(self.device),
         }
         used = "P" if self.config.spec.two_models else "M"
-        return self.log.write(self.run_dir, header, self.timing, used, header["metric"], round_,
-                              self.config.local_epochs)
+        summary = self.log.write(self.run_dir, header, self.timing, used, header["metric"], round_,
+                                 self.config.local_epochs)
+        write_round_scalars(self.run_dir, round_, self.config.local_epochs, self.log.rows, self.log.det,
+                            self.log.retrogress, self.timing)
+        return summary
 
 
 def run_directory(config: ExperimentConfig, out: str | Path | None) -> Path:

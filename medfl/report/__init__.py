@@ -1,0 +1,12 @@
+"""Reports on run folders: tables, figures and TensorBoard scalars.
+
+- `runs`: read run folders and group those that differ only by seed;
+- `tables`: markdown tables per site and mean, methods side by side, mean +- std across seeds;
+- `predictions`: rescore each site's selected-round model on its test split (confusion matrices,
+  segmentation examples), since a run folder keeps models but not predictions;
+- `plots`: PNG figures (validation curves with communications, retrogress, DET states, overlays);
+- `writer`: `write_report`, which puts all of it into report.md plus PNGs;
+- `tensorboard`: `write_round_scalars`, called by the coordinator after every round.
+
+Nothing is imported here, so that the coordinator's TensorBoard hook does not load matplotlib.
+"""

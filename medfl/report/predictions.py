@@ -1,0 +1,165 @@
+"""Predictions of each site's selected-round model on its test split: confusion matrices, example slices.
+
+A run folder keeps every round's models (sites/<site>/models/round_XXXX.pt) but no predictions, so the
+report rebuilds each site's test split from the run's config.yaml (load_site and the eval recipe: the same
+split and preprocessing as the run) and scores the model the site uses at its selected round. This keeps
+the training loop free of report concerns; the price is reading the test data once per report. Splits
+are read once and shared by every run that uses the same sites and data settings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from torch import nn
+
+from medfl.data import build_dataset, load_recipe, load_site
+from medfl.errors import DataError
+from medfl.experiment import load_experiment_config
+from medfl.federated.training import plain_tensors
+from medfl.metrics import confusion_matrix
+from medfl.models import build_model
+from medfl.report.runs import Run, RunGroup
+
+BATCH_SIZE = 32
+
+
+@dataclass
+class SliceExample:
+    """One test slice of a segmentation site, chosen for an overlay: its record, image and truth."""
+
+    site: str
+    case_id: str
+    slice_index: int
+    record: dict[str, Any]
+    image: np.ndarray  # (H, W): the slice itself (the middle channel of 2.5-D inputs)
+    truth: np.ndarray  # (H, W) bool: prostate
+
+
+def load_selected_model(run: Run, site: str, device: torch.device) -> nn.Module:
+    """The model ``site`` uses at its selected round, in eval mode on ``device``."""
+    round_ = run.summary["sites"][site]["selected_round"]
+    path = run.path / "sites" / site / "models" / f"round_{int(round_):04d}.pt"
+    if not path.is_file():
+        raise DataError("the selected round's model file is missing", site=site, path=str(path))
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(**saved["network"])
+    model.load_state_dict(saved["models"][saved["used"]])
+    return model.to(device).eval()
+
+
+class TestSplits:
+    """Each site's test records and eval recipe, read once per (sites, data settings) and shared by runs."""
+
+    def __init__(self) -> None:
+        self._splits: dict[str, tuple[dict[str, list[dict[str, Any]]], Any]] = {}
+        self._datasets: dict[tuple[str, str], Dataset] = {}
+
+    def _key(self, run: Run) -> str:
+        return json.dumps([run.task, run.config["sites"], run.config["data"]], sort_keys=True, default=str)
+
+    def records(self, run: Run) -> dict[str, list[dict[str, Any]]]:
+        """Test records per site name, as the run split them."""
+        return self._load(run)[0]
+
+    def _load(self, run: Run) -> tuple[dict[str, list[dict[str, Any]]], Any]:
+        key = self._key(run)
+        if key not in self._splits:
+            config = load_experiment_config(run.path / "config.yaml")
+            records = {site.name: load_site(site, config.data).splits["test"] for site in config.load_sites()}
+            recipe = load_recipe(config.data.recipe(config.task, "eval"), input_size=config.data.input_size)
+            self._splits[key] = (records, recipe)
+        return self._splits[key]
+
+    def dataset(self, run: Run, site: str) -> Dataset:
+        """The site's whole test split through the eval recipe (cached: it is scored once per run)."""
+        key = (self._key(run), site)
+        if key not in self._datasets:
+            records, recipe = self._load(run)
+            if site not in records:
+                raise DataError("the site is not in the run's config.yaml", site=site, path=str(run.path))
+            self._datasets[key] = build_dataset(records[site], recipe, cache_rate=1.0)
+        return self._datasets[key]
+
+    def transform(self, run: Run, records: list[dict[str, Any]]) -> Dataset:
+        """A few records through the run's eval recipe."""
+        return Dataset(records, transform=self._load(run)[1])
+
+
+@torch.no_grad()
+def _predicted_classes(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: torch.device
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    labels, predicted = [], []
+    with plain_tensors():
+        for batch in batches:
+            logits, _ = model(torch.as_tensor(batch["image"]).to(device))
+            predicted.append(logits.argmax(dim=1).cpu())
+            labels.append(torch.as_tensor(batch["label"]).reshape(-1).cpu())
+    return torch.cat(labels).numpy(), torch.cat(predicted).numpy()
+
+
+def confusion_matrices(group: RunGroup, splits: TestSplits, device: torch.device) -> dict[str, np.ndarray]:
+    """Per site, the test confusion counts of the selected-round model, summed over the group's seeds."""
+    classes = group.first.config["data"]["classes"]
+    totals: dict[str, np.ndarray] = {}
+    for run in group.runs:
+        for site in run.sites:
+            dataset = splits.dataset(run, site)
+            if len(dataset) == 0:
+                continue
+            model = load_selected_model(run, site, device)
+            labels, predicted = _predicted_classes(model, DataLoader(dataset, batch_size=BATCH_SIZE), device)
+            matrix = confusion_matrix(labels, predicted, len(classes))
+            totals[site] = totals.get(site, 0) + matrix
+    return totals
+
+
+def _slice_image(record: Mapping[str, Any]) -> np.ndarray:
+    image = np.asarray(record["image"], dtype=np.float32)
+    return image[image.shape[0] // 2]
+
+
+def choose_examples(records: Mapping[str, list[dict[str, Any]]], count: int) -> dict[str, list[SliceExample]]:
+    """Per site, up to ``count`` test slices with the most prostate, from different cases where possible.
+
+    Chosen from the data alone, so that every method is shown on the same slices.
+    """
+    chosen: dict[str, list[SliceExample]] = {}
+    for site, site_records in records.items():
+        ranked = sorted(site_records, key=lambda r: (-int(np.count_nonzero(r["label"])), r["case_id"],
+                                                     r["slice_index"]))
+        ranked = [r for r in ranked if np.any(r["label"])]
+        picks: list[dict[str, Any]] = []
+        for record in ranked:
+            if len(picks) < count and record["case_id"] not in {p["case_id"] for p in picks}:
+                picks.append(record)
+        picks += [r for r in ranked if all(r is not p for p in picks)][: count - len(picks)]
+        chosen[site] = [
+            SliceExample(site, str(r["case_id"]), int(r["slice_index"]), r, _slice_image(r),
+                         np.asarray(r["label"])[0] > 0)
+            for r in picks
+        ]
+    return chosen
+
+
+@torch.no_grad()
+def predict_examples(run: Run, examples: Mapping[str, list[SliceExample]], splits: TestSplits,
+                     device: torch.device) -> dict[str, list[np.ndarray]]:
+    """The selected-round model's prostate mask (H, W) on each example slice of each site of ``run``."""
+    masks: dict[str, list[np.ndarray]] = {}
+    for site, site_examples in examples.items():
+        if site not in run.sites or not site_examples:
+            continue
+        model = load_selected_model(run, site, device)
+        dataset = splits.transform(run, [example.record for example in site_examples])
+        with plain_tensors():
+            batch = next(iter(DataLoader(dataset, batch_size=len(site_examples))))
+            logits, _ = model(torch.as_tensor(batch["image"]).to(device))
+        masks[site] = list(logits.argmax(dim=1).cpu().numpy() > 0)
+    return masks

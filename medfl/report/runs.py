@@ -1,0 +1,182 @@
+"""Run folders as the report reads them, and their grouping: runs that differ only by seed form one group."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medfl.errors import ConfigError
+from medfl.federated.methods import method_spec
+
+RUN_FILES = ("config.yaml", "summary.json", "metrics.csv")
+# Settings that cannot change a run's numbers: runs differing only in these (and the seed) are seeds of one group.
+NOT_COMPARED = ("seed", "output_dir", "device", "runtime.threads", "runtime.offload_idle_sites")
+_INTEGER_COLUMNS = ("round", "epoch")
+_TEXT_COLUMNS = ("site", "model", "split", "metric", "state")
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """CSV rows with rounds and epochs as ints, text columns as strings and every other value as float."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    return [{key: _parse(key, value) for key, value in row.items()} for row in rows]
+
+
+def _parse(key: str, value: str) -> Any:
+    if key in _INTEGER_COLUMNS:
+        return int(value)
+    if key in _TEXT_COLUMNS:
+        return value
+    return float(value) if value != "" else math.nan
+
+
+@dataclass
+class Run:
+    """One run folder: its resolved config, summary and logs (metrics, DET states, retrogress)."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    det: list[dict[str, Any]]
+    retrogress: list[dict[str, Any]]
+
+    @property
+    def method(self) -> str:
+        return str(self.config["method"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["seed"])
+
+    @property
+    def task(self) -> str:
+        return str(self.config["task"])
+
+    @property
+    def metric(self) -> str:
+        """The task metric: macro_f1 or dice."""
+        return str(self.summary["metric"])
+
+    @property
+    def local_epochs(self) -> int:
+        return int(self.config["local_epochs"])
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.summary["sites"])
+
+    @property
+    def used_model(self) -> str:
+        """The model each site uses: P for two-model methods, M otherwise."""
+        return "P" if method_spec(self.method).two_models else "M"
+
+    @property
+    def receiving_model(self) -> str:
+        """The model overwritten by the server's weights: D for two-model methods, M otherwise."""
+        return "D" if method_spec(self.method).two_models else "M"
+
+    @property
+    def communicates(self) -> bool:
+        return method_spec(self.method).communicates
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run folder written by `medfl run`; ConfigError naming the folder when it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: run folder not found")
+    missing = [name for name in RUN_FILES if not (path / name).is_file()]
+    if missing:
+        raise ConfigError(f"{path}: not a medfl run folder ({', '.join(missing)} missing)")
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: unreadable run file ({' '.join(str(error).split())[:160]})") from None
+    if not isinstance(config, dict) or "method" not in config or "sites" not in summary:
+        raise ConfigError(f"{path}: config.yaml or summary.json is not a medfl run's")
+    return Run(path, config, summary, _read_rows(path / "metrics.csv"), _read_rows(path / "det_states.csv"),
+               _read_rows(path / "retrogress.csv"))
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def compared_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as dotted keys, without the seed and the settings that cannot change results."""
+    return {key: value for key, value in _flatten(config).items() if key not in NOT_COMPARED}
+
+
+@dataclass
+class RunGroup:
+    """Runs with the same settings but the seed: one method's results, averaged over its seeds."""
+
+    label: str
+    runs: list[Run]
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [run.seed for run in self.runs]
+
+
+def _key(run: Run) -> str:
+    return json.dumps(compared_settings(run.config), sort_keys=True, default=str)
+
+
+def _labels(groups: list[list[Run]]) -> list[str]:
+    """The method's name; groups sharing a method add the settings that tell them apart."""
+    labels = []
+    for runs in groups:
+        method = runs[0].method
+        twins = [g[0] for g in groups if g[0].method == method]
+        if len(twins) == 1:
+            labels.append(method)
+            continue
+        mine = compared_settings(runs[0].config)
+        flats = [compared_settings(t.config) for t in twins]
+        differing = [k for k in mine if k != "method" and any(f.get(k) != mine[k] for f in flats)]
+        labels.append(f"{method} ({', '.join(f'{k}={mine[k]}' for k in differing[:3])})")
+    return labels
+
+
+def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
+    """Group runs that differ only by seed, in the order their first run was given; runs of one task only."""
+    tasks = sorted({run.task for run in runs})
+    if len(tasks) > 1:
+        raise ConfigError(f"runs of different tasks ({', '.join(tasks)}) cannot share one report")
+    paths = [run.path.resolve() for run in runs]
+    for path in paths:
+        if paths.count(path) > 1:
+            raise ConfigError(f"{path}: run folder listed twice")
+    grouped: dict[str, list[Run]] = {}
+    for run in runs:
+        grouped.setdefault(_key(run), []).append(run)
+    groups = [sorted(g, key=lambda run: (run.seed, str(run.path))) for g in grouped.values()]
+    return [RunGroup(label, g) for label, g in zip(_labels(groups), groups, strict=True)]
+
+
+def site_names(groups: Sequence[RunGroup]) -> list[str]:
+    """Every site of every run, in first-seen order."""
+    return list(dict.fromkeys(site for group in groups for run in group.runs for site in run.sites))

@@ -1,0 +1,165 @@
+"""`write_report`: one or several run folders -> report.md plus PNG figures in one folder.
+
+A report is derived data: writing it again into the same folder replaces report.md and the figures
+(atomically, file by file). Runs that differ only by seed are aggregated (mean ± std); different methods
+are compared side by side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medfl.checkpoints import atomic_write_text
+from medfl.errors import MedflError
+from medfl.report import plots
+from medfl.report.predictions import TestSplits, choose_examples, confusion_matrices, predict_examples
+from medfl.report.runs import RunGroup, group_runs, load_run, site_names
+from medfl.report.tables import confusion_table, result_columns, results_table, runs_table
+
+REPORT_FILE = "report.md"
+FIGURES = {
+    "validation_curves.png": "Validation curves",
+    "retrogress.png": "Retrogress per round",
+    "det_states.png": "DET states",
+    "segmentation_examples.png": "Segmentation examples",
+}
+
+
+@dataclass
+class Report:
+    """What `write_report` wrote: report.md, the figures, and notes on anything it had to leave out."""
+
+    path: Path
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def default_out(run_dirs: Sequence[str | Path]) -> Path:
+    """RUN_DIR/report for one run, ./report for several."""
+    return Path(run_dirs[0]) / "report" if len(run_dirs) == 1 else Path("report")
+
+
+def _results_section(groups: list[RunGroup], sites: list[str]) -> list[str]:
+    first = groups[0].first
+    columns = result_columns(first.task, first.config["data"].get("classes") or [], first.metric)
+    lines = [
+        "## Test results, mean over sites", "",
+        results_table(groups, columns), "",
+        f"Test scores of the model each site uses, at the round its validation {first.metric} selected "
+        "(\"last round\": at the final round instead). Retrogress (validation score lost at communication) "
+        "and recovery (regained in the first local epoch) are of the model that receives the server's weights: "
+        "D for two-model methods, the single model otherwise; the personalised model P is never overwritten, "
+        "so it has none by construction. Curve dips: the summed drops of the used model's validation curve.", "",
+        "## Test results per site", "",
+    ]
+    for site in sites:
+        lines += [f"### {site}", "", results_table(groups, columns, site), ""]
+    return lines
+
+
+def _confusion_section(groups: list[RunGroup], sites: list[str], splits: TestSplits, device: torch.device,
+                       notes: list[str]) -> list[str]:
+    classes = groups[0].first.config["data"]["classes"]
+    matrices: dict[str, dict[str, np.ndarray]] = {}
+    for group in groups:
+        try:
+            matrices[group.label] = confusion_matrices(group, splits, device)
+        except MedflError as error:
+            notes.append(f"confusion matrices of {group.label} were not computed: {error}")
+    if not matrices:
+        return []
+    lines = ["## Confusion matrices (test split, selected round)", "",
+             "Rows are true classes, columns predicted ones; counts are summed over a method's seeds.", ""]
+    for site in sites:
+        lines += [f"### {site}", ""]
+        for label, per_site in matrices.items():
+            if site in per_site:
+                lines += [f"**{label}**", "", confusion_table(per_site[site], classes), ""]
+    return lines
+
+
+def _overlay_figure(groups: list[RunGroup], splits: TestSplits, count: int, device: torch.device,
+                    notes: list[str]):
+    try:
+        examples = choose_examples(splits.records(groups[0].first), count)
+    except MedflError as error:
+        notes.append(f"segmentation examples were not drawn: {error}")
+        return None
+    predictions = {}
+    for group in groups:
+        try:
+            predictions[group.label] = predict_examples(group.first, examples, splits, device)
+        except MedflError as error:
+            notes.append(f"segmentation examples of {group.label} were not predicted: {error}")
+    return plots.segmentation_overlays(examples, predictions)
+
+
+def _figures(groups: list[RunGroup], sites: list[str], out: Path, predictions: bool, examples: int,
+             splits: TestSplits, device: torch.device, notes: list[str]) -> list[Path]:
+    first = groups[0].first
+    figures = {
+        "validation_curves.png": plots.validation_curves(groups, sites, first.metric),
+        "retrogress.png": plots.retrogress_by_round(groups),
+        "det_states.png": plots.det_states(groups),
+    }
+    if first.task == "segmentation" and predictions and examples > 0:
+        figures["segmentation_examples.png"] = _overlay_figure(groups, splits, examples, device, notes)
+    return [plots.save_png(figure, out / name) for name, figure in figures.items() if figure is not None]
+
+
+CAPTIONS = {
+    "validation_curves.png": "Per site, the validation score of the model each site uses (solid) and of the model "
+    "that receives the server's weights (dashed), after communication and after every local epoch; dotted "
+    "lines mark communications (mean over seeds).",
+    "retrogress.png": "Validation score lost by the receiving model at each communication, and regained in the "
+    "first local epoch, mean over sites (error bars: standard deviation across seeds).",
+    "det_states.png": "DET's state per site and local epoch (first seed of each method).",
+    "segmentation_examples.png": "Test slices with the most prostate: truth outlined in green, each method's "
+    "prediction (selected round, first seed) in red.",
+}
+
+
+def write_report(
+    run_dirs: Sequence[str | Path],
+    out: str | Path | None = None,
+    *,
+    predictions: bool = True,
+    examples: int = 2,
+    device: str | torch.device = "cpu",
+) -> Report:
+    """Write report.md and PNG figures for ``run_dirs`` into ``out`` (default: `default_out`).
+
+    ``predictions``: rescore each site's selected-round model on its test split (needs the sites' data) for
+    confusion matrices and segmentation examples; ``examples``: slices per site in the overlays.
+    """
+    if not run_dirs:
+        raise MedflError("no run folder given")
+    groups = group_runs([load_run(path) for path in run_dirs])
+    sites = site_names(groups)
+    out = Path(out) if out is not None else default_out(run_dirs)
+    device = torch.device(device)
+    notes: list[str] = []
+    splits = TestSplits()
+    first = groups[0].first
+    lines = [f"# medfl report: {first.config.get('name', '')} ({first.task})", "", "## Runs", "",
+             runs_table(groups), "",
+             "Runs whose configs differ only by seed form one row: mean ± sample standard deviation across seeds.",
+             ""]
+    lines += _results_section(groups, sites)
+    if first.task == "classification" and predictions:
+        lines += _confusion_section(groups, sites, splits, device, notes)
+    figures = _figures(groups, sites, out, predictions, examples, splits, device, notes)
+    if figures:
+        lines += ["## Figures", ""]
+        for figure in figures:
+            lines += [f"### {FIGURES[figure.name]}", "", f"![{FIGURES[figure.name]}]({figure.name})", "",
+                      CAPTIONS[figure.name], ""]
+    if notes:
+        lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
+    path = atomic_write_text(out / REPORT_FILE, "\n".join(lines))
+    return Report(path, figures, notes)
