@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from medfl.checkpoints import atomic_write_text
-from medfl.errors import MedflError
+from medfl.errors import ConfigError, MedflError
 from medfl.report import plots
 from medfl.report.predictions import TestSplits, choose_examples, confusion_matrices, predict_examples
 from medfl.report.runs import RunGroup, group_runs, load_run, site_names
@@ -139,6 +139,8 @@ def write_report(
     """
     if not run_dirs:
         raise MedflError("no run folder given")
+    if examples < 0:
+        raise ConfigError(f"the number of segmentation examples must not be negative, got {examples}")
     groups = group_runs([load_run(path) for path in run_dirs])
     sites = site_names(groups)
     out = Path(out) if out is not None else default_out(run_dirs)

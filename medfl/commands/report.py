@@ -1,0 +1,35 @@
+"""`medfl report RUN_DIR [RUN_DIR ...]`: report.md with tables and PNG figures comparing runs.
+
+Runs that differ only by seed are aggregated (mean ± std); methods sit side by side. The report goes to
+--out (default RUN_DIR/report for one run, ./report for several); an existing report there is replaced,
+since a report is derived from the run folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `medfl report`."""
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by `medfl run`")
+    parser.add_argument("--out", help="report folder (default: RUN_DIR/report for one run, ./report for several)")
+    parser.add_argument("--no-predictions", action="store_true",
+                        help="skip confusion matrices and segmentation examples (they rescore the selected "
+                             "models on the sites' test data)")
+    parser.add_argument("--examples", type=int, default=2, metavar="N",
+                        help="segmentation example slices per site (default 2)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                        help="device for rescoring the selected models (default cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medfl.federated.coordinator import resolve_device
+    from medfl.report.writer import write_report
+
+    report = write_report(args.runs, args.out, predictions=not args.no_predictions, examples=args.examples,
+                          device=resolve_device(args.device))
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"report written to {report.path} ({len(report.figures)} figures)")
+    return 0
