@@ -1,0 +1,32 @@
+"""`medfl evaluate EXPORT_DIR SITE_CONFIG`: score an exported model on a site's labelled data."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("export_dir", help="one site's export folder, or an export root (then --site)")
+    parser.add_argument("site_config", help="the site config (YAML) of the data to score on: its own or another site's")
+    parser.add_argument("--split", choices=("train", "val", "test", "all"), default="test",
+                        help="which split of that site (default: test; all: every labelled sample)")
+    parser.add_argument("--site", help="the exported site to use when EXPORT_DIR holds several")
+    parser.add_argument("--out", help="JSON file for the scores (default: <export>/evaluations/<site>_<split>.json)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where to run the model")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medfl.checkpoints import atomic_write_json
+    from medfl.deliver import evaluate_export, load_export
+    from medfl.deliver.evaluate import default_output
+    from medfl.federated.coordinator import resolve_device
+
+    export = load_export(args.export_dir, args.site, resolve_device(args.device))
+    result = evaluate_export(export, args.site_config, args.split)
+    print(f"{export.describe()} on site '{result['site']}', {args.split} split ({result['samples']} samples):")
+    for name, value in result["metrics"].items():
+        print(f"  {name:<20} {value:.4f}" if isinstance(value, float) else f"  {name:<20} {value}")
+    out = args.out or default_output(export, result["site"], args.split)
+    atomic_write_json(out, result)
+    print(f"written to {out}")
+    return 0

@@ -1,0 +1,36 @@
+"""`medfl export RUN_DIR`: one deliverable folder per site (weights, torch.export program, manifest)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run folder written by `medfl run`")
+    parser.add_argument("--out", help="export folder (default: RUN_DIR/export); one sub-folder per site")
+    parser.add_argument("--round", default="best",
+                        help="best (the run's selection, default), last, or a round number (0-based)")
+    parser.add_argument("--model", choices=("personalized", "deputy"), default="personalized",
+                        help="personalized: the model the site uses (default); deputy: the model it shares "
+                             "with the federation, for a hospital that did not take part")
+    parser.add_argument("--site", action="append", dest="sites", metavar="NAME",
+                        help="export only this site (repeatable; default: every site)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medfl.deliver import export_run
+
+    def report(export) -> None:
+        manifest = export.manifest
+        scores = manifest["metrics"]
+        metric = scores["metric"]
+        print(f"{export.site}: {manifest['model']['role']} model {manifest['model']['name']} of round "
+              f"{manifest['round']['selected']} (val {metric} {_number(scores['validation'].get(metric))}, "
+              f"test {metric} {_number(scores['test'].get(metric))}) -> {export.folder}")
+
+    export_run(args.run_dir, out=args.out, round_=args.round, role=args.model, sites=args.sites, on_site=report)
+    return 0
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.4f}"

@@ -1,0 +1,34 @@
+"""`medfl predict EXPORT_DIR INPUT... --out DIR`: apply a site's exported model to images or MRI volumes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("export_dir", help="one site's export folder, or an export root (then --site)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="dermoscopy images (JPEG, PNG) or MRI volumes (NIfTI, MetaImage)")
+    parser.add_argument("--out", required=True, help="folder for predictions.csv or the predicted masks")
+    parser.add_argument("--site", help="the site to use when EXPORT_DIR holds several")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where to run the model")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medfl.deliver import load_export, predict
+    from medfl.federated.coordinator import resolve_device
+
+    export = load_export(args.export_dir, args.site, resolve_device(args.device))
+    print(f"predicting with {export.describe()}")
+
+    def report(result) -> None:
+        if result.error:
+            print(f"medfl predict: {result.input}: {result.error}", file=sys.stderr)
+        else:
+            print(f"{result.input}: {result.summary} -> {result.output}")
+
+    results = predict(export, args.inputs, args.out, on_file=report)
+    failed = sum(result.error is not None for result in results)
+    print(f"{len(results) - failed} of {len(results)} input(s) predicted" + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0

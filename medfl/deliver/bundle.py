@@ -1,0 +1,136 @@
+"""An export folder as `medfl predict` and `medfl evaluate` see it: find it, read its manifest, load its model.
+
+One site's export holds `manifest.json`, `model.pt` (a state dict), `model.pt2` (a torch.export program
+returning logits) and `eval_transforms.yaml` (the resolved evaluation recipe). The weights are checked
+against the manifest's sha256 before they are loaded, so a changed or truncated file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medfl.errors import ConfigError, DataError
+
+FORMAT = "medfl-export/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "model.pt"
+PROGRAM = "model.pt2"
+RECIPE = "eval_transforms.yaml"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (what `sha256sum` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _site_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if (p / MANIFEST).is_file()) if root.is_dir() else []
+
+
+def find_export(path: str | Path, site: str | None = None) -> Path:
+    """One site's export folder: `path` itself when it holds a manifest, else `path/<site>` of an export root.
+
+    An export root with a single site needs no `site`; with several, `site` chooses one.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        if site is not None and read_manifest(path)["site"] != site:
+            raise ConfigError(f"{path}: this export is site '{read_manifest(path)['site']}', not '{site}'")
+        return path
+    folders = _site_folders(path)
+    if not folders:
+        raise ConfigError(f"{path}: not an export folder (no {MANIFEST} in it or in its sub-folders)")
+    names = [folder.name for folder in folders]
+    if site is not None:
+        if site not in names:
+            raise ConfigError(f"{path}: no export of site '{site}' (sites: {', '.join(names)})")
+        return path / site
+    if len(folders) > 1:
+        raise ConfigError(f"{path}: holds the exports of sites {', '.join(names)}; choose one with --site")
+    return folders[0]
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of one site's export; a missing, unreadable or foreign manifest is a ConfigError."""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: manifest not found (is {folder} an export folder?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: unreadable manifest ({' '.join(str(error).split())[:200]})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not a medfl export manifest (expected format '{FORMAT}')")
+    return manifest
+
+
+@dataclass
+class ExportedModel:
+    """One site's exported network (eval mode, on `device`) with its manifest."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    network: nn.Module
+    device: torch.device
+
+    @property
+    def site(self) -> str:
+        return str(self.manifest["site"])
+
+    @property
+    def task(self) -> str:
+        return str(self.manifest["task"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.manifest["input"]["size"][0])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.manifest["input"]["channels"])
+
+    @property
+    def recipe_path(self) -> Path:
+        """The resolved evaluation recipe, loadable with `medfl.data.load_recipe`."""
+        return self.folder / RECIPE
+
+    def describe(self) -> str:
+        """`site 'a' (personalized model P, round 3)` for messages."""
+        model = self.manifest["model"]
+        return f"site '{self.site}' ({model['role']} model {model['name']}, round {self.manifest['round']['selected']})"
+
+
+def load_export(path: str | Path, site: str | None = None, device: torch.device | str = "cpu") -> ExportedModel:
+    """Find a site's export, check its weights against the manifest's sha256 and rebuild its network."""
+    from medfl.models import build_model
+
+    folder = find_export(path, site)
+    manifest = read_manifest(folder)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise DataError(f"{WEIGHTS} not found", site=manifest["site"], path=str(folder))
+    expected = manifest["files"][WEIGHTS]
+    if sha256_file(weights) != expected:
+        raise DataError(f"sha256 differs from the manifest's ({expected[:12]}...): the file changed after export",
+                        site=manifest["site"], path=str(weights))
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    network = build_model(**manifest["network"])
+    network.load_state_dict(state)
+    device = torch.device(device)
+    network.to(device).eval()
+    return ExportedModel(folder, manifest, network, device)

@@ -1,0 +1,205 @@
+"""`medfl export`: turn a run folder into one deliverable folder per site.
+
+`<out>/<site>/` holds the chosen model's state dict (`model.pt`, loads with torch.load(weights_only=True)),
+a torch.export program returning logits with a dynamic batch size (`model.pt2`, loads with
+torch.export.load without medfl), the resolved evaluation recipe (`eval_transforms.yaml`) and
+`manifest.json` (what it is, how it was trained and scored, how to feed it, sha256 of every file).
+A site's folder is assembled in a hidden temporary folder and renamed into place; an existing export is
+never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medfl import __version__
+from medfl.checkpoints import atomic_write_bytes, atomic_write_json
+from medfl.config import SiteConfig
+from medfl.deliver.bundle import FORMAT, MANIFEST, PROGRAM, RECIPE, WEIGHTS
+from medfl.deliver.provenance import (
+    ROLES,
+    RunRecord,
+    choose_round,
+    files_sha256,
+    parse_round,
+    preprocessing,
+    read_run,
+    recipe_yaml,
+    resolved_eval_recipe,
+    round_metrics,
+    training_files,
+)
+from medfl.errors import ConfigError, DataError
+
+FILES_RULE = "sha256 of the sorted training file paths (relative to data_root), UTF-8, one per line, each ending in \\n"
+
+
+class LogitsOnly(nn.Module):
+    """A medfl network whose forward returns the logits alone, as exported programs do."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)[0]
+
+
+def export_program(network: nn.Module, in_channels: int, input_size: int) -> torch.export.ExportedProgram:
+    """torch.export of the network in eval mode: (batch, C, S, S) float32 -> logits, any batch size."""
+    wrapper = LogitsOnly(network).eval()
+    example = torch.zeros(2, in_channels, input_size, input_size)
+    batch = torch.export.Dim("batch", min=1)
+    return torch.export.export(wrapper, (example,), dynamic_shapes={"x": {0: batch}})
+
+
+def _saved_bytes(save: Callable[[Any, io.BytesIO], None], obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    save(obj, buffer)
+    return buffer.getvalue()
+
+
+@dataclass
+class SiteExport:
+    """One written export: the site, its folder and its manifest."""
+
+    site: str
+    folder: Path
+    manifest: dict[str, Any]
+
+
+def _versions() -> dict[str, str]:
+    import monai
+
+    return {"medfl": __version__, "monai": monai.__version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def _site_manifest(run: RunRecord, site: SiteConfig, checkpoint: dict[str, Any], role: str, key: str,
+                   request: str | int, round_: int, recipe: dict[str, Any]) -> dict[str, Any]:
+    """Everything but the file hashes: the manifest's description of one site's model."""
+    from medfl.data import load_site
+
+    config, network = run.config, checkpoint["network"]
+    size, channels = config.data.input_size, int(network["in_channels"])
+    files = training_files(load_site(site, config.data))
+    logits = ["batch", len(config.classes)] + ([] if config.task == "classification" else [size, size])
+    return {
+        "format": FORMAT,
+        "site": site.name,
+        "task": config.task,
+        "classes": config.classes,
+        "model": {"role": role, "name": key, "method": config.method},
+        "network": network,
+        "input": {"channels": channels, "size": [size, size], "dtype": "float32", "shape": ["batch", channels, size, size]},
+        "output": {"logits": logits, "probabilities": "softmax over axis 1"},
+        "preprocessing": preprocessing(config, channels, recipe),
+        "round": {"requested": request, "selected": round_, "completed_rounds": run.completed_rounds,
+                  "rounds": config.rounds, "run_finished": bool(run.summary.get("finished"))},
+        "metrics": {"metric": run.summary["metric"], **round_metrics(run, site.name, key, round_)},
+        "experiment": {"name": config.name, "method": config.method, "seed": config.seed,
+                       "config_sha256": run.config_sha256, "run_dir": str(run.folder.resolve())},
+        "training_files": {"count": len(files), "sha256": files_sha256(files), "rule": FILES_RULE},
+        "data_settings": config.data.model_dump(mode="json"),
+        "program": {"file": PROGRAM, "dynamic_batch": True,
+                    "usage": "torch.export.load('model.pt2').module()(x) -> logits"},
+        "versions": _versions(),
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_site(staging: Path, network: nn.Module, manifest: dict[str, Any], recipe: dict[str, Any]) -> None:
+    """Write the four files of one site's export into `staging`; the manifest last, with every file's sha256."""
+    program = export_program(network, manifest["input"]["channels"], manifest["input"]["size"][0])
+    contents = {
+        WEIGHTS: _saved_bytes(torch.save, network.state_dict()),
+        PROGRAM: _saved_bytes(torch.export.save, program),
+        RECIPE: recipe_yaml(recipe).encode("utf-8"),
+    }
+    for name, data in contents.items():
+        atomic_write_bytes(staging / name, data)
+    manifest["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    atomic_write_json(staging / MANIFEST, manifest)
+
+
+def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request: str | int) -> SiteExport:
+    """Export one site's model of the requested round into `out/<site>` (which must not exist)."""
+    from medfl.models import build_model
+
+    used = "P" if run.config.spec.two_models else "M"
+    receiving = "D" if run.config.spec.two_models else "M"
+    key = used if role == "personalized" else receiving
+    round_ = choose_round(run, site.name, key, used, request)
+    path = run.model_file(site.name, round_)
+    if not path.is_file():
+        raise DataError(f"the models of round {round_} were not kept", site=site.name, path=str(path))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    network = build_model(**checkpoint["network"])
+    network.load_state_dict(checkpoint["models"][key])
+    network.eval()
+    recipe = resolved_eval_recipe(run.config)
+    manifest = _site_manifest(run, site, checkpoint, role, key, request, round_, recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{site.name}.", suffix=".tmp", dir=out))
+    try:
+        _write_site(staging, network, manifest, recipe)
+        target = out / site.name
+        if target.exists():
+            raise ConfigError(f"{target} appeared while exporting: an export is never overwritten")
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return SiteExport(site.name, target, manifest)
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    round_: str | int = "best",
+    role: str = "personalized",
+    sites: Sequence[str] | None = None,
+    on_site: Callable[[SiteExport], None] | None = None,
+) -> list[SiteExport]:
+    """Export every site (or `sites`) of a run into `out` (default RUN_DIR/export), one folder per site.
+
+    `round_`: "best" (the run's selection), "last" or a round number. `role`: "personalized" (the model the
+    site uses: P, or M for one-model methods) or "deputy" (the model shared with the federation: D, or M).
+    Refuses, before writing anything, when a site's folder already exists.
+    """
+    if role not in ROLES:
+        raise ConfigError(f"--model must be one of {', '.join(ROLES)}, not '{role}'")
+    request = parse_round(round_)
+    run = read_run(run_dir)
+    if role == "deputy" and not run.config.spec.communicates:
+        raise ConfigError(f"{run.folder}: method '{run.config.method}' shares no model with a federation: "
+                          "there is no deputy to export")
+    configs = {site.name: site for site in run.config.load_sites()}
+    names = list(sites) if sites else list(run.summary["sites"])
+    unknown = [name for name in names if name not in configs]
+    if unknown:
+        raise ConfigError(f"{run.folder}: no site '{unknown[0]}' in this run (sites: {', '.join(configs)})")
+    out = Path(out) if out is not None else run.folder / "export"
+    taken = [str(out / name) for name in names if (out / name).exists()]
+    if taken:
+        raise ConfigError(f"{', '.join(taken)} already exist(s): an export is never overwritten; "
+                          "choose another folder with --out, or remove the old export")
+    exports = []
+    for name in names:
+        exports.append(export_site(run, configs[name], out, role, request))
+        if on_site is not None:
+            on_site(exports[-1])
+    return exports

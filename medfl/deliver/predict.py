@@ -1,0 +1,238 @@
+"""`medfl predict`: apply one site's exported model to new dermoscopy images or MRI volumes.
+
+Images go through the export's own evaluation recipe; the result is one CSV row per image with the class
+probabilities (softmax, summing to 1) and the predicted class. Volumes go through the data layer's own
+volume preprocessing (reorientation, percentile clip, z-score, in-plane resize, context slices), are
+predicted slice by slice, and come back as a mask on the input's voxel grid, in the input's format.
+Each input stands alone: a bad one gets a one-line reason and the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from monai.transforms import Compose
+
+from medfl.data import CaseGeometry, load_recipe
+from medfl.data.images import IMAGE_EXTENSIONS, check_image
+from medfl.data.prostate import slice_record
+from medfl.data.volumes import WORKING_ORIENTATION, PreparedCase, preprocess_volume, read_volume
+from medfl.deliver.bundle import ExportedModel
+from medfl.errors import ConfigError
+from medfl.runlog import write_csv
+
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha")
+PREDICTIONS_CSV = "predictions.csv"
+BATCH_SIZE = 32
+
+
+@dataclass
+class Prediction:
+    """The outcome for one input: where its result went and a short summary, or why it failed."""
+
+    input: Path
+    output: Path | None = None
+    summary: str = ""
+    error: str | None = None
+
+
+def _extension(path: Path) -> str | None:
+    """The file's volume or image extension as written (".nii.gz", ".JPG", ...), or None."""
+    lower = path.name.lower()
+    for extension in VOLUME_EXTENSIONS + IMAGE_EXTENSIONS:
+        if lower.endswith(extension) and len(lower) > len(extension):
+            return path.name[-len(extension):]
+    return None
+
+
+def input_problem(path: Path, task: str) -> str | None:
+    """Why `path` cannot go to a model of `task` (missing, a folder, unknown type, wrong modality), or None."""
+    if path.is_dir():
+        return "is a folder; give the files themselves"
+    if not path.exists():
+        return "file not found"
+    extension = _extension(path)
+    if extension is None:
+        known = ", ".join(VOLUME_EXTENSIONS if task == "segmentation" else IMAGE_EXTENSIONS)
+        return f"unknown file type (this model takes {known})"
+    is_volume = extension.lower() in VOLUME_EXTENSIONS
+    if task == "classification" and is_volume:
+        return "is an MRI volume, but this model classifies dermoscopy images"
+    if task == "segmentation" and not is_volume:
+        return "is a 2-D image, but this model segments MRI volumes (NIfTI or MetaImage)"
+    return None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:200]
+
+
+@torch.inference_mode()
+def _logits(export: ExportedModel, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The network's logits for preprocessed inputs, in batches, on the CPU as float32."""
+    outputs = []
+    for start in range(0, len(images), BATCH_SIZE):
+        batch = torch.stack([torch.as_tensor(image) for image in images[start:start + BATCH_SIZE]])
+        outputs.append(export.network(batch.to(export.device, torch.float32))[0].float().cpu())
+    return torch.cat(outputs)
+
+
+def _channel_problem(image: Any, export: ExportedModel) -> str | None:
+    expected = (export.in_channels, export.input_size, export.input_size)
+    shape = tuple(np.asarray(image).shape)
+    if shape != expected:
+        return f"preprocessed to shape {shape}, but the model takes {expected} (channels, height, width)"
+    return None
+
+
+def predict_images(export: ExportedModel, inputs: Sequence[Path], out: Path) -> list[Prediction]:
+    """Classify dermoscopy images into `out/predictions.csv` (image, prob_<class>..., predicted)."""
+    csv_path = out / PREDICTIONS_CSV
+    if csv_path.exists():
+        raise ConfigError(f"{csv_path} already exists: predictions are never overwritten; choose another --out")
+    recipe = load_recipe(export.recipe_path)
+    results, images = [], []
+    for path in inputs:
+        result = Prediction(path)
+        results.append(result)
+        result.error = input_problem(path, export.task) or check_image(path)
+        if result.error is None:
+            try:
+                image = recipe({"image": str(path), "label": -1, "id": path.stem, "site": export.site})["image"]
+            except Exception as error:  # noqa: BLE001 - any failure here is this file's problem, reported per file
+                result.error = f"could not be preprocessed ({_one_line(error)})"
+                continue
+            result.error = _channel_problem(image, export)
+            if result.error is None:
+                images.append(image)
+    good = [result for result in results if result.error is None]
+    probabilities = torch.softmax(_logits(export, images).double(), dim=1) if images else torch.empty(0)
+    rows = []
+    for result, row in zip(good, probabilities.tolist(), strict=True):
+        predicted = export.classes[int(np.argmax(row))]
+        rows.append({"image": str(result.input), **{f"prob_{c}": p for c, p in zip(export.classes, row, strict=True)},
+                     "predicted": predicted})
+        result.output, result.summary = csv_path, f"{predicted} (p={max(row):.3f})"
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(csv_path, rows, ["image", *(f"prob_{c}" for c in export.classes), "predicted"])
+    return results
+
+
+def _stem(path: Path) -> str:
+    """The file name without its (possibly double, as in .nii.gz) extension."""
+    extension = _extension(path) or path.suffix
+    return path.name[: len(path.name) - len(extension)]
+
+
+def mask_name(path: Path) -> str:
+    """`<name>_mask<extension>`, the extension as the input's (".nii.gz", ".mhd", ...)."""
+    return f"{_stem(path)}_mask{path.name[len(_stem(path)):]}"
+
+
+def _geometry(case_id: str, path: Path, image: sitk.Image) -> CaseGeometry:
+    direction = tuple(image.GetDirection())
+    return CaseGeometry(
+        case_id=case_id, image_file=str(path), size=tuple(image.GetSize()), spacing=tuple(image.GetSpacing()),
+        origin=tuple(image.GetOrigin()), direction=direction,
+        orientation=sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction),
+    )
+
+
+def _segment(export: ExportedModel, recipe: Compose, case_id: str, path: Path,
+             image: sitk.Image) -> tuple[sitk.Image | None, str]:
+    """The predicted mask on the input's grid and a summary, or None and why not."""
+    geometry = _geometry(case_id, path, image)
+    volume = sitk.GetArrayFromImage(sitk.DICOMOrient(image, WORKING_ORIENTATION)).astype(np.float32)
+    if not np.all(np.isfinite(volume)):
+        return None, "volume has NaN or infinite values"
+    size, context = export.input_size, int(export.manifest["preprocessing"]["context_slices"])
+    slices = preprocess_volume(volume, size)
+    case = PreparedCase(case_id, slices, np.zeros(slices.shape, dtype=np.uint8), geometry)
+    images = [recipe(slice_record(case, i, context, export.site))["image"] for i in range(slices.shape[0])]
+    problem = _channel_problem(images[0], export)
+    if problem:
+        return None, problem
+    height, width = volume.shape[1:]
+    mask = np.empty(volume.shape, dtype=np.uint8)
+    for start in range(0, len(images), BATCH_SIZE):
+        logits = _logits(export, images[start:start + BATCH_SIZE])
+        upsampled = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        mask[start:start + len(logits)] = upsampled.argmax(dim=1).to(torch.uint8).numpy()
+    found = int(mask.reshape(mask.shape[0], -1).any(axis=1).sum())
+    return geometry.to_image(mask), f"prostate in {found} of {mask.shape[0]} slices"
+
+
+def _write_image(image: sitk.Image, target: Path) -> None:
+    """Write with SimpleITK into a temporary folder beside `target`, then move every file written into place
+    (a MetaImage header last, after its data file), so that no half-written mask is ever visible."""
+    staging = Path(tempfile.mkdtemp(prefix=".predict.", suffix=".tmp", dir=target.parent))
+    try:
+        sitk.WriteImage(image, str(staging / target.name), useCompression=True)
+        written = sorted(staging.iterdir(), key=lambda p: p.name == target.name)
+        clashes = [target.parent / p.name for p in written if (target.parent / p.name).exists()]
+        if clashes:
+            raise FileExistsError(f"{clashes[0]} already exists")
+        for path in written:
+            os.replace(path, target.parent / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def predict_volume(export: ExportedModel, path: Path, out: Path, recipe: Compose) -> Prediction:
+    """Segment one MRI volume into `out/<name>_mask<extension>` on the input's grid."""
+    result = Prediction(path)
+    result.error = input_problem(path, export.task)
+    if result.error:
+        return result
+    target = out / mask_name(path)
+    if target.exists():
+        result.error = f"{target} already exists: predictions are never overwritten; choose another --out"
+        return result
+    image, result.error = read_volume(path, "volume")
+    if image is None:
+        return result
+    try:
+        mask, result.summary = _segment(export, recipe, _stem(path), path, image)
+    except Exception as error:  # noqa: BLE001 - any failure here is this file's problem, reported per file
+        result.error = f"could not be predicted ({_one_line(error)})"
+        return result
+    if mask is None:
+        result.error, result.summary = result.summary, ""
+        return result
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_image(mask, target)
+    except (OSError, RuntimeError) as error:
+        result.error = f"could not write {target} ({_one_line(error)})"
+        return result
+    result.output = target
+    return result
+
+
+def predict(export: ExportedModel, inputs: Sequence[str | Path], out: str | Path,
+            on_file: Callable[[Prediction], None] | None = None) -> list[Prediction]:
+    """Predict every input with an exported model; results in input order, failures with their reason."""
+    paths, out = [Path(p) for p in inputs], Path(out)
+    if export.task == "classification":
+        results = predict_images(export, paths, out)
+        for result in results:
+            if on_file is not None:
+                on_file(result)
+        return results
+    recipe = load_recipe(export.recipe_path)
+    results = []
+    for path in paths:
+        results.append(predict_volume(export, path, out, recipe))
+        if on_file is not None:
+            on_file(results[-1])
+    return results

@@ -1,0 +1,177 @@
+"""What an export records about where its model came from: the run, the round, the scores, the data seen.
+
+Everything is read back from the run folder (config.yaml, summary.json, metrics.csv) and from the site's
+data as the run's data settings find it, so a hospital can check which round it got, how it scored, which
+preprocessing it needs and which training files it saw.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medfl.config import load_yaml_mapping
+from medfl.data import SiteData
+from medfl.data.recipes import _substitute, recipe_path
+from medfl.data.volumes import INTENSITY_PERCENTILES, WORKING_ORIENTATION
+from medfl.errors import ConfigError
+from medfl.experiment import ExperimentConfig, load_experiment_config
+
+ROLES = ("personalized", "deputy")
+
+
+@dataclass
+class RunRecord:
+    """A run folder read back: its config (and the config file's sha256), summary and metric rows."""
+
+    folder: Path
+    config: ExperimentConfig
+    config_sha256: str
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @property
+    def completed_rounds(self) -> int:
+        return int(self.summary["completed_rounds"])
+
+    def model_file(self, site: str, round_: int) -> Path:
+        return self.folder / "sites" / site / "models" / f"round_{round_:04d}.pt"
+
+
+def read_run(run_dir: str | Path) -> RunRecord:
+    """Read a run folder; a folder without config.yaml, summary.json or metrics.csv is a ConfigError."""
+    folder = Path(run_dir)
+    needed = [folder / name for name in ("config.yaml", "summary.json", "metrics.csv")]
+    missing = [path.name for path in needed if not path.is_file()]
+    if missing:
+        raise ConfigError(f"{folder}: not a run folder with a completed round (missing {', '.join(missing)})")
+    config_path, summary_path, metrics_path = needed
+    config = load_experiment_config(config_path)
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    with open(metrics_path, newline="", encoding="utf-8") as stream:
+        rows = [
+            {**row, "round": int(row["round"]), "epoch": int(row["epoch"]),
+             "value": float(row["value"]) if row["value"] else math.nan}
+            for row in csv.DictReader(stream)
+        ]
+    digest = hashlib.sha256(config_path.read_bytes()).hexdigest()
+    return RunRecord(folder, config, digest, summary, rows)
+
+
+def parse_round(text: str | int) -> str | int:
+    """"best", "last" or a 0-based round number; anything else is a ConfigError."""
+    if isinstance(text, int) or str(text).isdigit():
+        return int(text)
+    if text in ("best", "last"):
+        return str(text)
+    raise ConfigError(f"--round must be 'best', 'last' or a round number, not '{text}'")
+
+
+def _validation_curve(run: RunRecord, site: str, model: str) -> dict[int, float]:
+    """The model's validation metric at the end of every round (what the run selected on)."""
+    metric, epoch = run.summary["metric"], run.config.local_epochs
+    return {
+        row["round"]: row["value"] for row in run.rows
+        if row["site"] == site and row["model"] == model and row["split"] == "val" and row["metric"] == metric
+        and row["epoch"] == epoch
+    }
+
+
+def choose_round(run: RunRecord, site: str, model: str, used_model: str, request: str | int) -> int:
+    """The round to export: "best" (the run's selection for the used model; for the deputy the round of its
+    highest validation score, the earliest on ties), "last", or a number below the completed rounds."""
+    if request == "last":
+        return run.completed_rounds - 1
+    if request == "best":
+        if model == used_model:
+            return int(run.summary["sites"][site]["selected_round"])
+        curve = {r: v for r, v in _validation_curve(run, site, model).items() if not math.isnan(v)}
+        return min(curve, key=lambda r: (-curve[r], r)) if curve else 0
+    if not 0 <= int(request) < run.completed_rounds:
+        raise ConfigError(f"{run.folder}: round {request} does not exist (completed rounds: 0..{run.completed_rounds - 1})")
+    return int(request)
+
+
+def round_metrics(run: RunRecord, site: str, model: str, round_: int) -> dict[str, dict[str, float]]:
+    """Validation and test metrics of a model at the end of a round, as the run recorded them."""
+    epoch = run.config.local_epochs
+    scores: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
+    for row in run.rows:
+        if row["site"] == site and row["model"] == model and row["round"] == round_ and row["epoch"] == epoch:
+            split = {"val": "validation", "test": "test"}.get(row["split"])
+            if split:
+                scores[split][row["metric"]] = row["value"]
+    return scores
+
+
+def training_files(data: SiteData) -> list[str]:
+    """The site's training files as the run saw them: images, or the volumes of the training cases, as
+    sorted paths relative to the site's data_root (absolute when outside it)."""
+    if data.task == "classification":
+        paths = {record["image"] for record in data.splits["train"]}
+    else:
+        paths = {data.geometry[record["case_id"]].image_file for record in data.splits["train"]}
+    root = Path(data.config.data_root).resolve() if data.config is not None else None
+    return sorted(_relative(Path(p), root) for p in paths)
+
+
+def _relative(path: Path, root: Path | None) -> str:
+    resolved = path.resolve()
+    if root is not None and resolved.is_relative_to(root):
+        return resolved.relative_to(root).as_posix()
+    return resolved.as_posix()
+
+
+def files_sha256(files: list[str]) -> str:
+    """sha256 of the file list as UTF-8 text, one path per line, each line ending in a newline."""
+    return hashlib.sha256("".join(f"{name}\n" for name in files).encode("utf-8")).hexdigest()
+
+
+def resolved_eval_recipe(config: ExperimentConfig) -> dict[str, Any]:
+    """The run's evaluation recipe with its variables (input size included) substituted: a recipe mapping
+    that `medfl.data.load_recipe` builds into the very transforms the run evaluated with."""
+    path = recipe_path(config.data.recipe(config.task, "eval"))
+    recipe = load_yaml_mapping(path)
+    variables = {**_substitute(recipe.get("variables") or {}, {}, f"{path}: variables"),
+                 "input_size": config.data.input_size}
+    transforms = _substitute(recipe.get("transforms"), variables, str(path))
+    description = f"{recipe.get('description', path.stem)} (from {path.name}, input size {config.data.input_size})"
+    return {"description": description, "transforms": transforms}
+
+
+def recipe_yaml(recipe: dict[str, Any]) -> str:
+    """The recipe mapping as YAML text."""
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def preprocessing(config: ExperimentConfig, in_channels: int, recipe: dict[str, Any]) -> dict[str, Any]:
+    """How an input becomes the network's input, in words and numbers (the manifest's `preprocessing`)."""
+    size = config.data.input_size
+    if config.task == "classification":
+        return {
+            "kind": "dermoscopy image",
+            "input": "an RGB image file (JPEG or PNG), one lesion per image",
+            "transforms": recipe["transforms"],
+        }
+    return {
+        "kind": "MRI volume, predicted slice by slice",
+        "input": "a 3-D single-channel volume (NIfTI or MetaImage)",
+        "orientation": WORKING_ORIENTATION,
+        "slices": "axial slices of the volume reoriented to the working orientation, inferior to superior",
+        "intensity_percentiles": list(INTENSITY_PERCENTILES),
+        "normalisation": "clip to the percentiles, then z-score over the whole volume",
+        "in_plane_size": [size, size],
+        "in_plane_resize": "bilinear, anti-aliased",
+        "context_slices": config.data.context_slices,
+        "channels": in_channels,
+        "transforms": recipe["transforms"],
+        "inverse": "argmax of the slice logits (upsampled bilinearly to the reoriented in-plane size), "
+                   "reoriented back onto the input's voxel grid",
+    }
