@@ -19,6 +19,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("synth", "synth", "write a deterministic synthetic multi-site data set and its site configs"),
     ("check", "check", "validate site configs and their data; print per-site, per-split, per-class counts"),
     ("run", "run", "run a federated experiment (or resume one) and write its run folder"),
+    ("export", "export", "turn a run folder into per-site deliverables: weights, torch.export program, manifest"),
+    ("predict", "predict", "apply a site's exported model to dermoscopy images or MRI volumes"),
+    ("evaluate", "evaluate", "score a site's exported model on a site's labelled data with the run's metrics"),
     ("report", "report", "compare run folders: markdown tables per site and mean, PNG curves and plots"),
     ("nvflare-job", "nvflare_job", "write an NVIDIA FLARE job folder for an experiment (simulator, POC, production)"),
 ]
