@@ -43,7 +43,9 @@ def load_images(config: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.
         images = []
         for record in records:
             with Image.open(record["image"]) as image:
-                pixels = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+                pixels = np.asarray(
+                    image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32
+                )
             images.append((pixels / 255.0 - 0.5) / 0.25)
         labels = torch.tensor([record["label"] for record in records])
         splits[name] = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), labels)

@@ -16,14 +16,18 @@ def _minimums(text: str) -> tuple[int, int, int]:
     try:
         train, val, test = (int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TRAIN,VAL,TEST integers such as 10,5,5, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected TRAIN,VAL,TEST integers such as 10,5,5, got {text!r}"
+        ) from None
     return train, val, test
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `medfl synth`."""
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same arguments give identical files")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed; same arguments give identical files"
+    )
     parser.add_argument(
         "--scale",
         type=float,
@@ -31,8 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of the reference sites' sizes: per-class totals = train count / 0.7 * scale, "
         f"prostate cases = reference cases * scale, before minimums (default: {DEFAULT_SCALE})",
     )
-    parser.add_argument("--derm-sites", type=int, default=4, help="dermoscopy sites (4 reference, then random)")
-    parser.add_argument("--prostate-sites", type=int, default=6, help="prostate sites (6 reference, then random)")
+    parser.add_argument(
+        "--derm-sites", type=int, default=4, help="dermoscopy sites (4 reference, then random)"
+    )
+    parser.add_argument(
+        "--prostate-sites", type=int, default=6, help="prostate sites (6 reference, then random)"
+    )
     parser.add_argument(
         "--min-per-class",
         type=_minimums,

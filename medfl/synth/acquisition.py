@@ -50,7 +50,9 @@ def _draw_hair(image: np.ndarray, rng: np.random.Generator) -> None:
     colour = np.array([0.10, 0.07, 0.05]) * rng.uniform(0.6, 1.4)
     for _ in range(int(rng.integers(1, 6))):
         r0, c0, r1, c1, r2, c2 = (int(x) for x in rng.integers(-size // 4, size + size // 4, 6))
-        rr, cc = bezier_curve(r0, c0, r1, c1, r2, c2, weight=float(rng.uniform(0.5, 2.0)), shape=image.shape[:2])
+        rr, cc = bezier_curve(
+            r0, c0, r1, c1, r2, c2, weight=float(rng.uniform(0.5, 2.0)), shape=image.shape[:2]
+        )
         opacity = rng.uniform(0.35, 0.8)
         image[rr, cc] = (1 - opacity) * image[rr, cc] + opacity * colour
         if rng.uniform() < 0.5 and size >= 96:

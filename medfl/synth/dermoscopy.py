@@ -28,13 +28,27 @@ SOURCE_LABELS = {
     "isic2019": (("NV", "BKL", "MEL"), ("BCC", "AK", "DF", "VASC", "SCC", "UNK")),
     "csv": (("nevus", "benign_keratosis", "melanoma"), ("basal_cell_carcinoma",)),
 }
-TABLES = {"ham10000": "HAM10000_metadata.csv", "isic2019": "ISIC_2019_Training_GroundTruth.csv", "csv": "labels.csv"}
+TABLES = {
+    "ham10000": "HAM10000_metadata.csv",
+    "isic2019": "ISIC_2019_Training_GroundTruth.csv",
+    "csv": "labels.csv",
+}
 ISIC_METADATA = "ISIC_2019_Training_Metadata.csv"
 ISIC_COLUMNS = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
 ID_STRIDE = 40_000  # image and lesion numbers of site i lie in [24306 + i * stride, 24306 + (i + 1) * stride)
 MAX_SCALE = 5.0  # keeps every site's ids inside its own stride
 
-_LOCALIZATIONS = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "neck", "scalp")
+_LOCALIZATIONS = (
+    "back",
+    "lower extremity",
+    "trunk",
+    "upper extremity",
+    "abdomen",
+    "face",
+    "chest",
+    "neck",
+    "scalp",
+)
 _ANATOM_SITES = ("anterior torso", "posterior torso", "upper extremity", "lower extremity", "head/neck", "")
 _FOREIGN_DATASET = "vienna_dias"
 
@@ -90,7 +104,9 @@ class _Group:
     min_lesions: int = 1
 
 
-def _groups(site: DermSite, seed: int, scale: float, minimums: Minimums, rng: np.random.Generator) -> list[_Group]:
+def _groups(
+    site: DermSite, seed: int, scale: float, minimums: Minimums, rng: np.random.Generator
+) -> list[_Group]:
     """The site's federation classes, its left-out source classes and (derm_b) another dataset's rows."""
     kept, _ = SOURCE_LABELS[site.layout]
     groups = [
@@ -98,11 +114,15 @@ def _groups(site: DermSite, seed: int, scale: float, minimums: Minimums, rng: np
         for cls, source, total in zip(CLASSES, kept, site.totals(scale), strict=True)
     ]
     for source, total in site.dropped:
-        groups.append(_Group(source, None, str(rng.choice(["bkl", "mel"])), site.dataset, site.acquisition, total))
+        groups.append(
+            _Group(source, None, str(rng.choice(["bkl", "mel"])), site.dataset, site.acquisition, total)
+        )
     if site.foreign:
         foreign_acq = random_acquisition(rng_for(seed, site.name, "foreign"))
         for cls, source in zip(CLASSES, kept, strict=True):
-            groups.append(_Group(source, cls, cls, _FOREIGN_DATASET, foreign_acq, site.foreign // len(CLASSES)))
+            groups.append(
+                _Group(source, cls, cls, _FOREIGN_DATASET, foreign_acq, site.foreign // len(CLASSES))
+            )
     return groups
 
 
@@ -149,7 +169,8 @@ def _jpeg(row: Row, site: DermSite, seed: int) -> bytes:
 def _demographics(row: Row, rng: np.random.Generator) -> tuple[str, str]:
     """(age, sex) as HAM10000 writes them; melanoma patients are older on average."""
     age = np.clip(rng.normal(62 if row.drawn_as == "mel" else 45, 15), 5, 85)
-    return f"{5 * round(age / 5):.1f}", str(rng.choice(["male", "female", "male", "female", "unknown"], p=[0.3, 0.3, 0.2, 0.17, 0.03]))
+    sex = str(rng.choice(["male", "female", "unknown"], p=[0.5, 0.47, 0.03]))
+    return f"{5 * round(age / 5):.1f}", sex
 
 
 def _ham_layout(rows: list[Row], rng: np.random.Generator) -> tuple[dict[str, Row], dict[str, str]]:
@@ -157,19 +178,28 @@ def _ham_layout(rows: list[Row], rng: np.random.Generator) -> tuple[dict[str, Ro
     ordered = sorted(rows, key=lambda r: r.image_id)
     half = (len(ordered) + 1) // 2
     paths = {
-        f"HAM10000_images_part_{1 if i < half else 2}/{row.image_id}.jpg": row for i, row in enumerate(ordered)
+        f"HAM10000_images_part_{1 if i < half else 2}/{row.image_id}.jpg": row
+        for i, row in enumerate(ordered)
     }
     table_rows = []
     for row in sorted(rows, key=lambda r: (r.lesion_id, r.image_id)):
         age, sex = _demographics(row, rng)
-        dx_type = "histo" if row.drawn_as == "mel" or rng.uniform() < 0.3 else str(rng.choice(["follow_up", "consensus"]))
+        dx_type = (
+            "histo"
+            if row.drawn_as == "mel" or rng.uniform() < 0.3
+            else str(rng.choice(["follow_up", "consensus"]))
+        )
         localization = str(rng.choice(_LOCALIZATIONS))
-        table_rows.append((row.lesion_id, row.image_id, row.source_label, dx_type, age, sex, localization, row.dataset))
+        table_rows.append(
+            (row.lesion_id, row.image_id, row.source_label, dx_type, age, sex, localization, row.dataset)
+        )
     header = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset")
     return paths, {TABLES["ham10000"]: csv_text(header, table_rows)}
 
 
-def _isic_layout(rows: list[Row], site: DermSite, rng: np.random.Generator) -> tuple[dict[str, Row], dict[str, str]]:
+def _isic_layout(
+    rows: list[Row], site: DermSite, rng: np.random.Generator
+) -> tuple[dict[str, Row], dict[str, str]]:
     """ISIC_2019_Training_Input/ images (some `_downsampled`), one-hot ground truth and metadata tables."""
     lesion_sizes: dict[str, int] = {}
     for row in rows:
@@ -184,7 +214,11 @@ def _isic_layout(rows: list[Row], site: DermSite, rng: np.random.Generator) -> t
         paths[f"ISIC_2019_Training_Input/{name}.jpg"] = row
         truth.append((name, *("1.0" if column == row.source_label else "0.0" for column in ISIC_COLUMNS)))
         age, sex = _demographics(row, rng)
-        lesion = row.lesion_id.replace("HAM_", "BCN_") if lesion_sizes[row.lesion_id] > 1 or rng.uniform() < 0.5 else ""
+        lesion = (
+            row.lesion_id.replace("HAM_", "BCN_")
+            if lesion_sizes[row.lesion_id] > 1 or rng.uniform() < 0.5
+            else ""
+        )
         metadata.append((name, age, str(rng.choice(_ANATOM_SITES)), lesion, sex))
     return paths, {
         TABLES["isic2019"]: csv_text(("image", *ISIC_COLUMNS), truth),

@@ -15,6 +15,7 @@ from medfl.synth.sites import DEFAULT_SCALE, Minimums, derm_sites, prostate_site
 
 DEFAULT_OUT = Path("data/synth")
 MAX_SITES = 64
+MAX_LESIONS_PER_CLASS = 5000  # keeps every site's image ids inside its own id range
 
 
 @dataclass
@@ -36,6 +37,8 @@ def _check(scale: float, n_derm: int, n_prostate: int, minimums: Minimums) -> No
             raise ConfigError(f"{option} must be between 0 and {MAX_SITES}, got {count}")
     if min(minimums.train, minimums.val, minimums.test, minimums.cases) < 1:
         raise ConfigError(f"per-class minimums must be at least 1, got {minimums}")
+    if minimums.lesions() > MAX_LESIONS_PER_CLASS or minimums.cases > MAX_LESIONS_PER_CLASS:
+        raise ConfigError(f"minimums {minimums} ask for more than {MAX_LESIONS_PER_CLASS} lesions or cases")
 
 
 def generate(

@@ -145,12 +145,18 @@ def render_lesion(lesion: Lesion, size: int, view_rng: np.random.Generator) -> n
     alpha = lesion.opacity / (1.0 + np.exp(np.clip(-(1.0 - dist) / lesion.softness, -50, 50)))
 
     rows, cols = np.nonzero(alpha.max(1) > 1e-3)[0], np.nonzero(alpha.max(0) > 1e-3)[0]
-    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)) if rows.size else (slice(0, 0),) * 2
+    box = (
+        (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+        if rows.size
+        else (slice(0, 0),) * 2
+    )
     grid = (np.stack([v[box], u[box]]) + _TEX_EXTENT) * (_TEX - 1) / (2 * _TEX_EXTENT)
     pattern = _texture(lesion)
     texture = np.zeros((size, size, 3))
     if rows.size:
-        texture[box] = np.stack([warp(pattern[..., c], grid, order=1, mode="edge") for c in range(3)], axis=-1)
+        texture[box] = np.stack(
+            [warp(pattern[..., c], grid, order=1, mode="edge") for c in range(3)], axis=-1
+        )
     texture *= (0.75 + 0.35 * np.clip(dist, 0, 1) ** 2)[..., None]  # darker centre
 
     coarse = max(4, size // 10)

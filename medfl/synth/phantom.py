@@ -46,7 +46,11 @@ class Scanner:
 def rotation_x(degrees: float) -> tuple[tuple[float, ...], ...]:
     """Direction cosines of axial slices tilted by `degrees` about the left-right axis (an oblique scan)."""
     a = np.deg2rad(degrees)
-    return ((1.0, 0.0, 0.0), (0.0, float(np.cos(a)), float(-np.sin(a))), (0.0, float(np.sin(a)), float(np.cos(a))))
+    return (
+        (1.0, 0.0, 0.0),
+        (0.0, float(np.cos(a)), float(-np.sin(a))),
+        (0.0, float(np.sin(a)), float(np.cos(a))),
+    )
 
 
 LPS_AXES = ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0))  # DICOM-style arrays seen in RAS
@@ -141,12 +145,15 @@ def _soft(inside: np.ndarray, width: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(inside / width, -30, 30)))
 
 
-def render_case(anatomy: Anatomy, scanner: Scanner, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_case(
+    anatomy: Anatomy, scanner: Scanner, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sample one case with `scanner`; return (image, mask, affine) with arrays in (i, j, k) order."""
     centre = np.array([0.0, -6.0, 0.0]) + rng.normal(0, 3, 3)
     matrix = affine(scanner, centre)
     ijk = np.moveaxis(np.indices(scanner.shape(), dtype=np.float32), 0, -1)
-    world = np.einsum("...j,ij->...i", ijk, matrix[:3, :3].astype(np.float32)) + matrix[:3, 3].astype(np.float32)
+    linear, offset = matrix[:3, :3].astype(np.float32), matrix[:3, 3].astype(np.float32)
+    world = np.einsum("...j,ij->...i", ijk, linear) + offset
     x, y = world[..., 0], world[..., 1]
     edge = max(scanner.spacing, scanner.thickness) / 2
 

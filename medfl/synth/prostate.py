@@ -58,7 +58,10 @@ def metaimage_bytes(array: np.ndarray, affine: np.ndarray, name: str) -> dict[st
     image.SetDirection(tuple(float(v) for v in (_RAS_TO_LPS @ (affine[:3, :3] / zooms)).ravel()))
     with tempfile.TemporaryDirectory() as tmp:
         sitk.WriteImage(image, str(Path(tmp) / f"{name}.mhd"), useCompression=False)
-        return {f"{name}.raw": (Path(tmp) / f"{name}.raw").read_bytes(), f"{name}.mhd": (Path(tmp) / f"{name}.mhd").read_bytes()}
+        return {
+            f"{name}.raw": (Path(tmp) / f"{name}.raw").read_bytes(),
+            f"{name}.mhd": (Path(tmp) / f"{name}.mhd").read_bytes(),
+        }
 
 
 def _split_rows(cases: list[str], rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -71,7 +74,9 @@ def _split_rows(cases: list[str], rng: np.random.Generator) -> list[tuple[str, s
     return [(case, split.get(case, "train")) for case in cases]
 
 
-def write_prostate_site(site: ProstateSite, root: Path, seed: int, scale: float, min_cases: int) -> ProstateResult:
+def write_prostate_site(
+    site: ProstateSite, root: Path, seed: int, scale: float, min_cases: int
+) -> ProstateResult:
     """Write `site` under `root/<name>` and prune stale files; every case gets an image and a mask."""
     folder = Path(root) / site.name
     claim_folder(folder)
@@ -92,7 +97,9 @@ def write_prostate_site(site: ProstateSite, root: Path, seed: int, scale: float,
     split_path = None
     if site.split_file:
         split_path = folder / SPLIT_FILE
-        changed += write_text(split_path, csv_text(("id", "split"), _split_rows(cases, rng_for(seed, site.name, "split"))))
+        changed += write_text(
+            split_path, csv_text(("id", "split"), _split_rows(cases, rng_for(seed, site.name, "split")))
+        )
         written.append(split_path)
     prune(folder, written)
     return ProstateResult(

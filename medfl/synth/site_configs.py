@@ -27,7 +27,12 @@ def relative_root(config_dir: Path, data_dir: Path) -> str:
 def derm_config(site: DermSite, data_root: str) -> dict:
     """The config of a dermoscopy site whose folder is `data_root` (relative to the config's folder)."""
     kept, others = SOURCE_LABELS[site.layout]
-    config: dict = {"name": site.name, "task": "classification", "data_root": data_root, "layout": site.layout}
+    config: dict = {
+        "name": site.name,
+        "task": "classification",
+        "data_root": data_root,
+        "layout": site.layout,
+    }
     config["table"] = TABLES[site.layout]
     if site.layout == "isic2019":
         config["metadata_table"] = ISIC_METADATA
