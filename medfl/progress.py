@@ -84,7 +84,10 @@ class ProgressDisplay:
 
 def print_summary(summary: dict[str, Any], run_dir: Path, console: Console | None = None) -> None:
     """Per-site table of the used model's test metrics at its selected round, and the mean."""
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)  # logs and pipes: never squeeze the table into 80 columns
     sites = summary.get("sites", {})
     if not sites:
         return
