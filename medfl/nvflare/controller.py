@@ -3,14 +3,15 @@
 Each round the controller sends every site its own task (its own weights, keyed by site name, plus the
 federation's class counts and prototypes), waits up to `round_timeout` seconds, and goes on with the sites
 that answered: they are aggregated; a site that failed or did not answer keeps its model and receives the
-next round's task as usual. The run log (NVFlare's log, and the `missing_sites` column of timing.csv) says
-which sites were missing. The server's bookkeeping is the in-process `Coordinator` without sites: the same
+next round's task as usual. NVFlare's log and the run folder's `participation.csv` (round, site, status)
+say which sites took part in each round. The server's bookkeeping is the in-process `Coordinator` without sites: the same
 strategy, deliveries, run log, checkpoint and run folder, so that a restarted job resumes after the last
 completed round and the run folder reads like one written by `medfl run`.
 """
 
 from __future__ import annotations
 
+import csv
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,20 @@ from medfl.federated.server import build_strategy
 from medfl.models import build_model
 from medfl.nvflare.layout import CONFIG_FOLDER, EXPERIMENT_FILE, resolve_run_dir
 from medfl.nvflare.payloads import TASK_DATA_STATS, TASK_TRAIN, Reply, read_reply, stats_task, train_task
+from medfl.runlog import write_csv
+
+PARTICIPATION = "participation.csv"
+ANSWERED, NO_ANSWER = "answered", "no answer"
+
+
+def write_participation(path: Path, round_: int, statuses: Mapping[str, str]) -> None:
+    """Rewrite `path` with the statuses of rounds before `round_` (a resumed round replaces its rows)."""
+    rows = []
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as stream:
+            rows = [row for row in csv.DictReader(stream) if int(row["round"]) < round_]
+    rows += [{"round": round_, "site": site, "status": status} for site, status in statuses.items()]
+    write_csv(path, rows, ("round", "site", "status"))
 
 
 class _Aborted(Exception):
@@ -66,13 +81,14 @@ class MedflController(ModelController):
     def run(self) -> None:
         fobs.register(TensorDecomposer)
         try:
-            self._run(load_experiment_config(Path(self.get_app_dir()) / "config" / self.experiment))
+            self.run_experiment(load_experiment_config(Path(self.get_app_dir()) / "config" / self.experiment))
         except MedflError as error:
             self.panic(f"medfl: {error}")
         except _Aborted:
             self.warning("medfl: the job was aborted; the run folder keeps the last completed round")
 
-    def _run(self, config: ExperimentConfig) -> None:
+    def run_experiment(self, config: ExperimentConfig) -> None:
+        """Start or resume the run of `config` in the run folder and play its remaining rounds."""
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
         book = Coordinator(config, resolve_run_dir(self.run_dir))
@@ -83,7 +99,7 @@ class MedflController(ModelController):
             return
         self.info(f"medfl: {'resuming' if resume else 'starting'} {config.name} ({config.method}) in "
                   f"{book.run_dir}: rounds {start}..{config.rounds - 1}, sites {', '.join(self.sites)}")
-        self._start(book, self._ask(TASK_DATA_STATS, {site: stats_task() for site in self.sites},
+        self._start(book, self.exchange(TASK_DATA_STATS, {site: stats_task() for site in self.sites},
                                     self.start_timeout))
         if resume:
             book.restore(start - 1)
@@ -92,7 +108,7 @@ class MedflController(ModelController):
 
     def _start(self, book: Coordinator, replies: Mapping[str, Reply]) -> None:
         """Build the strategy from a site's network and deliver the global class counts (as in process)."""
-        answered = self._answered(replies, "data statistics")
+        answered = self._answered(self._statuses(replies, "data statistics", "statistics"))
         if not answered:
             raise MedflError("no site reported its data statistics; see the sites' logs")
         network = replies[answered[0]].network or {}
@@ -108,16 +124,18 @@ class MedflController(ModelController):
         started = time.perf_counter()
         upload = book.strategy is not None and round_ < config.rounds - 1
         tasks = {site: train_task(book.deliveries.get(site), round_, config.rounds, upload) for site in self.sites}
-        replies = self._ask(TASK_TRAIN, tasks, self.round_timeout)
-        answered = self._answered(replies, f"round {round_}")
+        replies = self.exchange(TASK_TRAIN, tasks, self.round_timeout)
+        statuses = self._statuses(replies, f"round {round_}", "report")
+        answered = self._answered(statuses)
         timing = {"round": round_, "train_s": 0.0, "eval_s": 0.0, "aggregation_s": 0.0}
         for site in answered:
             reply = replies[site]
             timing["train_s"] += reply.timing.get("train_s", 0.0)
             timing["eval_s"] += reply.timing.get("eval_s", 0.0)
-            book.log.add(site, reply.report or {"rows": [], "det": [], "retrogress": [], "best": {}})
-        if upload and answered:
-            updates = {site: site_update(replies[site].upload, book.device) for site in answered}
+            book.log.add(site, reply.report)
+        updates = {site: site_update(replies[site].upload, book.device) for site in answered
+                   if upload and replies[site].upload is not None}
+        if updates:
             tick = time.perf_counter()
             aggregate = book.strategy.aggregate(round_, updates)
             timing["aggregation_s"] = time.perf_counter() - tick
@@ -125,28 +143,40 @@ class MedflController(ModelController):
         else:
             book.deliveries = {site: None for site in self.sites}
         timing["round_s"] = time.perf_counter() - started
-        timing["missing_sites"] = ";".join(site for site in self.sites if site not in answered)
         timing.update(peak_memory_mb(book.device))
         book.timing.append(timing)
-        book.checkpoint(round_)
+        write_participation(book.run_dir / PARTICIPATION, round_, statuses)
+        book.checkpoint(round_)  # marks the round completed
         book.write_outputs(round_)
         self.info(f"medfl: round {round_} done with {len(answered)}/{len(self.sites)} sites")
 
-    def _answered(self, replies: Mapping[str, Reply], what: str) -> list[str]:
-        """Sites that answered usefully, in the experiment's order; the others are logged."""
-        answered = []
+    def _statuses(self, replies: Mapping[str, Reply], what: str, needs: str) -> dict[str, str]:
+        """Each site's part in a task, in the experiment's order: answered, failed (error type) or no answer.
+
+        A reply without the field `needs` (report, statistics) counts as failed."""
+        statuses = {}
         for site in self.sites:
             reply = replies.get(site)
             if reply is None:
+                statuses[site] = NO_ANSWER
                 self.warning(f"medfl: site '{site}' did not answer ({what}); going on without it")
-            elif reply.failed:
-                self.warning(f"medfl: site '{site}' failed ({what}: {reply.failed}); going on without it")
+            elif reply.failed or getattr(reply, needs) is None:
+                statuses[site] = f"failed ({reply.failed or f'no {needs}'})"
+                self.warning(f"medfl: site '{site}' {statuses[site]} in {what}; going on without it")
             else:
-                answered.append(site)
-        return answered
+                statuses[site] = ANSWERED
+        return statuses
 
-    def _ask(self, task: str, payloads: Mapping[str, FLModel], timeout: int) -> dict[str, Reply]:
-        """Send each site its own payload and wait until every site answered or its task timed out."""
+    @staticmethod
+    def _answered(statuses: Mapping[str, str]) -> list[str]:
+        return [site for site, status in statuses.items() if status == ANSWERED]
+
+    def exchange(self, task: str, payloads: Mapping[str, FLModel], timeout: int) -> dict[str, Reply]:
+        """Send each site its own payload and wait until every site answered or its task timed out.
+
+        The only method that talks to NVFlare: the replies of the sites that answered, keyed by the name
+        NVFlare authenticated.
+        """
         received: dict[str, FLModel] = {}
         for site in self.sites:
             self.send_model(task_name=task, data=payloads[site], targets=[site], timeout=timeout,

@@ -38,7 +38,7 @@ class Reply:
     site: str
     failed: str | None = None  # the error type when the site could not do the task
     round: int | None = None
-    report: dict[str, Any] | None = None  # Site.evaluate() metrics: rows, det, retrogress, best
+    report: dict[str, Any] | None = None  # Site.evaluate() metrics: round, rows, det, retrogress, best
     upload: ExchangeObject | None = None  # Site.get_weights(): deputy weights and statistics
     statistics: dict[str, Any] | None = None  # Site.get_data_stats(): class counts, sample count
     network: dict[str, Any] | None = None  # build_model keywords of the site's models (for parameter roles)
@@ -96,7 +96,7 @@ def read_reply(model: FLModel) -> Reply:
     reply = Reply(site=str(model.meta["client_name"]), failed=entry.get("failed"), round=entry.get("round"),
                   statistics=entry.get("statistics"), network=entry.get("network"),
                   timing=dict(entry.get("timing") or {}))
-    if model.metrics:
+    if model.metrics is not None:
         reply.report = dict(model.metrics)
     if entry.get("upload") is not None:
         reply.upload = ExchangeObject(weights=dict(model.params or {}), statistics=entry["upload"])
