@@ -54,7 +54,7 @@ def load_selected_model(run: Run, site: str, device: torch.device) -> nn.Module:
     return model.to(device).eval()
 
 
-class TestSplits:
+class SplitCache:
     """Each site's test records and eval recipe, read once per (sites, data settings) and shared by runs."""
 
     def __init__(self) -> None:
@@ -104,7 +104,7 @@ def _predicted_classes(model: nn.Module, batches: Iterable[Mapping[str, Any]], d
     return torch.cat(labels).numpy(), torch.cat(predicted).numpy()
 
 
-def confusion_matrices(group: RunGroup, splits: TestSplits, device: torch.device) -> dict[str, np.ndarray]:
+def confusion_matrices(group: RunGroup, splits: SplitCache, device: torch.device) -> dict[str, np.ndarray]:
     """Per site, the test confusion counts of the selected-round model, summed over the group's seeds."""
     classes = group.first.config["data"]["classes"]
     totals: dict[str, np.ndarray] = {}
@@ -149,7 +149,7 @@ def choose_examples(records: Mapping[str, list[dict[str, Any]]], count: int) -> 
 
 
 @torch.no_grad()
-def predict_examples(run: Run, examples: Mapping[str, list[SliceExample]], splits: TestSplits,
+def predict_examples(run: Run, examples: Mapping[str, list[SliceExample]], splits: SplitCache,
                      device: torch.device) -> dict[str, list[np.ndarray]]:
     """The selected-round model's prostate mask (H, W) on each example slice of each site of ``run``."""
     masks: dict[str, list[np.ndarray]] = {}

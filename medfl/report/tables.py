@@ -38,7 +38,7 @@ def result_columns(task: str, classes: Sequence[str], metric: str) -> list[Colum
         last = "macro-F1"
     else:
         test = [Column("Dice", ("test", "dice")), Column("HD95 (mm)", ("test", "hd95"), 2),
-                Column("cases w/o HD95", ("test", "hd95_missing"), 0)]
+                Column("cases w/o HD95", ("test", "hd95_missing"), 1)]
         last = "Dice"
     return test + [
         Column(f"{last} last round", ("test_last_round", metric)),

@@ -17,7 +17,7 @@ import torch
 from medfl.checkpoints import atomic_write_text
 from medfl.errors import ConfigError, MedflError
 from medfl.report import plots
-from medfl.report.predictions import TestSplits, choose_examples, confusion_matrices, predict_examples
+from medfl.report.predictions import SplitCache, choose_examples, confusion_matrices, predict_examples
 from medfl.report.runs import RunGroup, group_runs, load_run, site_names
 from medfl.report.tables import confusion_table, result_columns, results_table, runs_table
 
@@ -62,7 +62,7 @@ def _results_section(groups: list[RunGroup], sites: list[str]) -> list[str]:
     return lines
 
 
-def _confusion_section(groups: list[RunGroup], sites: list[str], splits: TestSplits, device: torch.device,
+def _confusion_section(groups: list[RunGroup], sites: list[str], splits: SplitCache, device: torch.device,
                        notes: list[str]) -> list[str]:
     classes = groups[0].first.config["data"]["classes"]
     matrices: dict[str, dict[str, np.ndarray]] = {}
@@ -83,7 +83,7 @@ def _confusion_section(groups: list[RunGroup], sites: list[str], splits: TestSpl
     return lines
 
 
-def _overlay_figure(groups: list[RunGroup], splits: TestSplits, count: int, device: torch.device,
+def _overlay_figure(groups: list[RunGroup], splits: SplitCache, count: int, device: torch.device,
                     notes: list[str]):
     try:
         examples = choose_examples(splits.records(groups[0].first), count)
@@ -100,7 +100,7 @@ def _overlay_figure(groups: list[RunGroup], splits: TestSplits, count: int, devi
 
 
 def _figures(groups: list[RunGroup], sites: list[str], out: Path, predictions: bool, examples: int,
-             splits: TestSplits, device: torch.device, notes: list[str]) -> list[Path]:
+             splits: SplitCache, device: torch.device, notes: list[str]) -> list[Path]:
     first = groups[0].first
     figures = {
         "validation_curves.png": plots.validation_curves(groups, sites, first.metric),
@@ -146,7 +146,7 @@ def write_report(
     out = Path(out) if out is not None else default_out(run_dirs)
     device = torch.device(device)
     notes: list[str] = []
-    splits = TestSplits()
+    splits = SplitCache()
     first = groups[0].first
     lines = [f"# medfl report: {first.config.get('name', '')} ({first.task})", "", "## Runs", "",
              runs_table(groups), "",
