@@ -67,7 +67,7 @@ def validation_curves(groups: Sequence[RunGroup], sites: Sequence[str], metric: 
     """Per site: the validation metric of the model each site uses (solid) and of the model that receives the
     server's weights (dashed, two-model methods), through every round; dotted lines mark communications."""
     figure, axes = _grid(len(sites))
-    last_round = max(row["round"] for g in groups for run in g.runs for row in run.metrics)
+    last_round = max((row["round"] for g in groups for run in g.runs for row in run.metrics), default=0)
     communicates = any(g.first.communicates for g in groups)
     for ax, site in zip(axes, sites, strict=True):
         for index, group in enumerate(groups):

@@ -156,8 +156,9 @@ def _labels(groups: list[list[Run]]) -> list[str]:
             continue
         mine = compared_settings(runs[0].config)
         flats = [compared_settings(t.config) for t in twins]
-        differing = [k for k in mine if k != "method" and any(f.get(k) != mine[k] for f in flats)]
-        labels.append(f"{method} ({', '.join(f'{k}={mine[k]}' for k in differing[:3])})")
+        keys = dict.fromkeys(k for f in flats for k in f)
+        differing = [k for k in keys if any(f.get(k) != mine.get(k) for f in flats)]
+        labels.append(f"{method} ({', '.join(f'{k}={mine.get(k)}' for k in differing[:3])})")
     return labels
 
 
