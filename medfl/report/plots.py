@@ -171,9 +171,10 @@ def segmentation_overlays(
     red = ListedColormap(["#d62728"])
     for row, example in enumerate(rows):
         index = examples[example.site].index(example)
-        panels = [("truth", None)] + [
-            (label, predictions[label].get(example.site, [None] * (index + 1))[index]) for label in labels
-        ]
+        panels: list[tuple[str, np.ndarray | None]] = [("truth", None)]
+        for label in labels:
+            masks = predictions[label].get(example.site)
+            panels.append((label, masks[index] if masks else None))
         for column, (title, mask) in enumerate(panels):
             ax = axes[row, column]
             ax.imshow(example.image, cmap="gray", interpolation="nearest")
