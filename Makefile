@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/medfl run site_configs/experiments/prostate.yaml --out runs/demo/prostate
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medfl tests benchmarks

@@ -113,4 +113,6 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console | Non
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+        return str(int(value))  # counts such as num_cases and hd95_missing
     return f"{value:.3f}" if isinstance(value, float) else str(value)
