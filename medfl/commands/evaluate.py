@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
 
     export = load_export(args.export_dir, args.site, resolve_device(args.device))
     result = evaluate_export(export, args.site_config, args.split)
-    print(f"{export.describe()} on site '{result['site']}', {args.split} split ({result['samples']} samples):")
+    split = "all splits" if args.split == "all" else f"{args.split} split"
+    print(f"{export.describe()} on site '{result['site']}', {split} ({result['samples']} samples):")
     for name, value in result["metrics"].items():
         print(f"  {name:<20} {value:.4f}" if isinstance(value, float) else f"  {name:<20} {value}")
     out = args.out or default_output(export, result["site"], args.split)

@@ -188,14 +188,15 @@ def export_run(
         raise ConfigError(f"{run.folder}: method '{run.config.method}' shares no model with a federation: "
                           "there is no deputy to export")
     configs = {site.name: site for site in run.config.load_sites()}
-    names = list(sites) if sites else list(run.summary["sites"])
+    names = list(dict.fromkeys(sites)) if sites else list(run.summary["sites"])
     unknown = [name for name in names if name not in configs]
     if unknown:
         raise ConfigError(f"{run.folder}: no site '{unknown[0]}' in this run (sites: {', '.join(configs)})")
     out = Path(out) if out is not None else run.folder / "export"
     taken = [str(out / name) for name in names if (out / name).exists()]
     if taken:
-        raise ConfigError(f"{', '.join(taken)} already exist(s): an export is never overwritten; "
+        verb = "exists" if len(taken) == 1 else "exist"
+        raise ConfigError(f"{', '.join(taken)} already {verb}: an export is never overwritten; "
                           "choose another folder with --out, or remove the old export")
     exports = []
     for name in names:
