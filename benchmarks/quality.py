@@ -1,0 +1,513 @@
+"""Quality of the method against its baselines and ablations on synthetic federations.
+
+Writes a synthetic data set with `medfl.synth.generate` (dermoscopy: 4 sites, prostate: 6 sites), then runs
+the shipped experiments (site_configs/experiments/*.yaml) with the Coordinator for every method and seed:
+the same data, network, rounds, local epochs and seeds for all of them; only `method` (and the seed) change.
+Main methods: local, fedavg, fedbn, fml, prr; ablations (fewer seeds): fedavg_det, pfa_only, prr_ce.
+
+Reported per site and as the mean over sites, mean ± sample sd across seeds: test macro-F1, the F1 of the
+federation's rarest training class, AUC and accuracy (dermoscopy), Dice and HD95 (prostate), at the round
+each site's validation score selected; retrogress and recovery of the model that receives the server's
+weights; curve dips of the model each site uses (algorithm.md). Paired differences (same seed) of prr
+against fedavg and fedbn answer the benchmark's question.
+
+    python benchmarks/quality.py --quick     # dermoscopy only, 2 seeds, 10 rounds x 3 epochs
+    python benchmarks/quality.py             # both tasks, the 2-core CPU plan (see PRESETS)
+    python benchmarks/quality.py --full      # the reference settings, for a GPU machine
+
+Runs go to benchmarks/results/tmp/quality/<preset>/ (finished runs are reused, interrupted ones resumed);
+results to benchmarks/results/quality[.quick|.full].{json,md,png} and quality[...].<task>.curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medfl.checkpoints import atomic_write_json, atomic_write_text
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPOSITORY = BENCHMARKS.parent
+RESULTS = BENCHMARKS / "results"
+EXPERIMENTS = REPOSITORY / "site_configs" / "experiments"
+MAIN_METHODS = ("local", "fedavg", "fedbn", "fml", "prr")
+ABLATIONS = ("fedavg_det", "pfa_only", "prr_ce")
+TASKS = {"dermoscopy": ("classification", "dermoscopy.yaml"), "prostate": ("segmentation", "prostate.yaml")}
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """One task's budget: rounds, local epochs, seeds, and overrides of the shipped experiment (sizes only)."""
+
+    rounds: int
+    local_epochs: int
+    seeds: int
+    warmup_rounds: int | None = None  # None: medfl's default, 30% of the rounds
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_rounds if self.warmup_rounds is not None else int(round(0.3 * self.rounds))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Data scale, device, and the plan of each task (tasks not listed are not run)."""
+
+    description: str
+    scale: float
+    device: str
+    tasks: dict[str, TaskPlan]
+    ablation_seeds: int = 1
+
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset(
+        "dermoscopy only, 2 seeds, 10 rounds x 3 local epochs (about 25 min on a busy 2-core machine)",
+        scale=0.1, device="cpu",
+        tasks={"dermoscopy": TaskPlan(rounds=10, local_epochs=3, seeds=2)},
+    ),
+    "default": Preset(
+        "the 2-core CPU plan: shipped experiments (32 px slim VGG-16 x0.25, 64 px UNet x0.5), synthetic "
+        "scale 0.1, dermoscopy 3 seeds x 20 rounds x 3 epochs, prostate 2 seeds x 10 rounds x 3 epochs",
+        scale=0.1, device="cpu",
+        tasks={
+            "dermoscopy": TaskPlan(rounds=20, local_epochs=3, seeds=3),
+            "prostate": TaskPlan(rounds=10, local_epochs=3, seeds=2),
+        },
+    ),
+    "full": Preset(
+        "the reference settings (algorithm.md) for a GPU: synthetic scale 1 (reference counts), dermoscopy "
+        "128 px slim VGG-16 x1, 50 rounds x 5 epochs, warm-up 15; prostate 256 px UNet x1, lr 1e-3, 20 x 5, "
+        "warm-up 1",
+        scale=1.0, device="auto",
+        tasks={
+            "dermoscopy": TaskPlan(
+                rounds=50, local_epochs=5, seeds=3, warmup_rounds=15,
+                overrides={"data": {"input_size": 128}, "model": {"width": 1.0}, "batch_size": 16},
+            ),
+            "prostate": TaskPlan(
+                rounds=20, local_epochs=5, seeds=2, warmup_rounds=1,
+                overrides={"data": {"input_size": 256}, "model": {"width": 1.0}, "batch_size": 8,
+                           "optimizer": {"lr": 1e-3}},
+            ),
+        },
+    ),
+}  # fmt: skip
+
+
+# ---- planning ----------------------------------------------------------------------------------------------
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in, nested mappings key by key."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def site_configs(synth_root: Path, task: str) -> list[str]:
+    """The generated site configs of a task, in site order."""
+    return [str(path) for path in sorted((synth_root / "site_configs" / task).glob("*.yaml"))]
+
+
+def experiment_dict(task: str, plan: TaskPlan, method: str, seed: int, synth_root: Path, threads: int,
+                    device: str) -> dict[str, Any]:
+    """The shipped experiment of `task` with this preset's budget, method and seed; nothing else changed."""
+    base = yaml.safe_load((EXPERIMENTS / TASKS[task][1]).read_text(encoding="utf-8"))
+    return deep_merge(base, {
+        **plan.overrides,
+        "sites": site_configs(synth_root, task),
+        "method": method, "seed": seed, "rounds": plan.rounds, "local_epochs": plan.local_epochs,
+        "cpa": {"warmup_rounds": plan.warmup},
+        "device": device, "runtime": {"threads": threads},
+        "output_dir": str(synth_root.parent / "runs"),
+    })
+
+
+def plan_jobs(preset: Preset, root: Path, threads: int, device: str) -> list[dict[str, Any]]:
+    """Every (task, method, seed) run of the preset, two-model methods first (they take longest)."""
+    synth_root = root / "synth"
+    jobs = []
+    for task, plan in preset.tasks.items():
+        for method in MAIN_METHODS + ABLATIONS:
+            seeds = plan.seeds if method in MAIN_METHODS else min(preset.ablation_seeds, plan.seeds)
+            for seed in range(seeds):
+                name = f"{task}-{method}-seed{seed}"
+                config_path = root / "configs" / f"{name}.yaml"
+                atomic_write_text(config_path, yaml.safe_dump(
+                    experiment_dict(task, plan, method, seed, synth_root, threads, device), sort_keys=False))
+                jobs.append({"name": name, "task": task, "method": method, "seed": seed, "threads": threads,
+                             "config": str(config_path), "run_dir": str(root / "runs" / name)})
+    from medfl.federated.methods import method_spec
+
+    return sorted(jobs, key=lambda job: (not method_spec(job["method"]).two_models, job["task"] != "prostate"))
+
+
+# ---- running (one process per run, so that runs can share the cores) ----------------------------------------
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Run (or resume, or reuse) one experiment with the Coordinator; its wall and process CPU seconds."""
+    import torch
+
+    from medfl.experiment import load_experiment_config
+    from medfl.federated.coordinator import Coordinator, resolve_device
+
+    torch.set_num_threads(job["threads"])
+    config = load_experiment_config(job["config"])
+    run_dir = Path(job["run_dir"])
+    record = run_dir / "benchmark_job.json"
+    saved_config = run_dir / "config.yaml"
+    if saved_config.is_file() and yaml.safe_load(saved_config.read_text(encoding="utf-8")) != config.resolved():
+        shutil.rmtree(run_dir)  # a run of an earlier preset definition: start again
+    summary_path = run_dir / "summary.json"
+    if record.is_file() and summary_path.is_file() and json.loads(summary_path.read_text())["finished"]:
+        return {**job, **json.loads(record.read_text()), "reused": True}
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    wall, cpu = time.perf_counter(), time.process_time()
+    Coordinator(config, run_dir, resolve_device(config.device)).run(resume=resume)
+    timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "resumed": resume}
+    atomic_write_json(record, timing)
+    return {**job, **timing, "reused": False}
+
+
+def run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+    """Run the jobs on `workers` processes; one line per finished run."""
+    done = []
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_job, job) for job in jobs]
+        for future in as_completed(futures):
+            result = future.result()
+            done.append(result)
+            state = "reused" if result["reused"] else f"{result['wall_s']:.0f} s wall, {result['cpu_s']:.0f} s CPU"
+            print(f"[{time.perf_counter() - start:6.0f} s] {len(done)}/{len(jobs)} {result['name']}: {state}",
+                  flush=True)
+    return done
+
+
+# ---- reading the runs -------------------------------------------------------------------------------------
+
+
+def train_counts(run_config: dict[str, Any]) -> dict[str, list[int]]:
+    """Per-site training class counts, read with medfl's own reader and the run's data settings."""
+    from medfl.config import DataSettings, load_site_config
+    from medfl.data import load_site
+
+    settings = DataSettings(**run_config["data"])
+    counts = {}
+    for path in run_config["sites"]:
+        site = load_site_config(path)
+        counts[site.name] = load_site(site, settings).class_counts("train")
+    return counts
+
+
+def communication_dips(run, site: str) -> float:
+    """Sum over rounds of the drop of the used model's validation score across a communication (epoch E of
+    round t-1 to epoch 0 of round t); only meaningful for one-model methods, whose model is overwritten."""
+    values = {(row["round"], row["epoch"]): row["value"] for row in run.metrics
+              if (row["site"], row["model"], row["split"], row["metric"]) == (site, run.used_model, "val", run.metric)}
+    epochs = run.local_epochs
+    drops = [max(0.0, values[(t - 1, epochs)] - values[(t, 0)])
+             for t in range(1, 1 + max(r for r, _ in values)) if (t - 1, epochs) in values and (t, 0) in values]
+    return float(sum(drops))
+
+
+def site_values(run, metrics: dict[str, tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """Per site: the requested summary values, plus communication dips for one-model communicating methods."""
+    values = {}
+    for site, entry in run.summary["sites"].items():
+        row = {}
+        for name, (section, key) in metrics.items():
+            source = entry.get(section, {}) if section else entry
+            value = source.get(key) if isinstance(source, dict) else None
+            row[name] = math.nan if value is None else float(value)
+        if not run.communicates:
+            row["retrogress"] = row["recovery"] = math.nan
+        row["communication_dips"] = (
+            communication_dips(run, site) if run.communicates and run.used_model == run.receiving_model else math.nan
+        )
+        values[site] = row
+    return values
+
+
+def det_shares(run) -> dict[str, float]:
+    """Share of local epochs spent in each DET state (every site, every round)."""
+    states = Counter(row["state"] for row in run.det if row.get("state"))
+    total = sum(states.values())
+    return {state: states[state] / total for state in ("recover", "exchange", "sublimate")} if total else {}
+
+
+def task_metrics(task: str, rarest: str | None) -> dict[str, tuple[str, str]]:
+    """Reported values: name -> (summary section, key); the section '' is the site entry itself."""
+    dynamics = {"retrogress": ("", "retrogress"), "recovery": ("", "recovery"), "curve_dips": ("", "curve_dips")}
+    if task == "dermoscopy":
+        return {"macro_f1": ("test", "macro_f1"), f"f1_{rarest}": ("test", f"f1_{rarest}"),
+                "auc": ("test", "auc"), "accuracy": ("test", "accuracy"),
+                "macro_f1_last_round": ("test_last_round", "macro_f1"), **dynamics}
+    return {"dice": ("test", "dice"), "hd95": ("test", "hd95"), "hd95_missing": ("test", "hd95_missing"),
+            "dice_last_round": ("test_last_round", "dice"), **dynamics}
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean and sample sd of the defined values (sd None with fewer than two)."""
+    defined = [v for v in values if not math.isnan(v)]
+    if not defined:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": statistics.fmean(defined), "sd": statistics.stdev(defined) if len(defined) > 1 else None,
+            "n": len(defined)}
+
+
+def nanmean(values: list[float]) -> float:
+    defined = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(defined) if defined else math.nan
+
+
+def summarise_task(task: str, runs: list) -> dict[str, Any]:
+    """Per method: per-site and mean-over-sites values across seeds, DET shares, and prr's paired differences."""
+    counts, totals, classes, rarest = {}, [], None, None
+    if task == "dermoscopy":
+        counts = train_counts(runs[0].config)
+        totals = [sum(column) for column in zip(*counts.values(), strict=True)]
+        classes = runs[0].config["data"]["classes"]
+        rarest = classes[totals.index(min(totals))]
+    metrics = task_metrics(task, rarest)
+    names = list(metrics) + ["communication_dips"]
+    by_method: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
+    shares: dict[str, list[dict[str, float]]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, {})[run.seed] = site_values(run, metrics)
+        if det_shares(run):
+            shares.setdefault(run.method, []).append(det_shares(run))
+    sites = list(runs[0].summary["sites"])
+    methods = {}
+    for method, seeds in by_method.items():
+        site_means = {seed: {n: nanmean([values[s][n] for s in sites]) for n in names} for seed, values in seeds.items()}
+        methods[method] = {
+            "seeds": sorted(seeds),
+            "mean": {n: spread([site_means[seed][n] for seed in seeds]) for n in names},
+            "sites": {s: {n: spread([seeds[seed][s][n] for seed in seeds]) for n in names} for s in sites},
+            "per_seed": {str(seed): {"mean": site_means[seed], "sites": values} for seed, values in seeds.items()},
+            "det_states": {k: statistics.fmean(d[k] for d in shares[method]) for k in shares[method][0]}
+            if method in shares else None,
+        }
+    headline = "macro_f1" if task == "dermoscopy" else "dice"
+    compared = [headline] + ([f"f1_{rarest}"] if rarest else []) + ["curve_dips"]
+    paired = {}
+    for other in ("fedavg", "fedbn"):
+        if "prr" in by_method and other in by_method:
+            common = sorted(set(by_method["prr"]) & set(by_method[other]))
+            paired[f"prr_minus_{other}"] = {
+                n: spread([methods["prr"]["per_seed"][str(s)]["mean"][n] - methods[other]["per_seed"][str(s)]["mean"][n]
+                           for s in common]) for n in compared
+            }
+    return {"sites": sites, "train_counts": counts, "class_totals": totals, "classes": classes, "rarest_class": rarest,
+            "metrics": names, "methods": methods, "paired_differences": paired}
+
+
+# ---- output ----------------------------------------------------------------------------------------------
+
+
+LABELS = {"macro_f1": "macro-F1", "auc": "AUC", "accuracy": "accuracy", "dice": "Dice", "hd95": "HD95 (mm)",
+          "hd95_missing": "cases w/o HD95", "macro_f1_last_round": "macro-F1 last round",
+          "dice_last_round": "Dice last round", "retrogress": "retrogress (receiving)",
+          "recovery": "recovery (receiving)", "curve_dips": "curve dips (used)",
+          "communication_dips": "of which at communication"}
+
+
+def cell(entry: dict[str, Any], digits: int = 3) -> str:
+    if entry["mean"] is None:
+        return "–"
+    text = f"{entry['mean']:.{digits}f}"
+    return text + (f" ± {entry['sd']:.{digits}f}" if entry["sd"] is not None else "")
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name.replace("f1_", "F1 ") + (" (rarest)" if name.startswith("f1_") else ""))
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def task_markdown(task: str, result: dict[str, Any], plan: dict[str, Any]) -> str:
+    methods = [m for m in MAIN_METHODS + ABLATIONS if m in result["methods"]]
+    quality = [n for n in result["metrics"] if n not in ("retrogress", "recovery", "curve_dips", "communication_dips")]
+    dynamics = ["retrogress", "recovery", "curve_dips", "communication_dips"]
+    headline = quality[0]
+    counts = ", ".join(f"{s} {'/'.join(map(str, c))}" for s, c in result["train_counts"].items())
+    lines = [f"## {task}", "",
+             f"{plan['rounds']} rounds x {plan['local_epochs']} local epochs, CPA warm-up {plan['warmup']} rounds; "
+             f"seeds: main methods {plan['seeds']}, ablations {plan['ablation_seeds']}. "
+             + ("Training counts per site" if task == "dermoscopy" else "Sites")
+             + (f" ({'/'.join(result['classes'])}): {counts}; rarest class over the federation: "
+                f"**{result['rarest_class']}** (totals {'/'.join(map(str, result['class_totals']))})."
+                if task == "dermoscopy" else f": {len(result['sites'])} sites (cases split 70/10/20)."),
+             "", "### Mean over sites (test, selected round; mean ± sd across seeds)", "",
+             table(["method", "seeds"] + [label(n) for n in quality],
+                   [[m, str(len(result["methods"][m]["seeds"]))]
+                    + [cell(result["methods"][m]["mean"][n], 2 if n == "hd95" else 3) for n in quality]
+                    for m in methods]),
+             "", f"### {label(headline)} per site", "",
+             table(["method"] + result["sites"],
+                   [[m] + [cell(result["methods"][m]["sites"][s][headline]) for s in result["sites"]] for m in methods])]
+    if task == "dermoscopy":
+        rare = f"f1_{result['rarest_class']}"
+        lines += ["", f"### {label(rare)} per site", "",
+                  table(["method"] + result["sites"],
+                        [[m] + [cell(result["methods"][m]["sites"][s][rare]) for s in result["sites"]] for m in methods])]
+    lines += ["", "### Retrogress, recovery and curve dips (validation " + ("macro-F1" if task == "dermoscopy" else "Dice")
+              + ", mean over sites and rounds)", "",
+              "Retrogress and recovery are those of the model that receives the server's weights (D for two-model "
+              "methods, the single model otherwise). Curve dips are those of the model each site uses (P or the "
+              "single model): the sum of its drops from epoch to epoch over the whole run. Communication dips are "
+              "shown only where the used model is the one overwritten; P is never overwritten, so its part at "
+              "communication is zero by construction and is not a measurement.", "",
+              table(["method"] + [label(n) for n in dynamics],
+                    [[m] + [cell(result["methods"][m]["mean"][n]) for n in dynamics] for m in methods])]
+    det = [m for m in methods if result["methods"][m]["det_states"]]
+    if det:
+        lines += ["", "### DET states (share of local epochs, all sites and rounds)", "",
+                  table(["method", "recover", "exchange", "sublimate"],
+                        [[m] + [f"{result['methods'][m]['det_states'].get(k, 0):.2f}"
+                                for k in ("recover", "exchange", "sublimate")] for m in det])]
+    if result["paired_differences"]:
+        lines += ["", "### prr against fedavg and fedbn (paired by seed: mean ± sd of the differences)", ""]
+        for name, diffs in result["paired_differences"].items():
+            parts = ", ".join(f"{label(n)} {cell(d, 3)}" for n, d in diffs.items())
+            lines.append(f"- {name.replace('_minus_', ' - ')}: {parts}")
+    return "\n".join(lines)
+
+
+def bar_figure(results: dict[str, Any], path: Path) -> None:
+    """Mean-over-sites test score per method with the spread across seeds, one panel per reported score."""
+    from matplotlib.figure import Figure
+
+    from medfl.report.plots import save_png
+
+    panels = []
+    for task, result in results.items():
+        first = result["metrics"][0]
+        panels.append((task, first))
+        if task == "dermoscopy":
+            panels.append((task, f"f1_{result['rarest_class']}"))
+        panels.append((task, "curve_dips"))
+    figure = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
+    for axis, (task, name) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        methods = [m for m in MAIN_METHODS + ABLATIONS if m in results[task]["methods"]]
+        entries = [results[task]["methods"][m]["mean"][name] for m in methods]
+        means = [e["mean"] if e["mean"] is not None else math.nan for e in entries]
+        errors = [e["sd"] or 0.0 for e in entries]
+        colours = ["C3" if m == "prr" else "C0" if m in MAIN_METHODS else "0.6" for m in methods]
+        axis.bar(range(len(methods)), means, yerr=errors, capsize=3, color=colours)
+        axis.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
+        axis.set_title(f"{task}: {label(name)}", fontsize=10)
+    save_png(figure, path)
+
+
+def curve_figures(task_runs: dict[str, list], stem: Path) -> list[Path]:
+    """Per task, validation curves of fedavg, fedbn and prr per site (mean over seeds), communications dotted."""
+    from medfl.report.plots import save_png, validation_curves
+    from medfl.report.runs import group_runs, site_names
+
+    written = []
+    for task, runs in task_runs.items():
+        chosen = [run for run in runs if run.method in ("fedavg", "fedbn", "prr")]
+        if chosen:
+            groups = group_runs(chosen)
+            path = stem.parent / f"{stem.name}.{task}.curves.png"
+            written.append(save_png(validation_curves(groups, site_names(groups), chosen[0].metric), path))
+    return written
+
+
+def write_outputs(stem: Path, preset_name: str, preset: Preset, results: dict[str, Any], task_runs: dict[str, list],
+                  info: dict[str, Any], command: str) -> None:
+    plans = {task: {**asdict(plan), "warmup": plan.warmup, "ablation_seeds": preset.ablation_seeds}
+             for task, plan in preset.tasks.items()}
+    atomic_write_json(stem.with_suffix(".json"), {"preset": preset_name, "description": preset.description,
+                                                  "scale": preset.scale, "plans": plans, "machine": info,
+                                                  "command": command, "results": results})
+    timing = info["benchmark"]
+    header = [
+        f"# Quality: methods and ablations on synthetic federations (preset `{preset_name}`)", "",
+        f"`{command}`", "",
+        f"{preset.description}. Synthetic data: `medfl.synth.generate(scale={preset.scale})`, data seed 0, "
+        "70/10/20 split; every method runs the shipped experiment config with the same data, network, budget "
+        "and seeds, only `method` and `seed` differ.", "",
+        f"Machine: {info['cpu']}, {info['cpu_cores']} cores, device {info['device']}, {timing['workers']} runs "
+        f"in parallel with {timing['threads']} torch thread(s) each, load average {info.get('load_average_1min')} "
+        f"at the start. Wall time {timing['wall_s'] / 60:.1f} min; the runs' process CPU time "
+        f"{timing['cpu_s'] / 60:.1f} min (runs reused from an earlier invocation: {timing['reused']}).", "",
+        "Test scores are those of the model each site uses, at the round its validation score selected; "
+        "`medfl report benchmarks/results/tmp/quality/<preset>/runs/<run>...` gives the full report of any runs.",
+    ]
+    body = [task_markdown(task, result, plans[task]) for task, result in results.items()]
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(header) + "\n\n" + "\n\n".join(body) + "\n")
+    bar_figure(results, stem.with_suffix(".png"))
+    curve_figures(task_runs, stem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="dermoscopy only, 2 seeds, 10 rounds (~25 min)")
+    group.add_argument("--full", action="store_true", help="the reference settings, for a GPU machine")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (default 2: one per core)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the preset's device")
+    parser.add_argument("--root", type=Path, default=RESULTS / "tmp" / "quality", help="where runs are kept")
+    parser.add_argument("--output", type=Path, default=None, help="path stem of the results")
+    args = parser.parse_args(argv)
+    preset_name = "quick" if args.quick else "full" if args.full else "default"
+    preset = PRESETS[preset_name]
+    device = args.device or preset.device
+    root = args.root.resolve() / preset_name
+    stem = args.output or RESULTS / ("quality" if preset_name == "default" else f"quality.{preset_name}")
+    sys.path.insert(0, str(BENCHMARKS))
+    from aggregation import machine, resolve_device
+
+    from medfl.report.runs import load_run
+    from medfl.synth import generate
+
+    info = machine(resolve_device(device))
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    start = time.perf_counter()
+    generate(root / "synth", scale=preset.scale, n_derm=4 if "dermoscopy" in preset.tasks else 0,
+             n_prostate=6 if "prostate" in preset.tasks else 0)
+    jobs = plan_jobs(preset, root, args.threads, device)
+    print(f"preset {preset_name}: {len(jobs)} runs on {args.workers} workers", flush=True)
+    done = run_all(jobs, args.workers)
+    info["benchmark"] = {"wall_s": time.perf_counter() - start, "cpu_s": sum(d["cpu_s"] for d in done),
+                         "workers": args.workers, "threads": args.threads,
+                         "reused": sum(d["reused"] for d in done), "runs": len(done),
+                         "per_run": {d["name"]: {"wall_s": d["wall_s"], "cpu_s": d["cpu_s"]} for d in done}}
+    task_runs = {task: [load_run(job["run_dir"]) for job in jobs if job["task"] == task] for task in preset.tasks}
+    results = {task: summarise_task(task, runs) for task, runs in task_runs.items()}
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_outputs(stem, preset_name, preset, results, task_runs, info, command.strip())
+    print(stem.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
