@@ -9,8 +9,11 @@ class path (`medfl.nvflare.controller.MedflController`).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -35,6 +38,18 @@ def job_name(config: ExperimentConfig) -> str:
     return f"medfl-{config.name}-{config.method}"
 
 
+@contextmanager
+def _working_folder(path: Path) -> Iterator[None]:
+    """FedJob resolves a Client API script against the working folder (when added and when exported), and
+    writes that path into the client config: a bare file name keeps the job free of the writer's paths."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def write_job(
     config: ExperimentConfig,
     out: str | Path,
@@ -50,8 +65,9 @@ def write_job(
     by default); the timeouts are in seconds, 0 for none.
     """
     require_nvflare()
-    from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
+    from nvflare.client.config import ExchangeFormat
     from nvflare.job_config.api import FedJob
+    from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
 
     from medfl.nvflare.controller import MedflController
 
@@ -76,20 +92,20 @@ def write_job(
         staging = Path(tmp)
         experiment = atomic_write_text(staging / EXPERIMENT_FILE, yaml.safe_dump(config.resolved(), sort_keys=False))
         settings = atomic_write_text(staging / JOB_FILE, yaml.safe_dump({"run_dir": str(run_dir)}))
+        shutil.copyfile(Path(__file__).with_name(SITE_SCRIPT), staging / SITE_SCRIPT)
         job.add_file_to_server(str(experiment), dest_dir=CONFIG_FOLDER, app_folder_type="config")
-        for site in sites:
-            executor = ClientAPIExecutor(task_script_path=SITE_SCRIPT, execution_mode="in_process",
-                                         params_exchange_format="pytorch", server_expected_format="pytorch")
-            job.to(executor, site.name)
-            site_file = atomic_write_text(staging / site.name / SITE_FILE,
-                                          yaml.safe_dump(site.model_dump(mode="json"), sort_keys=False))
-            for path in (experiment, settings, site_file):
-                job.add_file_to(str(path), site.name, dest_dir=CONFIG_FOLDER, app_folder_type="config")
-            job.add_file_to(str(Path(__file__).with_name(SITE_SCRIPT)), site.name)
-        export = staging / "export"
-        job.export_job(str(export))
+        with _working_folder(staging):
+            for site in sites:
+                # the Client API in the site's job process, torch tensors on the wire in both directions
+                job.to(ScriptRunner(script=SITE_SCRIPT, framework=FrameworkType.PYTORCH,
+                                    server_expected_format=ExchangeFormat.PYTORCH), site.name)
+                site_file = atomic_write_text(staging / site.name / SITE_FILE,
+                                              yaml.safe_dump(site.model_dump(mode="json"), sort_keys=False))
+                for path in (experiment, settings, site_file):
+                    job.add_file_to(str(path), site.name, dest_dir=CONFIG_FOLDER, app_folder_type="config")
+            job.export_job(str(staging / "export"))
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()
-        shutil.move(str(export / job.name), str(out))
+        shutil.move(str(staging / "export" / job.name), str(out))
     return out

@@ -48,7 +48,7 @@ class Reply:
 # ---------------------------------------------------------------- server -> site
 def stats_task() -> FLModel:
     """Ask a site to load its data and report its class counts, sample count and network."""
-    return FLModel(params={}, meta={KEY: {}})
+    return FLModel(params={}, meta={KEY: {"task": TASK_DATA_STATS}})
 
 
 def train_task(delivery: ExchangeObject | None, round_: int, rounds: int, upload: bool) -> FLModel:
@@ -58,7 +58,14 @@ def train_task(delivery: ExchangeObject | None, round_: int, rounds: int, upload
         encoded = {"has_weights": delivery.weights is not None, "statistics": delivery.statistics}
     weights = dict(delivery.weights) if delivery is not None and delivery.weights else {}
     return FLModel(params=weights, current_round=round_, total_rounds=rounds,
-                   meta={KEY: {"round": round_, "upload": upload, "delivery": encoded}})
+                   meta={KEY: {"task": TASK_TRAIN, "round": round_, "upload": upload, "delivery": encoded}})
+
+
+def task_kind(model: FLModel) -> str:
+    """Which medfl task a message from the controller is (the payload says it, whatever NVFlare names it);
+    "" for a message that is not medfl's."""
+    entry = (model.meta or {}).get(KEY)
+    return str(entry.get("task", "")) if isinstance(entry, dict) else ""
 
 
 def read_train_task(model: FLModel) -> TrainTask:

@@ -30,6 +30,7 @@ from medfl.nvflare.payloads import (
     failure_reply,
     read_train_task,
     stats_reply,
+    task_kind,
     train_reply,
 )
 
@@ -72,17 +73,18 @@ class SiteRunner:
     def name(self) -> str:
         return self.site_config.name
 
-    def handle(self, task: str, model: FLModel) -> FLModel:
-        """The reply to one task; never raises, so that the site stays in the job after a failure."""
-        round_ = None
+    def handle(self, model: FLModel) -> FLModel:
+        """The reply to one task from the controller; never raises, so that the site stays in the job."""
+        round_, task = None, task_kind(model)
+        if task not in (TASK_DATA_STATS, TASK_TRAIN):
+            logger.error("site '%s': unknown task '%s'", self.name, task)
+            return failure_reply(None, "UnknownTask")
         try:
             if task == TASK_DATA_STATS:
                 return self._data_stats()
-            if task == TASK_TRAIN:
-                train = read_train_task(model)
-                round_ = train.round
-                return self._train(train.delivery, train.round, train.upload)
-            raise MedflError(f"unknown task '{task}'")
+            train = read_train_task(model)
+            round_ = train.round
+            return self._train(train.delivery, train.round, train.upload)
         except Exception as error:  # reported to the server by type only; the site rejoins next round
             logger.exception("site '%s': task '%s' (round %s) failed: %s", self.name, task, round_, error)
             self.site = None  # drop half-trained models: the next task resumes from the last saved round
@@ -156,5 +158,4 @@ def main(config_dir: str | Path) -> None:
         model = flare.receive()
         if model is None:
             break
-        task = flare.get_task_name()
-        flare.send(runner.handle(task, model) if runner is not None else failure_reply(None, setup_error))
+        flare.send(runner.handle(model) if runner is not None else failure_reply(None, setup_error))
