@@ -99,7 +99,7 @@ def write_job(
                 # the Client API in the site's job process, torch tensors on the wire in both directions
                 job.to(ScriptRunner(script=SITE_SCRIPT, framework=FrameworkType.PYTORCH,
                                     server_expected_format=ExchangeFormat.PYTORCH), site.name)
-                site_file = atomic_write_text(staging / site.name / SITE_FILE,
+                site_file = atomic_write_text(staging / "sites" / site.name / SITE_FILE,
                                               yaml.safe_dump(site.model_dump(mode="json"), sort_keys=False))
                 for path in (experiment, settings, site_file):
                     job.add_file_to(str(path), site.name, dest_dir=CONFIG_FOLDER, app_folder_type="config")

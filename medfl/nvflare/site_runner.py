@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from monai.fl.utils.exchange_object import ExchangeObject
 from nvflare.app_common.abstract.fl_model import FLModel
 
 from medfl.config import SiteConfig, load_yaml_mapping
@@ -115,7 +116,7 @@ class SiteRunner:
                 f"site '{self.name}': asked for round {round_} but holds round {site.round} and no earlier state"
             )
 
-    def _train(self, delivery, round_: int, upload: bool) -> FLModel:
+    def _train(self, delivery: ExchangeObject | None, round_: int, upload: bool) -> FLModel:
         site = self._ready_site()
         self._catch_up(site, round_)
         eval_before, tick = site.eval_seconds, time.perf_counter()
