@@ -93,6 +93,8 @@ def test_every_method_runs_on_classification(method, derm_experiment, tmp_path):
     assert len(timing) == 2 and all(float(t["train_s"]) > 0 for t in timing)
     if METHODS[method].communicates and METHODS[method].aggregation != "prototypes":
         assert float(timing[0]["aggregation_s"]) > 0
+    retrogress = rows(run_dir / "retrogress.csv")
+    assert len(retrogress) == (2 if METHODS[method].sends_weights else 0)  # round 1 at each site
 
 
 def test_prr_records_det_states_retrogress_and_selects_on_validation(derm_experiment, tmp_path):

@@ -172,7 +172,7 @@ class Site(ClientAlgo):
         self._receive(data)
         previous_phi = self._phi(self.receiving_name, round_ - 1) if round_ > 0 else math.nan
         phis = {name: self._validate(name, round_, 0) for name in self.models}
-        if self.spec.communicates and round_ > 0:
+        if self.spec.sends_weights and round_ > 0:
             self.retrogress_log.append({"round": round_, "site": self.name, "model": self.receiving_name,
                                         "before": previous_phi, "after": phis[self.receiving_name]})
         state = DetState.START
