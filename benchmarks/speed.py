@@ -1,0 +1,521 @@
+"""Speed and scale of medfl, side by side in one run: aggregation, DET epochs, data loading, K sites, bytes.
+
+1. Aggregation: FedAvg, medfl's PFA and the reference-style PFA of `aggregation.py` on three full-width
+   networks (K = 4), methods taking turns; medfl's PFA must equal the reference-style one within 1e-5.
+2. Epochs: a DET epoch (P and D step on every batch, state Exchange, then the two validation passes that DET
+   needs) against a single-model epoch (FedAvg's model) on the same site, data and network, with
+   `medfl.federated.training.train_epoch` and `evaluate_model`, taking turns. Target: DET at most 2.2x.
+3. Data loading: inside those epochs, the time spent waiting for the next batch of the cached dataset
+   (the random transform tail and collation) with the loader the Site uses (a MONAI DataLoader without
+   workers). Target: at most 10% of the epoch. For comparison, the single-model epoch again with a
+   ThreadDataLoader, which prepares the next batches in a background thread.
+4. Scale: the Coordinator runs prr for 3 rounds of 1 epoch with K = 2, 4, 8, 16 dermoscopy sites, each K in
+   a fresh process: round time, aggregation share of a round (target: at most 1%), peak memory (growth
+   linear or better) and bytes exchanged per round (uploads from the sites' audit.jsonl, downloads from
+   what the coordinator delivers).
+
+    python benchmarks/speed.py [--device auto|cpu|cuda] [--threads 1] [--repeats 3]
+
+`--device auto` measures the CPU and, when a GPU is present, the same again on CUDA, reported separately with
+the card's name. Writes benchmarks/results/speed.{json,md,png} (speed.cuda.png for the GPU). Runs and data go
+to benchmarks/results/tmp/speed/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from medfl.checkpoints import atomic_write_json, atomic_write_text
+
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS))
+
+from aggregation import (  # noqa: E402 - the sibling benchmark script, found through the line above
+    NETWORKS,
+    interleaved_times,
+    machine,
+    max_difference,
+    reference_pfa,
+    site_states,
+)
+
+RESULTS = BENCHMARKS / "results"
+EXPERIMENTS = BENCHMARKS.parent / "site_configs" / "experiments"
+TARGETS = {"det_over_single": 2.2, "loading_share": 0.10, "aggregation_share": 0.01, "growth_slope": 1.1}
+EPOCH_SITES = {"dermoscopy": ("classification", "dermoscopy.yaml", "derm_a"),
+               "prostate": ("segmentation", "prostate.yaml", "prost_a")}
+
+
+# ---- 1. aggregation ----------------------------------------------------------------------------------------
+
+
+def aggregation_rows(device: str, sites: int, repeats: int, ratio: float) -> list[dict[str, Any]]:
+    """Median wall and CPU time of FedAvg, PFA and the reference-style PFA per network, as aggregation.py."""
+    from medfl.federated.averaging import average_states, normalise_site_weights
+    from medfl.federated.params import Role
+    from medfl.federated.pfa import pfa_aggregate
+
+    rows = []
+    for name, task, classes, channels, options in NETWORKS:
+        states, roles, parameters = site_states(name, task, classes, channels, options, sites, device)
+        counts = {site: 100 + 50 * index for index, site in enumerate(states)}
+        weights = normalise_site_weights(list(states), counts)
+        runs = {
+            "fedavg": partial(average_states, states, weights, list(roles)),
+            "pfa": partial(pfa_aggregate, states, roles, ratio, counts),
+            "reference_pfa": partial(reference_pfa, states, roles, ratio, weights.numpy()),
+        }
+        wall, cpu, results = interleaved_times(runs, repeats, device)
+        median = {method: statistics.median(times) for method, times in wall.items()}
+        difference = max_difference(results["pfa"], results["reference_pfa"])
+        rows.append({
+            "network": name, "parameters": parameters, "sites": sites, "ratio": ratio,
+            "fft_entries": sum(r not in (Role.NORM, Role.OTHER) for r in roles.values()),
+            "median_s": median, "cpu_median_s": {m: statistics.median(t) for m, t in cpu.items()},
+            "reference_over_pfa": median["reference_pfa"] / median["pfa"],
+            "pfa_over_fedavg": median["pfa"] / median["fedavg"],
+            "max_abs_diff_vs_reference": difference, "equal_within_1e-5": difference <= 1e-5,
+        })
+        print(f"  aggregation {name}: fedavg {1000 * median['fedavg']:.1f} ms, pfa {1000 * median['pfa']:.1f} ms, "
+              f"reference {1000 * median['reference_pfa']:.1f} ms", flush=True)
+    return rows
+
+
+# ---- 2 and 3. epochs and data loading ----------------------------------------------------------------------
+
+
+class TimedLoader:
+    """Wraps a loader and adds up the wall and CPU time spent waiting for each next batch."""
+
+    def __init__(self, loader: Iterable[Any]):
+        self.loader = loader
+        self.wall = 0.0
+        self.cpu = 0.0
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = iter(self.loader)
+        while True:
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.wall += time.perf_counter() - wall
+                self.cpu += time.process_time() - cpu
+            yield batch
+
+
+def experiment(task: str, method: str, sites: list[str], device: str, threads: int, rounds: int,
+               local_epochs: int, run_root: Path):
+    """The shipped experiment of `task` for these sites, method and budget (an ExperimentConfig)."""
+    from medfl.experiment import load_experiment_config
+
+    data = yaml.safe_load((EXPERIMENTS / EPOCH_SITES[task][1]).read_text(encoding="utf-8"))
+    data.update({"sites": sites, "method": method, "device": device, "rounds": rounds, "local_epochs": local_epochs,
+                 "output_dir": str(run_root), "runtime": {"threads": threads}})
+    path = run_root / "configs" / f"{task}-{method}-{len(sites)}sites.yaml"
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    return load_experiment_config(path)
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """Wall and process CPU seconds of one call."""
+    synchronise(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    function()
+    synchronise(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def epoch_comparison(task: str, synth: Path, device: torch.device, threads: int, repeats: int,
+                     run_root: Path) -> dict[str, Any]:
+    """DET epoch (training + two validation passes) against a single-model epoch on one site, taking turns."""
+    from monai.data import DataLoader, ThreadDataLoader
+
+    from medfl.config import load_site_config
+    from medfl.federated.det import DetState
+    from medfl.federated.evaluation import evaluate_model
+    from medfl.federated.site import Site
+    from medfl.federated.training import EpochPlan, train_epoch
+
+    _, _, site_name = EPOCH_SITES[task]
+    config_path = str(synth / "site_configs" / task / f"{site_name}.yaml")
+    sites = {}
+    for method in ("prr", "fedavg"):  # the same site, data and network; one or two models
+        config = experiment(task, method, [config_path], device.type, threads, 1, 1, run_root)
+        site = Site(load_site_config(config_path), config, run_root / "epochs" / f"{task}-{method}", device)
+        site.initialize()
+        sites[method] = site
+    batch_size = sites["prr"].experiment.batch_size
+
+    def loaders(site: Site, prefetch: bool) -> tuple[TimedLoader, DataLoader]:
+        dataset = site.datasets["train"]
+        options = {"batch_size": batch_size, "shuffle": True, "num_workers": 0,
+                   "drop_last": len(dataset) % batch_size == 1}
+        train = ThreadDataLoader(dataset, buffer_size=2, **options) if prefetch else DataLoader(dataset, **options)
+        val = DataLoader(site.datasets["val"], batch_size=max(batch_size, 32), shuffle=False, num_workers=0)
+        return TimedLoader(train), val
+
+    def validate(site: Site, val: DataLoader, names: tuple[str, ...]) -> None:
+        size = site.experiment.data.input_size
+        geometry = site.data.geometry
+
+        def spacing(case: str) -> tuple[float, float, float] | None:  # as the site scores HD95
+            return geometry[case].slice_volume_spacing(size) if case in geometry else None
+
+        for name in names:
+            evaluate_model(site.models[name], val, site.task, site.classes, device, spacing)
+
+    variants = (  # (key, site, DET state, models validated, batches prefetched by a thread)
+        ("det", sites["prr"], DetState.EXCHANGE, ("P", "D"), False),
+        ("single", sites["fedavg"], None, ("M",), False),
+        ("single_prefetch", sites["fedavg"], None, (), True),
+    )
+    measured: dict[str, list[dict[str, float]]] = {key: [] for key, *_ in variants}
+    for repeat in range(repeats + 1):  # the first pass warms up (allocator, lazy imports) and is not kept
+        for key, site, state, names, prefetch in variants:
+            train, val = loaders(site, prefetch)
+            plan = EpochPlan(state=state)
+            train_wall, train_cpu = timed(lambda s=site, t=train, p=plan: train_epoch(
+                s.models, s.optimizers, t, s.loss_fn, p, s.task, device), device)
+            val_wall, val_cpu = timed(lambda s=site, v=val, n=names: validate(s, v, n), device)
+            if repeat:
+                measured[key].append({"train_s": train_wall, "train_cpu_s": train_cpu, "val_s": val_wall,
+                                      "val_cpu_s": val_cpu, "load_s": train.wall, "load_cpu_s": train.cpu})
+    median = {key: {field: statistics.median(row[field] for row in rows) for field in rows[0]}
+              for key, rows in measured.items()}
+    det, single = median["det"], median["single"]
+    return {
+        "task": task, "site": site_name, "train_samples": len(sites["prr"].datasets["train"]),
+        "val_samples": len(sites["prr"].datasets["val"]), "batch_size": batch_size,
+        "network": sites["prr"].models["P"].config, "median": median, "repeats": measured,
+        "det_over_single": (det["train_s"] + det["val_s"]) / single["train_s"],
+        "det_over_single_with_its_validation": (det["train_s"] + det["val_s"]) / (single["train_s"] + single["val_s"]),
+        "det_over_single_cpu": (det["train_cpu_s"] + det["val_cpu_s"]) / single["train_cpu_s"],
+        "loading_share_single": single["load_s"] / single["train_s"],
+        "loading_share_det": det["load_s"] / det["train_s"],
+        "loading_share_single_prefetch": median["single_prefetch"]["load_s"] / median["single_prefetch"]["train_s"],
+        "single_prefetch_over_single": median["single_prefetch"]["train_s"] / single["train_s"],
+    }
+
+
+# ---- 4. scale: K sites through the coordinator -------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child
+    started by a big parent would report the parent's peak."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tensor_bytes(values: Iterable[Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, Tensor))
+
+
+def scale_run(job: dict[str, Any]) -> dict[str, Any]:
+    """One K in a fresh process: the Coordinator's rounds one by one (as Coordinator.run does), so that what
+    it delivers after each aggregation can be measured. Peak RSS is this process's."""
+    torch.set_num_threads(job["threads"])
+    from medfl.experiment import load_experiment_config
+    from medfl.federated.coordinator import Coordinator
+
+    rss_after_imports = peak_rss_mb()
+    device = torch.device(job["device"])
+    config = load_experiment_config(job["config"])
+    run_dir = Path(job["run_dir"])
+    shutil.rmtree(run_dir, ignore_errors=True)
+    coordinator = Coordinator(config, run_dir, device)
+    coordinator.prepare_run_dir(resume=False)
+    tick = time.perf_counter()
+    coordinator.setup()
+    setup_s = time.perf_counter() - tick
+    rss_after_setup = peak_rss_mb()
+    downloads, cpu = [], []
+    for round_ in range(config.rounds):
+        tick = time.process_time()
+        coordinator.run_round(round_)
+        cpu.append(time.process_time() - tick)
+        delivered = [d for d in coordinator.deliveries.values() if d is not None]
+        downloads.append(sum(tensor_bytes((d.weights or {}).values()) + tensor_bytes((d.statistics or {}).values())
+                             for d in delivered))
+    for site in coordinator.sites.values():
+        site.finalize()
+    uploads: dict[int, int] = {}
+    for site in coordinator.sites:
+        for line in (run_dir / "sites" / site / "audit.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            uploads[entry["round"]] = uploads.get(entry["round"], 0) + entry["bytes"]
+    aggregating = [t for t in coordinator.timing if t["aggregation_s"] > 0]
+    cpu_aggregating = [c for c, t in zip(cpu, coordinator.timing, strict=True) if t["aggregation_s"] > 0]
+    return {
+        "sites": len(coordinator.sites),
+        "train_samples": sum(len(s.datasets["train"]) for s in coordinator.sites.values()),
+        "setup_s": setup_s,
+        "timing": coordinator.timing,
+        "round_s": statistics.fmean(t["round_s"] for t in aggregating),
+        "round_cpu_s": statistics.fmean(cpu_aggregating),
+        "aggregation_s": statistics.fmean(t["aggregation_s"] for t in aggregating),
+        "aggregation_share": statistics.fmean(t["aggregation_s"] / t["round_s"] for t in aggregating),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_cuda_mb": max((t.get("peak_cuda_mb", math.nan) for t in coordinator.timing), default=math.nan),
+        "rss_after_imports_mb": rss_after_imports,
+        "rss_after_setup_mb": rss_after_setup,
+        "upload_bytes_per_round": uploads.get(0, 0),
+        "download_bytes_per_round": downloads[0] if downloads else 0,
+        "upload_bytes_by_round": uploads,
+        "download_bytes_by_round": downloads,
+    }
+
+
+def slope(xs: list[float], values: list[float]) -> float:
+    """Least-squares slope of log(value) against log(x): 1 is linear growth, below 1 better than linear."""
+    x = [math.log(k) for k in xs]
+    y = [math.log(v) for v in values]
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sum((a - mx) ** 2 for a in x)
+
+
+def scale_rows(synth: Path, ks: list[int], device: torch.device, threads: int, run_root: Path) -> dict[str, Any]:
+    """Round time, aggregation share, peak memory and bytes per round for every K, each K in its own process."""
+    configs = sorted((synth / "site_configs" / "dermoscopy").glob("*.yaml"))
+    rows = []
+    for k in ks:
+        config = experiment("dermoscopy", "prr", [str(p) for p in configs[:k]], device.type, threads, 3, 1, run_root)
+        job = {"config": str(config.source_path), "run_dir": str(run_root / "scale" / f"{device.type}-k{k}"),
+               "device": str(device), "threads": threads}
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            row = pool.submit(scale_run, job).result()
+        rows.append(row)
+        print(f"  K={k}: round {row['round_s']:.1f} s, aggregation {100 * row['aggregation_share']:.2f}%, "
+              f"peak RSS {row['peak_rss_mb']:.0f} MB, up {row['upload_bytes_per_round'] / 2**20:.2f} MiB/round",
+              flush=True)
+    ks_done = [row["sites"] for row in rows]
+    growth = {"round_s": slope(ks_done, [r["round_s"] for r in rows]),
+              "round_cpu_s": slope(ks_done, [r["round_cpu_s"] for r in rows]),
+              "round_s_vs_train_samples": slope([r["train_samples"] for r in rows], [r["round_s"] for r in rows]),
+              "peak_rss_mb": slope(ks_done, [r["peak_rss_mb"] for r in rows]),
+              "peak_rss_above_imports_mb": slope(ks_done, [r["peak_rss_mb"] - r["rss_after_imports_mb"] for r in rows]),
+              }
+    if device.type == "cuda":
+        growth["peak_cuda_mb"] = slope(ks_done, [r["peak_cuda_mb"] for r in rows])
+    return {"rows": rows, "loglog_slope": growth}
+
+
+# ---- output ----------------------------------------------------------------------------------------------
+
+
+def verdict(value: float, limit: float) -> str:
+    return "yes" if value <= limit else "**no**"
+
+
+def device_markdown(section: dict[str, Any]) -> str:
+    info = section["machine"]
+    name = info.get("gpu") or info["cpu"]
+    lines = [f"## {section['device'].upper()}: {name}", "",
+             f"torch threads {info['torch_threads']}, load average {info.get('load_average_1min')} at the start, "
+             f"{info.get('load_average_1min_end')} at the end.", ""]
+    epochs = section["epochs"]
+    scale = section["scale"]
+    k4 = next((r for r in scale["rows"] if r["sites"] == 4), scale["rows"][0])
+    lines += ["### Targets", "", "| measure | value | target | met |", "|:---|---:|---:|---:|"]
+    for e in epochs:
+        lines.append(f"| DET epoch / single-model epoch, {e['task']} | {e['det_over_single']:.2f}x "
+                     f"| ≤ {TARGETS['det_over_single']}x | {verdict(e['det_over_single'], TARGETS['det_over_single'])} |")
+    for e in epochs:
+        share = max(e["loading_share_single"], e["loading_share_det"])
+        lines.append(f"| data loading share of an epoch (worse of the two), {e['task']} | {100 * share:.1f}% "
+                     f"| ≤ {100 * TARGETS['loading_share']:.0f}% | {verdict(share, TARGETS['loading_share'])} |")
+    lines.append(f"| aggregation share of a round, prr, K = {k4['sites']} | {100 * k4['aggregation_share']:.2f}% "
+                 f"| ≤ {100 * TARGETS['aggregation_share']:.0f}% "
+                 f"| {verdict(k4['aggregation_share'], TARGETS['aggregation_share'])} |")
+    growth = scale["loglog_slope"]
+    for key, text in (("round_s", "round wall time"), ("round_cpu_s", "round CPU time"), ("peak_rss_mb", "peak RSS")):
+        lines.append(f"| growth of {text} with K (log-log slope; 1 = linear) | {growth[key]:.2f} "
+                     f"| ≤ {TARGETS['growth_slope']} | {verdict(growth[key], TARGETS['growth_slope'])} |")
+    lines += ["", "### Aggregation (K = 4, full-width networks, median)", "",
+              "| network | parameters | FedAvg (ms) | PFA (ms) | reference-style PFA (ms) | reference / PFA "
+              "| PFA / FedAvg | max abs diff |", "|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in section["aggregation"]:
+        ms = {m: 1000 * v for m, v in row["median_s"].items()}
+        lines.append(f"| {row['network']} | {row['parameters']:,} | {ms['fedavg']:.1f} | {ms['pfa']:.1f} "
+                     f"| {ms['reference_pfa']:.1f} | {row['reference_over_pfa']:.1f}x | {row['pfa_over_fedavg']:.1f}x "
+                     f"| {row['max_abs_diff_vs_reference']:.1e} |")
+    lines += ["", "### One local epoch on one site (median; DET = state Exchange, both models step on every batch)", "",
+              "| task, site | train / val samples | single: train (s) | its validation (s) | DET: train (s) "
+              "| two validations (s) | DET / single train | same, CPU time | DET / single incl. its validation "
+              "| loading share single / DET | same, prefetching thread |",
+              "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in epochs:
+        s, d = e["median"]["single"], e["median"]["det"]
+        lines.append(f"| {e['task']}, {e['site']} | {e['train_samples']} / {e['val_samples']} | {s['train_s']:.2f} "
+                     f"| {s['val_s']:.2f} | {d['train_s']:.2f} | {d['val_s']:.2f} | {e['det_over_single']:.2f}x "
+                     f"| {e['det_over_single_cpu']:.2f}x | {e['det_over_single_with_its_validation']:.2f}x "
+                     f"| {100 * e['loading_share_single']:.1f}% / {100 * e['loading_share_det']:.1f}% "
+                     f"| {100 * e['loading_share_single_prefetch']:.1f}% (epoch {e['single_prefetch_over_single']:.2f}x) |")
+    lines += ["", "### Sites K through the coordinator (prr, dermoscopy, 3 rounds x 1 epoch; means of the "
+              "rounds that aggregate)", "",
+              "| K | train samples | round (s) | round CPU (s) | per 1000 samples (s) | aggregation (ms) | share "
+              "| peak RSS (MB) "
+              "| RSS after imports (MB) | up / round (MiB) | down / round (MiB) |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in scale["rows"]:
+        lines.append(f"| {r['sites']} | {r['train_samples']} | {r['round_s']:.1f} | {r['round_cpu_s']:.1f} "
+                     f"| {1000 * r['round_s'] / r['train_samples']:.1f} | {1000 * r['aggregation_s']:.0f} "
+                     f"| {100 * r['aggregation_share']:.2f}% | {r['peak_rss_mb']:.0f} | {r['rss_after_imports_mb']:.0f} "
+                     f"| {r['upload_bytes_per_round'] / 2**20:.2f} | {r['download_bytes_per_round'] / 2**20:.2f} |")
+    lines += ["", "Log-log slopes against K: " + ", ".join(f"{k} {v:.2f}" for k, v in growth.items())
+              + " (1 = linear; round_s_vs_train_samples is against the total number of training samples "
+              "rather than K, since the extra sites differ in size)."]
+    return "\n".join(lines)
+
+
+def figure(section: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from medfl.report.plots import save_png
+
+    fig = Figure(figsize=(20, 3.8), layout="constrained")
+    a, b, c, d, e = fig.subplots(1, 5)
+    rows = section["aggregation"]
+    labels = {"fedavg": "FedAvg", "pfa": "medfl PFA", "reference_pfa": "reference-style PFA"}
+    for offset, method in enumerate(labels):
+        a.bar([i + (offset - 1) * 0.27 for i in range(len(rows))], [1000 * r["median_s"][method] for r in rows], 0.27,
+              label=labels[method])
+    a.set_xticks(range(len(rows)), [r["network"] for r in rows])
+    a.set_yscale("log")
+    a.set_ylabel("ms per aggregation (log)")
+    a.set_title("aggregation, K = 4", fontsize=10)
+    a.legend(fontsize=7)
+    names, bottoms = [], []
+    for epoch in section["epochs"]:
+        for key, label in (("single", "single"), ("det", "DET")):
+            m = epoch["median"][key]
+            names.append(f"{epoch['task'][:5]}\n{label}")
+            bottoms.append((m["load_s"], m["train_s"] - m["load_s"], m["val_s"]))
+    positions = range(len(names))
+    b.bar(positions, [x[0] for x in bottoms], color="C2", label="loading batches")
+    b.bar(positions, [x[1] for x in bottoms], bottom=[x[0] for x in bottoms], color="C0", label="training")
+    b.bar(positions, [x[2] for x in bottoms], bottom=[x[0] + x[1] for x in bottoms], color="C1", label="validation")
+    b.set_xticks(positions, names, fontsize=8)
+    b.set_ylabel("seconds per epoch")
+    b.set_title("one local epoch on one site", fontsize=10)
+    b.legend(fontsize=7)
+    scale = section["scale"]["rows"]
+    ks = [r["sites"] for r in scale]
+    c.plot(ks, [r["round_s"] for r in scale], "o-", label="round wall time (s)")
+    c.plot(ks, [r["round_cpu_s"] for r in scale], "s-", label="round CPU time (s)")
+    c.plot(ks, [scale[0]["round_cpu_s"] * k / ks[0] for k in ks], ":", color="0.5", label="linear from K=2")
+    c.set_xscale("log", base=2)
+    c.set_yscale("log")
+    c.set_xlabel("sites K")
+    c.set_title("round time (prr, 1 epoch)", fontsize=10)
+    c.legend(fontsize=7)
+    memory_key = "peak_cuda_mb" if section["device"] == "cuda" else "peak_rss_mb"
+    d.plot(ks, [r[memory_key] for r in scale], "o-", label=f"{memory_key.removesuffix('_mb').replace('_', ' ')} (MB)")
+    if memory_key == "peak_rss_mb":
+        d.plot(ks, [r["rss_after_imports_mb"] for r in scale], ":", color="0.5", label="after imports (MB)")
+    d.set_xscale("log", base=2)
+    d.set_ylim(bottom=0)
+    d.set_xlabel("sites K")
+    d.set_title("peak memory", fontsize=10)
+    d.legend(fontsize=7)
+    e.plot(ks, [r["upload_bytes_per_round"] / 2**20 for r in scale], "o-", label="up (all sites)")
+    e.plot(ks, [r["download_bytes_per_round"] / 2**20 for r in scale], "s--", label="down (all sites)")
+    e.set_xscale("log", base=2)
+    e.set_xlabel("sites K")
+    e.set_ylabel("MiB per round")
+    e.set_title("bytes exchanged per round", fontsize=10)
+    e.legend(fontsize=7)
+    info = section["machine"]
+    fig.suptitle(f"{section['device']}: {info.get('gpu') or info['cpu']}, torch threads {info['torch_threads']}",
+                 fontsize=10)
+    save_png(fig, path)
+
+
+def measure_device(device: torch.device, args: argparse.Namespace, synth: Path) -> dict[str, Any]:
+    info = machine(device.type)
+    print(f"{device}: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    run_root = args.root.resolve()
+    section: dict[str, Any] = {"device": device.type, "machine": info}
+    section["aggregation"] = aggregation_rows(device.type, 4, args.repeats, 0.7)
+    section["epochs"] = []
+    for task in EPOCH_SITES:
+        section["epochs"].append(epoch_comparison(task, synth, device, args.threads, args.repeats, run_root))
+        e = section["epochs"][-1]
+        print(f"  epoch {task}: DET/single {e['det_over_single']:.2f}x, loading "
+              f"{100 * e['loading_share_single']:.1f}% / {100 * e['loading_share_det']:.1f}%", flush=True)
+    section["scale"] = scale_rows(synth, args.sites, device, args.threads, run_root)
+    info["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+    return section
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the CPU, and CUDA too when a GPU is present")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of aggregations and epochs")
+    parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8, 16], help="values of K")
+    parser.add_argument("--root", type=Path, default=RESULTS / "tmp" / "speed", help="data and runs")
+    parser.add_argument("--output", type=Path, default=RESULTS / "speed", help="path stem of the results")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    devices = {"auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
+               "cpu": ["cpu"], "cuda": ["cuda"]}[args.device]
+    torch.set_num_threads(args.threads)
+    from medfl.synth import generate
+
+    synth = args.root.resolve() / "synth"
+    generate(synth, scale=0.1, n_derm=max(args.sites), n_prostate=1)
+    start = time.perf_counter()
+    sections = {name: measure_device(torch.device(name), args, synth) for name in devices}
+    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    atomic_write_json(args.output.with_suffix(".json"), {"command": command.strip(), "targets": TARGETS,
+                                                         "wall_s": time.perf_counter() - start, "devices": sections})
+    text = "\n\n".join(device_markdown(section) for section in sections.values())
+    atomic_write_text(args.output.with_suffix(".md"), (
+        f"# Speed and scale\n\n`{command.strip()}`\n\nSynthetic data `medfl.synth.generate(scale=0.1)`; networks and "
+        "sizes of the shipped experiments (slim VGG-16 x0.25 at 32 px, UNet x0.5 at 64 px) except the aggregation "
+        "table, which uses full-width networks. Every ratio below was measured in this one run, side by side. "
+        f"Total {(time.perf_counter() - start) / 60:.1f} min.\n\n{text}\n"))
+    for name, section in sections.items():
+        figure(section, args.output.with_suffix(".png" if name == "cpu" else f".{name}.png"))
+    print(text)
+    aggregation_ok = all(row["equal_within_1e-5"] for s in sections.values() for row in s["aggregation"])
+    if not aggregation_ok:
+        print("medfl PFA differs from the reference-style PFA by more than 1e-5", file=sys.stderr)
+    return 0 if aggregation_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
