@@ -113,7 +113,7 @@ class Site(ClientAlgo):
         settings = self.experiment.data
         self.data = load_site(self.config, settings)
         records = self.data.splits
-        self.in_channels = int(np.asarray(_first_image_channels(records["train"][0], settings, self.task)))
+        self.in_channels = _input_channels(records["train"][0], self.task)
         train_recipe = load_recipe(settings.recipe(self.task, "train"), input_size=settings.input_size)
         eval_recipe = load_recipe(settings.recipe(self.task, "eval"), input_size=settings.input_size)
         self.datasets = {
@@ -257,11 +257,14 @@ class Site(ClientAlgo):
         ).to(self.device)
 
     def _trainable(self, epoch: int, epochs: int) -> list[str] | None:
-        """FedRep: the head learns first with the body frozen, the last epoch trains the body only."""
+        """FedRep: the head learns first with the body frozen, the last epoch trains the body only.
+
+        With a single local epoch there is nothing to alternate: the whole model trains (FedPer).
+        """
         if not self.spec.head_first or epochs < 2:
             return None
         model = self.models[self.used_name]
-        head = {k for k in classifier_keys(model)}
+        head = classifier_keys(model)
         names = [n for n, _ in model.named_parameters()]
         return [n for n in names if (n in head) == (epoch < epochs)]
 
@@ -471,8 +474,8 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _first_image_channels(record: dict[str, Any], settings, task: str) -> int:
-    """Input channels: 3 for RGB dermoscopy, 1 + 2 * context slices for MRI."""
+def _input_channels(record: dict[str, Any], task: str) -> int:
+    """Input channels: 3 for RGB dermoscopy, 1 + 2 * context slices for MRI (read off a record)."""
     if task == "classification":
         return 3
     return int(np.asarray(record["image"]).shape[0])
