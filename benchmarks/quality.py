@@ -282,8 +282,9 @@ def nanmean(values: list[float]) -> float:
     return statistics.fmean(defined) if defined else math.nan
 
 
-def summarise_task(task: str, runs: list) -> dict[str, Any]:
-    """Per method: per-site and mean-over-sites values across seeds, DET shares, and prr's paired differences."""
+def summarise_task(task: str, runs: list, scratch: Path) -> dict[str, Any]:
+    """Per method: per-site and mean-over-sites values across seeds, DET shares, prr's paired differences, and
+    the aggregation probe on prr's first seed."""
     counts, totals, classes, rarest = {}, [], None, None
     if task == "dermoscopy":
         counts = train_counts(runs[0].config)
@@ -320,8 +321,127 @@ def summarise_task(task: str, runs: list) -> dict[str, Any]:
                 n: spread([methods["prr"]["per_seed"][str(s)]["mean"][n] - methods[other]["per_seed"][str(s)]["mean"][n]
                            for s in common]) for n in compared
             }
+    probe_run = next((run for run in runs if run.method == "prr"), None)
+    probe = aggregation_probe(probe_run, scratch / task) if probe_run is not None else None
     return {"sites": sites, "train_counts": counts, "class_totals": totals, "classes": classes, "rarest_class": rarest,
-            "metrics": names, "methods": methods, "paired_differences": paired}
+            "metrics": names, "methods": methods, "paired_differences": paired, "aggregation_probe": probe}
+
+
+def _circular_signals(signals: list, ratio: float, weights) -> list:
+    """aggregation.py's reference-style PFA on one matrix, with the circular mean of the sites' phases (the angle
+    of the weighted sum of unit phasors) instead of the linear mean of wrapped angles."""
+    import numpy as np
+    from aggregation import _shifted_polar
+
+    polar = [_shifted_polar(signal) for signal in signals]
+    amplitude = sum(w * a for w, (a, _) in zip(weights, polar, strict=True))
+    phase = np.angle(sum(w * np.exp(1j * p) for w, (_, p) in zip(weights, polar, strict=True)))
+    box = tuple(slice(n // 2 - int(n * ratio / 2), n // 2 + int(n * ratio / 2)) for n in signals[0].shape)
+    outputs = []
+    for own_amplitude, own_phase in polar:
+        own_amplitude[box], own_phase[box] = amplitude[box], phase[box]
+        rebuilt = np.fft.ifftshift(own_amplitude) * np.exp(1j * np.fft.ifftshift(own_phase))
+        outputs.append(np.real(np.fft.ifftn(rebuilt)))
+    return outputs
+
+
+def circular_pfa_strategy(config, model):
+    """The run's PFA strategy, its phases averaged on the circle (a diagnostic rule, not a medfl option)."""
+    import aggregation
+    import numpy as np
+
+    from medfl.federated.coordinator import strategy_options
+    from medfl.federated.params import parameter_roles
+    from medfl.federated.pfa import pfa_ratio
+    from medfl.federated.server import PFAStrategy
+
+    class CircularPFA(PFAStrategy):
+        def _merge_weights(self, round_, updates):
+            states = {site: update.weights for site, update in updates.items()}
+            weights = np.full(len(states), 1.0 / len(states))
+            linear = aggregation._reference_signals
+            aggregation._reference_signals = _circular_signals
+            try:
+                return aggregation.reference_pfa(states, self.roles, pfa_ratio(round_, self.rounds, self.start,
+                                                                                self.end), weights)
+            finally:
+                aggregation._reference_signals = linear
+
+    return CircularPFA(parameter_roles(model), config.rounds, **strategy_options(config))
+
+
+def aggregation_probe(run, scratch: Path) -> dict[str, Any]:
+    """Retrogress of the deputies under other server rules, on the same uploads of one PFA run.
+
+    For every round that aggregated, each site's uploaded D (sites/<site>/models/round_XXXX.pt) is merged
+    again by the run's own strategy (which must reproduce the run's retrogress.csv), by PFA sharing the
+    amplitude only, by PFA with a circular mean of the phases (uniform site weights), by FedBN's and by
+    FedAvg's average; each site's received D is scored on its validation split. This separates what PFA
+    does to D from what any averaging does.
+    """
+    import torch
+    from monai.data import DataLoader
+
+    from medfl.experiment import ExperimentConfig
+    from medfl.federated.coordinator import strategy_options
+    from medfl.federated.evaluation import evaluate_model
+    from medfl.federated.server import SiteUpdate, build_strategy
+    from medfl.federated.site import Site
+
+    config = ExperimentConfig.model_validate(run.config)
+    sites = {}
+    for site_config in config.load_sites():
+        site = Site(site_config, config, scratch, torch.device("cpu"))
+        site.initialize()
+        sites[site.name] = site
+    model = next(iter(sites.values())).models["D"]
+    base = {"prototype_mode": config.cpa.prototype_mode, "seed": config.seed}
+    averaging = {**base, "weighting": config.baselines.fedavg_weighting}
+    rules = {
+        "pfa (as run)": build_strategy(config.method, model, config.rounds, **strategy_options(config)),
+        "pfa, amplitude only": build_strategy(config.method, model, config.rounds,
+                                              **{**strategy_options(config), "share_phase": False}),
+        "pfa, circular phase mean": circular_pfa_strategy(config, model),
+        "fedbn average": build_strategy("fedbn", model, config.rounds, **averaging),
+        "fedavg average": build_strategy("fedavg", model, config.rounds, **averaging),
+    }
+
+    def phi(site: Site, state: dict[str, Any]) -> float:
+        network = site.models["D"]
+        network.load_state_dict(state)
+        spacing = site.data.geometry
+        size = config.data.input_size
+        loader = DataLoader(site.datasets["val"], batch_size=max(config.batch_size, 32), shuffle=False)
+        value = evaluate_model(network, loader, site.task, site.classes, torch.device("cpu"),
+                               lambda case: spacing[case].slice_volume_spacing(size) if case in spacing else None)
+        return float(value.get(run.metric, math.nan))
+
+    logged = {(row["site"], row["round"]): row for row in run.retrogress}
+    rows: dict[str, list[tuple[float, float]]] = {rule: [] for rule in rules}
+    replay_error = 0.0
+    for round_ in range(config.rounds - 1):
+        uploads = {
+            name: torch.load(run.path / "sites" / name / "models" / f"round_{round_:04d}.pt", map_location="cpu",
+                             weights_only=True)["models"]["D"]
+            for name in sites
+        }
+        updates = {name: SiteUpdate(weights=uploads[name], num_samples=len(site.datasets["train"]))
+                   for name, site in sites.items()}
+        before = {name: phi(site, uploads[name]) for name, site in sites.items()}
+        for rule, strategy in rules.items():
+            received = strategy.aggregate(round_, updates).weights
+            for name, site in sites.items():
+                after = phi(site, {**uploads[name], **received[name]})
+                rows[rule].append((before[name], after))
+                if rule == "pfa (as run)" and (name, round_ + 1) in logged:
+                    replay_error = max(replay_error, abs(after - logged[(name, round_ + 1)]["after"]))
+    summary = {}
+    for rule, pairs in rows.items():
+        drops = [b - a for b, a in pairs]
+        summary[rule] = {"before": statistics.fmean(b for b, _ in pairs), "after": statistics.fmean(a for _, a in pairs),
+                         "retrogress": statistics.fmean(drops), "share_drops_over_0.1": sum(d > 0.1 for d in drops) / len(drops)}
+    return {"run": run.path.name, "rules": summary, "replay_max_abs_error": replay_error,
+            "pairs": len(rows["pfa (as run)"])}
 
 
 # ---- output ----------------------------------------------------------------------------------------------
@@ -391,6 +511,15 @@ def task_markdown(task: str, result: dict[str, Any], plan: dict[str, Any]) -> st
                   table(["method", "recover", "exchange", "sublimate"],
                         [[m] + [f"{result['methods'][m]['det_states'].get(k, 0):.2f}"
                                 for k in ("recover", "exchange", "sublimate")] for m in det])]
+    probe = result["aggregation_probe"]
+    if probe:
+        lines += ["", f"### Retrogress of D by server rule, on the same uploads ({probe['run']}, {probe['pairs']} "
+                  "site-rounds)", "",
+                  "Each round's uploaded deputies merged again by each rule; validation score of the D each site would "
+                  f"receive. Replaying the run's own rule reproduces its logged values to {probe['replay_max_abs_error']:.1e}.",
+                  "", table(["rule", "before", "after", "retrogress", "share of drops > 0.1"],
+                            [[rule, f"{v['before']:.3f}", f"{v['after']:.3f}", f"{v['retrogress']:.3f}",
+                              f"{v['share_drops_over_0.1']:.2f}"] for rule, v in probe["rules"].items()])]
     if result["paired_differences"]:
         lines += ["", "### prr against fedavg and fedbn (paired by seed: mean ± sd of the differences)", ""]
         for name, diffs in result["paired_differences"].items():
@@ -435,16 +564,21 @@ def curve_figures(task_runs: dict[str, list], stem: Path) -> list[Path]:
         chosen = [run for run in runs if run.method in ("fedavg", "fedbn", "prr")]
         if chosen:
             groups = group_runs(chosen)
-            path = stem.parent / f"{stem.name}.{task}.curves.png"
+            path = with_suffix(stem, f".{task}.curves.png")
             written.append(save_png(validation_curves(groups, site_names(groups), chosen[0].metric), path))
     return written
+
+
+def with_suffix(stem: Path, suffix: str) -> Path:
+    """`stem` plus a suffix; unlike Path.with_suffix it keeps dots in the stem (quality.quick -> quality.quick.md)."""
+    return stem.parent / f"{stem.name}{suffix}"
 
 
 def write_outputs(stem: Path, preset_name: str, preset: Preset, results: dict[str, Any], task_runs: dict[str, list],
                   info: dict[str, Any], command: str) -> None:
     plans = {task: {**asdict(plan), "warmup": plan.warmup, "ablation_seeds": preset.ablation_seeds}
              for task, plan in preset.tasks.items()}
-    atomic_write_json(stem.with_suffix(".json"), {"preset": preset_name, "description": preset.description,
+    atomic_write_json(with_suffix(stem, ".json"), {"preset": preset_name, "description": preset.description,
                                                   "scale": preset.scale, "plans": plans, "machine": info,
                                                   "command": command, "results": results})
     timing = info["benchmark"]
@@ -456,14 +590,15 @@ def write_outputs(stem: Path, preset_name: str, preset: Preset, results: dict[st
         "and seeds, only `method` and `seed` differ.", "",
         f"Machine: {info['cpu']}, {info['cpu_cores']} cores, device {info['device']}, {timing['workers']} runs "
         f"in parallel with {timing['threads']} torch thread(s) each, load average {info.get('load_average_1min')} "
-        f"at the start. Wall time {timing['wall_s'] / 60:.1f} min; the runs' process CPU time "
-        f"{timing['cpu_s'] / 60:.1f} min (runs reused from an earlier invocation: {timing['reused']}).", "",
+        f"at the start. This invocation took {timing['wall_s'] / 60:.1f} min, reusing {timing['reused']} of "
+        f"{timing['runs']} runs from an earlier one; over all runs, where they ran: wall time summed "
+        f"{timing['run_wall_s'] / 60:.1f} min, process CPU time summed {timing['cpu_s'] / 60:.1f} min.", "",
         "Test scores are those of the model each site uses, at the round its validation score selected; "
         "`medfl report benchmarks/results/tmp/quality/<preset>/runs/<run>...` gives the full report of any runs.",
     ]
     body = [task_markdown(task, result, plans[task]) for task, result in results.items()]
-    atomic_write_text(stem.with_suffix(".md"), "\n".join(header) + "\n\n" + "\n\n".join(body) + "\n")
-    bar_figure(results, stem.with_suffix(".png"))
+    atomic_write_text(with_suffix(stem, ".md"), "\n".join(header) + "\n\n" + "\n\n".join(body) + "\n")
+    bar_figure(results, with_suffix(stem, ".png"))
     curve_figures(task_runs, stem)
 
 
@@ -500,12 +635,13 @@ def main(argv: list[str] | None = None) -> int:
     info["benchmark"] = {"wall_s": time.perf_counter() - start, "cpu_s": sum(d["cpu_s"] for d in done),
                          "workers": args.workers, "threads": args.threads,
                          "reused": sum(d["reused"] for d in done), "runs": len(done),
+                         "run_wall_s": sum(d["wall_s"] for d in done),
                          "per_run": {d["name"]: {"wall_s": d["wall_s"], "cpu_s": d["cpu_s"]} for d in done}}
     task_runs = {task: [load_run(job["run_dir"]) for job in jobs if job["task"] == task] for task in preset.tasks}
-    results = {task: summarise_task(task, runs) for task, runs in task_runs.items()}
+    results = {task: summarise_task(task, runs, root / "probe") for task, runs in task_runs.items()}
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_outputs(stem, preset_name, preset, results, task_runs, info, command.strip())
-    print(stem.with_suffix(".md").read_text())
+    print(with_suffix(stem, ".md").read_text())
     return 0
 
 
