@@ -3,12 +3,13 @@
 1. Aggregation: FedAvg, medfl's PFA and the reference-style PFA of `aggregation.py` on three full-width
    networks (K = 4), methods taking turns; medfl's PFA must equal the reference-style one within 1e-5.
 2. Epochs: a DET epoch (P and D step on every batch, state Exchange, then the two validation passes that DET
-   needs) against a single-model epoch (FedAvg's model) on the same site, data and network, with
-   `medfl.federated.training.train_epoch` and `evaluate_model`, taking turns. Target: DET at most 2.2x.
+   needs) against a single-model epoch with the same loss (pfa_only) on the same site, data and network, and
+   against FedAvg's cross-entropy epoch, with `medfl.federated.training.train_epoch` and `evaluate_model`,
+   taking turns. Target: DET at most 2.2x.
 3. Data loading: inside those epochs, the time spent waiting for the next batch of the cached dataset
    (the random transform tail and collation) with the loader the Site uses (a MONAI DataLoader without
    workers). Target: at most 10% of the epoch. For comparison, the single-model epoch again with a
-   ThreadDataLoader, which prepares the next batches in a background thread.
+   ThreadDataLoader (next batches prepared in a background thread) and with one worker process.
 4. Scale: the Coordinator runs prr for 3 rounds of 1 epoch with K = 2, 4, 8, 16 dermoscopy sites, each K in
    a fresh process: round time, aggregation share of a round (target: at most 1%), peak memory (growth
    linear or better) and bytes exchanged per round (uploads from the sites' audit.jsonl, downloads from
@@ -165,18 +166,22 @@ def epoch_comparison(task: str, synth: Path, device: torch.device, threads: int,
     _, _, site_name = EPOCH_SITES[task]
     config_path = str(synth / "site_configs" / task / f"{site_name}.yaml")
     sites = {}
-    for method in ("prr", "fedavg"):  # the same site, data and network; one or two models
+    # The same site, data and network: prr (P and D, CPA), pfa_only (one model, CPA: DET's cost alone) and
+    # fedavg (one model, cross-entropy).
+    for method in ("prr", "pfa_only", "fedavg"):
         config = experiment(task, method, [config_path], device.type, threads, 1, 1, run_root)
         site = Site(load_site_config(config_path), config, run_root / "epochs" / f"{task}-{method}", device)
         site.initialize()
         sites[method] = site
     batch_size = sites["prr"].experiment.batch_size
 
-    def loaders(site: Site, prefetch: bool) -> tuple[TimedLoader, DataLoader]:
+    def loaders(site: Site, loading: str) -> tuple[TimedLoader, DataLoader]:
         dataset = site.datasets["train"]
-        options = {"batch_size": batch_size, "shuffle": True, "num_workers": 0,
-                   "drop_last": len(dataset) % batch_size == 1}
-        train = ThreadDataLoader(dataset, buffer_size=2, **options) if prefetch else DataLoader(dataset, **options)
+        options = {"batch_size": batch_size, "shuffle": True, "drop_last": len(dataset) % batch_size == 1}
+        if loading == "thread":
+            train = ThreadDataLoader(dataset, buffer_size=2, num_workers=0, **options)
+        else:
+            train = DataLoader(dataset, num_workers=1 if loading == "process" else 0, **options)
         val = DataLoader(site.datasets["val"], batch_size=max(batch_size, 32), shuffle=False, num_workers=0)
         return TimedLoader(train), val
 
@@ -190,15 +195,17 @@ def epoch_comparison(task: str, synth: Path, device: torch.device, threads: int,
         for name in names:
             evaluate_model(site.models[name], val, site.task, site.classes, device, spacing)
 
-    variants = (  # (key, site, DET state, models validated, batches prefetched by a thread)
-        ("det", sites["prr"], DetState.EXCHANGE, ("P", "D"), False),
-        ("single", sites["fedavg"], None, ("M",), False),
-        ("single_prefetch", sites["fedavg"], None, (), True),
+    variants = (  # (key, site, DET state, models validated, how batches are loaded)
+        ("det", sites["prr"], DetState.EXCHANGE, ("P", "D"), "inline"),
+        ("single", sites["pfa_only"], None, ("M",), "inline"),
+        ("single_ce", sites["fedavg"], None, ("M",), "inline"),
+        ("single_thread", sites["pfa_only"], None, (), "thread"),
+        ("single_process", sites["pfa_only"], None, (), "process"),
     )
     measured: dict[str, list[dict[str, float]]] = {key: [] for key, *_ in variants}
     for repeat in range(repeats + 1):  # the first pass warms up (allocator, lazy imports) and is not kept
-        for key, site, state, names, prefetch in variants:
-            train, val = loaders(site, prefetch)
+        for key, site, state, names, loading in variants:
+            train, val = loaders(site, loading)
             plan = EpochPlan(state=state)
             train_wall, train_cpu = timed(lambda s=site, t=train, p=plan: train_epoch(
                 s.models, s.optimizers, t, s.loss_fn, p, s.task, device), device)
@@ -216,10 +223,12 @@ def epoch_comparison(task: str, synth: Path, device: torch.device, threads: int,
         "det_over_single": (det["train_s"] + det["val_s"]) / single["train_s"],
         "det_over_single_with_its_validation": (det["train_s"] + det["val_s"]) / (single["train_s"] + single["val_s"]),
         "det_over_single_cpu": (det["train_cpu_s"] + det["val_cpu_s"]) / single["train_cpu_s"],
+        "det_over_single_ce": (det["train_s"] + det["val_s"]) / median["single_ce"]["train_s"],
         "loading_share_single": single["load_s"] / single["train_s"],
         "loading_share_det": det["load_s"] / det["train_s"],
-        "loading_share_single_prefetch": median["single_prefetch"]["load_s"] / median["single_prefetch"]["train_s"],
-        "single_prefetch_over_single": median["single_prefetch"]["train_s"] / single["train_s"],
+        **{f"loading_share_{key}": median[key]["load_s"] / median[key]["train_s"]
+           for key in ("single_thread", "single_process")},
+        **{f"{key}_over_single": median[key]["train_s"] / single["train_s"] for key in ("single_thread", "single_process")},
     }
 
 
@@ -370,17 +379,25 @@ def device_markdown(section: dict[str, Any]) -> str:
                      f"| {ms['reference_pfa']:.1f} | {row['reference_over_pfa']:.1f}x | {row['pfa_over_fedavg']:.1f}x "
                      f"| {row['max_abs_diff_vs_reference']:.1e} |")
     lines += ["", "### One local epoch on one site (median; DET = state Exchange, both models step on every batch)", "",
-              "| task, site | train / val samples | single: train (s) | its validation (s) | DET: train (s) "
-              "| two validations (s) | DET / single train | same, CPU time | DET / single incl. its validation "
-              "| loading share single / DET | same, prefetching thread |",
-              "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "Single = the same one model with the same loss (pfa_only: CPA), so that the ratio is DET's own cost; "
+              "single CE = FedAvg's model with cross-entropy. Loading = time the training loop waits for its next "
+              "batch.", "",
+              "| task, site | train / val | single: train (s) | its validation (s) | DET: train (s) "
+              "| two validations (s) | DET / single | same, CPU time | DET / single CE | loading share single / DET |",
+              "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in epochs:
         s, d = e["median"]["single"], e["median"]["det"]
         lines.append(f"| {e['task']}, {e['site']} | {e['train_samples']} / {e['val_samples']} | {s['train_s']:.2f} "
                      f"| {s['val_s']:.2f} | {d['train_s']:.2f} | {d['val_s']:.2f} | {e['det_over_single']:.2f}x "
-                     f"| {e['det_over_single_cpu']:.2f}x | {e['det_over_single_with_its_validation']:.2f}x "
-                     f"| {100 * e['loading_share_single']:.1f}% / {100 * e['loading_share_det']:.1f}% "
-                     f"| {100 * e['loading_share_single_prefetch']:.1f}% (epoch {e['single_prefetch_over_single']:.2f}x) |")
+                     f"| {e['det_over_single_cpu']:.2f}x | {e['det_over_single_ce']:.2f}x "
+                     f"| {100 * e['loading_share_single']:.1f}% / {100 * e['loading_share_det']:.1f}% |")
+    lines += ["", "The single-model epoch again with other loaders (the Site uses a DataLoader without workers):", "",
+              "| task | loader | loading share | epoch time / inline loading |", "|:---|:---|---:|---:|"]
+    for e in epochs:
+        lines.append(f"| {e['task']} | DataLoader, no workers (as the Site) | {100 * e['loading_share_single']:.1f}% | 1.00x |")
+        for key, text in (("single_thread", "ThreadDataLoader (one prefetching thread)"),
+                          ("single_process", "DataLoader, 1 worker process")):
+            lines.append(f"| {e['task']} | {text} | {100 * e[f'loading_share_{key}']:.1f}% | {e[f'{key}_over_single']:.2f}x |")
     lines += ["", "### Sites K through the coordinator (prr, dermoscopy, 3 rounds x 1 epoch; means of the "
               "rounds that aggregate)", "",
               "| K | train samples | round (s) | round CPU (s) | per 1000 samples (s) | aggregation (ms) | share "
