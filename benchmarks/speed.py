@@ -61,8 +61,13 @@ from aggregation import (  # noqa: E402 - the sibling benchmark script, found th
 RESULTS = BENCHMARKS / "results"
 EXPERIMENTS = BENCHMARKS.parent / "site_configs" / "experiments"
 TARGETS = {"det_over_single": 2.2, "loading_share": 0.10, "aggregation_share": 0.01, "growth_slope": 1.1}
-EPOCH_SITES = {"dermoscopy": ("classification", "dermoscopy.yaml", "derm_a"),
-               "prostate": ("segmentation", "prostate.yaml", "prost_a")}
+# Epoch comparisons: (site folder, shipped experiment, site, overrides of the experiment, loader variants too).
+EPOCH_CASES = {
+    "dermoscopy": ("dermoscopy", "dermoscopy.yaml", "derm_a", {}, True),
+    "prostate": ("prostate", "prostate.yaml", "prost_a", {}, True),
+    "dermoscopy-128px-x1": ("dermoscopy", "dermoscopy.yaml", "derm_a",
+                            {"data": {"input_size": 128}, "model": {"width": 1.0}}, False),
+}
 
 
 # ---- 1. aggregation ----------------------------------------------------------------------------------------
@@ -125,15 +130,17 @@ class TimedLoader:
             yield batch
 
 
-def experiment(task: str, method: str, sites: list[str], device: str, threads: int, rounds: int,
-               local_epochs: int, run_root: Path):
-    """The shipped experiment of `task` for these sites, method and budget (an ExperimentConfig)."""
+def experiment(name: str, shipped: str, method: str, sites: list[str], device: str, threads: int, rounds: int,
+               local_epochs: int, run_root: Path, overrides: dict[str, dict[str, Any]] | None = None):
+    """A shipped experiment for these sites, method and budget, sections updated by `overrides`."""
     from medfl.experiment import load_experiment_config
 
-    data = yaml.safe_load((EXPERIMENTS / EPOCH_SITES[task][1]).read_text(encoding="utf-8"))
+    data = yaml.safe_load((EXPERIMENTS / shipped).read_text(encoding="utf-8"))
+    for section, values in (overrides or {}).items():
+        data[section] = {**data.get(section, {}), **values}
     data.update({"sites": sites, "method": method, "device": device, "rounds": rounds, "local_epochs": local_epochs,
                  "output_dir": str(run_root), "runtime": {"threads": threads}})
-    path = run_root / "configs" / f"{task}-{method}-{len(sites)}sites.yaml"
+    path = run_root / "configs" / f"{name}-{method}-{len(sites)}sites.yaml"
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
     return load_experiment_config(path)
 
@@ -152,7 +159,7 @@ def timed(function: Callable[[], Any], device: torch.device) -> tuple[float, flo
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def epoch_comparison(task: str, synth: Path, device: torch.device, threads: int, repeats: int,
+def epoch_comparison(case: str, synth: Path, device: torch.device, threads: int, repeats: int,
                      run_root: Path) -> dict[str, Any]:
     """DET epoch (training + two validation passes) against a single-model epoch on one site, taking turns."""
     from monai.data import DataLoader, ThreadDataLoader
@@ -163,14 +170,14 @@ def epoch_comparison(task: str, synth: Path, device: torch.device, threads: int,
     from medfl.federated.site import Site
     from medfl.federated.training import EpochPlan, train_epoch
 
-    _, _, site_name = EPOCH_SITES[task]
-    config_path = str(synth / "site_configs" / task / f"{site_name}.yaml")
+    folder, shipped, site_name, overrides, loader_variants = EPOCH_CASES[case]
+    config_path = str(synth / "site_configs" / folder / f"{site_name}.yaml")
     sites = {}
     # The same site, data and network: prr (P and D, CPA), pfa_only (one model, CPA: DET's cost alone) and
     # fedavg (one model, cross-entropy).
     for method in ("prr", "pfa_only", "fedavg"):
-        config = experiment(task, method, [config_path], device.type, threads, 1, 1, run_root)
-        site = Site(load_site_config(config_path), config, run_root / "epochs" / f"{task}-{method}", device)
+        config = experiment(case, shipped, method, [config_path], device.type, threads, 1, 1, run_root, overrides)
+        site = Site(load_site_config(config_path), config, run_root / "epochs" / f"{case}-{method}", device)
         site.initialize()
         sites[method] = site
     batch_size = sites["prr"].experiment.batch_size
@@ -201,7 +208,7 @@ def epoch_comparison(task: str, synth: Path, device: torch.device, threads: int,
         ("single_ce", sites["fedavg"], None, ("M",), "inline"),
         ("single_thread", sites["pfa_only"], None, (), "thread"),
         ("single_process", sites["pfa_only"], None, (), "process"),
-    )
+    )[: 5 if loader_variants else 3]
     measured: dict[str, list[dict[str, float]]] = {key: [] for key, *_ in variants}
     for repeat in range(repeats + 1):  # the first pass warms up (allocator, lazy imports) and is not kept
         for key, site, state, names, loading in variants:
@@ -217,7 +224,7 @@ def epoch_comparison(task: str, synth: Path, device: torch.device, threads: int,
               for key, rows in measured.items()}
     det, single = median["det"], median["single"]
     return {
-        "task": task, "site": site_name, "train_samples": len(sites["prr"].datasets["train"]),
+        "task": case, "site": site_name, "train_samples": len(sites["prr"].datasets["train"]),
         "val_samples": len(sites["prr"].datasets["val"]), "batch_size": batch_size,
         "network": sites["prr"].models["P"].config, "median": median, "repeats": measured,
         "det_over_single": (det["train_s"] + det["val_s"]) / single["train_s"],
@@ -227,8 +234,9 @@ def epoch_comparison(task: str, synth: Path, device: torch.device, threads: int,
         "loading_share_single": single["load_s"] / single["train_s"],
         "loading_share_det": det["load_s"] / det["train_s"],
         **{f"loading_share_{key}": median[key]["load_s"] / median[key]["train_s"]
-           for key in ("single_thread", "single_process")},
-        **{f"{key}_over_single": median[key]["train_s"] / single["train_s"] for key in ("single_thread", "single_process")},
+           for key in ("single_thread", "single_process") if key in median},
+        **{f"{key}_over_single": median[key]["train_s"] / single["train_s"]
+           for key in ("single_thread", "single_process") if key in median},
     }
 
 
@@ -318,7 +326,8 @@ def scale_rows(synth: Path, ks: list[int], device: torch.device, threads: int, r
     configs = sorted((synth / "site_configs" / "dermoscopy").glob("*.yaml"))
     rows = []
     for k in ks:
-        config = experiment("dermoscopy", "prr", [str(p) for p in configs[:k]], device.type, threads, 3, 1, run_root)
+        config = experiment("scale", "dermoscopy.yaml", "prr", [str(p) for p in configs[:k]], device.type, threads,
+                            3, 1, run_root)
         job = {"config": str(config.source_path), "run_dir": str(run_root / "scale" / f"{device.type}-k{k}"),
                "device": str(device), "threads": threads}
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
@@ -393,7 +402,7 @@ def device_markdown(section: dict[str, Any]) -> str:
                      f"| {100 * e['loading_share_single']:.1f}% / {100 * e['loading_share_det']:.1f}% |")
     lines += ["", "The single-model epoch again with other loaders (the Site uses a DataLoader without workers):", "",
               "| task | loader | loading share | epoch time / inline loading |", "|:---|:---|---:|---:|"]
-    for e in epochs:
+    for e in (e for e in epochs if "loading_share_single_thread" in e):
         lines.append(f"| {e['task']} | DataLoader, no workers (as the Site) | {100 * e['loading_share_single']:.1f}% | 1.00x |")
         for key, text in (("single_thread", "ThreadDataLoader (one prefetching thread)"),
                           ("single_process", "DataLoader, 1 worker process")):
@@ -433,17 +442,20 @@ def figure(section: dict[str, Any], path: Path) -> None:
     a.set_title("aggregation, K = 4", fontsize=10)
     a.legend(fontsize=7)
     names, bottoms = [], []
-    for epoch in section["epochs"]:
+    for epoch in section["epochs"]:  # in units of the single-model training time of the same case
+        unit = epoch["median"]["single"]["train_s"]
         for key, label in (("single", "single"), ("det", "DET")):
-            m = epoch["median"][key]
-            names.append(f"{epoch['task'][:5]}\n{label}")
+            m = {name: value / unit for name, value in epoch["median"][key].items()}
+            short = epoch["task"].replace("dermoscopy", "derm").replace("prostate", "prost").replace("-128px-x1", " 128")
+            names.append(f"{short}\n{label}")
             bottoms.append((m["load_s"], m["train_s"] - m["load_s"], m["val_s"]))
     positions = range(len(names))
     b.bar(positions, [x[0] for x in bottoms], color="C2", label="loading batches")
     b.bar(positions, [x[1] for x in bottoms], bottom=[x[0] for x in bottoms], color="C0", label="training")
     b.bar(positions, [x[2] for x in bottoms], bottom=[x[0] + x[1] for x in bottoms], color="C1", label="validation")
     b.set_xticks(positions, names, fontsize=8)
-    b.set_ylabel("seconds per epoch")
+    b.set_ylabel("epoch time / single-model training time")
+    b.axhline(TARGETS["det_over_single"], color="0.5", ls=":", lw=0.8)
     b.set_title("one local epoch on one site", fontsize=10)
     b.legend(fontsize=7)
     scale = section["scale"]["rows"]
@@ -485,10 +497,10 @@ def measure_device(device: torch.device, args: argparse.Namespace, synth: Path) 
     section: dict[str, Any] = {"device": device.type, "machine": info}
     section["aggregation"] = aggregation_rows(device.type, 4, args.repeats, 0.7)
     section["epochs"] = []
-    for task in EPOCH_SITES:
-        section["epochs"].append(epoch_comparison(task, synth, device, args.threads, args.repeats, run_root))
+    for case in EPOCH_CASES:
+        section["epochs"].append(epoch_comparison(case, synth, device, args.threads, args.repeats, run_root))
         e = section["epochs"][-1]
-        print(f"  epoch {task}: DET/single {e['det_over_single']:.2f}x, loading "
+        print(f"  epoch {case}: DET/single {e['det_over_single']:.2f}x, loading "
               f"{100 * e['loading_share_single']:.1f}% / {100 * e['loading_share_det']:.1f}%", flush=True)
     section["scale"] = scale_rows(synth, args.sites, device, args.threads, run_root)
     info["load_average_1min_end"] = round(os.getloadavg()[0], 2)
@@ -522,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n\n".join(device_markdown(section) for section in sections.values())
     atomic_write_text(args.output.with_suffix(".md"), (
         f"# Speed and scale\n\n`{command.strip()}`\n\nSynthetic data `medfl.synth.generate(scale=0.1)`; networks and "
-        "sizes of the shipped experiments (slim VGG-16 x0.25 at 32 px, UNet x0.5 at 64 px) except the aggregation "
-        "table, which uses full-width networks. Every ratio below was measured in this one run, side by side. "
+        "sizes of the shipped experiments (slim VGG-16 x0.25 at 32 px, UNet x0.5 at 64 px), except the aggregation "
+        "table, which uses full-width networks, and the epoch row `dermoscopy-128px-x1` (the reference's input size "
+        "and width). Every ratio below was measured in this one run, side by side. "
         f"Total {(time.perf_counter() - start) / 60:.1f} min.\n\n{text}\n"))
     for name, section in sections.items():
         figure(section, args.output.with_suffix(".png" if name == "cpu" else f".{name}.png"))
