@@ -72,21 +72,30 @@ def _lesion(value: str | None) -> str | None:
     return value if value else None
 
 
-def _read_ham10000(site: SiteConfig, log: ProblemLog) -> SourceTable | None:
+def _filtered_table(site: SiteConfig, required: list[str], log: ProblemLog) -> tuple[list[dict[str, str]], int] | None:
+    """The table rows that pass the site's filter and how many it removed; None when the table is unusable."""
     table = site.table_path
     assert table is not None
-    raw = read_table(table, ["image_id", "dx"], log)
+    raw = read_table(table, required, log)
     if raw is None:
         return None
     kept = _apply_filter(site, raw, table, log)
     if kept is None:
         return None
+    return kept, len(raw) - len(kept)
+
+
+def _read_ham10000(site: SiteConfig, log: ProblemLog) -> SourceTable | None:
+    filtered = _filtered_table(site, ["image_id", "dx"], log)
+    if filtered is None:
+        return None
+    kept, removed = filtered
     index = index_images(site.data_root)
     rows = []
     for row in kept:
         path, missing = _find(index, [row["image_id"]])
         rows.append(SourceRow(row["image_id"], row["dx"], path, _lesion(row.get("lesion_id")), missing))
-    return SourceTable(rows, len(raw) - len(kept))
+    return SourceTable(rows, removed)
 
 
 def _isic_label(row: dict[str, str], columns: list[str], table: Path, log: ProblemLog) -> str | None:
@@ -146,14 +155,10 @@ def _read_isic2019(site: SiteConfig, log: ProblemLog) -> SourceTable | None:
 
 
 def _read_csv(site: SiteConfig, log: ProblemLog) -> SourceTable | None:
-    table = site.table_path
-    assert table is not None
-    raw = read_table(table, ["image", "label"], log)
-    if raw is None:
+    filtered = _filtered_table(site, ["image", "label"], log)
+    if filtered is None:
         return None
-    kept = _apply_filter(site, raw, table, log)
-    if kept is None:
-        return None
+    kept, removed = filtered
     rows = []
     for row in kept:
         path: Path | None = site.data_root / row["image"]
@@ -161,7 +166,7 @@ def _read_csv(site: SiteConfig, log: ProblemLog) -> SourceTable | None:
         if not row["image"] or not path.is_file():
             path, missing = None, f"image '{row['image']}' listed in the table is not under data_root"
         rows.append(SourceRow(row["image"], row["label"], path, _lesion(row.get("lesion_id")), missing))
-    return SourceTable(rows, len(raw) - len(kept))
+    return SourceTable(rows, removed)
 
 
 def duplicate_ids(rows: list[SourceRow]) -> list[str]:
