@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -39,6 +40,7 @@ from typing import Any
 import yaml
 
 from medfl.checkpoints import atomic_write_json, atomic_write_text
+from medfl.federated.methods import method_spec
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPOSITORY = BENCHMARKS.parent
@@ -77,7 +79,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
-        "dermoscopy only, 2 seeds, 10 rounds x 3 local epochs (about 25 min on a busy 2-core machine)",
+        "dermoscopy only, 2 seeds, 10 rounds x 3 local epochs (about 30 min on a busy 2-core machine)",
         scale=0.1, device="cpu",
         tasks={"dermoscopy": TaskPlan(rounds=10, local_epochs=3, seeds=2)},
     ),
@@ -157,8 +159,6 @@ def plan_jobs(preset: Preset, root: Path, threads: int, device: str) -> list[dic
                     experiment_dict(task, plan, method, seed, synth_root, threads, device), sort_keys=False))
                 jobs.append({"name": name, "task": task, "method": method, "seed": seed, "threads": threads,
                              "config": str(config_path), "run_dir": str(root / "runs" / name)})
-    from medfl.federated.methods import method_spec
-
     return sorted(jobs, key=lambda job: (not method_spec(job["method"]).two_models, job["task"] != "prostate"))
 
 
@@ -183,11 +183,19 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if record.is_file() and summary_path.is_file() and json.loads(summary_path.read_text())["finished"]:
         return {**job, **json.loads(record.read_text()), "reused": True}
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     wall, cpu = time.perf_counter(), time.process_time()
     Coordinator(config, run_dir, resolve_device(config.device)).run(resume=resume)
-    timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "resumed": resume}
+    timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "resumed": resume,
+              "load_average_1min": load}
     atomic_write_json(record, timing)
     return {**job, **timing, "reused": False}
+
+
+def load_range(done: list[dict[str, Any]]) -> str:
+    """', a-b when its runs started' from the runs' records (older records lack it: empty then)."""
+    loads = [d["load_average_1min"] for d in done if d.get("load_average_1min") is not None]
+    return f", {min(loads):.1f}-{max(loads):.1f} when its runs started" if loads else ""
 
 
 def run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
@@ -589,8 +597,8 @@ def write_outputs(stem: Path, preset_name: str, preset: Preset, results: dict[st
         "70/10/20 split; every method runs the shipped experiment config with the same data, network, budget "
         "and seeds, only `method` and `seed` differ.", "",
         f"Machine: {info['cpu']}, {info['cpu_cores']} cores, device {info['device']}, {timing['workers']} runs "
-        f"in parallel with {timing['threads']} torch thread(s) each, load average {info.get('load_average_1min')} "
-        f"at the start. This invocation took {timing['wall_s'] / 60:.1f} min, reusing {timing['reused']} of "
+        f"in parallel with {timing['threads']} torch thread(s) each; load average {info.get('load_average_1min')} "
+        f"when this invocation started{timing['run_loads']}. This invocation took {timing['wall_s'] / 60:.1f} min, reusing {timing['reused']} of "
         f"{timing['runs']} runs from an earlier one; over all runs, where they ran: wall time summed "
         f"{timing['run_wall_s'] / 60:.1f} min, process CPU time summed {timing['cpu_s'] / 60:.1f} min.", "",
         "Test scores are those of the model each site uses, at the round its validation score selected; "
@@ -605,7 +613,7 @@ def write_outputs(stem: Path, preset_name: str, preset: Preset, results: dict[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="dermoscopy only, 2 seeds, 10 rounds (~25 min)")
+    group.add_argument("--quick", action="store_true", help="dermoscopy only, 2 seeds, 10 rounds x 3 epochs (~30 min)")
     group.add_argument("--full", action="store_true", help="the reference settings, for a GPU machine")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (default 2: one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
@@ -636,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                          "workers": args.workers, "threads": args.threads,
                          "reused": sum(d["reused"] for d in done), "runs": len(done),
                          "run_wall_s": sum(d["wall_s"] for d in done),
+                         "run_loads": load_range(done),
                          "per_run": {d["name"]: {"wall_s": d["wall_s"], "cpu_s": d["cpu_s"]} for d in done}}
     task_runs = {task: [load_run(job["run_dir"]) for job in jobs if job["task"] == task] for task in preset.tasks}
     results = {task: summarise_task(task, runs, root / "probe") for task, runs in task_runs.items()}
