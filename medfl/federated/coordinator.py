@@ -74,8 +74,20 @@ def delivery(aggregate: Aggregate, site: str) -> ExchangeObject:
     )
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's ru_maxrss survives exec (a child started from a large
+    parent reports the parent's peak), so /proc's VmHWM is read where it exists."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    usage = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    usage = {"peak_rss_mb": _peak_rss_mb()}
     if device.type == "cuda":
         usage["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return usage
