@@ -38,8 +38,6 @@ from medfl.federated.training import EpochPlan, SupervisedLoss, TrainingDiverged
 from medfl.metrics import retrogress, task_metric_name
 from medfl.models import build_model
 
-USED, RECEIVING = "used", "receiving"
-
 
 def derive_seed(*parts: object) -> int:
     """A 31-bit seed from any parts (experiment seed, site name, round, epoch), stable across runs."""
