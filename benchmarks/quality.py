@@ -3,7 +3,8 @@
 Writes a synthetic data set with `medfl.synth.generate` (dermoscopy: 4 sites, prostate: 6 sites), then runs
 the shipped experiments (site_configs/experiments/*.yaml) with the Coordinator for every method and seed:
 the same data, network, rounds, local epochs and seeds for all of them; only `method` (and the seed) change.
-Main methods: local, fedavg, fedbn, fml, prr; ablations (fewer seeds): fedavg_det, pfa_only, prr_ce.
+Main methods: local, fedavg, fedbn, fml, prr; ablations (fewer seeds): fedavg_det, pfa_only, prr_ce, and
+prr_amplitude (PFA sharing the amplitude only, the MICCAI version that algorithm.md offers as an option).
 
 Reported per site and as the mean over sites, mean ± sample sd across seeds: test macro-F1, the F1 of the
 federation's rarest training class, AUC and accuracy (dermoscopy), Dice and HD95 (prostate), at the round
@@ -47,7 +48,9 @@ REPOSITORY = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 EXPERIMENTS = REPOSITORY / "site_configs" / "experiments"
 MAIN_METHODS = ("local", "fedavg", "fedbn", "fml", "prr")
-ABLATIONS = ("fedavg_det", "pfa_only", "prr_ce")
+ABLATIONS = ("fedavg_det", "pfa_only", "prr_ce", "prr_amplitude")
+# Ablations that are a method with other options: label -> (method, experiment overrides).
+VARIANTS = {"prr_amplitude": ("prr", {"pfa": {"share_phase": False}})}  # PFA as in the MICCAI paper
 TASKS = {"dermoscopy": ("classification", "dermoscopy.yaml"), "prostate": ("segmentation", "prostate.yaml")}
 
 
@@ -131,11 +134,13 @@ def site_configs(synth_root: Path, task: str) -> list[str]:
     return [str(path) for path in sorted((synth_root / "site_configs" / task).glob("*.yaml"))]
 
 
-def experiment_dict(task: str, plan: TaskPlan, method: str, seed: int, synth_root: Path, threads: int,
+def experiment_dict(task: str, plan: TaskPlan, label: str, seed: int, synth_root: Path, threads: int,
                     device: str) -> dict[str, Any]:
-    """The shipped experiment of `task` with this preset's budget, method and seed; nothing else changed."""
+    """The shipped experiment of `task` with this preset's budget, the method (or variant) `label` and seed;
+    nothing else changed."""
     base = yaml.safe_load((EXPERIMENTS / TASKS[task][1]).read_text(encoding="utf-8"))
-    return deep_merge(base, {
+    method, options = VARIANTS.get(label, (label, {}))
+    return deep_merge(deep_merge(base, options), {
         **plan.overrides,
         "sites": site_configs(synth_root, task),
         "method": method, "seed": seed, "rounds": plan.rounds, "local_epochs": plan.local_epochs,
@@ -150,15 +155,16 @@ def plan_jobs(preset: Preset, root: Path, threads: int, device: str) -> list[dic
     synth_root = root / "synth"
     jobs = []
     for task, plan in preset.tasks.items():
-        for method in MAIN_METHODS + ABLATIONS:
-            seeds = plan.seeds if method in MAIN_METHODS else min(preset.ablation_seeds, plan.seeds)
+        for label in MAIN_METHODS + ABLATIONS:
+            seeds = plan.seeds if label in MAIN_METHODS else min(preset.ablation_seeds, plan.seeds)
             for seed in range(seeds):
-                name = f"{task}-{method}-seed{seed}"
+                name = f"{task}-{label}-seed{seed}"
                 config_path = root / "configs" / f"{name}.yaml"
                 atomic_write_text(config_path, yaml.safe_dump(
-                    experiment_dict(task, plan, method, seed, synth_root, threads, device), sort_keys=False))
-                jobs.append({"name": name, "task": task, "method": method, "seed": seed, "threads": threads,
-                             "config": str(config_path), "run_dir": str(root / "runs" / name)})
+                    experiment_dict(task, plan, label, seed, synth_root, threads, device), sort_keys=False))
+                jobs.append({"name": name, "task": task, "method": VARIANTS.get(label, (label,))[0], "label": label,
+                             "seed": seed, "threads": threads, "config": str(config_path),
+                             "run_dir": str(root / "runs" / name)})
     return sorted(jobs, key=lambda job: (not method_spec(job["method"]).two_models, job["task"] != "prostate"))
 
 
@@ -227,6 +233,16 @@ def train_counts(run_config: dict[str, Any]) -> dict[str, list[int]]:
         site = load_site_config(path)
         counts[site.name] = load_site(site, settings).class_counts("train")
     return counts
+
+
+def label_of(run) -> str:
+    """The method, or the ablation variant its options make it (VARIANTS)."""
+    for label, (method, options) in VARIANTS.items():
+        if run.method == method and all(
+                run.config.get(section, {}).get(key) == value
+                for section, entries in options.items() for key, value in entries.items()):
+            return label
+    return run.method
 
 
 def communication_dips(run, site: str) -> float:
@@ -304,9 +320,9 @@ def summarise_task(task: str, runs: list, scratch: Path) -> dict[str, Any]:
     by_method: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
     shares: dict[str, list[dict[str, float]]] = {}
     for run in runs:
-        by_method.setdefault(run.method, {})[run.seed] = site_values(run, metrics)
+        by_method.setdefault(label_of(run), {})[run.seed] = site_values(run, metrics)
         if det_shares(run):
-            shares.setdefault(run.method, []).append(det_shares(run))
+            shares.setdefault(label_of(run), []).append(det_shares(run))
     sites = list(runs[0].summary["sites"])
     methods = {}
     for method, seeds in by_method.items():
@@ -329,7 +345,7 @@ def summarise_task(task: str, runs: list, scratch: Path) -> dict[str, Any]:
                 n: spread([methods["prr"]["per_seed"][str(s)]["mean"][n] - methods[other]["per_seed"][str(s)]["mean"][n]
                            for s in common]) for n in compared
             }
-    probe_run = next((run for run in runs if run.method == "prr"), None)
+    probe_run = next((run for run in runs if label_of(run) == "prr"), None)
     probe = aggregation_probe(probe_run, scratch / task) if probe_run is not None else None
     return {"sites": sites, "train_counts": counts, "class_totals": totals, "classes": classes, "rarest_class": rarest,
             "metrics": names, "methods": methods, "paired_differences": paired, "aggregation_probe": probe}
@@ -569,7 +585,7 @@ def curve_figures(task_runs: dict[str, list], stem: Path) -> list[Path]:
 
     written = []
     for task, runs in task_runs.items():
-        chosen = [run for run in runs if run.method in ("fedavg", "fedbn", "prr")]
+        chosen = [run for run in runs if label_of(run) in ("fedavg", "fedbn", "prr")]
         if chosen:
             groups = group_runs(chosen)
             path = with_suffix(stem, f".{task}.curves.png")

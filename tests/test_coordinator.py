@@ -218,3 +218,23 @@ def test_segmentation_runs(method, prostate_experiment, tmp_path):
         assert 0.0 <= site["test"]["dice"] <= 1.0
         assert site["test"]["num_cases"] >= 1
         assert "hd95_missing" in site["test"]
+
+
+def test_prefetching_trains_exactly_as_loading_inline(derm_experiment, tmp_path, monkeypatch):
+    """The site's thread-prefetching loader draws the same batches and augmentations as a plain DataLoader."""
+    import monai.data
+
+    config = load_experiment_config(derm_experiment, rounds=2, local_epochs=2)
+    run(config, tmp_path, name="prefetched")
+
+    def inline(dataset, buffer_size, **options):
+        return monai.data.DataLoader(dataset, **options)
+
+    monkeypatch.setattr(monai.data, "ThreadDataLoader", inline)
+    run(config, tmp_path, name="inline")
+    for site in ("derm_a", "derm_b"):
+        saved = {name: torch.load(tmp_path / name / "sites" / site / "models" / "round_0001.pt", weights_only=True)
+                 for name in ("prefetched", "inline")}
+        for model in ("P", "D"):
+            for key, value in saved["inline"]["models"][model].items():
+                assert torch.equal(saved["prefetched"]["models"][model][key], value), (site, model, key)

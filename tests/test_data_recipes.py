@@ -66,7 +66,7 @@ def test_dermoscopy_train_caches_uint8_and_augments(derm_records):
 @pytest.mark.parametrize("recipe", ["prostate_train", "prostate_eval"])
 def test_prostate_recipes_keep_masks_binary(slice_records, recipe):
     set_determinism(1)
-    dataset = build_dataset(slice_records, load_recipe(recipe), cache_rate=0.0)
+    dataset = build_dataset(slice_records, load_recipe(recipe, input_size=16), cache_rate=0.0)
     assert type(dataset) is Dataset
     for _ in range(3):
         item = dataset[0]
@@ -123,10 +123,28 @@ def test_batches_collate(derm_records, slice_records):
 
 def test_uncached_training_draws_leave_the_records_untouched(slice_records):
     originals = [(r["image"].copy(), r["label"].copy()) for r in slice_records]
-    dataset = build_dataset(slice_records, load_recipe("prostate_train"), cache_rate=0.0)
+    dataset = build_dataset(slice_records, load_recipe("prostate_train", input_size=16), cache_rate=0.0)
     for _ in range(5):
         for i in range(len(dataset)):
             dataset[i]
     for record, (image, label) in zip(slice_records, originals, strict=True):
         np.testing.assert_array_equal(record["image"], image)
         np.testing.assert_array_equal(record["label"], label)
+
+
+@pytest.mark.parametrize("recipe", ["dermoscopy_train", "prostate_train"])
+def test_training_draws_never_write_into_the_cache(derm_records, slice_records, recipe):
+    """build_dataset reads the cache without copying each item: the random tail must return new arrays."""
+    from monai.data import DataLoader
+
+    records = derm_records if recipe.startswith("dermoscopy") else slice_records
+    dataset = build_dataset(records, load_recipe(recipe, input_size=16), cache_rate=1.0)
+    cached = [{key: torch.as_tensor(value).clone() for key, value in item.items() if key in ("image", "label")
+               and not isinstance(value, int)} for item in dataset._cache]
+    dataset.transform.set_random_state(seed=3)
+    for _ in range(6):
+        for batch in DataLoader(dataset, batch_size=2, shuffle=True):
+            batch["image"] += 1.0  # what a careless caller could do to a batch
+    for item, before in zip(dataset._cache, cached, strict=True):
+        for key, value in before.items():
+            assert torch.equal(torch.as_tensor(item[key]), value), key
