@@ -6,10 +6,11 @@
    needs) against a single-model epoch with the same loss (pfa_only) on the same site, data and network, and
    against FedAvg's cross-entropy epoch, with `medfl.federated.training.train_epoch` and `evaluate_model`,
    taking turns. Target: DET at most 2.2x.
-3. Data loading: inside those epochs, the time spent waiting for the next batch of the cached dataset
-   (the random transform tail and collation) with the loader the Site uses (a MONAI DataLoader without
-   workers). Target: at most 10% of the epoch. For comparison, the single-model epoch again with a
-   ThreadDataLoader (next batches prepared in a background thread) and with one worker process.
+3. Data loading: inside those epochs, the time the training loop spends waiting for the next batch of the
+   cached dataset (the random transform tail and collation) with the loader the Site uses (a ThreadDataLoader
+   preparing batches ahead in one thread). Target: at most 10% of the epoch. For comparison, the
+   single-model epoch again with inline loading (a DataLoader without workers) and with one worker process,
+   and the CPU cost per image of the random tail.
 4. Scale: the Coordinator runs prr for 3 rounds of 1 epoch with K = 2, 4, 8, 16 dermoscopy sites, each K in
    a fresh process: round time, aggregation share of a round (target: at most 1%), peak memory (growth
    linear or better) and bytes exchanged per round (uploads from the sites' audit.jsonl, downloads from
@@ -167,7 +168,7 @@ def epoch_comparison(case: str, synth: Path, device: torch.device, threads: int,
     from medfl.config import load_site_config
     from medfl.federated.det import DetState
     from medfl.federated.evaluation import evaluate_model
-    from medfl.federated.site import Site
+    from medfl.federated.site import PREFETCH_BATCHES, Site
     from medfl.federated.training import EpochPlan, train_epoch
 
     folder, shipped, site_name, overrides, loader_variants = EPOCH_CASES[case]
@@ -185,8 +186,8 @@ def epoch_comparison(case: str, synth: Path, device: torch.device, threads: int,
     def loaders(site: Site, loading: str) -> tuple[TimedLoader, DataLoader]:
         dataset = site.datasets["train"]
         options = {"batch_size": batch_size, "shuffle": True, "drop_last": len(dataset) % batch_size == 1}
-        if loading == "thread":
-            train = ThreadDataLoader(dataset, buffer_size=2, num_workers=0, **options)
+        if loading == "site":
+            train = ThreadDataLoader(dataset, buffer_size=PREFETCH_BATCHES, num_workers=0, **options)
         else:
             train = DataLoader(dataset, num_workers=1 if loading == "process" else 0, **options)
         val = DataLoader(site.datasets["val"], batch_size=max(batch_size, 32), shuffle=False, num_workers=0)
@@ -203,10 +204,10 @@ def epoch_comparison(case: str, synth: Path, device: torch.device, threads: int,
             evaluate_model(site.models[name], val, site.task, site.classes, device, spacing)
 
     variants = (  # (key, site, DET state, models validated, how batches are loaded)
-        ("det", sites["prr"], DetState.EXCHANGE, ("P", "D"), "inline"),
-        ("single", sites["pfa_only"], None, ("M",), "inline"),
-        ("single_ce", sites["fedavg"], None, ("M",), "inline"),
-        ("single_thread", sites["pfa_only"], None, (), "thread"),
+        ("det", sites["prr"], DetState.EXCHANGE, ("P", "D"), "site"),
+        ("single", sites["pfa_only"], None, ("M",), "site"),
+        ("single_ce", sites["fedavg"], None, ("M",), "site"),
+        ("single_inline", sites["pfa_only"], None, (), "inline"),
         ("single_process", sites["pfa_only"], None, (), "process"),
     )[: 5 if loader_variants else 3]
     measured: dict[str, list[dict[str, float]]] = {key: [] for key, *_ in variants}
@@ -234,20 +235,20 @@ def epoch_comparison(case: str, synth: Path, device: torch.device, threads: int,
         "loading_share_single": single["load_s"] / single["train_s"],
         "loading_share_det": det["load_s"] / det["train_s"],
         **{f"loading_share_{key}": median[key]["load_s"] / median[key]["train_s"]
-           for key in ("single_thread", "single_process") if key in median},
+           for key in ("single_inline", "single_process") if key in median},
         **{f"{key}_over_single": median[key]["train_s"] / single["train_s"]
-           for key in ("single_thread", "single_process") if key in median},
+           for key in ("single_inline", "single_process") if key in median},
     }
 
 
 def loading_breakdown(synth: Path, repeats: int) -> dict[str, float]:
-    """CPU milliseconds per image of one pass over a cached training split (derm_a, 32 px): the recipe as
-    shipped, without CacheDataset's deep copy of each cached item, and without RandAffined."""
+    """CPU milliseconds per image of one pass over a cached training split (derm_a, 32 px): the dataset as the
+    Site builds it, with CacheDataset's default deep copy of each cached item, and without RandAffined."""
     from monai.data import CacheDataset, DataLoader
     from monai.transforms import Compose
 
     from medfl.config import load_site_config
-    from medfl.data import load_recipe, load_site
+    from medfl.data import build_dataset, load_recipe, load_site
     from medfl.experiment import load_experiment_config
     from medfl.federated.training import plain_tensors
 
@@ -256,10 +257,10 @@ def loading_breakdown(synth: Path, repeats: int) -> dict[str, float]:
     recipe = load_recipe(config.data.recipe(config.task, "train"), input_size=config.data.input_size)
     records = site.splits["train"]
     datasets = {
-        "as shipped": CacheDataset(records, recipe, progress=False),
-        "copy_cache=False": CacheDataset(records, recipe, progress=False, copy_cache=False),
-        "without RandAffined": CacheDataset(
-            records, Compose([t for t in recipe.transforms if type(t).__name__ != "RandAffined"]), progress=False),
+        "as the Site builds it": build_dataset(records, recipe),
+        "with a deep copy per item (CacheDataset's default)": CacheDataset(records, recipe, progress=False),
+        "without RandAffined": build_dataset(
+            records, Compose([t for t in recipe.transforms if type(t).__name__ != "RandAffined"])),
     }
     times: dict[str, list[float]] = {name: [] for name in datasets}
     with plain_tensors():
@@ -434,11 +435,12 @@ def device_markdown(section: dict[str, Any]) -> str:
                      f"| {s['val_s']:.2f} | {d['train_s']:.2f} | {d['val_s']:.2f} | {e['det_over_single']:.2f}x "
                      f"| {e['det_over_single_cpu']:.2f}x | {e['det_over_single_ce']:.2f}x "
                      f"| {100 * e['loading_share_single']:.1f}% / {100 * e['loading_share_det']:.1f}% |")
-    lines += ["", "The single-model epoch again with other loaders (the Site uses a DataLoader without workers):", "",
-              "| task | loader | loading share | epoch time / inline loading |", "|:---|:---|---:|---:|"]
-    for e in (e for e in epochs if "loading_share_single_thread" in e):
-        lines.append(f"| {e['task']} | DataLoader, no workers (as the Site) | {100 * e['loading_share_single']:.1f}% | 1.00x |")
-        for key, text in (("single_thread", "ThreadDataLoader (one prefetching thread)"),
+    lines += ["", "The single-model epoch again with other loaders (the Site prepares batches ahead in one thread):", "",
+              "| task | loader | loading share | epoch time / the Site's loader |", "|:---|:---|---:|---:|"]
+    for e in (e for e in epochs if "loading_share_single_inline" in e):
+        lines.append(f"| {e['task']} | ThreadDataLoader, batches ahead in one thread (as the Site) "
+                     f"| {100 * e['loading_share_single']:.1f}% | 1.00x |")
+        for key, text in (("single_inline", "DataLoader, no workers (inline loading)"),
                           ("single_process", "DataLoader, 1 worker process")):
             lines.append(f"| {e['task']} | {text} | {100 * e[f'loading_share_{key}']:.1f}% | {e[f'{key}_over_single']:.2f}x |")
     if "loading_ms_per_image" in section:

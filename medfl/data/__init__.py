@@ -5,7 +5,7 @@
 """
 
 from medfl.data.problems import Problem
-from medfl.data.recipes import build_dataset, load_recipe
+from medfl.data.recipes import build_dataset, load_recipe, resolve_recipe
 from medfl.data.site import SiteData, SiteReport, inspect_site, load_site, validate_site
 from medfl.data.volumes import CaseGeometry
 
@@ -18,5 +18,6 @@ __all__ = [
     "inspect_site",
     "load_recipe",
     "load_site",
+    "resolve_recipe",
     "validate_site",
 ]

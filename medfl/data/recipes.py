@@ -66,8 +66,9 @@ def _transform_class(name: str, where: str) -> type[Transform]:
     return candidate
 
 
-def load_recipe(name_or_path: str | Path, **overrides: Any) -> Compose:
-    """Build the Compose a recipe describes; keyword arguments override the recipe's variables."""
+def resolve_recipe(name_or_path: str | Path, **overrides: Any) -> dict[str, Any]:
+    """A recipe file read and checked, its variables substituted (keyword arguments override the recipe's
+    defaults): {"path", "description", "transforms": [{name: arguments}, ...]}. Nothing is built yet."""
     path = recipe_path(name_or_path)
     if not path.is_file():
         available = ", ".join(sorted(p.stem for p in TRANSFORMS_DIR.glob("*.yaml")))
@@ -92,7 +93,18 @@ def load_recipe(name_or_path: str | Path, **overrides: Any) -> Compose:
         arguments = _substitute(arguments if arguments is not None else {}, variables, where)
         if not isinstance(arguments, dict):
             raise ConfigError(f"{where}: arguments must be a mapping of names to values")
-        cls = _transform_class(str(name), where)
+        transforms.append({str(name): arguments})
+    return {"path": path, "description": recipe.get("description", path.stem), "transforms": transforms}
+
+
+def load_recipe(name_or_path: str | Path, **overrides: Any) -> Compose:
+    """Build the Compose a recipe describes; keyword arguments override the recipe's variables."""
+    recipe = resolve_recipe(name_or_path, **overrides)
+    transforms = []
+    for number, entry in enumerate(recipe["transforms"], start=1):
+        name, arguments = next(iter(entry.items()))
+        where = f"{recipe['path']}: transform {number} ({name})"
+        cls = _transform_class(name, where)
         try:
             transforms.append(cls(**arguments))
         except Exception as error:  # noqa: BLE001 - any constructor failure is a bad argument in the recipe

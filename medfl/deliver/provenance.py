@@ -17,9 +17,8 @@ from typing import Any
 
 import yaml
 
-from medfl.config import load_yaml_mapping
 from medfl.data import SiteData
-from medfl.data.recipes import _substitute, recipe_path
+from medfl.data.recipes import resolve_recipe
 from medfl.data.volumes import INTENSITY_PERCENTILES, WORKING_ORIENTATION
 from medfl.errors import ConfigError
 from medfl.experiment import ExperimentConfig, load_experiment_config
@@ -137,12 +136,9 @@ def files_sha256(files: list[str]) -> str:
 def resolved_eval_recipe(config: ExperimentConfig) -> dict[str, Any]:
     """The run's evaluation recipe with its variables (input size included) substituted: a recipe mapping
     that `medfl.data.load_recipe` builds into the very transforms the run evaluated with."""
-    path = recipe_path(config.data.recipe(config.task, "eval"))
-    recipe = load_yaml_mapping(path)
-    variables = {**_substitute(recipe.get("variables") or {}, {}, f"{path}: variables"),
-                 "input_size": config.data.input_size}
-    transforms = _substitute(recipe.get("transforms"), variables, str(path))
-    description = f"{recipe.get('description', path.stem)} (from {path.name}, input size {config.data.input_size})"
+    recipe = resolve_recipe(config.data.recipe(config.task, "eval"), input_size=config.data.input_size)
+    path, transforms = recipe["path"], recipe["transforms"]
+    description = f"{recipe['description']} (from {path.name}, input size {config.data.input_size})"
     return {"description": description, "transforms": transforms}
 
 
