@@ -174,3 +174,51 @@ def prostate_site(tmp_path: Path, write_config: Callable[..., Path]) -> Callable
         return write_config(data)
 
     return make
+
+
+# ---- a tiny synthetic federation, for end-to-end runs --------------------------------------------------------
+
+TINY_DERM_SITES = ("derm_a", "derm_b")
+TINY_PROSTATE_SITES = ("prost_a", "prost_b")
+_TINY_BASE = {"rounds": 2, "local_epochs": 1, "cpa": {"warmup_rounds": 1}}
+_TINY_TASKS = {
+    "classification": ("dermoscopy", {"classes": ["nv", "bkl", "mel"]}, {"name": "slim_vgg16", "width": 0.125}, 16),
+    "segmentation": ("prostate", {"slices": "foreground", "empty_slice_fraction": 0.1}, {"name": "unet", "width": 0.25}, 8),
+}
+
+
+def tiny_federation_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`medfl synth` at scale 0.01 (2 dermoscopy and 2 prostate sites), written once per test process.
+
+    Tests only read it: their configs and runs go to their own folders."""
+    from medfl.synth import Minimums, generate
+
+    root = tmp_path_factory.getbasetemp() / "tiny_federation"
+    if not (root / "done").exists():
+        generate(root, scale=0.01, n_derm=2, n_prostate=2, minimums=Minimums(6, 3, 3))
+        (root / "done").touch()
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_federation_root(tmp_path_factory)
+
+
+def tiny_experiment(path: Path, federation: Path, task: str, sites: Sequence[str] | None = None,
+                    **changes: Any) -> Path:
+    """Write a tiny experiment config at `path` and return it: 32 px inputs, slim VGG-16 x0.125 (classification)
+    or UNet x0.25 (segmentation), 2 rounds x 1 epoch, CPA warm-up 1. `changes` replace top-level entries;
+    `data` and `model` are merged into the defaults."""
+    folder, data, model, batch_size = _TINY_TASKS[task]
+    sites = sites or (TINY_DERM_SITES if task == "classification" else TINY_PROSTATE_SITES)
+    config = {
+        "name": f"tiny_{folder}", "task": task, **_TINY_BASE, "batch_size": batch_size,
+        "sites": [str(federation / "site_configs" / folder / f"{site}.yaml") for site in sites],
+        **changes,
+        "data": {"input_size": 32, "num_workers": 0, **data, **changes.get("data", {})},
+        "model": {**model, **changes.get("model", {})},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path

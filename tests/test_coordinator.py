@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import yaml
+from conftest import tiny_experiment
 
 from medfl.errors import MedflError
 from medfl.experiment import load_experiment_config
@@ -20,41 +21,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    """A tiny synthetic federation: 2 dermoscopy and 2 prostate sites written by medfl synth."""
-    from medfl.synth import Minimums, generate
-
-    root = tmp_path_factory.mktemp("federation")
-    generate(root, scale=0.01, n_derm=2, n_prostate=2, minimums=Minimums(6, 3, 3))
-    return root
+def derm_experiment(tiny_federation, tmp_path_factory):
+    return tiny_experiment(tmp_path_factory.mktemp("coordinator") / "derm.yaml", tiny_federation, "classification")
 
 
 @pytest.fixture(scope="module")
-def derm_experiment(federation):
-    path = federation / "derm.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "tiny_derm", "task": "classification",
-        "sites": [str(federation / "site_configs" / "dermoscopy" / f"{s}.yaml") for s in ("derm_a", "derm_b")],
-        "data": {"classes": ["nv", "bkl", "mel"], "input_size": 32, "num_workers": 0},
-        "model": {"name": "slim_vgg16", "width": 0.125},
-        "rounds": 2, "local_epochs": 1, "batch_size": 16,
-        "cpa": {"warmup_rounds": 1},
-    }))
-    return path
+def prostate_experiment(tiny_federation, tmp_path_factory):
+    return tiny_experiment(tmp_path_factory.mktemp("coordinator") / "prostate.yaml", tiny_federation, "segmentation")
 
-
-@pytest.fixture(scope="module")
-def prostate_experiment(federation):
-    path = federation / "prostate.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "tiny_prostate", "task": "segmentation",
-        "sites": [str(federation / "site_configs" / "prostate" / f"{s}.yaml") for s in ("prost_a", "prost_b")],
-        "data": {"input_size": 32, "num_workers": 0, "slices": "foreground", "empty_slice_fraction": 0.1},
-        "model": {"name": "unet", "width": 0.25},
-        "rounds": 2, "local_epochs": 1, "batch_size": 8,
-        "cpa": {"warmup_rounds": 1},
-    }))
-    return path
 
 ALLOWED_STATISTICS = {"num_samples", "class_counts", "prototypes", "prototype_counts"}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_experiment, tiny_federation_root
 
 from medfl.cli import main
 from medfl.data import load_site
@@ -28,37 +29,24 @@ pytestmark = pytest.mark.slow
 DERM_SITES = ("derm_a", "derm_b")
 
 
-def _experiment(root: Path, task: str, sites: list[str], data: dict, model: dict, rounds: int) -> Path:
-    path = root / f"{task}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": f"tiny_{task}", "task": task, "sites": [str(root / "site_configs" / s) for s in sites],
-        "data": {"input_size": 32, "num_workers": 0, **data}, "model": model,
-        "rounds": rounds, "local_epochs": 1, "batch_size": 16, "cpa": {"warmup_rounds": 1},
-    }))
-    return path
-
-
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two finished tiny runs, built once per session: classification (2 dermoscopy sites, 2 rounds) and
     segmentation (1 prostate site, 1 round, 2.5-D input with one context slice on each side).
     "federation" is the synthetic data folder (with prost_b and derm sites' data and site configs)."""
     from medfl.federated.coordinator import Coordinator
-    from medfl.synth import Minimums, generate
 
     base = tmp_path_factory.getbasetemp() / "deliver_runs"
-    runs = {"federation": base / "federation", "classification": base / "classification",
+    runs = {"federation": tiny_federation_root(tmp_path_factory), "classification": base / "classification",
             "segmentation": base / "segmentation"}
     if (base / "done").exists():
         return runs
     shutil.rmtree(base, ignore_errors=True)
-    generate(runs["federation"], scale=0.01, n_derm=2, n_prostate=2, minimums=Minimums(6, 3, 3))
     experiments = {
-        "classification": _experiment(runs["federation"], "classification",
-                                      [f"dermoscopy/{s}.yaml" for s in DERM_SITES], {"classes": ["nv", "bkl", "mel"]},
-                                      {"name": "slim_vgg16", "width": 0.125}, rounds=2),
-        "segmentation": _experiment(runs["federation"], "segmentation", ["prostate/prost_a.yaml"],
-                                    {"slices": "foreground", "context_slices": 1}, {"name": "unet", "width": 0.25},
-                                    rounds=1),
+        "classification": tiny_experiment(base / "classification.yaml", runs["federation"], "classification",
+                                          sites=DERM_SITES),
+        "segmentation": tiny_experiment(base / "segmentation.yaml", runs["federation"], "segmentation",
+                                        sites=["prost_a"], data={"context_slices": 1},
+                                        rounds=1),
     }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two cores shared by many: one thread each is fastest

@@ -18,6 +18,7 @@ import yaml
 
 pytest.importorskip("nvflare")
 
+from conftest import tiny_experiment  # noqa: E402
 from monai.fl.utils.exchange_object import ExchangeObject  # noqa: E402
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils  # noqa: E402
 from nvflare.app_opt.pt.decomposers import TensorDecomposer  # noqa: E402
@@ -72,23 +73,11 @@ def assert_same_results(reference: Path, run: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory) -> Path:
+def experiment(tiny_federation, tmp_path_factory) -> Path:
     """Two tiny synthetic dermoscopy sites, 2 rounds, one torch thread (as every site process uses)."""
-    from medfl.synth import Minimums, generate
-
     root = tmp_path_factory.mktemp("nvflare")
-    generate(root, scale=0.01, n_derm=2, n_prostate=0, minimums=Minimums(6, 3, 3))
-    path = root / "exp.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "tiny", "task": "classification",
-        "sites": [str(root / "site_configs" / "dermoscopy" / f"{s}.yaml") for s in SITES],
-        "data": {"classes": ["nv", "bkl", "mel"], "input_size": 32, "num_workers": 0},
-        "model": {"name": "slim_vgg16", "width": 0.125},
-        "rounds": 2, "local_epochs": 1, "batch_size": 16,
-        "cpa": {"warmup_rounds": 1}, "runtime": {"threads": 1}, "device": "cpu",
-        "output_dir": str(root / "runs"),
-    }))
-    return path
+    return tiny_experiment(root / "exp.yaml", tiny_federation, "classification", sites=SITES, name="tiny",
+                           runtime={"threads": 1}, device="cpu", output_dir=str(root / "runs"))
 
 
 @pytest.fixture

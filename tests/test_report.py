@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_experiment
 
 from medfl.cli import main
 from medfl.errors import ConfigError
@@ -239,29 +240,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory, one_thread):
+def tiny_runs(tiny_federation, tmp_path_factory, one_thread):
     """Real runs on a tiny synthetic federation: dermoscopy prr (seeds 0, 1) and fedavg, prostate prr."""
-    from medfl.synth import Minimums, generate
-
     root = tmp_path_factory.mktemp("report_runs")
-    generate(root, scale=0.01, n_derm=2, n_prostate=2, minimums=Minimums(6, 3, 3))
-    common = {"rounds": 2, "local_epochs": 1, "cpa": {"warmup_rounds": 1}}
-    experiments = {
-        "derm": {"name": "derm", "task": "classification", "batch_size": 16,
-                 "sites": [str(root / "site_configs" / "dermoscopy" / f"{s}.yaml") for s in ("derm_a", "derm_b")],
-                 "data": {"classes": CLASSES, "input_size": 32, "num_workers": 0},
-                 "model": {"name": "slim_vgg16", "width": 0.125}, **common},
-        "prostate": {"name": "prostate", "task": "segmentation", "batch_size": 8,
-                     "sites": [str(root / "site_configs" / "prostate" / f"{s}.yaml") for s in ("prost_a", "prost_b")],
-                     "data": {"input_size": 32, "num_workers": 0, "slices": "foreground", "empty_slice_fraction": 0.1},
-                     "model": {"name": "unet", "width": 0.25}, **common},
-    }
+    experiments = {"derm": tiny_experiment(root / "derm.yaml", tiny_federation, "classification", name="derm"),
+                   "prostate": tiny_experiment(root / "prostate.yaml", tiny_federation, "segmentation", name="prostate")}
     runs = {}
     for task, method, seed in [("derm", "prr", 0), ("derm", "prr", 1), ("derm", "fedavg", 0),
                                ("prostate", "prr", 0)]:
-        path = root / f"{task}.yaml"
-        path.write_text(yaml.safe_dump(experiments[task]))
-        config = load_experiment_config(path, method=method, seed=seed)
+        config = load_experiment_config(experiments[task], method=method, seed=seed)
         folder = root / "runs" / f"{task}-{method}-seed{seed}"
         Coordinator(config, folder, torch.device("cpu")).run()
         runs[(task, method, seed)] = folder

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-import yaml
+from conftest import tiny_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -34,22 +34,9 @@ def table(path):
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    from medfl.synth import Minimums, generate
-
-    root = tmp_path_factory.mktemp("resume")
-    generate(root, scale=0.01, n_derm=2, n_prostate=0, minimums=Minimums(6, 3, 3))
-    path = root / "exp.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "resume", "task": "classification",
-        "sites": [str(root / "site_configs" / "dermoscopy" / f"{s}.yaml") for s in ("derm_a", "derm_b")],
-        "data": {"classes": ["nv", "bkl", "mel"], "input_size": 32, "num_workers": 0},
-        "model": {"name": "slim_vgg16", "width": 0.125},
-        "rounds": 3, "local_epochs": 2, "batch_size": 16,
-        "cpa": {"warmup_rounds": 1},
-        "runtime": {"threads": 1},
-    }))
-    return path
+def experiment(tiny_federation, tmp_path_factory):
+    return tiny_experiment(tmp_path_factory.mktemp("resume") / "exp.yaml", tiny_federation, "classification",
+                           rounds=3, local_epochs=2, runtime={"threads": 1})
 
 
 def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path):
