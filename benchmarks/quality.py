@@ -14,6 +14,7 @@ against fedavg and fedbn answer the benchmark's question.
 
     python benchmarks/quality.py --quick     # dermoscopy only, 2 seeds, 10 rounds x 3 epochs
     python benchmarks/quality.py             # both tasks, the 2-core CPU plan (see PRESETS)
+    python benchmarks/quality.py --imbalanced   # dermoscopy with rare classes kept rare, 2 seeds
     python benchmarks/quality.py --full      # the reference settings, for a GPU machine
 
 Runs go to benchmarks/results/tmp/quality/<preset>/ (finished runs are reused, interrupted ones resumed);
@@ -78,6 +79,20 @@ class Preset:
     device: str
     tasks: dict[str, TaskPlan]
     ablation_seeds: int = 1
+    ablations: tuple[str, ...] = ABLATIONS
+    minimums: tuple[int, int, int] | None = None  # synth's per-class minimums (train, val, test); None: its defaults
+
+    def generate_arguments(self) -> dict[str, Any]:
+        """The arguments of `medfl.synth.generate` for this preset's data."""
+        from medfl.synth import Minimums
+
+        return {"scale": self.scale, "n_derm": 4 if "dermoscopy" in self.tasks else 0,
+                "n_prostate": 6 if "prostate" in self.tasks else 0,
+                "minimums": Minimums(*self.minimums) if self.minimums else None}
+
+    def data_text(self) -> str:
+        minimums = f", minimums=Minimums{self.minimums}" if self.minimums else ""
+        return f"`medfl.synth.generate(scale={self.scale}{minimums})`"
 
 
 PRESETS: dict[str, Preset] = {
@@ -94,6 +109,12 @@ PRESETS: dict[str, Preset] = {
             "dermoscopy": TaskPlan(rounds=20, local_epochs=3, seeds=3),
             "prostate": TaskPlan(rounds=10, local_epochs=3, seeds=2),
         },
+    ),
+    "imbalanced": Preset(
+        "dermoscopy only, 2 seeds, 20 rounds x 3 local epochs, with synth's per-class minimums lowered so that "
+        "the reference's rare classes stay rare (derm_b's melanomas); main methods and prr_ce (about 20 min)",
+        scale=0.1, device="cpu", minimums=(10, 2, 4), ablations=("prr_ce",),
+        tasks={"dermoscopy": TaskPlan(rounds=20, local_epochs=3, seeds=2)},
     ),
     "full": Preset(
         "the reference settings (algorithm.md) for a GPU: synthetic scale 1 (reference counts), dermoscopy "
@@ -155,7 +176,7 @@ def plan_jobs(preset: Preset, root: Path, threads: int, device: str) -> list[dic
     synth_root = root / "synth"
     jobs = []
     for task, plan in preset.tasks.items():
-        for label in MAIN_METHODS + ABLATIONS:
+        for label in MAIN_METHODS + preset.ablations:
             seeds = plan.seeds if label in MAIN_METHODS else min(preset.ablation_seeds, plan.seeds)
             for seed in range(seeds):
                 name = f"{task}-{label}-seed{seed}"
@@ -609,7 +630,7 @@ def write_outputs(stem: Path, preset_name: str, preset: Preset, results: dict[st
     header = [
         f"# Quality: methods and ablations on synthetic federations (preset `{preset_name}`)", "",
         f"`{command}`", "",
-        f"{preset.description}. Synthetic data: `medfl.synth.generate(scale={preset.scale})`, data seed 0, "
+        f"{preset.description}. Synthetic data: {preset.data_text()}, data seed 0, "
         "70/10/20 split; every method runs the shipped experiment config with the same data, network, budget "
         "and seeds, only `method` and `seed` differ.", "",
         f"Machine: {info['cpu']}, {info['cpu_cores']} cores, device {info['device']}, {timing['workers']} runs "
@@ -630,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="dermoscopy only, 2 seeds, 10 rounds x 3 epochs (~30 min)")
+    group.add_argument("--imbalanced", action="store_true",
+                       help="dermoscopy with the reference's rare classes kept rare, 2 seeds (~20 min)")
     group.add_argument("--full", action="store_true", help="the reference settings, for a GPU machine")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (default 2: one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
@@ -637,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=RESULTS / "tmp" / "quality", help="where runs are kept")
     parser.add_argument("--output", type=Path, default=None, help="path stem of the results")
     args = parser.parse_args(argv)
-    preset_name = "quick" if args.quick else "full" if args.full else "default"
+    preset_name = next((name for name in ("quick", "imbalanced", "full") if getattr(args, name)), "default")
     preset = PRESETS[preset_name]
     device = args.device or preset.device
     root = args.root.resolve() / preset_name
@@ -651,8 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(resolve_device(device))
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     start = time.perf_counter()
-    generate(root / "synth", scale=preset.scale, n_derm=4 if "dermoscopy" in preset.tasks else 0,
-             n_prostate=6 if "prostate" in preset.tasks else 0)
+    generate(root / "synth", **preset.generate_arguments())
     jobs = plan_jobs(preset, root, args.threads, device)
     print(f"preset {preset_name}: {len(jobs)} runs on {args.workers} workers", flush=True)
     done = run_all(jobs, args.workers)
