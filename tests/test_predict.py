@@ -202,8 +202,13 @@ def test_bad_volumes_get_one_message_each_and_the_others_are_predicted(exports, 
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 24), np.float32)), str(flat))
     corrupt = tmp_path / "corrupt.nii.gz"
     corrupt.write_bytes(good.read_bytes()[:200])
+    mask = np.zeros((6, 20, 24), np.uint8)
+    mask[2:4, 5:15, 6:18] = 1
+    mask_file = tmp_path / "Case00_segmentation.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(mask_file))
     bad = {
         flat: "2 dimensions, expected a 3-D volume",
+        mask_file: "holds only the values 0, 1: a mask or a blank volume",
         _vector_volume(tmp_path / "two_channels.mha"): "2 components per voxel, expected 1",
         corrupt: "unreadable or corrupt volume",
         _images(exports["federation"], 1)[0]: "is a 2-D image",

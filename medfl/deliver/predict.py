@@ -34,6 +34,7 @@ from medfl.runlog import write_csv
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha")
 PREDICTIONS_CSV = "predictions.csv"
 BATCH_SIZE = 32
+MASK_VALUES = 4  # a volume with this many distinct integer values or fewer is a mask (0/1, 0/255, zones), not MRI
 
 
 @dataclass
@@ -155,6 +156,10 @@ def _segment(export: ExportedModel, recipe: Compose, case_id: str, path: Path,
     volume = sitk.GetArrayFromImage(sitk.DICOMOrient(image, WORKING_ORIENTATION)).astype(np.float32)
     if not np.all(np.isfinite(volume)):
         return None, "volume has NaN or infinite values"
+    values = np.unique(volume)
+    if len(values) <= MASK_VALUES and np.array_equal(values, np.round(values)):
+        shown = ", ".join(str(int(v)) for v in values)
+        return None, f"holds only the values {shown}: a mask or a blank volume, not an MRI volume"
     size, context = export.input_size, int(export.manifest["preprocessing"]["context_slices"])
     slices = preprocess_volume(volume, size)
     case = PreparedCase(case_id, slices, np.zeros(slices.shape, dtype=np.uint8), geometry)
