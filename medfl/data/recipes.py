@@ -117,7 +117,7 @@ def build_dataset(records: list[dict[str, Any]], recipe: Compose, cache_rate: fl
     """A MONAI dataset over `records`: CacheDataset (filled once, up to the first random transform) when
     cache_rate > 0, else a plain Dataset. `num_workers` threads fill the cache (0: the calling thread).
 
-    The cache is read without a deep copy per item (`copy_cache=False`, a fifth of the per-sample cost at
+    The cache is read without a deep copy per item (`copy_cache=False`, a quarter of the per-sample cost at
     32 px): MONAI's dictionary transforms copy the dictionary and return new arrays, so the random tail never
     writes into a cached item (tests/test_data_recipes.py checks the shipped recipes)."""
     if cache_rate > 0:

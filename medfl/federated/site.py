@@ -275,7 +275,7 @@ class Site(ClientAlgo):
         self.train_transform.set_random_state(seed=seed)
 
     def _train_loader(self, round_: int, epoch: int):
-        """Batches of the cached training split, prepared one batch ahead in a thread.
+        """Batches of the cached training split, prepared PREFETCH_BATCHES ahead in one thread.
 
         The random tail of the recipe runs while the models step (torch releases the GIL in its kernels), so
         training waits for data only when augmenting a batch takes longer than a step. One thread draws the
