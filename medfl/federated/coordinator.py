@@ -74,6 +74,18 @@ def delivery(aggregate: Aggregate, site: str) -> ExchangeObject:
     )
 
 
+def aggregate_and_deliver(strategy: Strategy, round_: int, updates: dict[str, SiteUpdate],
+                          sites: list[str]) -> tuple[dict[str, ExchangeObject | None], float]:
+    """One server step, shared by the in-process coordinator and the NVFlare controller: what each site
+    receives next (None for all when no site uploaded) and the seconds spent aggregating."""
+    if not updates:
+        return dict.fromkeys(sites), 0.0
+    tick = time.perf_counter()
+    aggregate = strategy.aggregate(round_, updates)
+    seconds = time.perf_counter() - tick
+    return {site: delivery(aggregate, site) for site in sites}, seconds
+
+
 def _peak_rss_mb() -> float:
     """This process's peak resident memory. Linux's ru_maxrss survives exec (a child started from a large
     parent reports the parent's peak), so /proc's VmHWM is read where it exists."""
@@ -223,10 +235,8 @@ class Coordinator:
                 site.offload()
         if self.strategy is not None and round_ < self.config.rounds - 1:
             updates = {name: site_update(site.get_weights(), self.device) for name, site in self.sites.items()}
-            tick = time.perf_counter()
-            aggregate = self.strategy.aggregate(round_, updates)
-            timing["aggregation_s"] = time.perf_counter() - tick
-            self.deliveries = {name: delivery(aggregate, name) for name in self.sites}
+            self.deliveries, timing["aggregation_s"] = aggregate_and_deliver(
+                self.strategy, round_, updates, list(self.sites))
         else:
             self.deliveries = {name: None for name in self.sites}
         timing["round_s"] = time.perf_counter() - started

@@ -25,7 +25,13 @@ from nvflare.fuel.utils import fobs
 
 from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig, load_experiment_config
-from medfl.federated.coordinator import Coordinator, delivery, peak_memory_mb, site_update, strategy_options
+from medfl.federated.coordinator import (
+    Coordinator,
+    aggregate_and_deliver,
+    peak_memory_mb,
+    site_update,
+    strategy_options,
+)
 from medfl.federated.server import build_strategy
 from medfl.models import build_model
 from medfl.nvflare.layout import CONFIG_FOLDER, EXPERIMENT_FILE, resolve_run_dir
@@ -135,13 +141,8 @@ class MedflController(ModelController):
             book.log.add(site, reply.report)
         updates = {site: site_update(replies[site].upload, book.device) for site in answered
                    if upload and replies[site].upload is not None}
-        if updates:
-            tick = time.perf_counter()
-            aggregate = book.strategy.aggregate(round_, updates)
-            timing["aggregation_s"] = time.perf_counter() - tick
-            book.deliveries = {site: delivery(aggregate, site) for site in self.sites}
-        else:
-            book.deliveries = {site: None for site in self.sites}
+        book.deliveries, timing["aggregation_s"] = aggregate_and_deliver(
+            book.strategy, round_, updates, list(self.sites))
         timing["round_s"] = time.perf_counter() - started
         timing.update(peak_memory_mb(book.device))
         book.timing.append(timing)
