@@ -200,6 +200,18 @@ def tiny_federation_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Runs set torch's thread count to their config's (1), and tiny networks on a shared 2-core machine run
+    fastest on one thread anyway: one thread for the module, the test process's count back afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_federation_root(tmp_path_factory)

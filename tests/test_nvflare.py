@@ -80,15 +80,6 @@ def experiment(tiny_federation, tmp_path_factory) -> Path:
                            runtime={"threads": 1}, device="cpu", output_dir=str(root / "runs"))
 
 
-@pytest.fixture
-def one_thread():
-    """Runs here set torch's thread count to the config's (1); put the test process's back afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def in_process(experiment, tmp_path_factory) -> Path:
     """The reference: the in-process coordinator's run of the same experiment and seed."""

@@ -231,15 +231,6 @@ def test_round_scalars_are_readable_by_tensorboard(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny networks on a shared 2-core machine run several times faster on one torch thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
 def tiny_runs(tiny_federation, tmp_path_factory, one_thread):
     """Real runs on a tiny synthetic federation: dermoscopy prr (seeds 0, 1) and fedavg, prostate prr."""
     root = tmp_path_factory.mktemp("report_runs")
