@@ -101,6 +101,18 @@ def test_slim_vgg16_matches_the_reference_layout():
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(256, 64), (64, 3)]
     assert model.final_classifier is linears[-1]
+    assert all(m.bias is None for m in linears), "the reference network is bias-free throughout"
+    assert not any(name.endswith(".bias") and "embedding.1" not in name and not name.startswith("features")
+                   for name, _ in model.named_parameters())
+
+
+def test_slim_vgg16_biased_variant_is_an_option_and_rebuilds_from_its_config():
+    biased = build_model("slim_vgg16", "classification", num_classes=3, in_channels=3, width=0.25, bias=True)
+    linears = [m for m in biased.modules() if isinstance(m, nn.Linear)]
+    assert all(m.bias is not None for m in linears)
+    assert biased.config["bias"] is True
+    rebuilt = build_model(**biased.config)
+    assert rebuilt.state_dict().keys() == biased.state_dict().keys()
 
 
 def test_width_scales_every_channel_count_with_a_floor_of_four():

@@ -1,4 +1,9 @@
-"""Slim VGG-16 with BatchNorm: the reference classification network of the dermoscopy experiments."""
+"""Slim VGG-16 with BatchNorm: the reference classification network of the dermoscopy experiments.
+
+The reference network has no biases anywhere. A classifier bias is a class prior: averaging it across
+sites with very different class mixes is a deviation, so ``bias=False`` is the default and the biased
+linear layers stay an option.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +28,15 @@ class SlimVGG16(FeatureNet):
     """13 bias-free 3x3 convs (BN + ReLU each, max-pool per block), global average pool, fc -> 64 + BN + ReLU.
 
     The final classifier is fc(64 -> classes); the 64-d vector before it are the features. `width` scales
-    every channel count, the 64-d feature layer included.
+    every channel count, the 64-d feature layer included. `bias` gives both linear layers a bias (the
+    reference has none).
     """
 
-    def __init__(self, num_classes: int, in_channels: int, width: float = 1.0, spatial_dims: int = 2):
+    def __init__(
+        self, num_classes: int, in_channels: int, width: float = 1.0, spatial_dims: int = 2, bias: bool = False
+    ):
         super().__init__(
-            network_config("slim_vgg16", "classification", num_classes, in_channels, width, spatial_dims)
+            network_config("slim_vgg16", "classification", num_classes, in_channels, width, spatial_dims, bias=bias)
         )
         conv, norm, pool = (
             Conv[Conv.CONV, spatial_dims],
@@ -47,9 +55,9 @@ class SlimVGG16(FeatureNet):
         self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
         feature_dim = scale_channels(FEATURE_DIM, width)
         self.embedding = nn.Sequential(
-            nn.Linear(channels, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True)
+            nn.Linear(channels, feature_dim, bias=bias), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True)
         )
-        self.final_classifier = nn.Linear(feature_dim, num_classes)
+        self.final_classifier = nn.Linear(feature_dim, num_classes, bias=bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedding(torch.flatten(self.pool(self.features(x)), 1))
