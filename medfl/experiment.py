@@ -46,14 +46,21 @@ class ModelSettings(_Section):
 
 
 class OptimizerSettings(_Section):
-    """SGD (the reference) or Adam; the learning rate is multiplied by `lr_gamma` every `lr_step_rounds`."""
+    """SGD (the reference: plain, no momentum) or Adam; the learning rate is multiplied by `lr_gamma` every
+    `lr_step_rounds`. `reset_every_round`: every model gets a fresh optimizer at the start of each round, as
+    the reference does (a deputy whose weights were replaced keeps no stale momentum or Adam moments)."""
 
     name: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(default=1e-2, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=1e-6, ge=0)
     lr_step_rounds: int = Field(default=5, ge=1)
     lr_gamma: float = Field(default=0.5, gt=0, le=1)
+    reset_every_round: bool = True
+
+    def learning_rate(self, round_: int) -> float:
+        """The learning rate of 0-based round `round_`: `lr` times `lr_gamma` per completed step of rounds."""
+        return self.lr * self.lr_gamma ** (round_ // self.lr_step_rounds)
 
 
 class PFASettings(_Section):
@@ -71,6 +78,9 @@ class DETSettings(_Section):
     lambda1: float = Field(default=0.7, gt=0, lt=1)
     lambda2: float = Field(default=0.9, gt=0, lt=1)
     temperature: float = Field(default=1.0, gt=0)
+    # Where phi (the task metric that picks DET's state) is measured: the validation split (the paper) or
+    # the training split with the evaluation preprocessing, both models in eval mode (the reference code).
+    phi_source: Literal["val", "train"] = "val"
 
     @model_validator(mode="after")
     def _ordered(self) -> DETSettings:
@@ -98,6 +108,14 @@ class BaselineSettings(_Section):
     fedavg_weighting: Literal["samples", "uniform"] = "samples"
 
 
+class DiagnosticsSettings(_Section):
+    """Extra measurements that cost time. `bn_reestimation`: right after each communication, also score the
+    received model after re-estimating its BatchNorm statistics on the site's training data (no weight
+    change), so that a report can say how much of a retrogress is normalisation statistics."""
+
+    bn_reestimation: bool = False
+
+
 class RuntimeSettings(_Section):
     """Threads for torch, mixed precision (CUDA only, bfloat16), and whether idle sites' models wait on the CPU."""
 
@@ -123,6 +141,7 @@ class ExperimentConfig(_Section):
     det: DETSettings = Field(default_factory=DETSettings)
     cpa: CPASettings = Field(default_factory=CPASettings)
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
+    diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
