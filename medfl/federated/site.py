@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.fl.client import ClientAlgo
 from monai.fl.utils.constants import WeightType
 from monai.fl.utils.exchange_object import ExchangeObject
@@ -35,10 +36,11 @@ from medfl.federated.det import DetState, next_state
 from medfl.federated.evaluation import evaluate_model, reestimate_batchnorm
 from medfl.federated.params import classifier_keys
 from medfl.federated.training import EpochPlan, SupervisedLoss, TrainingDiverged, train_epoch
-from medfl.metrics import reference_window_start, retrogress, task_metric_name
+from medfl.metrics import reference_window_start, retrogress, running_best, task_metric_name
 from medfl.models import build_model
 
 PREFETCH_BATCHES = 2  # batches the training loader prepares ahead of the step that needs them
+EVAL_BATCH_CACHE_BYTES = 512 * 2**20  # validation and test batches kept collated per site, at most
 
 
 def derive_seed(*parts: object) -> int:
@@ -92,6 +94,7 @@ class Site(ClientAlgo):
         self._local_prototypes: tuple[Tensor, Tensor] | None = None
         self._received: dict[str, Tensor] | None = None
         self._cache: dict[tuple[str, str], dict[str, float]] = {}
+        self._collated: dict[str, list[dict[str, Any]]] = {}
         self.eval_seconds = 0.0  # time spent scoring models (the coordinator splits round time with it)
         self.on_epoch: Callable[[dict[str, Any]], None] | None = None  # progress display hook
 
@@ -367,14 +370,36 @@ class Site(ClientAlgo):
         return geometry.slice_volume_spacing(self.experiment.data.input_size)
 
     def _score(self, name: str, split: str) -> dict[str, float]:
+        """Metrics of model ``name`` on ``split``, computed once per model state. Distance metrics (HD95) only
+        on test: validation and the training split serve phi and selection, which read the Dice only."""
         key = (name, split)
         if key not in self._cache:
             tick = time.perf_counter()
             self._cache[key] = evaluate_model(
-                self.models[name], self._eval_loader(split), self.task, self.classes, self.device, self._spacing
+                self.models[name], self._eval_batches(split), self.task, self.classes, self.device, self._spacing,
+                distances=split == "test",
             )
             self.eval_seconds += time.perf_counter() - tick
         return self._cache[key]
+
+    def _eval_batches(self, split: str):
+        """Validation and test batches, collated once and kept (they are scored many times per round with a
+        deterministic preprocessing), unless they would hold more than EVAL_BATCH_CACHE_BYTES."""
+        if split in self._collated:
+            return self._collated[split]
+        loader = self._eval_loader(split)
+        if split not in ("val", "test"):
+            return loader
+        batches, size = [], 0
+        for batch in loader:
+            # Plain tensors: MetaTensor's bookkeeping made every later operation on the logits ~50x slower.
+            batch = {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in batch.items()}
+            size += sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, Tensor))
+            if size > EVAL_BATCH_CACHE_BYTES:
+                return loader
+            batches.append(batch)
+        self._collated[split] = batches
+        return batches
 
     def _validate(self, name: str, round_: int, epoch: int) -> float:
         """phi of model ``name`` on the validation split, recorded at (round, epoch)."""
@@ -408,18 +433,30 @@ class Site(ClientAlgo):
              "models": {name: _cpu_state(model) for name, model in self.models.items()}},
             self.folder / "models" / f"round_{round_:04d}.pt",
         )
-        value = self._phi(self.used_name, round_)
-        if self.best["round"] is None or (not math.isnan(value) and value > self.best["value"]):
-            self.best = {"round": round_, "value": value}
+        values = self._round_values(self.used_name, round_)
+        selected = running_best(values)
+        self.best = {"round": selected, "value": values[selected]}
+
+    def _round_values(self, name: str, last: int) -> list[float]:
+        """Model ``name``'s validation score at the end of rounds 0..last."""
+        return [self._phi(name, r) for r in range(last + 1)]
+
+    def _test_needed(self, name: str) -> bool:
+        """Whether model ``name`` is scored on test after this round. The used model: where a round selected
+        by validation can fall (its validation score beats every earlier round's, the rule `_select` follows)
+        and in the last round; the deputy: in the last round. Nothing the run reports reads another test
+        score (`medfl evaluate` scores any exported round on demand)."""
+        if self.round == self.experiment.rounds - 1:
+            return True
+        return name == self.used_name and running_best(self._round_values(name, self.round)) == self.round
 
     def evaluate(self, data: ExchangeObject | None = None, extra: dict | None = None) -> ExchangeObject:
-        """Metrics of every model on validation and test after the last round, plus the rows not yet reported."""
+        """Metrics of the models after this round (test where it can be reported), plus the rows not yet
+        reported."""
         epoch = self.experiment.local_epochs
         for name in self.models:
-            for split in ("val", "test"):
-                metrics = self._score(name, split)
-                if split == "test":
-                    self._record(self.round, epoch, name, split, metrics)
+            if self._test_needed(name):
+                self._record(self.round, epoch, name, "test", self._score(name, "test"))
         rows = self.history[self._pending_rows:]
         self._pending_rows = len(self.history)
         return ExchangeObject(metrics={
