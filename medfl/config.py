@@ -3,7 +3,9 @@
 A site config is a small YAML file validated with pydantic: unknown keys are errors naming the key and the
 file, `${VAR}` / `$VAR` environment variables are expanded in path fields, and `data_root` resolves against
 the config file's folder, and so does `split_file`. `table` and `metadata_table` resolve against `data_root`,
-because they name files of the data set itself (their defaults are the public releases' file names). `DataSettings` holds the choices (classes, input size, splits, slices, recipes,
+because they name files of the data set itself (their defaults are the public releases' file names). Every file
+a site reads must lie, symlinks followed, inside data_root or the config file's folder (`SiteConfig.holds`);
+data_root itself may be anywhere. `DataSettings` holds the choices (classes, input size, splits, slices, recipes,
 runtime) with defaults that suit a 2-core CPU; the experiment config embeds it.
 """
 
@@ -184,6 +186,13 @@ class SiteConfig(BaseModel):
                 raise ValueError("must not be empty")
         return value
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_folder_alias(cls, value: str) -> str:
+        if value in (".", ".."):
+            raise ValueError(f"'{value}' cannot name a site: site names become folder names")
+        return value
+
     @field_validator("label_map", mode="before")
     @classmethod
     def _label_keys_as_strings(cls, value: Any) -> Any:
@@ -249,6 +258,22 @@ class SiteConfig(BaseModel):
     def split_path(self) -> Path | None:
         """The official split file (CSV `id,split`), or None; relative to the config file's folder."""
         return self.split_file
+
+    @property
+    def own_folders(self) -> tuple[Path, ...]:
+        """data_root and the config file's folder, symlinks resolved: the only places this site's files may lie."""
+        folders = [self.data_root.resolve()]
+        if self._source is not None:
+            folders.append(self._source.parent.resolve())
+        return tuple(folders)
+
+    def holds(self, path: Path) -> bool:
+        """Whether `path`, symlinks followed, lies inside data_root or the config file's folder.
+
+        Resolved paths are compared, so `..` in a path is fine when the result stays inside, and a symlink
+        inside data_root that points elsewhere is not."""
+        resolved = Path(path).resolve()
+        return any(resolved.is_relative_to(folder) for folder in self.own_folders)
 
     @property
     def effective_mask_suffix(self) -> str:
