@@ -12,6 +12,7 @@ runtime) with defaults that suit a 2-core CPU; the experiment config embeds it.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from pathlib import Path
@@ -262,18 +263,16 @@ class SiteConfig(BaseModel):
     @property
     def own_folders(self) -> tuple[Path, ...]:
         """data_root and the config file's folder, symlinks resolved: the only places this site's files may lie."""
-        folders = [self.data_root.resolve()]
-        if self._source is not None:
-            folders.append(self._source.parent.resolve())
-        return tuple(folders)
+        return tuple(Path(folder) for folder in _real_folders(self.data_root, self._source))
 
     def holds(self, path: Path) -> bool:
         """Whether `path`, symlinks followed, lies inside data_root or the config file's folder.
 
         Resolved paths are compared, so `..` in a path is fine when the result stays inside, and a symlink
         inside data_root that points elsewhere is not."""
-        resolved = Path(path).resolve()
-        return any(resolved.is_relative_to(folder) for folder in self.own_folders)
+        resolved = os.path.realpath(path)
+        return any(resolved == folder or resolved.startswith(folder.rstrip(os.sep) + os.sep)
+                   for folder in _real_folders(self.data_root, self._source))
 
     @property
     def effective_mask_suffix(self) -> str:
@@ -296,6 +295,15 @@ class SiteConfig(BaseModel):
 
     def _under_root(self, path: Path) -> Path:
         return path if path.is_absolute() else self.data_root / path
+
+
+@functools.lru_cache(maxsize=256)
+def _real_folders(data_root: Path, source: Path | None) -> tuple[str, ...]:
+    """The real paths of data_root and of the config file's folder (asked once per site, not once per file)."""
+    folders = [os.path.realpath(data_root)]
+    if source is not None:
+        folders.append(os.path.realpath(source.parent))
+    return tuple(folders)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
