@@ -3,13 +3,16 @@
 A site config is a small YAML file validated with pydantic: unknown keys are errors naming the key and the
 file, `${VAR}` / `$VAR` environment variables are expanded in path fields, and `data_root` resolves against
 the config file's folder, and so does `split_file`. `table` and `metadata_table` resolve against `data_root`,
-because they name files of the data set itself (their defaults are the public releases' file names). `DataSettings` holds the choices (classes, input size, splits, slices, recipes,
+because they name files of the data set itself (their defaults are the public releases' file names). Every file
+a site reads must lie, symlinks followed, inside data_root or the config file's folder (`SiteConfig.holds`);
+data_root itself may be anywhere. `DataSettings` holds the choices (classes, input size, splits, slices, recipes,
 runtime) with defaults that suit a 2-core CPU; the experiment config embeds it.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from pathlib import Path
@@ -184,6 +187,13 @@ class SiteConfig(BaseModel):
                 raise ValueError("must not be empty")
         return value
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_folder_alias(cls, value: str) -> str:
+        if value in (".", ".."):
+            raise ValueError(f"'{value}' cannot name a site: site names become folder names")
+        return value
+
     @field_validator("label_map", mode="before")
     @classmethod
     def _label_keys_as_strings(cls, value: Any) -> Any:
@@ -251,6 +261,20 @@ class SiteConfig(BaseModel):
         return self.split_file
 
     @property
+    def own_folders(self) -> tuple[Path, ...]:
+        """data_root and the config file's folder, symlinks resolved: the only places this site's files may lie."""
+        return tuple(Path(folder) for folder in _real_folders(self.data_root, self._source))
+
+    def holds(self, path: Path) -> bool:
+        """Whether `path`, symlinks followed, lies inside data_root or the config file's folder.
+
+        Resolved paths are compared, so `..` in a path is fine when the result stays inside, and a symlink
+        inside data_root that points elsewhere is not."""
+        resolved = os.path.realpath(path)
+        return any(resolved == folder or resolved.startswith(folder.rstrip(os.sep) + os.sep)
+                   for folder in _real_folders(self.data_root, self._source))
+
+    @property
     def effective_mask_suffix(self) -> str:
         """The mask file name suffix (matched case-insensitively)."""
         return self.mask_suffix or "_segmentation"
@@ -271,6 +295,15 @@ class SiteConfig(BaseModel):
 
     def _under_root(self, path: Path) -> Path:
         return path if path.is_absolute() else self.data_root / path
+
+
+@functools.lru_cache(maxsize=256)
+def _real_folders(data_root: Path, source: Path | None) -> tuple[str, ...]:
+    """The real paths of data_root and of the config file's folder (asked once per site, not once per file)."""
+    folders = [os.path.realpath(data_root)]
+    if source is not None:
+        folders.append(os.path.realpath(source.parent))
+    return tuple(folders)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:

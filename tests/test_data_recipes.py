@@ -89,10 +89,12 @@ def test_variables_are_substituted_and_overridable(tmp_path):
     [
         ({"transforms": [{"FancyFlipd": {"keys": ["image"]}}]}, r"transform 1 \(FancyFlipd\): 'FancyFlipd' is not"),
         ({"transforms": [{"RandFlipd": {"keys": ["image"], "probability": 0.5}}]},
+         r"transform 1 \(RandFlipd\): argument 'probability' is not allowed for RandFlipd"),
+        ({"transforms": [{"RandFlipd": {"keys": ["image"], "prob": "often"}}]},
          r"transform 1 \(RandFlipd\): bad arguments"),
         ({"transforms": [{"Resized": {"keys": ["image"], "spatial_size": "@size"}}]}, "unknown variable '@size'"),
         ({"transforms": [{"LoadImaged": {"keys": ["image"], "reader": "os.system"}}]}, "looks like an import path"),
-        ({"transforms": [{"Compose": {}}]}, "composes transforms"),
+        ({"transforms": [{"Compose": {}}]}, "'Compose' is not a transform recipes may use"),
         ({"transforms": [{"RandFlipd": {}, "RandRotated": {}}]}, "transform 1 must be a mapping of one"),
         ({"transforms": []}, "non-empty list"),
         ({"transform": []}, "unknown key 'transform'"),

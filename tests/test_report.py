@@ -95,6 +95,17 @@ def test_load_run_reads_a_run_folder_and_refuses_other_folders(tmp_path):
         load_run(tmp_path / "empty")
 
 
+def test_load_run_refuses_binary_or_foreign_run_files_in_one_line(tmp_path):
+    folder = fake_run(tmp_path)
+    (folder / "config.yaml").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="unreadable run file"):
+        load_run(folder)
+    folder = fake_run(tmp_path, "fedavg", 1)
+    (folder / "summary.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="is not a medfl run's"):
+        load_run(folder)
+
+
 def test_runs_differing_only_by_seed_form_one_group(tmp_path):
     runs = [load_run(fake_run(tmp_path, "prr", 1)), load_run(fake_run(tmp_path, "fedavg", 0)),
             load_run(fake_run(tmp_path, "prr", 0))]

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from medfl.config import DataSettings, SiteConfig
+from medfl.data.containment import admitted
 from medfl.data.dermoscopy import SourceRow, duplicate_ids, read_source_rows
 from medfl.data.images import check_images
 from medfl.data.problems import ProblemLog
@@ -81,7 +82,8 @@ def _known_rows(rows: list[SourceRow], site: SiteConfig, log: ProblemLog, table:
 
 def _select_rows(rows: list[SourceRow], site: SiteConfig, classes: list[str], dropped: Counter[str],
                  log: ProblemLog, table: Path | None, workers: int) -> list[SourceRow]:
-    """Rows of the experiment's classes whose image exists and decodes; others dropped or reported."""
+    """Rows of the experiment's classes whose image exists inside the site's folders and decodes; others
+    dropped or reported."""
     wanted = []
     for row in rows:
         if _target(site, row) in classes:
@@ -92,7 +94,7 @@ def _select_rows(rows: list[SourceRow], site: SiteConfig, classes: list[str], dr
     for row in wanted:
         if row.path is None:
             log.error(row.missing or f"image '{row.id}' not found", table, kind="image listed but absent")
-        else:
+        elif admitted(site, row.path, log, f"image '{row.id}'", kind="image outside the site's folders"):
             present.append(row)
     verdicts = check_images([row.path for row in present if row.path is not None], workers)
     good = []

@@ -10,7 +10,8 @@ A recipe file (transforms/<name>.yaml) is a mapping:
 
 Each entry names one class of `monai.transforms` with its keyword arguments. A string value that is
 exactly "@name" is replaced by the variable `name`; nothing else is evaluated, nothing is imported by path
-(no monai.bundle parser, no `$` expressions), so a recipe cannot run code.
+(no monai.bundle parser, no `$` expressions), so a recipe cannot run code. Only the transforms and arguments of
+`medfl.data.safe_transforms` are accepted, so a recipe cannot read or write files beyond its input either.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose, Transform
 
 from medfl.config import load_yaml_mapping
+from medfl.data.safe_transforms import check_transform
 from medfl.errors import ConfigError
 
 TRANSFORMS_DIR = Path(__file__).resolve().parents[2] / "transforms"
@@ -93,6 +95,7 @@ def resolve_recipe(name_or_path: str | Path, **overrides: Any) -> dict[str, Any]
         arguments = _substitute(arguments if arguments is not None else {}, variables, where)
         if not isinstance(arguments, dict):
             raise ConfigError(f"{where}: arguments must be a mapping of names to values")
+        check_transform(str(name), arguments, where)
         transforms.append({str(name): arguments})
     return {"path": path, "description": recipe.get("description", path.stem), "transforms": transforms}
 

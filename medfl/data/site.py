@@ -4,7 +4,7 @@
 report. `load_site` raises one DataError listing every error; `validate_site` returns the problems only.
 
 Errors (the site cannot be used): missing folder or table, image listed but absent, unreadable image or
-volume, unknown label, mask shape/geometry mismatch, mask with negative or non-integer values, duplicate
+volume, a file outside data_root and the site config's folder (never opened), unknown label, mask shape/geometry mismatch, mask with negative or non-integer values, duplicate
 ids, no samples, empty train or validation split (DET measures on validation), ids missing from an
 official split file. Warnings (reported, the site is still used): a class absent from train, validation or
 test (CPA and the metrics tolerate it), an empty test split although its fraction is above zero, a lesion
@@ -22,6 +22,7 @@ import numpy as np
 
 from medfl.config import DataSettings, SiteConfig
 from medfl.data.classification import read_classification_site
+from medfl.data.containment import named_files_admitted
 from medfl.data.problems import Problem, ProblemLog
 from medfl.data.prostate import read_segmentation_site
 from medfl.data.records import SiteContent
@@ -116,6 +117,8 @@ def inspect_site(site: SiteConfig, settings: DataSettings | None = None) -> Site
     log = ProblemLog(site.name)
     if not site.data_root.is_dir():
         log.error("data_root folder not found", site.data_root)
+        content = SiteContent(_empty_classes(site, settings))
+    elif not named_files_admitted(site, log):
         content = SiteContent(_empty_classes(site, settings))
     elif site.task == "classification":
         content = read_classification_site(site, settings, log)

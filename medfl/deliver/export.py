@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from medfl import __version__
-from medfl.checkpoints import atomic_write_bytes, atomic_write_json
+from medfl.checkpoints import atomic_write_bytes, atomic_write_json, load_torch_file
 from medfl.config import SiteConfig
 from medfl.deliver.bundle import FORMAT, MANIFEST, PROGRAM, RECIPE, WEIGHTS
 from medfl.deliver.provenance import (
@@ -146,7 +146,7 @@ def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request:
     path = run.model_file(site.name, round_)
     if not path.is_file():
         raise DataError(f"the models of round {round_} were not kept", site=site.name, path=str(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_torch_file(path, site=site.name)
     network = build_model(**checkpoint["network"])
     network.load_state_dict(checkpoint["models"][key])
     network.eval()

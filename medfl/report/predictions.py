@@ -19,6 +19,7 @@ import torch
 from monai.data import DataLoader, Dataset
 from torch import nn
 
+from medfl.checkpoints import load_torch_file
 from medfl.data import build_dataset, load_recipe, load_site
 from medfl.errors import DataError
 from medfl.experiment import load_experiment_config
@@ -48,7 +49,7 @@ def load_selected_model(run: Run, site: str, device: torch.device) -> nn.Module:
     path = run.path / "sites" / site / "models" / f"round_{int(round_):04d}.pt"
     if not path.is_file():
         raise DataError("the selected round's model file is missing", site=site, path=str(path))
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_torch_file(path, site=site)
     model = build_model(**saved["network"])
     model.load_state_dict(saved["models"][saved["used"]])
     return model.to(device).eval()

@@ -101,9 +101,9 @@ def load_run(path: str | Path) -> Run:
     try:
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
         summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    except (yaml.YAMLError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as error:
         raise ConfigError(f"{path}: unreadable run file ({' '.join(str(error).split())[:160]})") from None
-    if not isinstance(config, dict) or "method" not in config or "sites" not in summary:
+    if not isinstance(config, dict) or "method" not in config or not isinstance(summary, dict) or "sites" not in summary:
         raise ConfigError(f"{path}: config.yaml or summary.json is not a medfl run's")
     return Run(path, config, summary, _read_rows(path / "metrics.csv"), _read_rows(path / "det_states.csv"),
                _read_rows(path / "retrogress.csv"))
