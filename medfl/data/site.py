@@ -25,6 +25,7 @@ from medfl.data.classification import read_classification_site
 from medfl.data.problems import Problem, ProblemLog
 from medfl.data.prostate import read_segmentation_site
 from medfl.data.records import SiteContent
+from medfl.data.shift import SampleStatistics
 from medfl.data.splits import SPLITS
 from medfl.data.volumes import CaseGeometry
 from medfl.errors import DataError
@@ -38,7 +39,7 @@ class SiteReport:
     samples[split]: images or slices. groups[split]: lesions (images without lesion id count as their own)
     or cases. foreground_slices[split]: slices showing prostate (segmentation). dropped: rows left out per
     source label (null in the label map or a class the experiment does not use). filtered_out: rows the
-    site's row filter removed.
+    site's row filter removed. statistics: per-image or per-case statistics for site shift (medfl.data.shift).
     """
 
     site: str
@@ -51,6 +52,7 @@ class SiteReport:
     dropped: dict[str, int] = field(default_factory=dict)
     filtered_out: int = 0
     problems: list[Problem] = field(default_factory=list)
+    statistics: SampleStatistics | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -134,6 +136,7 @@ def inspect_site(site: SiteConfig, settings: DataSettings | None = None) -> Site
         foreground_slices=foreground if site.task == "segmentation" else {},
         dropped=dict(sorted(content.dropped.items())),
         filtered_out=content.filtered_out,
+        statistics=content.statistics,
     )
     _check_splits(site, settings, report, log)
     report.problems = log.problems()
