@@ -121,6 +121,8 @@ def test_normalisation_removes_the_raw_scale_that_check_shows(capsys, prostate_s
     raw = [float(_cells(out, "acquisition", site)[0]) for site in ("prost_a", "prost_b")]
     assert raw[1] == pytest.approx(1.3 * raw[0], rel=0.01)
     assert _cells(out, "acquisition", "prost_a")[1:] == ["0.60", "3.00", "14.4", "24.0", "6.00"]
+    noise_spread = float(_cells(out, "site means", "within-site SD")[2])  # small values keep their digits
+    assert 0 < noise_spread < 0.1
 
 
 def test_the_header_names_the_classes_of_each_task(capsys, ham10000_site, prostate_site):

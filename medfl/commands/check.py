@@ -13,6 +13,7 @@ split. Warnings: a class absent from a split, an empty test split, a class the l
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -122,15 +123,23 @@ def _header(settings: DataSettings, tasks: set[str]) -> str:
 
 
 def _number(value: float) -> str:
-    """A statistic with about three significant digits; '-' when missing, 'inf' when unbounded."""
+    """A statistic with two or three significant digits; '-' when missing, 'inf' when unbounded."""
     if value != value:
         return "-"
     if abs(value) == float("inf"):
         return "inf"
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    size = abs(value)
+    return (f"{value:.0f}" if size >= 100 else f"{value:.1f}" if size >= 10
+            else f"{value:.2f}" if size >= 0.1 or size == 0 else f"{value:.2g}")
 
 
-def _rows_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, list[float]]]) -> Table:
+def _distance(value: float) -> str:
+    """A distance in within-site SDs, two decimals."""
+    return "-" if value != value else f"{value:.2f}"
+
+
+def _rows_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, list[float]]],
+                number: Callable[[float], str] = _number) -> Table:
     """One row per (label, values) under `columns`, numbers right-aligned."""
     from rich.table import Table
 
@@ -139,7 +148,7 @@ def _rows_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, list
     for column in columns:
         table.add_column(column, justify="right")
     for label, values in rows:
-        table.add_row(label, *map(_number, values))
+        table.add_row(label, *map(number, values))
     return table
 
 
@@ -168,7 +177,7 @@ def _several_sites(measured: dict[str, SampleStatistics]) -> list[Table | str]:
     distances = _rows_table(
         f"site shift, {kind.title}: distance from the pooled {len(measured)} sites ({samples} samples), "
         "in within-site SDs", (*kind.compared, "shift (RMS)"),
-        [(site, [*shift.distances[i], shift.shift[i]]) for i, site in enumerate(shift.sites)])
+        [(site, [*shift.distances[i], shift.shift[i]]) for i, site in enumerate(shift.sites)], _distance)
     note = ("distance = |site mean - pooled mean| / pooled within-site SD, per statistic; shift = their root "
             "mean square. 0: the site looks like the pooled sites; 1: one typical within-site spread away.")
     means = _rows_table(f"{kind.title}: site means", kind.compared,

@@ -24,6 +24,7 @@ import numpy as np
 
 NOISE_MAD_SCALE = 0.6745  # median |N(0, 1)|: turns a median absolute value into a standard deviation
 ROUNDING = 1e-9  # relative differences below this are floating-point rounding, not shift
+_VALUES = np.arange(256, dtype=np.float64)  # the 8-bit pixel values a histogram counts
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,6 @@ def site_shift(samples: Mapping[str, np.ndarray]) -> SiteShift:
     distances[np.isnan(gap) | np.isnan(within_sd)] = np.nan
     return SiteShift(sites, site_means, pooled_mean, within_sd, distances)
 
-
-_VALUES = np.arange(256, dtype=np.float64)
 
 
 def describe(values: np.ndarray) -> np.ndarray:
