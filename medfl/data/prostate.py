@@ -22,6 +22,7 @@ from medfl.config import DataSettings, SiteConfig
 from medfl.data.containment import admitted
 from medfl.data.problems import ProblemLog
 from medfl.data.records import SiteContent
+from medfl.data.shift import PROSTATE, SampleStatistics, grid_statistics, intensity_statistics
 from medfl.data.splits import assign_from_file, read_split_file, split_groups
 from medfl.data.volumes import PreparedCase, prepare_case
 
@@ -180,10 +181,14 @@ def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: Proble
             if result is not None:
                 prepared.append(result)
     assignment = _assign([case.case_id for case in prepared], site, settings, log)
+    statistics = []
     for case in prepared:
         split = assignment.get(case.case_id.lower())
         if split is None:
             continue
+        grid = case.geometry
+        statistics.append(np.concatenate([intensity_statistics(case.image, case.mask),
+                                          grid_statistics(grid.size, grid.spacing, grid.direction, case.raw_range[1])]))
         content.geometry[case.case_id] = case.geometry
         content.groups[split] += 1
         indices = (
@@ -192,6 +197,7 @@ def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: Proble
             else range(case.image.shape[0])
         )
         content.splits[split] += [slice_record(case, i, settings.context_slices, site.name) for i in indices]
+    content.statistics = SampleStatistics.from_rows(PROSTATE, statistics)
     return content
 
 

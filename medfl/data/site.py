@@ -26,6 +26,7 @@ from medfl.data.containment import named_files_admitted
 from medfl.data.problems import Problem, ProblemLog
 from medfl.data.prostate import read_segmentation_site
 from medfl.data.records import SiteContent
+from medfl.data.shift import SampleStatistics
 from medfl.data.splits import SPLITS
 from medfl.data.volumes import CaseGeometry
 from medfl.errors import DataError
@@ -39,7 +40,7 @@ class SiteReport:
     samples[split]: images or slices. groups[split]: lesions (images without lesion id count as their own)
     or cases. foreground_slices[split]: slices showing prostate (segmentation). dropped: rows left out per
     source label (null in the label map or a class the experiment does not use). filtered_out: rows the
-    site's row filter removed.
+    site's row filter removed. statistics: per-image or per-case statistics for site shift (medfl.data.shift).
     """
 
     site: str
@@ -52,6 +53,7 @@ class SiteReport:
     dropped: dict[str, int] = field(default_factory=dict)
     filtered_out: int = 0
     problems: list[Problem] = field(default_factory=list)
+    statistics: SampleStatistics | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -137,6 +139,7 @@ def inspect_site(site: SiteConfig, settings: DataSettings | None = None) -> Site
         foreground_slices=foreground if site.task == "segmentation" else {},
         dropped=dict(sorted(content.dropped.items())),
         filtered_out=content.filtered_out,
+        statistics=content.statistics,
     )
     _check_splits(site, settings, report, log)
     report.problems = log.problems()

@@ -91,12 +91,15 @@ class CaseGeometry:
 
 @dataclass
 class PreparedCase:
-    """A case ready for slicing: (Z, S, S) normalised float32 image and {0, 1} uint8 mask."""
+    """A case ready for slicing: (Z, S, S) normalised float32 image and {0, 1} uint8 mask.
+
+    raw_range: the raw intensities' 0.5 and 99.5 percentiles, the clip limits (the raw scale, for site shift)."""
 
     case_id: str
     image: np.ndarray
     mask: np.ndarray
     geometry: CaseGeometry
+    raw_range: tuple[float, float] = (float("nan"), float("nan"))
 
 
 def _itk_message(error: Exception) -> str:
@@ -213,7 +216,9 @@ def prepare_case(case_id: str, image_path: Path, mask_path: Path,
     if not np.all(np.isfinite(volume)):
         return None, [(image_path, "image has NaN or infinite values")]
     labels = sitk.GetArrayFromImage(sitk.DICOMOrient(mask, WORKING_ORIENTATION)) > 0
-    return PreparedCase(case_id, preprocess_volume(volume, input_size), resize_mask(labels, input_size), geometry), []
+    low, high = np.percentile(volume, INTENSITY_PERCENTILES)
+    image_slices = preprocess_volume(volume, input_size, clip=(low, high))
+    return PreparedCase(case_id, image_slices, resize_mask(labels, input_size), geometry, (float(low), float(high))), []
 
 
 def resize_slices(volume: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
@@ -223,13 +228,15 @@ def resize_slices(volume: np.ndarray, height: int, width: int, mode: str) -> np.
     return F.interpolate(tensor, size=(height, width), mode=mode, **options)[:, 0].numpy()
 
 
-def preprocess_volume(volume: np.ndarray, input_size: int) -> np.ndarray:
+def preprocess_volume(volume: np.ndarray, input_size: int, clip: tuple[float, float] | None = None) -> np.ndarray:
     """(Z, Y, X) intensities -> (Z, S, S) float32: percentile clip, z-score over the volume, in-plane resize.
+
+    `clip`: the volume's INTENSITY_PERCENTILES when the caller has them already.
 
     Percentiles come from NumPy: MONAI's ClipIntensityPercentiles goes through torch.quantile, which sorts
     (slow) and refuses tensors above 16M voxels (a 512 x 512 x 64 volume).
     """
-    low, high = np.percentile(volume, INTENSITY_PERCENTILES)
+    low, high = clip if clip is not None else np.percentile(volume, INTENSITY_PERCENTILES)
     normalised = np.asarray(NormalizeIntensity()(np.clip(volume, low, high)), dtype=np.float32)
     return np.ascontiguousarray(resize_slices(normalised, input_size, input_size, "bilinear"))
 
