@@ -19,9 +19,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
-from monai.transforms import NormalizeIntensity
 from nibabel.filebasedimages import ImageFileError
 
 WORKING_ORIENTATION = "LPS"
@@ -217,7 +214,12 @@ def prepare_case(case_id: str, image_path: Path, mask_path: Path,
 
 
 def resize_slices(volume: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
-    """Resize every (Y, X) slice of a (Z, Y, X) array; "bilinear" is anti-aliased (PIL-like) when shrinking."""
+    """Resize every (Y, X) slice of a (Z, Y, X) array; "bilinear" is anti-aliased (PIL-like) when shrinking.
+
+    torch is imported here, not at the top, so that `medfl check` validates configs before loading it."""
+    import torch
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[:, None]
     options = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
     return F.interpolate(tensor, size=(height, width), mode=mode, **options)[:, 0].numpy()
@@ -229,6 +231,8 @@ def preprocess_volume(volume: np.ndarray, input_size: int) -> np.ndarray:
     Percentiles come from NumPy: MONAI's ClipIntensityPercentiles goes through torch.quantile, which sorts
     (slow) and refuses tensors above 16M voxels (a 512 x 512 x 64 volume).
     """
+    from monai.transforms import NormalizeIntensity
+
     low, high = np.percentile(volume, INTENSITY_PERCENTILES)
     normalised = np.asarray(NormalizeIntensity()(np.clip(volume, low, high)), dtype=np.float32)
     return np.ascontiguousarray(resize_slices(normalised, input_size, input_size, "bilinear"))
