@@ -60,10 +60,10 @@ def _apply_filter(site: SiteConfig, rows: list[dict[str, str]], table: Path, log
         shown = ", ".join(f"'{v}'" for v in present[:20]) + (f" and {len(present) - 20} more" if len(present) > 20 else "")
         message = (f"filter value(s) {', '.join(repr(v) for v in unmatched)} match no row of column '{column}' "
                    f"(its values: {shown or 'none'})")
-        if not kept:
-            log.error(message, table)
-            return None
-        log.warning(message, table)
+        if kept:
+            log.warning(message, table)
+        else:
+            log.error(f"the table has no rows after the filter: {message}", table)
     return kept
 
 
