@@ -51,22 +51,30 @@ class ModelSettings(_Section):
 
 
 class OptimizerSettings(_Section):
-    """SGD (the reference) or Adam; the learning rate is multiplied by `lr_gamma` every `lr_step_rounds`.
+    """SGD (the reference: plain, no momentum) or Adam; the learning rate is multiplied by `lr_gamma` every
+    `lr_step_rounds`.
 
     - `name`: `sgd` (the reference) or `adam` (learns faster in short CPU runs).
     - `lr`: the learning rate of the first round.
-    - `momentum`: SGD's momentum (ignored by Adam).
+    - `momentum`: SGD's momentum (ignored by Adam); the reference uses none.
     - `weight_decay`: L2 weight decay of both optimizers.
     - `lr_step_rounds`: every this many rounds the learning rate is multiplied by `lr_gamma`.
     - `lr_gamma`: the learning-rate factor applied every `lr_step_rounds` rounds.
+    - `reset_every_round`: every model gets a fresh optimizer at the start of each round, as the reference
+      does (a deputy whose weights were replaced keeps no stale momentum or Adam moments).
     """
 
     name: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(default=1e-2, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=1e-6, ge=0)
     lr_step_rounds: int = Field(default=5, ge=1)
     lr_gamma: float = Field(default=0.5, gt=0, le=1)
+    reset_every_round: bool = True
+
+    def learning_rate(self, round_: int) -> float:
+        """The learning rate of 0-based round `round_`: `lr` times `lr_gamma` per completed step of rounds."""
+        return self.lr * self.lr_gamma ** (round_ // self.lr_step_rounds)
 
 
 class PFASettings(_Section):
@@ -91,11 +99,15 @@ class DETSettings(_Section):
     - `lambda1`: the deputy recovers (learns from P only) while its validation score is below lambda1 x P's.
     - `lambda2`: from Exchange, the deputy's score must reach lambda2 x P's for Sublimate (P learns from D).
     - `temperature`: distillation temperature tau_kd; the KL term is multiplied by its square.
+    - `phi_source`: where phi (the task metric that picks DET's state) is measured: the validation split
+      (`val`, the paper) or the training split with the evaluation preprocessing, both models in eval mode
+      (`train`, the reference code).
     """
 
     lambda1: float = Field(default=0.7, gt=0, lt=1)
     lambda2: float = Field(default=0.9, gt=0, lt=1)
     temperature: float = Field(default=1.0, gt=0)
+    phi_source: Literal["val", "train"] = "val"
 
     @model_validator(mode="after")
     def _ordered(self) -> DETSettings:
@@ -139,6 +151,17 @@ class BaselineSettings(_Section):
     fedavg_weighting: Literal["samples", "uniform"] = "samples"
 
 
+class DiagnosticsSettings(_Section):
+    """Extra measurements that cost time.
+
+    - `bn_reestimation`: right after each communication, also score the received model after re-estimating
+      its BatchNorm statistics on the site's training data (no weight change), so that a report can say how
+      much of a retrogress is normalisation statistics.
+    """
+
+    bn_reestimation: bool = False
+
+
 class RuntimeSettings(_Section):
     """Threads for torch, mixed precision (CUDA only, bfloat16), and whether idle sites' models wait on the CPU.
 
@@ -171,6 +194,7 @@ class ExperimentConfig(_Section):
     - `det`: deputy-enhanced transfer (methods with P and D).
     - `cpa`: the conjoint prototype-aligned loss (methods with the CPA loss).
     - `baselines`: hyper-parameters of the comparison methods.
+    - `diagnostics`: extra measurements that cost time.
     - `seed`: the experiment's seed: the common initialisation of every model, and per-site data order and
       augmentation (derived from the seed and the site's name).
     - `device`: `auto` (a CUDA GPU when there is one, else the CPU), `cpu` or `cuda`; aggregation runs
@@ -193,6 +217,7 @@ class ExperimentConfig(_Section):
     det: DETSettings = Field(default_factory=DETSettings)
     cpa: CPASettings = Field(default_factory=CPASettings)
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
+    diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)

@@ -33,6 +33,12 @@ def task_metric_name(task: str | Enum) -> str:
     return TASK_METRICS[name]
 
 
+def reference_window_start(rounds: int) -> int:
+    """First 0-based round of the reference protocol's selection window: rounds >= 0.8 T (the last round
+    when T < 5), as the reference code selects its model."""
+    return (4 * rounds) // 5
+
+
 def _labels_array(labels: object, num_classes: int, what: str = "labels") -> np.ndarray:
     array = np.asarray(convert_to_numpy(labels)).reshape(-1)
     if array.size and not np.issubdtype(array.dtype, np.integer):

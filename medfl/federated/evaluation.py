@@ -49,6 +49,19 @@ def evaluate_model(
         model.train(was_training)
 
 
+def reestimate_batchnorm(model: nn.Module, loader: Iterable[Mapping[str, object]], device: torch.device) -> bool:
+    """Replace ``model``'s BatchNorm running statistics by those of ``loader``'s images (no weight change).
+
+    A diagnostic: after a communication, how much of the received model's drop comes from normalisation
+    statistics averaged over other sites. Returns False (model untouched) when it has no BatchNorm layer.
+    """
+    if not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
+        return False
+    with plain_tensors():
+        torch.optim.swa_utils.update_bn((torch.as_tensor(batch["image"]) for batch in loader), model, device)
+    return True
+
+
 def _classification(model: nn.Module, loader, classes: Sequence[str], device: torch.device) -> dict[str, float]:
     probabilities, labels = [], []
     for batch in loader:

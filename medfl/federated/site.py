@@ -32,10 +32,10 @@ from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig
 from medfl.federated.cpa import PrototypeAccumulator, refinement_weights
 from medfl.federated.det import DetState, next_state
-from medfl.federated.evaluation import evaluate_model
+from medfl.federated.evaluation import evaluate_model, reestimate_batchnorm
 from medfl.federated.params import classifier_keys
 from medfl.federated.training import EpochPlan, SupervisedLoss, TrainingDiverged, train_epoch
-from medfl.metrics import retrogress, task_metric_name
+from medfl.metrics import reference_window_start, retrogress, task_metric_name
 from medfl.models import build_model
 
 PREFETCH_BATCHES = 2  # batches the training loader prepares ahead of the step that needs them
@@ -125,7 +125,7 @@ class Site(ClientAlgo):
             )
             for split in ("train", "val", "test")
         }
-        self.train_transform = train_recipe
+        self.train_transform, self.eval_transform = train_recipe, eval_recipe
         torch.manual_seed(self.experiment.seed)  # the common initialisation: the same at every site
         first = build_model(
             self.experiment.model.name,
@@ -141,22 +141,31 @@ class Site(ClientAlgo):
             self.models["D"] = copy.deepcopy(first)
         for model in self.models.values():
             model.to(self.device)
-        self.optimizers = {name: self._optimizer(model) for name, model in self.models.items()}
-        self.schedulers = {
-            name: torch.optim.lr_scheduler.StepLR(
-                opt, step_size=self.experiment.optimizer.lr_step_rounds, gamma=self.experiment.optimizer.lr_gamma
-            )
-            for name, opt in self.optimizers.items()
-        }
+        self.optimizers = {name: self._optimizer(model, self.experiment.optimizer.lr) for name, model in self.models.items()}
         self.class_counts = torch.as_tensor(self.data.class_counts("train"), dtype=torch.float64)
         self.loss_fn = SupervisedLoss(self.task, self.spec.loss, self.class_counts, self.experiment.cpa.beta)
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+    def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         opt = self.experiment.optimizer
         if opt.name == "adam":
-            return torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
-        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+            return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=opt.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+    def _start_round_optimizers(self, round_: int) -> None:
+        """Every model's optimizer for round ``round_``, at that round's learning rate.
+
+        By default each model gets a fresh optimizer (the reference's behaviour): D's weights were just
+        replaced, so momentum or Adam moments gathered on its old weights no longer describe it. With
+        ``optimizer.reset_every_round: false`` the optimizers and their state carry over.
+        """
+        lr = self.experiment.optimizer.learning_rate(round_)
+        if self.experiment.optimizer.reset_every_round:
+            self.optimizers = {name: self._optimizer(model, lr) for name, model in self.models.items()}
+            return
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
     def get_data_stats(self, extra: dict | None = None) -> ExchangeObject:
         """Per-class training counts (pixels for segmentation) and the number of training samples."""
@@ -170,24 +179,31 @@ class Site(ClientAlgo):
         round_ = int((extra or {}).get("round", self.round + 1))
         self._to_device()
         self._receive(data)
+        self._start_round_optimizers(round_)
         previous_phi = self._phi(self.receiving_name, round_ - 1) if round_ > 0 else math.nan
         phis = {name: self._validate(name, round_, 0) for name in self.models}
+        if round_ >= reference_window_start(self.experiment.rounds):
+            self._record(round_, 0, self.used_name, "test", self._score(self.used_name, "test"))
         if self.spec.sends_weights and round_ > 0:
-            self.retrogress_log.append({"round": round_, "site": self.name, "model": self.receiving_name,
-                                        "before": previous_phi, "after": phis[self.receiving_name]})
+            entry = {"round": round_, "site": self.name, "model": self.receiving_name,
+                     "before": previous_phi, "after": phis[self.receiving_name]}
+            if self.experiment.diagnostics.bn_reestimation:
+                entry["after_bn_reestimated"] = self._bn_reestimated_phi(self.receiving_name)
+            self.retrogress_log.append(entry)
+        det_phis = phis if self._phi_split == "val" else {name: self._det_phi(name, round_, 0) for name in self.models}
         state = DetState.START
-        gamma = self._gamma(round_)
-        accumulator = PrototypeAccumulator(len(self.classes))
         epochs = self.experiment.local_epochs
         for epoch in range(1, epochs + 1):
             if self.spec.distillation == "det":
-                state = next_state(state, phis["P"], phis["D"], self.experiment.det.lambda1, self.experiment.det.lambda2)
+                state = next_state(state, det_phis["P"], det_phis["D"], self.experiment.det.lambda1,
+                                   self.experiment.det.lambda2)
             elif self.spec.distillation == "mutual":
                 state = DetState.EXCHANGE
             self._seed_epoch(round_, epoch)
+            accumulator = PrototypeAccumulator(len(self.classes)) if self._collects_prototypes(round_, epoch) else None
             plan = EpochPlan(
                 state=state if self.spec.two_models else None,
-                gamma=gamma,
+                gamma=self._gamma(round_),
                 temperature=self.experiment.det.temperature,
                 proximal_mu=self.experiment.baselines.fedprox_mu if self.spec.proximal else 0.0,
                 received=self._received,
@@ -195,7 +211,7 @@ class Site(ClientAlgo):
                 global_prototypes=self._global["prototypes"],
                 global_present=self._global["present"],
                 trainable=self._trainable(epoch, epochs),
-                accumulator=accumulator if epoch == epochs else None,
+                accumulator=accumulator,
             )
             try:
                 losses = train_epoch(
@@ -204,11 +220,15 @@ class Site(ClientAlgo):
                 )
             except TrainingDiverged as error:
                 raise TrainingDiverged(f"site '{self.name}', round {round_}, epoch {epoch}: {error}") from None
+            if accumulator is not None:
+                self._local_prototypes = accumulator.prototypes()
             phis = {name: self._validate(name, round_, epoch) for name in self.models}
+            det_phis = phis if self._phi_split == "val" else {
+                name: self._det_phi(name, round_, epoch) for name in self.models}
             self.det_log.append({
                 "round": round_, "epoch": epoch, "site": self.name,
                 "state": state.value if self.spec.two_models else "",
-                **{f"phi_{name}": value for name, value in phis.items()},
+                **{f"phi_{name}": value for name, value in det_phis.items()},
                 **{f"loss_{name}": value for name, value in losses.items()},
             })
             if self.on_epoch is not None:
@@ -217,11 +237,44 @@ class Site(ClientAlgo):
                 entry = self.retrogress_log[-1]
                 entry.update(retrogress(entry["before"], entry["after"], phis[self.receiving_name]))
                 entry["after_first_epoch"] = phis[self.receiving_name]
-        self._local_prototypes = accumulator.prototypes()
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+                if "after_bn_reestimated" in entry:
+                    entry["retrogress_bn_reestimated"] = entry["before"] - entry["after_bn_reestimated"]
         self.round = round_
         self._select(round_)
+
+    def _collects_prototypes(self, round_: int, epoch: int) -> bool:
+        """Whether this epoch's features become the site's local prototypes.
+
+        The last epoch's are uploaded with the deputy; with CPA after warm-up every epoch's are kept, since
+        the next epoch's refinement weights compare them with the global prototypes of this round (the
+        reference recomputes local prototypes every local epoch).
+        """
+        refines = self.spec.loss == "cpa" and round_ >= self.experiment.cpa_warmup_rounds
+        return refines or epoch == self.experiment.local_epochs
+
+    @property
+    def _phi_split(self) -> str:
+        """The split DET's phi is measured on: "val" (the paper) or "train" (the reference code)."""
+        return self.experiment.det.phi_source
+
+    def _det_phi(self, name: str, round_: int, epoch: int) -> float:
+        """phi of model ``name`` on the training split with the evaluation preprocessing (eval mode)."""
+        metrics = self._score(name, "train_eval")
+        self._record(round_, epoch, name, "train", metrics)
+        value = metrics.get(self.metric, math.nan)
+        return 0.0 if value is None or math.isnan(value) else float(value)
+
+    def _bn_reestimated_phi(self, name: str) -> float:
+        """phi on validation of a copy of model ``name`` whose BatchNorm statistics were re-estimated on the
+        site's training data (evaluation preprocessing, no weight change); NaN for a net without BatchNorm."""
+        model = copy.deepcopy(self.models[name])
+        if not reestimate_batchnorm(model, self._eval_loader("train_eval"), self.device):
+            return math.nan
+        tick = time.perf_counter()
+        metrics = evaluate_model(model, self._eval_loader("val"), self.task, self.classes, self.device, self._spacing)
+        self.eval_seconds += time.perf_counter() - tick
+        value = metrics.get(self.metric, math.nan)
+        return 0.0 if value is None or math.isnan(value) else float(value)
 
     def _receive(self, data: ExchangeObject | None) -> None:
         """Load the server's weights (if any) into the receiving model and keep the global statistics."""
@@ -292,8 +345,16 @@ class Site(ClientAlgo):
                                 generator=generator, drop_last=drop_last, num_workers=0)
 
     def _eval_loader(self, split: str):
+        """Batches of a split with the evaluation preprocessing; "train_eval" is the training split seen that
+        way (DET's phi from training data, BatchNorm re-estimation), built on first use."""
         from monai.data import DataLoader
 
+        if split not in self.datasets:
+            from medfl.data import build_dataset
+
+            settings = self.experiment.data
+            self.datasets[split] = build_dataset(self.data.splits["train"], self.eval_transform,
+                                                 cache_rate=settings.cache_rate, num_workers=settings.num_workers)
         return DataLoader(self.datasets[split], batch_size=max(self.experiment.batch_size, 32), shuffle=False,
                           num_workers=0)
 
@@ -318,8 +379,7 @@ class Site(ClientAlgo):
     def _validate(self, name: str, round_: int, epoch: int) -> float:
         """phi of model ``name`` on the validation split, recorded at (round, epoch)."""
         if epoch > 0 or name == self.receiving_name or round_ == 0:
-            self._cache.pop((name, "val"), None)
-            self._cache.pop((name, "test"), None)
+            self._cache = {key: value for key, value in self._cache.items() if key[0] != name}
         metrics = self._score(name, "val")
         self._record(round_, epoch, name, "val", metrics)
         value = metrics.get(self.metric, math.nan)
@@ -410,7 +470,6 @@ class Site(ClientAlgo):
             "round": self.round,
             "models": {name: _cpu_state(model) for name, model in self.models.items()},
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "schedulers": {name: sch.state_dict() for name, sch in self.schedulers.items()},
             "history": self.history,
             "det_log": self.det_log,
             "retrogress_log": self.retrogress_log,
@@ -439,8 +498,6 @@ class Site(ClientAlgo):
             model.load_state_dict(state["models"][name])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
-        for name, sch in self.schedulers.items():
-            sch.load_state_dict(state["schedulers"][name])
         self.round = state["round"]
         self.history = state["history"]
         self.det_log = state["det_log"]
