@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     if Path("/proc/cpuinfo").exists():
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), cpu)
+    root = Path(__file__).resolve().parents[1]
+    executable = Path(args.medfl).resolve()
     results = {
-        "medfl": args.medfl,
+        "medfl": executable.relative_to(root).as_posix() if executable.is_relative_to(root) else args.medfl,
         "repeats": args.repeats,
         "machine": {"cpu": cpu, "cpu_cores": os.cpu_count(), "python": platform.python_version(),
                     "load_average_1min_start": load_start,
