@@ -767,6 +767,7 @@ def reproduce(names: list[str], jobs: list[dict[str, Any]], committed_path: Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spawned runs inherit it: medfl.environment says why
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="dermoscopy only, 2 seeds, 10 rounds x 3 epochs (~30 min)")

@@ -145,7 +145,11 @@ def validate_model(model: type[BaseModel], data: dict[str, Any], source: str | P
 
 
 class RowFilter(BaseModel):
-    """Keep only table rows whose `column` holds one of `values` (several sites sharing one folder)."""
+    """Keep only table rows whose `column` holds one of `values` (several sites sharing one folder).
+
+    - `column`: a column of the site's label table (HAM10000: `dataset`).
+    - `values`: the values that belong to this site; numbers are compared as text.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -161,7 +165,32 @@ class RowFilter(BaseModel):
 
 
 class SiteConfig(BaseModel):
-    """Facts about one site's data: where it lies, its layout, how its labels map to federation classes."""
+    """Facts about one site's data: where it lies, its layout, how its labels map to federation classes.
+
+    - `name`: the site's name, unique in a federation: letters, digits, `_`, `.` and `-`. It names the
+      site in logs, run folders, exports and NVFlare (the client name must be the same).
+    - `task`: classification (dermoscopy images) or segmentation (prostate MRI volumes).
+    - `data_root`: the site's data folder; relative paths resolve against the config file's folder.
+    - `layout`: how the folder is organised. Classification: `ham10000` (`<image_id>.jpg` anywhere under
+      data_root and HAM10000_metadata.csv), `isic2019` (ISIC_2019_Training_GroundTruth.csv with one-hot
+      columns), `csv` (labels.csv with columns image,label and an optional lesion_id). Segmentation:
+      `nifti` (Case00.nii.gz with Case00_segmentation.nii.gz) or `metaimage` (Case00.mhd/.raw with
+      Case00_segmentation.mhd).
+    - `table`: the label table, under data_root (classification only; default: the layout's file name,
+      HAM10000_metadata.csv, ISIC_2019_Training_GroundTruth.csv or labels.csv).
+    - `metadata_table`: isic2019 only: the metadata table with `lesion_id`, under data_root (default
+      ISIC_2019_Training_Metadata.csv when it exists), so that images of one lesion stay on one side of a
+      split. `medfl synth` writes it for its isic2019 site.
+    - `filter`: keep only the table rows whose `column` holds one of `values` (several sites sharing one
+      folder, e.g. the HAM10000 `dataset` column); classification only.
+    - `label_map`: every source label of the table mapped to a federation class, or to null (a known
+      label this site does not use); required for classification. isic2019 keys are the column names.
+    - `mask_suffix`: segmentation only: the mask file name suffix, matched case-insensitively (default
+      `_segmentation`).
+    - `split_file`: an official split: a CSV `id,split` (split = train, val or test; id = image id or case
+      id), relative to the config file's folder. Without one, medfl splits by lesion or case with the
+      experiment's fractions and seed.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -325,11 +354,13 @@ class DataSettings(BaseModel):
     - `classes`: the federation's class names in order; None means every non-null target of the site's
       label_map in first-seen order (what `medfl check` uses). Ignored by segmentation sites, whose classes
       are always background and prostate.
+    - `input_size`: images and slices are resized to input_size x input_size pixels.
     - `split_fractions`: train/val/test shares of groups (lesions, images without lesion id, or cases).
+    - `split_seed`: the seed of the split (and of the choice of empty training slices).
     - `slices` ("all" | "foreground") and `empty_slice_fraction`: which training slices are kept; with
       "foreground", slices with prostate plus that share of the empty ones. Val and test keep every slice.
     - `context_slices`: 2.5-D input; k neighbouring slices on each side become extra channels.
-    - `train_recipe` / `eval_recipe`: recipe names under transforms/ or YAML paths; None = the task default.
+    - `train_recipe` / `eval_recipe`: names of recipes shipped with medfl (medfl/recipes/) or YAML paths; None = the task default.
     - `cache_rate`, `num_workers`: share of records cached by CacheDataset, and threads used to read and
       validate images and to fill the cache (2 suits a 2-core machine).
     """

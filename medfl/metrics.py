@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc
 from monai.utils import convert_to_numpy
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
 from medfl.errors import ConfigError
@@ -94,16 +94,22 @@ def classification_metrics(labels: object, probabilities: object, classes: Seque
         raise ValueError("no samples to score")
     predicted = scores.argmax(axis=1)
     per_class_f1 = f1_score(truth, predicted, labels=list(range(num_classes)), average=None, zero_division=0)
-    with warnings.catch_warnings():
-        # Predicted classes absent from the labels are ignored on purpose: recall is over present classes.
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        balanced = balanced_accuracy_score(truth, predicted)
     result = {"macro_f1": float(np.mean(per_class_f1))}
     result.update({f"f1_{name}": float(value) for name, value in zip(classes, per_class_f1, strict=True)})
     result["auc"] = _macro_auc(truth, scores)
     result["accuracy"] = float(accuracy_score(truth, predicted))
-    result["balanced_accuracy"] = float(balanced)
+    result["balanced_accuracy"] = balanced_accuracy(truth, predicted, num_classes)
     return result
+
+
+def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:
+    """Mean recall over the classes present in `truth` (scikit-learn's balanced_accuracy_score), from a
+    confusion matrix over all classes: sklearn's own function builds one without `labels` and warns "A single
+    label was found" whenever a split and its predictions hold one class."""
+    matrix = sklearn_confusion_matrix(truth, predicted, labels=list(range(num_classes)))
+    support = matrix.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(matrix)[present] / support[present]))
 
 
 def reassemble_volumes(

@@ -11,7 +11,7 @@ from monai.data import CacheDataset, Dataset
 from monai.utils import set_determinism
 
 from medfl.data import build_dataset, load_recipe
-from medfl.data.recipes import TRANSFORMS_DIR
+from medfl.data.recipes import RECIPES_DIR
 from medfl.errors import ConfigError
 
 
@@ -40,7 +40,7 @@ def _write(tmp_path, recipe) -> str:
 
 
 def test_shipped_recipes_exist():
-    assert {p.stem for p in TRANSFORMS_DIR.glob("*.yaml")} >= {
+    assert {p.stem for p in RECIPES_DIR.glob("*.yaml")} >= {
         "dermoscopy_train", "dermoscopy_eval", "prostate_train", "prostate_eval"}
 
 

@@ -229,7 +229,7 @@ def test_cli_export_prints_each_site_and_refuses_a_second_time(runs, tmp_path, c
     assert main(["export", str(runs["classification"]), "--out", str(out), "--site", "derm_a"]) == 0
     printed = capsys.readouterr().out
     assert "derm_a: personalized model P of round" in printed and str(out / "derm_a") in printed
-    assert main(["export", str(runs["classification"]), "--out", str(out), "--site", "derm_a"]) == 2
+    assert main(["export", str(runs["classification"]), "--out", str(out), "--site", "derm_a"]) == 1
     assert "never overwritten" in capsys.readouterr().err
 
 

@@ -197,7 +197,7 @@ def test_cli_writes_a_job_and_reports_mistakes_in_one_line(experiment, tmp_path,
     assert medfl_main(["nvflare-job", str(experiment), "--out", str(tmp_path / "job"), "--method", "fedavg"]) == 0
     assert "derm_a, derm_b" in capsys.readouterr().out
     assert json.loads((tmp_path / "job" / "meta.json").read_text())["name"] == "medfl-tiny-fedavg"
-    assert medfl_main(["nvflare-job", str(experiment), "--out", str(tmp_path / "job")]) == 2
+    assert medfl_main(["nvflare-job", str(experiment), "--out", str(tmp_path / "job")]) == 1
     assert "not empty" in capsys.readouterr().err
 
 
@@ -221,7 +221,7 @@ def test_core_package_imports_and_explains_without_nvflare(experiment, tmp_path)
         f"sys.exit(medfl.cli.main(['nvflare-job', {str(experiment)!r}, '--out', {str(tmp_path / 'job')!r}]))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 1, result.stderr
     assert "pip install 'medfl[nvflare]'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "job").exists()
 

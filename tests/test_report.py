@@ -19,7 +19,7 @@ from medfl.errors import ConfigError
 from medfl.experiment import load_experiment_config
 from medfl.federated.coordinator import Coordinator
 from medfl.report import tensorboard
-from medfl.report.plots import curve
+from medfl.report.plots import curve, retrogress_by_round
 from medfl.report.predictions import (
     SplitCache,
     choose_examples,
@@ -162,6 +162,24 @@ def test_curve_puts_communication_drops_at_the_round_boundary(tmp_path):
     x, y = curve(runs, "a", "P", "macro_f1")
     assert x.tolist() == [0.0, 0.5, 1.0, 1.0, 1.5, 2.0]  # round 0 epoch 2 and round 1 epoch 0 share x = 1
     assert y[2] == pytest.approx(0.2) and y[3] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("rounds", [2, 30])
+def test_retrogress_plot_ticks_are_whole_rounds_even_with_one_communication(tmp_path, rounds):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    folder = fake_run(tmp_path)
+    if rounds > 2:  # a long run: a communication before every round but the first
+        rows = [{"round": r, "site": s, "model": "D", "before": 0.3, "after": 0.1, "after_first_epoch": 0.2,
+                 "retrogress": 0.2, "recovery": 0.1} for r in range(1, rounds) for s in ("a", "b")]
+        write_csv(folder / "retrogress.csv", rows)
+    figure = retrogress_by_round(group_runs([load_run(folder)]))
+    FigureCanvasAgg(figure).draw()
+    for ax in figure.axes:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        assert low <= 1 and high >= rounds - 1 and len(ticks) <= 12
 
 
 def test_report_of_hand_made_runs_without_predictions(tmp_path):

@@ -40,8 +40,8 @@ def read_classification_site(site: SiteConfig, settings: DataSettings, log: Prob
         return content
     content.filtered_out = source.filtered_out
     if not source.rows:
-        where = f" after the filter {site.filter.column} in {site.filter.values}" if site.filter else ""
-        log.error(f"the table has no rows{where}", table)
+        if site.filter is None:  # with a filter, the reader has said which filter values match nothing
+            log.error("the table has no rows", table)
         return content
     rows = _known_rows(source.rows, site, log, table)
     kept, statistics = _select_rows(rows, site, classes, content.dropped, log, table, settings.num_workers)
