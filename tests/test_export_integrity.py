@@ -52,10 +52,10 @@ def _add_step(folder, step):
 
 
 def _refused_by_every_command(setup, folder, tmp_path, capsys, expected):
-    """predict and evaluate exit 2 with one line matching `expected`, having written nothing."""
+    """predict and evaluate exit 1 with one line matching `expected`, having written nothing."""
     out = tmp_path / "predictions"
-    assert main(["predict", str(folder), *map(str, setup["images"]), "--out", str(out)]) == 2
-    assert main(["evaluate", str(folder), str(setup["site_config"]), "--out", str(tmp_path / "scores.json")]) == 2
+    assert main(["predict", str(folder), *map(str, setup["images"]), "--out", str(out)]) == 1
+    assert main(["evaluate", str(folder), str(setup["site_config"]), "--out", str(tmp_path / "scores.json")]) == 1
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(expected in line for line in errors), errors
     assert not out.exists() and not (tmp_path / "scores.json").exists()
@@ -137,7 +137,7 @@ def test_weights_holding_a_crafted_pickle_never_run(setup, tmp_path, capsys):
     _rehash(folder, "model.pt")
     with pytest.raises(DataError, match=r"model.pt: refused: it holds Python objects other than tensors"):
         load_export(folder)
-    assert main(["predict", str(folder), *map(str, setup["images"]), "--out", str(tmp_path / "out")]) == 2
+    assert main(["predict", str(folder), *map(str, setup["images"]), "--out", str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
     assert "Traceback" not in error and "weights_only=False" not in error
     assert not marker.exists()
@@ -163,6 +163,6 @@ def test_a_run_folders_recipe_is_checked_under_report_and_export(setup, tmp_path
     run, evil = _evil_run(setup, tmp_path)
     report = write_report([run], out=tmp_path / "report")
     assert any(f"{evil}: transform 2 (SaveImaged)" in note for note in report.notes), report.notes
-    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 2
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 1
     assert f"{evil}: transform 2 (SaveImaged)" in capsys.readouterr().err
     assert not (tmp_path / "copies").exists() and not (tmp_path / "export").exists()

@@ -67,7 +67,7 @@ def test_attacks_are_refused_naming_file_step_and_transform(tmp_path):
 
 def test_a_recipe_named_like_a_shipped_one_is_checked_too(tmp_path, monkeypatch):
     _write(tmp_path / "dermoscopy_eval.yaml", {"SaveImaged": {"keys": ["image"], "output_dir": str(tmp_path)}})
-    monkeypatch.setattr(recipes_module, "TRANSFORMS_DIR", tmp_path)
+    monkeypatch.setattr(recipes_module, "RECIPES_DIR", tmp_path)
     with pytest.raises(ConfigError, match="dermoscopy_eval.yaml: transform 1 \\(SaveImaged\\)"):
         load_recipe("dermoscopy_eval")
 
@@ -105,6 +105,6 @@ def test_an_experiment_recipe_that_writes_files_stops_the_run_before_training(tm
                   {"SaveImaged": {"keys": ["image"], "output_dir": str(tmp_path / "copies")}})
     config = tiny_experiment(tmp_path / "exp.yaml", tiny_federation, "classification",
                              data={"train_recipe": str(evil)})
-    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 1
     assert f"{evil}: transform 2 (SaveImaged)" in capsys.readouterr().err
     assert not (tmp_path / "copies").exists()
