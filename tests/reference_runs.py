@@ -81,7 +81,6 @@ def differences(expected: Any, actual: Any, where: str = "", tolerance: float = 
 def main(argv: list[str]) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
-
     from conftest import tiny_federation_root
 
     torch.set_num_threads(1)
