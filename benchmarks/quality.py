@@ -236,8 +236,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or reuse) one experiment with the Coordinator; its wall and process CPU seconds."""
     import torch
 
+    from medfl.devices import resolve_device
     from medfl.experiment import load_experiment_config
-    from medfl.federated.coordinator import Coordinator, resolve_device
+    from medfl.federated.coordinator import Coordinator
 
     torch.set_num_threads(job["threads"])
     config = load_experiment_config(job["config"])
@@ -449,9 +450,9 @@ def circular_pfa_strategy(config, model):
     import aggregation
     import numpy as np
 
-    from medfl.federated.coordinator import strategy_options
     from medfl.federated.params import parameter_roles
     from medfl.federated.pfa import pfa_ratio
+    from medfl.federated.rounds import strategy_options
     from medfl.federated.server import PFAStrategy
 
     class CircularPFA(PFAStrategy):
@@ -482,8 +483,8 @@ def aggregation_probe(run, scratch: Path) -> dict[str, Any]:
     from monai.data import DataLoader
 
     from medfl.experiment import ExperimentConfig
-    from medfl.federated.coordinator import strategy_options
     from medfl.federated.evaluation import evaluate_model
+    from medfl.federated.rounds import strategy_options
     from medfl.federated.server import SiteUpdate, build_strategy
     from medfl.federated.site import Site
 

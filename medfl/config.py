@@ -190,6 +190,9 @@ class SiteConfig(BaseModel):
     - `split_file`: an official split: a CSV `id,split` (split = train, val or test; id = image id or case
       id), relative to the config file's folder. Without one, medfl splits by lesion or case with the
       experiment's fractions and seed.
+    - `withhold_prototypes_below`: a privacy choice of the site: class prototypes (mean features) of classes
+      with fewer training samples than this are not sent to the server (default 0: all are sent). A
+      prototype of a class with a handful of samples is close to those patients' own features.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -204,6 +207,7 @@ class SiteConfig(BaseModel):
     label_map: dict[str, str | None] | None = None
     mask_suffix: str | None = None
     split_file: Path | None = None
+    withhold_prototypes_below: int = Field(default=0, ge=0)
 
     _source: Path | None = PrivateAttr(default=None)
 

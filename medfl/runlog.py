@@ -1,43 +1,20 @@
-"""What a run writes about itself: metrics.csv, det_states.csv, retrogress.csv, timing.csv and summary.json.
+"""What a run says about itself: the sites' reports gathered, and the summary computed from them.
 
-All files are rewritten atomically after every round from the sites' histories, so a run folder is always
-consistent with its last completed round, and a resumed run continues it row for row.
+The run folder (medfl.runfolder) rewrites metrics.csv, det_states.csv, retrogress.csv, timing.csv and
+summary.json atomically from this log after every round, so a run folder is always consistent with its last
+completed round, and a resumed run continues it row for row.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medfl.checkpoints import atomic_write_json, atomic_write_text
-from medfl.metrics import curve_dips
-
-METRIC_COLUMNS = ("round", "epoch", "site", "model", "split", "metric", "value")
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
-    """Write rows (dicts) as CSV atomically; columns default to the union of keys in first-seen order."""
-    if columns is None:
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _format(v) for k, v in row.items()})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _format(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
-    return value
+from medfl.metrics import curve_dips, reference_window_start
 
 
 def _value(rows: Iterable[Mapping[str, Any]], **match: Any) -> float:
@@ -71,12 +48,14 @@ def summarize(
     last_round: int,
     final_epoch: int,
     det_rows: Sequence[Mapping[str, Any]] = (),
+    rounds: int | None = None,
 ) -> dict[str, Any]:
     """Per-site and mean results under both scoring protocols, retrogress/recovery of the receiving model
     (also after BatchNorm re-estimation, when measured), curve dips and DET state changes.
 
     Per-site fine-tuned protocol (``test``): the used model after local training, at the round its own
-    validation score selected. Reference protocol (``reference_protocol``): see `reference_protocol`.
+    validation score selected. Reference protocol (``reference_protocol``): see `reference_protocol`, over
+    the selection window of `rounds` planned rounds (default: the rounds completed so far).
     """
     test_metrics = sorted({row["metric"] for row in rows if row["split"] == "test"})
     sites: dict[str, Any] = {}
@@ -103,18 +82,21 @@ def summarize(
                        "det_changes_per_round", "det_fallbacks_per_round")},
     }
     return {"sites": sites, "mean": mean,
-            "reference_protocol": reference_protocol(rows, list(best), used_model, metric, test_metrics)}
+            "reference_protocol": reference_protocol(rows, list(best), used_model, metric, test_metrics,
+                                                     rounds if rounds is not None else last_round + 1)}
 
 
 def reference_protocol(
-    rows: Sequence[Mapping[str, Any]], sites: Sequence[str], used_model: str, metric: str, test_metrics: Sequence[str]
+    rows: Sequence[Mapping[str, Any]], sites: Sequence[str], used_model: str, metric: str, test_metrics: Sequence[str],
+    rounds: int,
 ) -> dict[str, Any]:
     """The reference code's scoring: the model each site would use right after communication (epoch 0 of a
     round: the received model for FedAvg/FedBN, P for the method, its own model for local training), one
     round for all sites, chosen by the mean over sites of that model's validation score among the rounds of
     the selection window (rounds >= 0.8 T, where the sites also scored it on test)."""
     at_start = [r for r in rows if r["model"] == used_model and r["epoch"] == 0 and r["site"] in sites]
-    window = sorted({r["round"] for r in at_start if r["split"] == "test"})
+    scored = {r["round"] for r in at_start if r["split"] == "test"}
+    window = [t for t in range(reference_window_start(rounds), rounds) if t in scored]
     means = {t: _mean(_value(at_start, site=s, round=t, split="val", metric=metric) for s in sites) for t in window}
     candidates = [t for t in window if not math.isnan(means[t])]
     if not candidates:
@@ -179,17 +161,24 @@ class RunLog:
         self.rows, self.det = list(state["rows"]), list(state["det"])
         self.retrogress, self.best = list(state["retrogress"]), dict(state["best"])
 
-    def write(self, run_dir: Path, header: Mapping[str, Any], timing: Sequence[Mapping[str, Any]],
-              used_model: str, metric: str, last_round: int, final_epoch: int) -> dict[str, Any]:
-        """Rewrite the run's CSVs and summary.json from everything reported so far; return the summary."""
-        summary = {
+    def summary(self, header: Mapping[str, Any], timing: Sequence[Mapping[str, Any]], used_model: str,
+                metric: str, last_round: int, final_epoch: int) -> dict[str, Any]:
+        """summary.json's content: the header, both protocols' results and the timing means."""
+        return {
             **header,
             **summarize(self.rows, self.retrogress, self.best, used_model, metric, last_round, final_epoch,
-                         self.det),
+                        self.det, header.get("rounds")),
             "timing": _timing_means(timing),
         }
-        write_run_files(run_dir, _ordered(self.rows), _ordered(self.det), _ordered(self.retrogress), timing, summary)
-        return summary
+
+    def ordered_rows(self) -> list[Mapping[str, Any]]:
+        return _ordered(self.rows)
+
+    def ordered_det(self) -> list[Mapping[str, Any]]:
+        return _ordered(self.det)
+
+    def ordered_retrogress(self) -> list[Mapping[str, Any]]:
+        return _ordered(self.retrogress)
 
 
 def _ordered(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -203,20 +192,3 @@ def _timing_means(timing: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     means = {f"mean_{k}": sum(t[k] for t in timing) / len(timing) for k in keys} if timing else {}
     means["peak_rss_mb"] = max((t.get("peak_rss_mb", math.nan) for t in timing), default=math.nan)
     return means
-
-
-def write_run_files(
-    run_dir: Path,
-    rows: Sequence[Mapping[str, Any]],
-    det_rows: Sequence[Mapping[str, Any]],
-    retrogress_rows: Sequence[Mapping[str, Any]],
-    timing_rows: Sequence[Mapping[str, Any]],
-    summary: Mapping[str, Any],
-) -> None:
-    write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
-    write_csv(run_dir / "det_states.csv", det_rows)
-    write_csv(run_dir / "retrogress.csv", retrogress_rows,
-              ["round", "site", "model", "before", "after", "after_first_epoch", "retrogress", "recovery",
-               "after_bn_reestimated", "retrogress_bn_reestimated"])
-    write_csv(run_dir / "timing.csv", timing_rows)
-    atomic_write_json(run_dir / "summary.json", summary)

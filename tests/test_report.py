@@ -14,11 +14,12 @@ import torch
 import yaml
 from conftest import tiny_experiment
 
+from medfl import tensorboard
+from medfl.checkpoints import atomic_write_csv as write_csv
 from medfl.cli import main
 from medfl.errors import ConfigError
 from medfl.experiment import load_experiment_config
 from medfl.federated.coordinator import Coordinator
-from medfl.report import tensorboard
 from medfl.report.plots import curve, retrogress_by_round
 from medfl.report.predictions import (
     SplitCache,
@@ -30,7 +31,7 @@ from medfl.report.predictions import (
 from medfl.report.runs import RunGroup, group_runs, load_run
 from medfl.report.tables import format_values, result_columns, results_table
 from medfl.report.writer import default_out, write_report
-from medfl.runlog import METRIC_COLUMNS, write_csv
+from medfl.runfolder import METRIC_COLUMNS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["nv", "bkl", "mel"]
@@ -229,7 +230,7 @@ def test_without_tensorboard_scalars_are_skipped_with_one_notice(tmp_path, monke
     try:
         run = load_run(fake_run(tmp_path))
         for round_ in (0, 1):
-            assert tensorboard.write_round_scalars(tmp_path / "run", round_, 2, run.metrics, run.det, []) is None
+            assert tensorboard.write_round_scalars(tmp_path / "run" / "tensorboard", round_, 2, run.metrics, run.det, []) is None
     finally:
         tensorboard.summary_writer_class.cache_clear()
     notices = [line for line in capsys.readouterr().err.splitlines() if "tensorboard" in line]
@@ -249,7 +250,7 @@ def test_round_scalars_are_readable_by_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     run = load_run(fake_run(tmp_path))
     for round_ in (0, 1):
-        folder = tensorboard.write_round_scalars(tmp_path / "run", round_, 2, run.metrics, run.det, run.retrogress)
+        folder = tensorboard.write_round_scalars(tmp_path / "run" / "tensorboard", round_, 2, run.metrics, run.det, run.retrogress)
     assert folder == tmp_path / "run" / "tensorboard"
     scalars = read_scalars(folder)
     assert [step for step, _ in scalars["val/macro_f1/a/P"]] == [1, 2, 3, 4]

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from medfl.checkpoints import atomic_write_json
     from medfl.deliver import evaluate_export, load_export
     from medfl.deliver.evaluate import default_output
-    from medfl.federated.coordinator import resolve_device
+    from medfl.devices import resolve_device
 
     export = load_export(args.export_dir, args.site, resolve_device(args.device))
     result = evaluate_export(export, args.site_config, args.split)

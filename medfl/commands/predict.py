@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     existing_folder(args.export_dir, "export folder")
 
     from medfl.deliver import load_export, predict
-    from medfl.federated.coordinator import resolve_device
+    from medfl.devices import resolve_device
 
     export = load_export(args.export_dir, args.site, resolve_device(args.device))
     print(f"predicting with {export.describe()}", file=sys.stderr)

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     for run_dir in args.runs:
         existing_folder(run_dir, "run folder")
 
-    from medfl.federated.coordinator import resolve_device
+    from medfl.devices import resolve_device
     from medfl.report.writer import write_report
 
     report = write_report(args.runs, args.out, predictions=not args.no_predictions, examples=args.examples,

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import Compose
 
+from medfl.checkpoints import atomic_write_csv as write_csv
 from medfl.data import CaseGeometry, load_recipe
 from medfl.data.images import IMAGE_EXTENSIONS, check_image
 from medfl.data.prostate import slice_record
 from medfl.data.volumes import WORKING_ORIENTATION, PreparedCase, preprocess_volume, read_volume, write_like
 from medfl.deliver.bundle import ExportedModel
 from medfl.errors import ConfigError
-from medfl.runlog import write_csv
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha")
 PREDICTIONS_CSV = "predictions.csv"

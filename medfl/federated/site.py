@@ -1,17 +1,17 @@
 """A federated site as a MONAI ClientAlgo: it owns P and D, runs DET epochs, and decides what leaves it.
 
 Only the deputy's weights (or the single model's, for one-model methods), class prototypes, class
-counts, the sample count and metrics ever leave a site; every upload is written to the site's audit log
-(entry names, shapes, bytes). The site keeps its state under ``<run>/sites/<name>/`` so that it can be
-restarted from the last completed round, with per-epoch seeds derived from (seed, site, round, epoch) so
-that a resumed run repeats exactly what an uninterrupted one does.
+counts, the sample count, the network's description, metrics and timing ever leave a site; every object
+that leaves is written to the site's audit log (tensors by name, shape and bytes; numbers and reports as
+they are), once per round. The site keeps its own part of the run folder (``<run>/sites/<name>/``, see
+medfl.runfolder.SiteFolder) so that it can be restarted from the last completed round, with per-epoch seeds
+derived from (seed, site, round, epoch) so that a resumed run repeats exactly what an uninterrupted one does.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import random
 import time
@@ -27,8 +27,8 @@ from monai.fl.utils.constants import WeightType
 from monai.fl.utils.exchange_object import ExchangeObject
 from torch import Tensor, nn
 
-from medfl.checkpoints import atomic_torch_save
 from medfl.config import SiteConfig
+from medfl.data.fingerprint import data_fingerprint, site_config_sha256, training_files
 from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig
 from medfl.federated.cpa import PrototypeAccumulator, refinement_weights
@@ -38,6 +38,7 @@ from medfl.federated.params import classifier_keys
 from medfl.federated.training import EpochPlan, SupervisedLoss, TrainingDiverged, train_epoch
 from medfl.metrics import reference_window_start, retrogress, running_best, task_metric_name
 from medfl.models import build_model
+from medfl.runfolder import SCHEMA_VERSION, RunFolder, SiteRecord
 
 PREFETCH_BATCHES = 2  # batches the training loader prepares ahead of the step that needs them
 EVAL_BATCH_CACHE_BYTES = 512 * 2**20  # validation and test batches kept collated per site, at most
@@ -53,6 +54,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+SMALL_TENSOR = 64  # tensors up to this many values are written to the audit log in full (counts)
+
+
+def describe_values(statistics: dict[str, Any]) -> dict[str, Any]:
+    """The audit log's view of statistics that leave a site: every tensor by name, shape, dtype and bytes (and
+    its values when small, as class counts are), every other value as it is."""
+    tensors = {k: v for k, v in statistics.items() if isinstance(v, Tensor)}
+    described = describe_tensors(tensors)
+    for entry in described:
+        tensor = tensors[entry["name"]]
+        if tensor.numel() <= SMALL_TENSOR:
+            entry["value"] = tensor.tolist()
+    plain = [{"name": k, "value": v} for k, v in statistics.items() if not isinstance(v, Tensor)]
+    return {"statistics": described + plain, "bytes": sum(e["bytes"] for e in described)}
 
 
 def describe_tensors(tensors: dict[str, Tensor]) -> list[dict[str, Any]]:
@@ -81,7 +98,7 @@ class Site(ClientAlgo):
         self.task = experiment.task
         self.classes = experiment.classes
         self.device = torch.device(device)
-        self.folder = Path(run_dir) / "sites" / self.name
+        self.folder = RunFolder(run_dir).site(self.name)
         self.metric = task_metric_name(self.task)
         self.models: dict[str, nn.Module] = {}
         self.round = -1  # last completed round
@@ -95,7 +112,9 @@ class Site(ClientAlgo):
         self._received: dict[str, Tensor] | None = None
         self._cache: dict[tuple[str, str], dict[str, float]] = {}
         self._collated: dict[str, list[dict[str, Any]]] = {}
-        self.eval_seconds = 0.0  # time spent scoring models (the coordinator splits round time with it)
+        self.eval_seconds = 0.0  # time spent scoring models (a round's timing splits training from it)
+        self._timing: dict[str, float] = {}
+        self._departures: list[dict[str, Any]] = []  # what left the site and is not in the audit log yet
         self.on_epoch: Callable[[dict[str, Any]], None] | None = None  # progress display hook
 
     # ----------------------------------------------------------------- set-up
@@ -147,7 +166,15 @@ class Site(ClientAlgo):
         self.optimizers = {name: self._optimizer(model, self.experiment.optimizer.lr) for name, model in self.models.items()}
         self.class_counts = torch.as_tensor(self.data.class_counts("train"), dtype=torch.float64)
         self.loss_fn = SupervisedLoss(self.task, self.spec.loss, self.class_counts, self.experiment.cpa.beta)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.record = SiteRecord(schema_version=SCHEMA_VERSION, site=self.name,
+                                 site_config_sha256=site_config_sha256(self.config),
+                                 data_fingerprint=data_fingerprint(self.data), training_files=training_files(self.data))
+
+    def open_folder(self) -> None:
+        """Start the site's part of the run folder, or check that it still reads the data it started with.
+
+        Called once the run folder exists: a site writes nothing before every check has passed."""
+        self.folder.start(self.record)
 
     def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         opt = self.experiment.optimizer
@@ -171,15 +198,18 @@ class Site(ClientAlgo):
                 group["lr"] = lr
 
     def get_data_stats(self, extra: dict | None = None) -> ExchangeObject:
-        """Per-class training counts (pixels for segmentation) and the number of training samples."""
-        return ExchangeObject(
-            statistics={"class_counts": self.class_counts.clone(), "num_samples": len(self.datasets["train"])}
-        )
+        """Per-class training counts (pixels for segmentation), the number of training samples, and the
+        network's description (the server builds the same architecture to know its parameters' roles)."""
+        statistics = {"class_counts": self.class_counts.clone(), "num_samples": len(self.datasets["train"]),
+                      "network": dict(self.models[self.receiving_name].config)}
+        self._departures.append({"what": "data_statistics", **describe_values(statistics)})
+        return ExchangeObject(statistics=statistics)
 
     # ----------------------------------------------------------------- training
     def train(self, data: ExchangeObject, extra: dict | None = None) -> None:
         """Run one round: load the server's weights into the receiving model, then E local epochs."""
         round_ = int((extra or {}).get("round", self.round + 1))
+        started, eval_before = time.perf_counter(), self.eval_seconds
         self._to_device()
         self._receive(data)
         self._start_round_optimizers(round_)
@@ -244,6 +274,8 @@ class Site(ClientAlgo):
                     entry["retrogress_bn_reestimated"] = entry["before"] - entry["after_bn_reestimated"]
         self.round = round_
         self._select(round_)
+        inner_eval = self.eval_seconds - eval_before
+        self._timing = {"train_s": time.perf_counter() - started - inner_eval, "eval_s": inner_eval}
 
     def _collects_prototypes(self, round_: int, epoch: int) -> bool:
         """Whether this epoch's features become the site's local prototypes.
@@ -427,12 +459,10 @@ class Site(ClientAlgo):
         Every round's models are kept (``models/round_XXXX.pt``: network config and a state dict per model),
         so that `medfl export --round` can take the selected, the last or any round.
         """
-        atomic_torch_save(
-            {"round": round_, "site": self.name, "network": self.models[self.used_name].config,
-             "used": self.used_name, "receiving": self.receiving_name,
-             "models": {name: _cpu_state(model) for name, model in self.models.items()}},
-            self.folder / "models" / f"round_{round_:04d}.pt",
-        )
+        self.folder.save_round_models(round_, {
+            "round": round_, "site": self.name, "network": self.models[self.used_name].config,
+            "used": self.used_name, "receiving": self.receiving_name,
+            "models": {name: _cpu_state(model) for name, model in self.models.items()}})
         values = self._round_values(self.used_name, round_)
         selected = running_best(values)
         self.best = {"round": selected, "value": values[selected]}
@@ -451,26 +481,36 @@ class Site(ClientAlgo):
         return name == self.used_name and running_best(self._round_values(name, self.round)) == self.round
 
     def evaluate(self, data: ExchangeObject | None = None, extra: dict | None = None) -> ExchangeObject:
-        """Metrics of the models after this round (test where it can be reported), plus the rows not yet
-        reported."""
+        """Metrics of the models after this round (test where it can be reported), the rows not yet reported,
+        DET states, retrogress, the selected round and the round's timing."""
         epoch = self.experiment.local_epochs
+        tick = time.perf_counter()
         for name in self.models:
             if self._test_needed(name):
                 self._record(self.round, epoch, name, "test", self._score(name, "test"))
+        timing = {"train_s": self._timing.get("train_s", 0.0),
+                  "eval_s": self._timing.get("eval_s", 0.0) + time.perf_counter() - tick}
         rows = self.history[self._pending_rows:]
         self._pending_rows = len(self.history)
-        return ExchangeObject(metrics={
+        report = {
             "round": self.round,
             "rows": rows,
             "det": [e for e in self.det_log if e["round"] == self.round],
             "retrogress": [e for e in self.retrogress_log if e["round"] == self.round],
             "best": dict(self.best),
-        })
+            "timing": timing,
+        }
+        self._departures.append({"what": "report", **report})
+        self._flush_audit()
+        return ExchangeObject(metrics=report)
 
     # ----------------------------------------------------------------- upload
     def get_weights(self, extra: dict | None = None) -> ExchangeObject:
         """What leaves the site: the receiving model's weights (none for prototype-only methods),
-        the sample count, class counts and local class prototypes. Logged to audit.jsonl."""
+        the sample count, class counts and local class prototypes. Logged to the audit log.
+
+        Prototypes of classes with fewer training samples than the site config's `withhold_prototypes_below`
+        are not sent (zero row, count 0: the server treats the class as absent at this site)."""
         weights: dict[str, Tensor] = {}
         if self.spec.sends_weights:
             weights = _cpu_state(self.models[self.receiving_name])
@@ -479,26 +519,23 @@ class Site(ClientAlgo):
             "class_counts": self.class_counts.clone(),
         }
         if self._local_prototypes is not None:
-            statistics["prototypes"] = self._local_prototypes[0].detach().cpu().clone()
-            statistics["prototype_counts"] = self._local_prototypes[1].detach().cpu().clone()
-        self._audit(weights, statistics)
+            prototypes, counts = (t.detach().cpu().clone() for t in self._local_prototypes)
+            withheld = counts < self.config.withhold_prototypes_below
+            prototypes[withheld], counts[withheld] = 0.0, 0
+            statistics["prototypes"], statistics["prototype_counts"] = prototypes, counts
+        described = describe_values(statistics)
+        entry_weights = describe_tensors(weights)
+        described["bytes"] += sum(e["bytes"] for e in entry_weights)
+        self._departures.append({"what": "upload", "weights": entry_weights, **described})
+        self._flush_audit()
         return ExchangeObject(weights=weights, weight_type=WeightType.WEIGHTS, statistics=statistics)
 
-    def _audit(self, weights: dict[str, Tensor], statistics: dict[str, Any]) -> None:
-        tensors = {k: v for k, v in statistics.items() if isinstance(v, Tensor)}
-        entry = {
-            "round": self.round,
-            "weights": describe_tensors(weights),
-            "statistics": describe_tensors(tensors) + [
-                {"name": k, "value": v} for k, v in statistics.items() if not isinstance(v, Tensor)
-            ],
-        }
-        entry["bytes"] = sum(e["bytes"] for e in entry["weights"]) + sum(
-            e.get("bytes", 0) for e in entry["statistics"]
-        )
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / "audit.jsonl", "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(entry) + "\n")
+    def _flush_audit(self) -> None:
+        """Write what left the site since the last flush, under the round it belongs to (the next round for
+        what left before this round's training: the data statistics at a (re)start)."""
+        if self._departures and self.folder.record_file.is_file():
+            self.folder.audit([{"round": self.round, **entry} for entry in self._departures])
+            self._departures = []
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -517,20 +554,22 @@ class Site(ClientAlgo):
             "received": self._received,
         }
 
-    def save_state(self) -> Path:
-        """Write the state of the last completed round (kept per round: the coordinator picks one)."""
-        path = self.folder / f"state_round_{self.round:04d}.pt"
-        atomic_torch_save(self.state_dict(), path)
-        for old in sorted(self.folder.glob("state_round_*.pt"))[:-2]:
-            old.unlink()
-        return path
+    def save_state(self) -> None:
+        """Write the state of the last completed round (the newest two are kept: a restart picks one)."""
+        self.folder.save_state(self.round, self.state_dict())
+
+    def restart_after(self, round_: int) -> None:
+        """Continue after round `round_`: its saved state, or (-1) a fresh start that forgets a killed round 0."""
+        if round_ >= 0:
+            self.load_state(round_)
+        else:
+            self.folder.forget_audit_after(round_)
 
     def load_state(self, round_: int) -> None:
-        """Restore the state saved after ``round_``."""
-        path = self.folder / f"state_round_{round_:04d}.pt"
-        if not path.is_file():
-            raise MedflError(f"site '{self.name}': no saved state for round {round_} ({path})")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        """Restore the state saved after ``round_``; what the audit log says of later rounds is dropped, since
+        those rounds run again."""
+        state = self.folder.load_state(round_)
+        self.folder.forget_audit_after(round_)
         for name, model in self.models.items():
             model.load_state_dict(state["models"][name])
         for name, opt in self.optimizers.items():
