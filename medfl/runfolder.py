@@ -41,6 +41,7 @@ RETROGRESS_COLUMNS = ("round", "site", "model", "before", "after", "after_first_
 PARTICIPATION_COLUMNS = ("round", "site", "status")
 STATES_KEPT = 2  # restart states kept per site: the last completed round and the one before
 _STATE_FILE = re.compile(r"state_round_(\d{4,})\.pt")
+_SITE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _INTEGER_COLUMNS = ("round", "epoch")
 _TEXT_COLUMNS = ("site", "model", "split", "metric", "state", "status")
 T = TypeVar("T")
@@ -187,7 +188,10 @@ class RunFolder:
         return self.root / "tensorboard"
 
     def site(self, name: str) -> SiteFolder:
-        """A site's own part of this folder (in process, or a site's local copy under NVFlare)."""
+        """A site's own part of this folder (in process, or a site's local copy under NVFlare). The name is
+        checked as site configs check it, so that a name read from a file cannot lead outside the folder."""
+        if not _SITE_NAME.fullmatch(str(name)) or name in (".", ".."):
+            raise RunFolderError(f"{self.root}: '{name}' is not a site name")
         return SiteFolder(self.root / "sites" / name, name)
 
     # ------------------------------------------------------------------ life cycle

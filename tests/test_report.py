@@ -17,7 +17,7 @@ from conftest import tiny_experiment
 from medfl import tensorboard
 from medfl.checkpoints import atomic_write_csv as write_csv
 from medfl.cli import main
-from medfl.errors import ConfigError
+from medfl.errors import ConfigError, MedflError
 from medfl.experiment import load_experiment_config
 from medfl.federated.coordinator import Coordinator
 from medfl.report.plots import curve, retrogress_by_round
@@ -80,6 +80,9 @@ def fake_run(root, method="prr", seed=0, f1=(0.5, 0.7), task="classification", *
     summary = {"experiment": "fake", "method": method, "task": task, "metric": metric, "completed_rounds": 2,
                "rounds": 2, "finished": True, "sites": site_entries, "mean": mean}
     (folder / "summary.json").write_text(json.dumps(summary))
+    record = {"schema_version": 1, "medfl_version": "0.1.0", "experiment": "fake", "task": task, "method": method,
+              "config_sha256": "0" * 64, "rounds": 2, "completed_rounds": 2}
+    (folder / "run.json").write_text(json.dumps(record))
     return folder
 
 
@@ -89,21 +92,21 @@ def test_load_run_reads_a_run_folder_and_refuses_other_folders(tmp_path):
                                                                         ["a", "b"])
     assert (run.used_model, run.receiving_model, run.local_epochs) == ("P", "D", 2)
     assert run.metrics[0]["round"] == 0 and isinstance(run.metrics[0]["value"], float)
-    with pytest.raises(ConfigError, match="run folder not found"):
+    with pytest.raises(MedflError, match="no such run folder"):
         load_run(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="summary.json"):
+    with pytest.raises(MedflError, match="not a medfl run folder"):
         load_run(tmp_path / "empty")
 
 
 def test_load_run_refuses_binary_or_foreign_run_files_in_one_line(tmp_path):
     folder = fake_run(tmp_path)
     (folder / "config.yaml").write_bytes(b"\xff\xfe\x00binary")
-    with pytest.raises(ConfigError, match="unreadable run file"):
+    with pytest.raises(MedflError, match="unreadable run config"):
         load_run(folder)
     folder = fake_run(tmp_path, "fedavg", 1)
     (folder / "summary.json").write_text("[1, 2]")
-    with pytest.raises(ConfigError, match="is not a medfl run's"):
+    with pytest.raises(MedflError, match="not a medfl run summary"):
         load_run(folder)
 
 
@@ -354,5 +357,5 @@ def test_selected_model_file_missing_is_a_data_error(tiny_runs, tmp_path):
     run = load_run(copy)
     selected = run.summary["sites"]["derm_a"]["selected_round"]
     (copy / "sites" / "derm_a" / "models" / f"round_{selected:04d}.pt").unlink()
-    with pytest.raises(Exception, match="derm_a.*selected round's model file is missing"):
+    with pytest.raises(Exception, match="site 'derm_a': .*round_0000.pt: file not found"):
         load_selected_model(run, "derm_a", torch.device("cpu"))
