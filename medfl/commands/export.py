@@ -1,4 +1,5 @@
-"""`medfl export RUN_DIR`: one deliverable folder per site (weights, torch.export program, manifest)."""
+"""`medfl export RUN_DIR`: one deliverable folder per site (weights, torch.export program, manifest), or with
+`--format bundle` one MONAI bundle per site (runs with `python -m monai.bundle run`, without medfl)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from medfl.commands import existing_folder
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run folder written by `medfl run`")
-    parser.add_argument("--out", help="export folder (default: RUN_DIR/export); one sub-folder per site")
+    parser.add_argument("--out", help="export folder (default: RUN_DIR/export, or RUN_DIR/bundle with --format "
+                                      "bundle); one sub-folder per site")
+    parser.add_argument("--format", choices=("medfl", "bundle"), default="medfl",
+                        help="medfl: the files `medfl predict` and `medfl evaluate` read (default); bundle: a MONAI "
+                             "bundle per site, run with `python -m monai.bundle run` (needs no medfl)")
     parser.add_argument("--round", default="best",
                         help="best (the run's selection, default), last, or a round number (0-based)")
     parser.add_argument("--model", choices=("personalized", "deputy"), default="personalized",
@@ -32,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
               f"{manifest['round']['selected']} (val {metric} {_number(scores['validation'].get(metric))}, "
               f"test {metric} {_number(scores['test'].get(metric))}) -> {export.folder}")
 
-    export_run(args.run_dir, out=args.out, round_=args.round, role=args.model, sites=args.sites, on_site=report)
+    export_run(args.run_dir, out=args.out, round_=args.round, role=args.model, sites=args.sites, on_site=report,
+               export_format=args.format)
     return 0
 
 

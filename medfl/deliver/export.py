@@ -1,9 +1,12 @@
-"""`medfl export`: turn a run folder into one deliverable folder per site.
+"""`medfl export`: turn a run folder into one deliverable folder per site, in one of two formats.
 
-`<out>/<site>/` holds the chosen model's state dict (`model.pt`, loads with torch.load(weights_only=True)),
-a torch.export program returning logits with a dynamic batch size (`model.pt2`, loads with
-torch.export.load without medfl), the resolved evaluation recipe (`eval_transforms.yaml`) and
-`manifest.json` (what it is, how it was trained and scored, how to feed it, sha256 of every file).
+"medfl" (the default, what `medfl predict` and `medfl evaluate` read): `<out>/<site>/` holds the chosen
+model's state dict (`model.pt`, loads with torch.load(weights_only=True)), a torch.export program returning
+logits with a dynamic batch size (`model.pt2`, loads with torch.export.load without medfl), the resolved
+evaluation recipe (`eval_transforms.yaml`) and `manifest.json` (what it is, how it was trained and scored,
+how to feed it, sha256 of every file).
+"bundle": `<out>/<site>/` is a MONAI bundle that `python -m monai.bundle run` runs without medfl
+(medfl.deliver.monai_bundle).
 A site's folder is assembled in a hidden temporary folder and renamed into place; an existing export is
 never overwritten.
 """
@@ -29,6 +32,7 @@ from medfl import __version__
 from medfl.checkpoints import atomic_write_bytes, atomic_write_json
 from medfl.config import SiteConfig
 from medfl.deliver.bundle import FORMAT, MANIFEST, PROGRAM, RECIPE, WEIGHTS
+from medfl.deliver.programs import LogitsOnly
 from medfl.deliver.provenance import (
     ROLES,
     RunRecord,
@@ -43,18 +47,9 @@ from medfl.deliver.provenance import (
 )
 from medfl.errors import ConfigError
 
+FORMATS = ("medfl", "bundle")
+DEFAULT_OUT = {"medfl": "export", "bundle": "bundle"}  # default export folder inside the run folder
 FILES_RULE = "sha256 of the sorted training file paths (relative to data_root), UTF-8, one per line, each ending in \\n"
-
-
-class LogitsOnly(nn.Module):
-    """A medfl network whose forward returns the logits alone, as exported programs do."""
-
-    def __init__(self, network: nn.Module):
-        super().__init__()
-        self.network = network
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)[0]
 
 
 def export_program(network: nn.Module, in_channels: int, input_size: int) -> torch.export.ExportedProgram:
@@ -132,8 +127,9 @@ def _write_site(staging: Path, network: nn.Module, manifest: dict[str, Any], rec
     atomic_write_json(staging / MANIFEST, manifest)
 
 
-def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request: str | int) -> SiteExport:
-    """Export one site's model of the requested round into `out/<site>` (which must not exist)."""
+def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request: str | int,
+                export_format: str = "medfl") -> SiteExport:
+    """Export one site's model of the requested round into `out/<site>` (which must not exist), in `export_format`."""
     from medfl.models import build_model
 
     used = "P" if run.config.spec.two_models else "M"
@@ -149,7 +145,12 @@ def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request:
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{site.name}.", suffix=".tmp", dir=out))
     try:
-        _write_site(staging, network, manifest, recipe)
+        if export_format == "bundle":
+            from medfl.deliver.monai_bundle import write_bundle
+
+            manifest["files"] = write_bundle(staging, network, manifest, recipe)
+        else:
+            _write_site(staging, network, manifest, recipe)
         target = out / site.name
         if target.exists():
             raise ConfigError(f"{target} appeared while exporting: an export is never overwritten")
@@ -167,13 +168,18 @@ def export_run(
     role: str = "personalized",
     sites: Sequence[str] | None = None,
     on_site: Callable[[SiteExport], None] | None = None,
+    export_format: str = "medfl",
 ) -> list[SiteExport]:
-    """Export every site (or `sites`) of a run into `out` (default RUN_DIR/export), one folder per site.
+    """Export every site (or `sites`) of a run into `out` (default RUN_DIR/export, or RUN_DIR/bundle for
+    bundles), one folder per site.
 
     `round_`: "best" (the run's selection), "last" or a round number. `role`: "personalized" (the model the
     site uses: P, or M for one-model methods) or "deputy" (the model shared with the federation: D, or M).
+    `export_format`: "medfl" (the files `medfl predict` reads) or "bundle" (a MONAI bundle per site).
     Refuses, before writing anything, when a site's folder already exists.
     """
+    if export_format not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not '{export_format}'")
     if role not in ROLES:
         raise ConfigError(f"--model must be one of {', '.join(ROLES)}, not '{role}'")
     request = parse_round(round_)
@@ -186,7 +192,7 @@ def export_run(
     unknown = [name for name in names if name not in configs]
     if unknown:
         raise ConfigError(f"{run.folder}: no site '{unknown[0]}' in this run (sites: {', '.join(configs)})")
-    out = Path(out) if out is not None else run.folder / "export"
+    out = Path(out) if out is not None else run.folder / DEFAULT_OUT[export_format]
     taken = [str(out / name) for name in names if (out / name).exists()]
     if taken:
         verb = "exists" if len(taken) == 1 else "exist"
@@ -194,7 +200,7 @@ def export_run(
                           "choose another folder with --out, or remove the old export")
     exports = []
     for name in names:
-        exports.append(export_site(run, configs[name], out, role, request))
+        exports.append(export_site(run, configs[name], out, role, request, export_format))
         if on_site is not None:
             on_site(exports[-1])
     return exports

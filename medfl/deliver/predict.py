@@ -1,9 +1,11 @@
 """`medfl predict`: apply one site's exported model to new dermoscopy images or MRI volumes.
 
 Images go through the export's own evaluation recipe; the result is one CSV row per image with the class
-probabilities (softmax, summing to 1) and the predicted class. Volumes go through the data layer's own
-volume preprocessing (reorientation, percentile clip, z-score, in-plane resize, context slices), are
-predicted slice by slice, and come back as a mask on the input's voxel grid, in the input's format.
+probabilities (softmax, summing to 1) and the predicted class. Volumes are reoriented to the working
+orientation, then go through the very pipeline of the MONAI bundle (medfl.deliver.programs: MONAI's
+percentile clip and z-score, then the slice-wise program: in-plane resize, context slices, network, logits
+back to the slice size), so that both give the same masks and both reproduce the data layer's
+preprocessing; they come back as a mask on the input's voxel grid, in the input's format.
 Each input stands alone: a bad one gets a one-line reason and the others are still predicted.
 """
 
@@ -20,15 +22,13 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
-from monai.transforms import Compose
 
 from medfl.checkpoints import atomic_write_csv as write_csv
 from medfl.data import CaseGeometry, load_recipe
 from medfl.data.images import IMAGE_EXTENSIONS, check_image
-from medfl.data.prostate import slice_record
-from medfl.data.volumes import WORKING_ORIENTATION, PreparedCase, preprocess_volume, read_volume, write_like
+from medfl.data.volumes import WORKING_ORIENTATION, read_volume, write_like
 from medfl.deliver.bundle import ExportedModel
+from medfl.deliver.programs import LogitsOnly, SliceWiseProgram, normalise_volume
 from medfl.errors import ConfigError
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha")
@@ -161,8 +161,7 @@ def _geometry(case_id: str, path: Path, image: sitk.Image) -> CaseGeometry:
     )
 
 
-def _segment(export: ExportedModel, recipe: Compose, case_id: str, path: Path,
-             image: sitk.Image) -> tuple[sitk.Image | None, str]:
+def _segment(export: ExportedModel, case_id: str, path: Path, image: sitk.Image) -> tuple[sitk.Image | None, str]:
     """The predicted mask on the input's grid and a summary, or None and why not."""
     geometry = _geometry(case_id, path, image)
     volume = sitk.GetArrayFromImage(sitk.DICOMOrient(image, WORKING_ORIENTATION)).astype(np.float32)
@@ -172,19 +171,11 @@ def _segment(export: ExportedModel, recipe: Compose, case_id: str, path: Path,
     if len(values) <= MASK_VALUES and np.array_equal(values, np.round(values)):
         shown = ", ".join(str(int(v)) for v in values)
         return None, f"holds only the values {shown}: a mask or a blank volume, not an MRI volume"
-    size, context = export.input_size, int(export.manifest["preprocessing"]["context_slices"])
-    slices = preprocess_volume(volume, size)
-    case = PreparedCase(case_id, slices, np.zeros(slices.shape, dtype=np.uint8), geometry)
-    images = [recipe(slice_record(case, i, context, export.site))["image"] for i in range(slices.shape[0])]
-    problem = _channel_problem(images[0], export)
-    if problem:
-        return None, problem
-    height, width = volume.shape[1:]
-    mask = np.empty(volume.shape, dtype=np.uint8)
-    for start in range(0, len(images), BATCH_SIZE):
-        logits = _logits(export, images[start:start + BATCH_SIZE])
-        upsampled = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        mask[start:start + len(logits)] = upsampled.argmax(dim=1).to(torch.uint8).numpy()
+    context = int(export.manifest["preprocessing"]["context_slices"])
+    program = SliceWiseProgram(LogitsOnly(export.network), export.input_size, context).eval()
+    prepared = normalise_volume(torch.from_numpy(volume)).to(export.device)
+    with torch.inference_mode():
+        mask = program(prepared)[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
     found = int(mask.reshape(mask.shape[0], -1).any(axis=1).sum())
     return geometry.to_image(mask), f"prostate in {found} of {mask.shape[0]} slices"
 
@@ -206,7 +197,7 @@ def _write_image(image: sitk.Image, target: Path, source: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def predict_volume(export: ExportedModel, path: Path, target: Path, recipe: Compose) -> Prediction:
+def predict_volume(export: ExportedModel, path: Path, target: Path) -> Prediction:
     """Segment one MRI volume into `target` (see `mask_targets`) on the input's grid."""
     result = Prediction(path)
     result.error = input_problem(path, export.task)
@@ -219,7 +210,7 @@ def predict_volume(export: ExportedModel, path: Path, target: Path, recipe: Comp
     if image is None:
         return result
     try:
-        mask, result.summary = _segment(export, recipe, _stem(path), path, image)
+        mask, result.summary = _segment(export, _stem(path), path, image)
     except Exception as error:  # noqa: BLE001 - any failure here is this file's problem, reported per file
         result.error = f"could not be predicted ({_one_line(error)})"
         return result
@@ -246,10 +237,9 @@ def predict(export: ExportedModel, inputs: Sequence[str | Path], out: str | Path
             if on_file is not None:
                 on_file(result)
         return results
-    recipe = load_recipe(export.recipe_path)
     results = []
     for path, target in zip(paths, mask_targets(paths, out), strict=True):
-        results.append(predict_volume(export, path, target, recipe))
+        results.append(predict_volume(export, path, target))
         if on_file is not None:
             on_file(results[-1])
     return results

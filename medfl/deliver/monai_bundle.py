@@ -1,0 +1,428 @@
+"""`medfl export --format bundle`: one site's model as a MONAI bundle that runs without medfl.
+
+    <site>/configs/metadata.json    MONAI's metadata (schema meta_schema_20240725) plus the site, classes,
+                                    round, scores, method, weights' sha256 and the papers
+    <site>/configs/inference.json   `python -m monai.bundle run`: stock MONAI transforms, engine and writers
+    <site>/models/model.ts          TorchScript: dermoscopy images -> logits; MRI volumes -> logits (slice-wise)
+    <site>/models/model.pt          the medfl network's state dict (the file MONAI's bundle format requires)
+    <site>/docs/README.md           what the model is, its scores, its intended use, the exact commands
+
+The configs name MONAI components and a handful of `$` expressions the bundle format needs (list the input
+folder, build the data list, choose the device, find the model file, run the engine); they read only the
+input folder and write only into the output folder that the user passes, and the recipe values copied into
+them are refused when MONAI's config parser would read them as code or references.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medfl.checkpoints import atomic_write_bytes, atomic_write_text
+from medfl.data.images import IMAGE_EXTENSIONS
+from medfl.data.safe_transforms import ALLOWED_TRANSFORMS
+from medfl.deliver.programs import INTENSITY_STEPS, LogitsOnly, SliceWiseProgram
+from medfl.errors import ConfigError
+
+SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+# The keys MONAI's bundle specification (docs/source/mb_specification.rst) makes mandatory in metadata.json,
+# and in every tensor format specifier of network_data_format.
+REQUIRED_METADATA_KEYS = ("version", "monai_version", "pytorch_version", "numpy_version",
+                          "required_packages_version", "task", "description", "authors", "copyright",
+                          "network_data_format")
+REQUIRED_TENSOR_KEYS = ("type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range",
+                        "is_patch_data", "channel_def")
+METADATA, INFERENCE = "configs/metadata.json", "configs/inference.json"
+PROGRAM, WEIGHTS, README = "models/model.ts", "models/model.pt", "docs/README.md"
+BUNDLE_VERSION = "1.0.0"
+REFERENCES = [
+    "Chen Z, Yang C, Zhu M, Peng Z, Yuan Y. Personalized Retrogress-Resilient Framework for Real-World Medical "
+    "Federated Learning. MICCAI 2021. arXiv:2110.00394. https://arxiv.org/abs/2110.00394",
+    "Chen Z, Yang C, Zhu M, Peng Z, Yuan Y. Personalized Retrogress-Resilient Federated Learning Toward "
+    "Imbalanced Medical Data. IEEE Transactions on Medical Imaging 41(12), 2022.",
+]
+# pip name -> lowest version medfl's [bundle] extra allows; the metadata names the installed version.
+RUNNER_PACKAGES = {"pytorch-ignite": "0.4.11", "fire": "0.5.0"}
+TASK_PACKAGES = {"classification": {"pillow": "10.0"}, "segmentation": {"itk-io": "5.3.0", "nibabel": "5.0"}}
+BATCH_SIZE = {"classification": 32, "segmentation": 1}
+_CONFIG_MARKERS = ("$", "@", "%")  # what MONAI's config parser evaluates, references or imports
+_CONFIG_KEYS = ("_target_", "_requires_", "_disabled_", "_desc_", "_mode_")
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+def _quiet_jit(function, *args, **kwargs):
+    """Run a torch.jit function without its deprecation notices (TorchScript is what MONAI bundles load)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated.*")
+        return function(*args, **kwargs)
+
+
+def bundle_program(network: nn.Module, task: str, in_channels: int, input_size: int,
+                   context_slices: int = 0) -> torch.jit.ScriptModule:
+    """The bundle's TorchScript network: for classification the traced logits network (B, C, S, S) -> logits;
+    for segmentation SliceWiseProgram around it, (1, 1, Z, Y, X) preprocessed volume -> (1, K, Z, Y, X)
+    logits. Checked against the eager network (another batch size, another volume shape) before it is used."""
+    logits = LogitsOnly(network).eval()
+    traced = _quiet_jit(torch.jit.trace, logits, torch.rand(2, in_channels, input_size, input_size))
+    if task == "classification":
+        program, eager, probe = traced, logits, torch.rand(3, in_channels, input_size, input_size)
+    else:
+        eager = SliceWiseProgram(logits, input_size, context_slices).eval()
+        program = _quiet_jit(torch.jit.script, SliceWiseProgram(traced, input_size, context_slices))
+        probe = torch.randn(1, 1, 3, input_size + 5, input_size - 3)
+    program.eval()
+    with torch.no_grad():
+        expected, got = eager(probe), program(probe)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-5, atol=1e-5):
+        raise RuntimeError("the TorchScript program does not reproduce the network; the bundle was not written")
+    return program
+
+
+def _saved(save, obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    save(obj, buffer)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+def _config_value(value: Any, where: str) -> Any:
+    """A recipe value, refused where MONAI's config parser would not take it as plain data."""
+    if isinstance(value, str) and value.startswith(_CONFIG_MARKERS):
+        raise ConfigError(f"{where}: value '{value}' starts with '{value[0]}', which a MONAI bundle config would "
+                          "evaluate or resolve; a bundle cannot carry it")
+    if isinstance(value, list):
+        return [_config_value(item, where) for item in value]
+    if isinstance(value, dict):
+        bad = [key for key in value if key in _CONFIG_KEYS]
+        if bad:
+            raise ConfigError(f"{where}: key '{bad[0]}' has a meaning in MONAI bundle configs; a bundle cannot carry it")
+        return {key: _config_value(item, where) for key, item in value.items()}
+    return value
+
+
+def _listed(keys: Any) -> list[Any]:
+    return list(keys) if isinstance(keys, list) else [keys]
+
+
+def image_transforms(recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's evaluation recipe as bundle config components. Bundle records hold only `image` and
+    `filename_or_obj` (the CSV writer's key), so steps that also name medfl's record keys (label, id, site)
+    skip those, and SelectItemsd keeps `filename_or_obj`."""
+    components = []
+    for number, entry in enumerate(recipe["transforms"], start=1):
+        name, arguments = next(iter(entry.items()))
+        arguments = _config_value(dict(arguments), f"evaluation recipe, transform {number} ({name})")
+        keys = _listed(arguments.get("keys", []))
+        if name == "SelectItemsd":
+            arguments["keys"] = keys + ["filename_or_obj"]
+        if keys != ["image"] and "allow_missing_keys" in ALLOWED_TRANSFORMS.get(name, ()):
+            arguments["allow_missing_keys"] = True
+        components.append({"_target_": name, **arguments})
+    return components
+
+
+# Steps of a segmentation recipe that only set types (the slice program's input is float32 already).
+_TYPE_ONLY = {"EnsureTyped", "ToTensord", "CastToTyped", "SelectItemsd"}
+
+
+def volume_transforms(recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """The volume preprocessing as bundle config components: read (ITK, as medfl reads geometry), channel
+    first, working orientation (LPS), axes to (Z, Y, X) as the data layer holds them, then INTENSITY_STEPS.
+
+    The run's slice recipe is applied by medfl after this preprocessing; a bundle can carry it only when it
+    sets types alone (as the shipped prostate recipe does), since the slices exist only inside the program."""
+    from medfl.data.volumes import WORKING_ORIENTATION
+
+    other = [next(iter(entry)) for entry in recipe["transforms"] if next(iter(entry)) not in _TYPE_ONLY]
+    casts = [next(iter(entry.values())).get("dtype") for entry in recipe["transforms"]
+             if next(iter(entry)) == "CastToTyped"]
+    float32 = all(dtype in ("float32", ["float32", "uint8"], None) for dtype in casts)
+    if other or not float32:
+        step = other[0] if other else "CastToTyped"
+        raise ConfigError(f"the run's slice evaluation recipe applies {step} to the preprocessed slices; a MONAI "
+                          "bundle can only carry slice recipes that set types (EnsureTyped, CastToTyped to float32)")
+    return [
+        {"_target_": "LoadImaged", "keys": "image", "reader": "ITKReader", "image_only": True, "dtype": "float32"},
+        {"_target_": "EnsureChannelFirstd", "keys": "image"},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": WORKING_ORIENTATION},
+        {"_target_": "Transposed", "keys": "image", "indices": [0, 3, 2, 1]},
+        *({"_target_": f"{name}d", "keys": "image", **args} for name, args in INTENSITY_STEPS),
+    ]
+
+
+def inference_config(manifest: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+    """configs/inference.json: a SupervisedEvaluator over the files of `input_dir`, writing into `output_dir`."""
+    task = manifest["task"]
+    config: dict[str, Any] = {
+        "imports": ["$import glob", "$import os"],
+        "bundle_root": ".",
+        "input_dir": None,
+        "output_dir": None,
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "network_def": {"_target_": "torch.jit.load", "f": "$os.path.join(@bundle_root, 'models', 'model.ts')",
+                        "map_location": "cpu"},
+        "network": "$@network_def.to(@device)",
+    }
+    if task == "classification":
+        extensions = sorted({e for extension in IMAGE_EXTENSIONS for e in (extension, extension.upper())})
+        config |= {
+            "input_exts": extensions,
+            "datalist": "$sorted({path for ext in @input_exts "
+                        "for path in glob.glob(os.path.join(glob.escape(@input_dir), '*' + ext))})",
+            "preprocessing": {"_target_": "Compose", "transforms": image_transforms(recipe)},
+            "dataset": {"_target_": "Dataset", "data": "$[{'image': path, 'filename_or_obj': path} for path in @datalist]",
+                        "transform": "@preprocessing"},
+            "postprocessing": {"_target_": "Compose", "transforms": [
+                {"_target_": "Activationsd", "keys": "pred", "softmax": True}]},
+            "handlers": [{"_target_": "ClassificationSaver", "output_dir": "@output_dir", "filename": "predictions.csv",
+                          "output_transform": {"_target_": "from_engine", "keys": ["pred"]}}],
+        }
+    else:
+        config |= {
+            "input_ext": ".nii.gz",
+            "datalist": "$sorted(glob.glob(os.path.join(glob.escape(@input_dir), '*' + @input_ext)))",
+            "preprocessing": {"_target_": "Compose", "transforms": volume_transforms(recipe)},
+            "dataset": {"_target_": "Dataset", "data": "$[{'image': path} for path in @datalist]",
+                        "transform": "@preprocessing"},
+            "postprocessing": {"_target_": "Compose", "transforms": [
+                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+                 "nearest_interp": True},
+                {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "mask",
+                 "output_ext": "@input_ext", "output_dtype": "uint8", "resample": False, "separate_folder": False,
+                 "print_log": False},
+            ]},
+            "handlers": [],
+        }
+    config |= {
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": BATCH_SIZE[task],
+                       "shuffle": False, "num_workers": 0},
+        "inferer": {"_target_": "SimpleInferer"},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "val_handlers": "@handlers", "amp": False},
+        "run": ["$@evaluator.run()"],
+    }
+    return config
+
+
+# --------------------------------------------------------------------------------------------------- metadata
+
+def _finite(value: Any) -> Any:
+    """NaN scores (a metric undefined on a split) as null, so that metadata.json is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def required_packages(task: str) -> dict[str, str]:
+    """What the bundle runner needs beyond MONAI and torch, at the installed version (else the lowest allowed)."""
+    packages = {**RUNNER_PACKAGES, **TASK_PACKAGES[task]}
+    versions = {}
+    for name, lowest in packages.items():
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = lowest
+    return versions
+
+
+def _tensor(kind: str, fmt: str, modality: str, channels: int, shape: list[Any], dtype: str,
+            value_range: list[Any], channel_def: dict[str, str]) -> dict[str, Any]:
+    return {"type": kind, "format": fmt, "modality": modality, "num_channels": channels, "spatial_shape": shape,
+            "dtype": dtype, "value_range": value_range, "is_patch_data": False, "channel_def": channel_def}
+
+
+def network_data_format(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Inputs and outputs of models/model.ts, and the outputs after the config's postprocessing."""
+    classes = {str(i): name for i, name in enumerate(manifest["classes"])}
+    channels, size = manifest["input"]["channels"], manifest["input"]["size"]
+    if manifest["task"] == "classification":
+        rgb = {"0": "red", "1": "green", "2": "blue"} if channels == 3 else {str(i): f"channel {i}" for i in range(channels)}
+        return {
+            "inputs": {"image": _tensor("image", "magnitude", "dermoscopy", channels, list(size), "float32", [], rgb)},
+            "outputs": {"pred": _tensor("probabilities", "classes", "n/a", len(classes), [], "float32", [], classes)},
+            "post_processed_outputs": {
+                "pred": _tensor("probabilities", "classes", "n/a", len(classes), [], "float32", [0, 1], classes)},
+        }
+    volume = {"0": "MRI volume in LPS orientation as (slices inferior to superior, rows, columns), clipped to its "
+                   "0.5-99.5 percentiles and z-scored"}
+    return {
+        "inputs": {"image": _tensor("image", "magnitude", "MR", 1, ["*", "*", "*"], "float32", [], volume)},
+        "outputs": {"pred": _tensor("image", "labels", "MR", len(classes), ["*", "*", "*"], "float32", [], classes)},
+        "post_processed_outputs": {
+            "pred": _tensor("image", "segmentation", "MR", 1, ["*", "*", "*"], "uint8", [0, len(classes) - 1], classes)},
+    }
+
+
+def metadata(manifest: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]:
+    """configs/metadata.json from the export manifest (everything medfl knows about the model)."""
+    import monai
+    import numpy
+
+    task, site, versions = manifest["task"], manifest["site"], manifest["versions"]
+    experiment, round_ = manifest["experiment"], manifest["round"]
+    what = ("prostate segmentation of T2-weighted MRI volumes, slice by slice (2.5-D)" if task == "segmentation"
+            else f"dermoscopy image classification into {', '.join(manifest['classes'])}")
+    return {
+        "schema": SCHEMA,
+        "version": BUNDLE_VERSION,
+        "changelog": {BUNDLE_VERSION: f"exported by medfl {versions['medfl']} from experiment "
+                                      f"'{experiment['name']}', round {round_['selected']}"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": numpy.__version__,
+        "required_packages_version": required_packages(task),
+        "name": f"medfl {task} model of site {site}",
+        "task": what[0].upper() + what[1:],
+        "description": (f"The {manifest['model']['role']} model ({manifest['model']['name']}) of site '{site}', "
+                        f"trained by federated learning with method '{manifest['model']['method']}' in experiment "
+                        f"'{experiment['name']}' (medfl), exported at round {round_['selected']} "
+                        f"({round_['requested']} requested)."),
+        "authors": f"the federation of experiment '{experiment['name']}' (exported with medfl {versions['medfl']})",
+        "copyright": f"the institutions of the federation of experiment '{experiment['name']}'",
+        "intended_use": "Research only. Not a medical device; not for diagnosis or any clinical decision.",
+        "data_source": f"site '{site}': {manifest['training_files']['count']} training files "
+                       f"(sha256 of their list {manifest['training_files']['sha256']})",
+        "data_type": "nifti or metaimage volumes" if task == "segmentation" else "jpeg or png images",
+        "references": REFERENCES,
+        "network_data_format": network_data_format(manifest),
+        "site": site,
+        "medfl_task": task,
+        "class_names": manifest["classes"],
+        "method": manifest["model"]["method"],
+        "model": manifest["model"],
+        "round": round_,
+        "eval_metrics": _finite(manifest["metrics"]),
+        "sha256": hashes,
+        "network": manifest["network"],
+        "preprocessing": manifest["preprocessing"],
+        "experiment": experiment,
+        "training_files": manifest["training_files"],
+        "data_settings": manifest["data_settings"],
+        "versions": versions,
+        "exported_at": manifest["exported_at"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- README
+
+def _score(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def readme(manifest: dict[str, Any], meta: dict[str, Any], config: dict[str, Any]) -> str:
+    """docs/README.md: what the model is, how it was trained and scored, its use, the exact commands."""
+    task, site, round_ = manifest["task"], manifest["site"], manifest["round"]
+    scores = manifest["metrics"]
+    names = sorted(set(scores["validation"]) | set(scores["test"]))
+    table = "\n".join(f"| {name} | {_score(scores['validation'].get(name))} | {_score(scores['test'].get(name))} |"
+                      for name in names)
+    packages = " ".join(f"{name}=={version}" for name, version in meta["required_packages_version"].items())
+    if task == "classification":
+        io_text = (f"Input: the JPEG or PNG images (RGB, one lesion each) directly inside `--input_dir`. "
+                   f"Output: `predictions.csv` in `--output_dir`, one row per image without a header: the image's "
+                   f"path, then the softmax probability of each class in this order: {', '.join(manifest['classes'])}.")
+        formats = ""
+    else:
+        io_text = ("Input: the MRI volumes (one 3-D T2-weighted volume per file) directly inside `--input_dir`. "
+                   "Output: one mask per volume in `--output_dir`, named `<name>_mask<extension>`, in the input's "
+                   "format and on its voxel grid (same affine), 0 = background, 1 = prostate.")
+        formats = ("\nNIfTI (`.nii.gz`) is read by default; for MetaImage volumes add `--input_ext .mhd` (or `.nii`, "
+                   "`.mha`): masks are written in the same format.\n")
+    steps = "\n".join(f"- {step['_target_']}" + "".join(
+        f", {key}={json.dumps(value)}" for key, value in step.items() if key not in ("_target_", "keys"))
+        for step in config["preprocessing"]["transforms"])
+    program = ("the network on each image (logits), then softmax" if task == "classification" else
+               f"models/model.ts resizes every axial slice to {manifest['input']['size'][0]} x "
+               f"{manifest['input']['size'][0]} (bilinear, anti-aliased as torch does), stacks it with "
+               f"{manifest['preprocessing']['context_slices']} neighbouring slice(s) on each side, runs the network "
+               "and resizes the logits back to the slice; then argmax, and the mask is put back in the input's "
+               "orientation")
+    return f"""# {meta['name']}
+
+{meta['description']}
+
+**Intended use: research only.** This model is not a medical device and must not be used for diagnosis or
+any clinical decision.
+
+## The model
+- Task: {meta['task']}; classes in order: {', '.join(manifest['classes'])}.
+- Network: {manifest['network']['name']} ({manifest['input']['channels']} input channels, input size
+  {manifest['input']['size'][0]}), trained by federated learning across the federation's sites with method
+  `{manifest['model']['method']}` (experiment '{manifest['experiment']['name']}', {round_['rounds']} rounds planned, {round_['completed_rounds']} completed). This is site '{site}''s
+  {manifest['model']['role']} model ({manifest['model']['name']}) at round {round_['selected']}.
+- Trained on {manifest['training_files']['count']} files of site '{site}'.
+- Weights: `models/model.ts` (TorchScript, what the bundle runs; sha256 {meta['sha256'][PROGRAM]}) and
+  `models/model.pt` (the medfl network's state dict; sha256 {meta['sha256'][WEIGHTS]}).
+
+## Scores at round {round_['selected']} (site '{site}', as the run recorded them)
+| metric | validation | test |
+| --- | --- | --- |
+{table}
+
+## Use it
+Install MONAI, PyTorch and the runner's packages (medfl is not needed):
+
+    pip install monai=={meta['monai_version']} torch=={meta['pytorch_version']} {packages}
+
+From this folder:
+
+    python -m monai.bundle run --config_file configs/inference.json --input_dir INPUT_FOLDER --output_dir OUTPUT_FOLDER
+    python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json --config_file configs/inference.json
+
+From elsewhere, give the paths and add `--bundle_root THIS_FOLDER`.
+{formats}
+{io_text} The configs read nothing but the input folder and this bundle's files, and write nothing outside the
+output folder (files of the same name there are replaced).
+
+## Preprocessing (the site's evaluation preprocessing, as in training)
+{steps}
+
+Then {program}.
+
+## References
+{chr(10).join(f'- {reference}' for reference in REFERENCES)}
+"""
+
+
+# ------------------------------------------------------------------------------------------------------ write
+
+def write_bundle(folder: Path, network: nn.Module, manifest: dict[str, Any], recipe: dict[str, Any]) -> dict[str, str]:
+    """Write one site's bundle into `folder` (empty); returns the sha256 of every file but metadata.json."""
+    context = int(manifest["preprocessing"].get("context_slices", 0))
+    config = inference_config(manifest, recipe)
+    program = bundle_program(network, manifest["task"], manifest["input"]["channels"], manifest["input"]["size"][0],
+                             context)
+    contents = {
+        PROGRAM: _quiet_jit(_saved, torch.jit.save, program),
+        WEIGHTS: _saved(torch.save, network.state_dict()),
+        INFERENCE: (json.dumps(config, indent=2) + "\n").encode("utf-8"),
+    }
+    hashes = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    meta = metadata(manifest, hashes)
+    contents[README] = readme(manifest, meta, config).encode("utf-8")
+    meta["sha256"][README] = hashlib.sha256(contents[README]).hexdigest()
+    for name, data in contents.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / name, data)
+    (folder / METADATA).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / METADATA, json.dumps(meta, indent=2) + "\n")
+    return meta["sha256"]
