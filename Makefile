@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first: the CPU build on disk; a later resolver would otherwise pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,nvflare]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,nvflare,bundle]'
 	touch $(STAMP)
 
 install: $(STAMP)

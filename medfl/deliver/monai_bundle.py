@@ -61,8 +61,11 @@ _CONFIG_KEYS = ("_target_", "_requires_", "_disabled_", "_desc_", "_mode_")
 # ----------------------------------------------------------------------------------------------------- models
 
 def _quiet_jit(function, *args, **kwargs):
-    """Run a torch.jit function without its deprecation notices (TorchScript is what MONAI bundles load)."""
+    """Run a torch.jit function without its deprecation notices (TorchScript is what MONAI bundles load) and
+    without the tracer's notices about shape checks (MONAI's norms compare channel counts); `bundle_program`
+    checks the result on other inputs instead."""
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated.*")
