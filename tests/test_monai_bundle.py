@@ -26,7 +26,7 @@ from test_export import tiny_runs
 
 from medfl.cli import main
 from medfl.deliver import export_run, load_export, predict
-from medfl.deliver.monai_bundle import image_transforms
+from medfl.deliver.monai_bundle import image_transforms, volume_transforms
 from medfl.errors import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -288,3 +288,14 @@ def test_cli_format_bundle_writes_into_run_dir_bundle(delivered, tmp_path, capsy
     assert not (run / "export").exists()
     with pytest.raises(SystemExit):
         main(["export", str(run), "--format", "onnx"])
+
+
+def test_a_slice_recipe_beyond_types_cannot_be_bundled():
+    shipped = {"transforms": [{"EnsureTyped": {"keys": ["image", "label"], "track_meta": False}},
+                              {"CastToTyped": {"keys": ["image", "label"], "dtype": ["float32", "uint8"]}}]}
+    assert [step["_target_"] for step in volume_transforms(shipped)][-3:] == [
+        "CastToTyped", "ClipIntensityPercentilesd", "NormalizeIntensityd"]
+    for step in ({"ScaleIntensityd": {"keys": ["image"]}},
+                 {"CastToTyped": {"keys": ["label", "image"], "dtype": ["uint8", "float16"]}}):
+        with pytest.raises(ConfigError, match="can only carry slice recipes that set types"):
+            volume_transforms({"transforms": [*shipped["transforms"], step]})

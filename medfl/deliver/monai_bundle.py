@@ -141,26 +141,35 @@ def image_transforms(recipe: dict[str, Any]) -> list[dict[str, Any]]:
 _TYPE_ONLY = {"EnsureTyped", "ToTensord", "CastToTyped", "SelectItemsd"}
 
 
+def _image_dtype(arguments: dict[str, Any]) -> Any:
+    """The dtype a recipe step gives the `image` item (per-key dtype lists follow the keys), or None."""
+    keys, dtype = _listed(arguments.get("keys", [])), arguments.get("dtype")
+    if "image" not in keys or not isinstance(dtype, list):
+        return dtype if "image" in keys else None
+    return dtype[keys.index("image")] if len(dtype) == len(keys) else dtype
+
+
 def volume_transforms(recipe: dict[str, Any]) -> list[dict[str, Any]]:
     """The volume preprocessing as bundle config components: read (ITK, as medfl reads geometry), channel
-    first, working orientation (LPS), axes to (Z, Y, X) as the data layer holds them, then INTENSITY_STEPS.
+    first, working orientation (LPS, with MONAI's RAS labels stated), axes to (Z, Y, X) as the data layer holds
+    them, then INTENSITY_STEPS.
 
     The run's slice recipe is applied by medfl after this preprocessing; a bundle can carry it only when it
-    sets types alone (as the shipped prostate recipe does), since the slices exist only inside the program."""
+    sets types alone and leaves images float32 (as the shipped prostate recipe does): the slices exist only
+    inside the program, whose input is float32."""
     from medfl.data.volumes import WORKING_ORIENTATION
 
-    other = [next(iter(entry)) for entry in recipe["transforms"] if next(iter(entry)) not in _TYPE_ONLY]
-    casts = [next(iter(entry.values())).get("dtype") for entry in recipe["transforms"]
-             if next(iter(entry)) == "CastToTyped"]
-    float32 = all(dtype in ("float32", ["float32", "uint8"], None) for dtype in casts)
-    if other or not float32:
-        step = other[0] if other else "CastToTyped"
-        raise ConfigError(f"the run's slice evaluation recipe applies {step} to the preprocessed slices; a MONAI "
-                          "bundle can only carry slice recipes that set types (EnsureTyped, CastToTyped to float32)")
+    for entry in recipe["transforms"]:
+        name, arguments = next(iter(entry.items()))
+        if name not in _TYPE_ONLY or _image_dtype(arguments) not in (None, "float32"):
+            raise ConfigError(f"the run's slice evaluation recipe applies {name} {arguments} to the preprocessed "
+                              "slices; a MONAI bundle can only carry slice recipes that set types and keep images "
+                              "float32 (EnsureTyped, CastToTyped)")
     return [
         {"_target_": "LoadImaged", "keys": "image", "reader": "ITKReader", "image_only": True, "dtype": "float32"},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
-        {"_target_": "Orientationd", "keys": "image", "axcodes": WORKING_ORIENTATION},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": WORKING_ORIENTATION,
+         "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
         {"_target_": "Transposed", "keys": "image", "indices": [0, 3, 2, 1]},
         *({"_target_": f"{name}d", "keys": "image", **args} for name, args in INTENSITY_STEPS),
     ]
