@@ -77,14 +77,17 @@ def bundle_program(network: nn.Module, task: str, in_channels: int, input_size: 
     """The bundle's TorchScript network: for classification the traced logits network (B, C, S, S) -> logits;
     for segmentation SliceWiseProgram around it, (1, 1, Z, Y, X) preprocessed volume -> (1, K, Z, Y, X)
     logits. Checked against the eager network (another batch size, another volume shape) before it is used."""
+    generator = torch.Generator().manual_seed(0)
     logits = LogitsOnly(network).eval()
-    traced = _quiet_jit(torch.jit.trace, logits, torch.rand(2, in_channels, input_size, input_size))
+    example = torch.rand(2, in_channels, input_size, input_size, generator=generator)
+    traced = _quiet_jit(torch.jit.trace, logits, example)
     if task == "classification":
-        program, eager, probe = traced, logits, torch.rand(3, in_channels, input_size, input_size)
+        program, eager = traced, logits
+        probe = torch.rand(3, in_channels, input_size, input_size, generator=generator)
     else:
         eager = SliceWiseProgram(logits, input_size, context_slices).eval()
         program = _quiet_jit(torch.jit.script, SliceWiseProgram(traced, input_size, context_slices))
-        probe = torch.randn(1, 1, 3, input_size + 5, input_size - 3)
+        probe = torch.randn(1, 1, 3, input_size + 5, input_size - 3, generator=generator)
     program.eval()
     with torch.no_grad():
         expected, got = eager(probe), program(probe)
