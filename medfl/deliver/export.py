@@ -35,13 +35,13 @@ from medfl.deliver.provenance import (
     choose_round,
     files_sha256,
     parse_round,
-    preprocessing,
     read_run,
     recipe_yaml,
     resolved_eval_recipe,
     round_metrics,
 )
 from medfl.errors import ConfigError
+from medfl.tasks import task_for
 
 FILES_RULE = "sha256 of the sorted training file paths (relative to data_root), UTF-8, one per line, each ending in \\n"
 
@@ -93,7 +93,7 @@ def _site_manifest(run: RunRecord, site: SiteConfig, checkpoint: dict[str, Any],
     config, network = run.config, checkpoint["network"]
     size, channels = config.data.input_size, int(network["in_channels"])
     files = run.files.site(site.name).record.training_files
-    logits = ["batch", len(config.classes)] + ([] if config.task == "classification" else [size, size])
+    logits = task_for(config.task).logits_shape(config.classes, size)
     return {
         "format": FORMAT,
         "site": site.name,
@@ -103,7 +103,7 @@ def _site_manifest(run: RunRecord, site: SiteConfig, checkpoint: dict[str, Any],
         "network": network,
         "input": {"channels": channels, "size": [size, size], "dtype": "float32", "shape": ["batch", channels, size, size]},
         "output": {"logits": logits, "probabilities": "softmax over axis 1"},
-        "preprocessing": preprocessing(config, channels, recipe),
+        "preprocessing": task_for(config.task).preprocessing(config.data, channels, recipe),
         "round": {"requested": request, "selected": round_, "completed_rounds": run.completed_rounds,
                   "rounds": config.rounds, "run_finished": bool(run.summary.get("finished"))},
         "metrics": {"metric": run.summary["metric"], **round_metrics(run, site.name, key, round_)},

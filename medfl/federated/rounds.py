@@ -25,10 +25,10 @@ from monai.fl.utils.exchange_object import ExchangeObject
 from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig
 from medfl.federated.server import Aggregate, SiteUpdate, Strategy, build_strategy
-from medfl.metrics import task_metric_name
 from medfl.models import build_model
 from medfl.runfolder import RunFolder
 from medfl.runlog import RunLog
+from medfl.tasks import task_for
 from medfl.tensorboard import write_round_scalars
 
 ANSWERED = "answered"
@@ -205,7 +205,7 @@ class Server:
             "experiment": self.config.name,
             "method": self.config.method,
             "task": self.config.task,
-            "metric": task_metric_name(self.config.task),
+            "metric": task_for(self.config.task).metric,
             "completed_rounds": round_ + 1,
             "rounds": self.config.rounds,
             "finished": round_ + 1 == self.config.rounds,

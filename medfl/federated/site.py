@@ -35,10 +35,11 @@ from medfl.federated.cpa import PrototypeAccumulator, refinement_weights
 from medfl.federated.det import DetState, next_state
 from medfl.federated.evaluation import evaluate_model, reestimate_batchnorm
 from medfl.federated.params import classifier_keys
-from medfl.federated.training import EpochPlan, SupervisedLoss, TrainingDiverged, train_epoch
-from medfl.metrics import reference_window_start, retrogress, running_best, task_metric_name
+from medfl.federated.training import EpochPlan, TrainingDiverged, train_epoch
+from medfl.metrics import reference_window_start, retrogress, running_best
 from medfl.models import build_model
 from medfl.runfolder import SCHEMA_VERSION, RunFolder, SiteRecord
+from medfl.tasks import task_for
 
 PREFETCH_BATCHES = 2  # batches the training loader prepares ahead of the step that needs them
 EVAL_BATCH_CACHE_BYTES = 512 * 2**20  # validation and test batches kept collated per site, at most
@@ -95,11 +96,11 @@ class Site(ClientAlgo):
         self.experiment = experiment
         self.name = site_config.name
         self.spec = experiment.spec
-        self.task = experiment.task
+        self.task = task_for(experiment.task)
         self.classes = experiment.classes
         self.device = torch.device(device)
         self.folder = RunFolder(run_dir).site(self.name)
-        self.metric = task_metric_name(self.task)
+        self.metric = self.task.metric
         self.models: dict[str, nn.Module] = {}
         self.round = -1  # last completed round
         self.history: list[dict[str, Any]] = []  # metric rows (round, epoch, model, split, metric, value)
@@ -135,9 +136,9 @@ class Site(ClientAlgo):
         settings = self.experiment.data
         self.data = load_site(self.config, settings)
         records = self.data.splits
-        self.in_channels = _input_channels(records["train"][0], self.task)
-        train_recipe = load_recipe(settings.recipe(self.task, "train"), input_size=settings.input_size)
-        eval_recipe = load_recipe(settings.recipe(self.task, "eval"), input_size=settings.input_size)
+        self.in_channels = self.task.input_channels(records["train"][0])
+        train_recipe = load_recipe(settings.recipe(self.task.key, "train"), input_size=settings.input_size)
+        eval_recipe = load_recipe(settings.recipe(self.task.key, "eval"), input_size=settings.input_size)
         self.datasets = {
             split: build_dataset(
                 records[split],
@@ -151,7 +152,7 @@ class Site(ClientAlgo):
         torch.manual_seed(self.experiment.seed)  # the common initialisation: the same at every site
         first = build_model(
             self.experiment.model.name,
-            self.task,
+            self.task.key,
             num_classes=len(self.classes),
             in_channels=self.in_channels,
             width=self.experiment.model.width,
@@ -165,7 +166,7 @@ class Site(ClientAlgo):
             model.to(self.device)
         self.optimizers = {name: self._optimizer(model, self.experiment.optimizer.lr) for name, model in self.models.items()}
         self.class_counts = torch.as_tensor(self.data.class_counts("train"), dtype=torch.float64)
-        self.loss_fn = SupervisedLoss(self.task, self.spec.loss, self.class_counts, self.experiment.cpa.beta)
+        self.loss_fn = self.task.supervised_loss(self.spec.loss, self.class_counts, self.experiment.cpa.beta)
         self.record = SiteRecord(schema_version=SCHEMA_VERSION, site=self.name,
                                  site_config_sha256=site_config_sha256(self.config),
                                  data_fingerprint=data_fingerprint(self.data), training_files=training_files(self.data))
@@ -611,10 +612,3 @@ class Site(ClientAlgo):
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _input_channels(record: dict[str, Any], task: str) -> int:
-    """Input channels: 3 for RGB dermoscopy, 1 + 2 * context slices for MRI (read off a record)."""
-    if task == "classification":
-        return 3
-    return int(np.asarray(record["image"]).shape[0])
