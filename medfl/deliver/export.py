@@ -136,9 +136,8 @@ def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request:
     """Export one site's model of the requested round into `out/<site>` (which must not exist)."""
     from medfl.models import build_model
 
-    used = "P" if run.config.spec.two_models else "M"
-    receiving = "D" if run.config.spec.two_models else "M"
-    key = used if role == "personalized" else receiving
+    used = run.config.spec.used_role.value
+    key = used if role == "personalized" else run.config.spec.receiving_role.value
     round_ = choose_round(run, site.name, key, used, request)
     checkpoint = run.files.site(site.name).load_round_models(round_)
     network = build_model(**checkpoint["network"])

@@ -19,6 +19,7 @@ from medfl.data.tensors import plain_tensors
 from medfl.errors import MedflError
 from medfl.federated.cpa import PrototypeAccumulator
 from medfl.federated.det import DetState, det_losses
+from medfl.federated.methods import ModelRole
 from medfl.tasks import Task, task_for
 
 
@@ -87,9 +88,10 @@ def _batch_losses(
     """Each model's loss on one batch: supervised, plus DET's KL terms, FedProx's and FedProto's terms."""
     losses = {name: loss_fn(logits.float(), labels, plan.gamma) for name, (logits, _) in outputs.items()}
     if len(models) == 2:
-        losses["P"], losses["D"] = det_losses(
-            plan.state or DetState.EXCHANGE, outputs["P"][0].float(), outputs["D"][0].float(),
-            losses["P"], losses["D"], plan.temperature,
+        p, d = ModelRole.PERSONALIZED, ModelRole.DEPUTY
+        losses[p], losses[d] = det_losses(
+            plan.state or DetState.EXCHANGE, outputs[p][0].float(), outputs[d][0].float(),
+            losses[p], losses[d], plan.temperature,
         )
     if plan.proximal_mu and plan.received is not None:
         losses[used] = losses[used] + 0.5 * plan.proximal_mu * proximal_term(models[used], plan.received)
@@ -110,13 +112,13 @@ def train_epoch(
     device: torch.device,
     mixed_precision: bool = False,
 ) -> dict[str, float]:
-    """Train ``models`` ({"P": p, "D": d} or {"M": m}) for one pass over ``loader``; mean loss per model.
+    """Train ``models`` ({P: p, D: d} or {M: m}, by ModelRole) for one pass over ``loader``; mean loss per model.
 
     Two models step on the same batch with the losses of DET's table for ``plan.state``; the teacher of
     each KL term is detached, so one backward pass over the sum trains each model on its own loss only.
     The used model (P, or M) feeds ``plan.accumulator`` with detached features for CPA's prototypes.
     """
-    used = "P" if "P" in models else "M"
+    used = ModelRole.PERSONALIZED if ModelRole.PERSONALIZED in models else ModelRole.SINGLE
     task = task_for(task)
     for model in models.values():
         model.train()
