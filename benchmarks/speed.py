@@ -216,7 +216,7 @@ def epoch_comparison(case: str, synth: Path, device: torch.device, threads: int,
             train, val = loaders(site, loading)
             plan = EpochPlan(state=state)
             train_wall, train_cpu = timed(lambda s=site, t=train, p=plan: train_epoch(
-                s.models, s.optimizers, t, s.loss_fn, p, s.task, device), device)
+                s.models, s.trainer.optimizers, t, s.trainer.loss, p, s.task, device), device)
             val_wall, val_cpu = timed(lambda s=site, v=val, n=names: validate(s, v, n), device)
             if repeat:
                 measured[key].append({"train_s": train_wall, "train_cpu_s": train_cpu, "val_s": val_wall,

@@ -31,19 +31,14 @@ from pydantic import (
 )
 
 from medfl.errors import ConfigError
+from medfl.tasks import TASKS, TaskKey, task_for
 
-CLASSIFICATION_LAYOUTS = ("ham10000", "isic2019", "csv")
-SEGMENTATION_LAYOUTS = ("nifti", "metaimage")
 DEFAULT_TABLES = {
     "ham10000": "HAM10000_metadata.csv",
     "isic2019": "ISIC_2019_Training_GroundTruth.csv",
     "csv": "labels.csv",
 }
 DEFAULT_ISIC_METADATA = "ISIC_2019_Training_Metadata.csv"
-SEGMENTATION_CLASSES = ("background", "prostate")
-# Keys that only make sense for one task: a classification site with `mask_suffix` is a mistake, not noise.
-_CLASSIFICATION_ONLY = ("table", "metadata_table", "filter", "label_map")
-_SEGMENTATION_ONLY = ("mask_suffix",)
 _ENV_PATTERN = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
@@ -198,7 +193,7 @@ class SiteConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    task: Literal["classification", "segmentation"]
+    task: TaskKey
     data_root: Path
     layout: Literal["ham10000", "isic2019", "csv", "nifti", "metaimage"]
     table: Path | None = None
@@ -243,18 +238,14 @@ class SiteConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_task_fields(self, info: ValidationInfo) -> SiteConfig:
-        layouts = CLASSIFICATION_LAYOUTS if self.task == "classification" else SEGMENTATION_LAYOUTS
-        if self.layout not in layouts:
-            raise ValueError(f"layout '{self.layout}' is not a {self.task} layout (use one of: {', '.join(layouts)})")
-        wrong = _SEGMENTATION_ONLY if self.task == "classification" else _CLASSIFICATION_ONLY
-        given = [key for key in wrong if getattr(self, key) is not None]
+        task = task_for(self.task)
+        if self.layout not in task.layouts:
+            raise ValueError(f"layout '{self.layout}' is not a {self.task} layout (use one of: {', '.join(task.layouts)})")
+        foreign = [key for other in TASKS.values() if other is not task for key in other.site_fields]
+        given = [key for key in foreign if getattr(self, key) is not None]
         if given:
             raise ValueError(f"key '{given[0]}' does not apply to a {self.task} site")
-        if self.task == "classification":
-            if not self.label_map:
-                raise ValueError("a classification site needs a non-empty 'label_map'")
-            if all(target is None for target in self.label_map.values()):
-                raise ValueError("'label_map' maps every label to null: the site would have no samples")
+        task.check_site_fields(self)
         if self.metadata_table is not None and self.layout != "isic2019":
             raise ValueError("key 'metadata_table' applies to the isic2019 layout only")
         source = (info.context or {}).get("source")
@@ -273,8 +264,8 @@ class SiteConfig(BaseModel):
 
     @property
     def table_path(self) -> Path | None:
-        """The label table of a classification site (layout default when not given), under data_root."""
-        if self.task != "classification":
+        """The label table of a site whose layout has one (default: the layout's file name), under data_root."""
+        if self.layout not in DEFAULT_TABLES:
             return None
         return self._under_root(self.table or Path(DEFAULT_TABLES[self.layout]))
 
@@ -314,13 +305,7 @@ class SiteConfig(BaseModel):
 
     def label_targets(self) -> list[str]:
         """The federation classes this site's labels map to, in first-seen order, without nulls."""
-        if self.task == "segmentation":
-            return list(SEGMENTATION_CLASSES)
-        targets: list[str] = []
-        for target in (self.label_map or {}).values():
-            if target is not None and target not in targets:
-                targets.append(target)
-        return targets
+        return task_for(self.task).label_targets(self)
 
     def describe(self) -> str:
         """`site 'name': <config file>` for messages."""
@@ -407,9 +392,9 @@ class DataSettings(BaseModel):
         return value
 
     def recipe(self, task: str, stage: Literal["train", "eval"]) -> str:
-        """The recipe name or path for a task and stage (task defaults: dermoscopy_* or prostate_*)."""
+        """The recipe name or path for a task and stage (task defaults: <modality>_train / _eval, e.g.
+        dermoscopy_train)."""
         chosen = self.train_recipe if stage == "train" else self.eval_recipe
         if chosen:
             return chosen
-        modality = "dermoscopy" if task == "classification" else "prostate"
-        return f"{modality}_{stage}"
+        return f"{task_for(task).modality}_{stage}"

@@ -9,6 +9,7 @@ docs/experiment-config.md; a test fails when the committed files differ from wha
 
 from __future__ import annotations
 
+import enum
 import inspect
 import json
 import re
@@ -58,6 +59,8 @@ def _type_name(annotation: Any, inner: bool = False) -> str:
 
     `inner`: the type sits inside a list or mapping, where a union is written in parentheses."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(f"`{member.value}`" for member in annotation)
     if origin is Literal:
         return "one of " + ", ".join(f"`{a}`" for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -158,16 +161,17 @@ def _methods_table() -> list[str]:
 
 
 def _networks_table() -> list[str]:
-    from medfl.models.registry import _BASE_ARGUMENTS, NETWORKS
+    from medfl.models.registry import _BASE_ARGUMENTS
+    from medfl.tasks import TASKS
 
     lines = ["## Networks (`model.name`) and their options (`model.options`)", "",
              "| task | `model.name` | network | `model.options` (default) |", "|---|---|---|---|"]
-    for task, networks in NETWORKS.items():
-        for name, network in networks.items():
+    for task in TASKS.values():
+        for name, network in task.networks().items():
             summary = " ".join(inspect.cleandoc(network.__doc__ or "").split("\n\n")[0].split())
             options = [f"`{p.name}` ({_literal(p.default)})"
                        for p in inspect.signature(network).parameters.values() if p.name not in _BASE_ARGUMENTS]
-            lines.append(f"| {task} | `{name}` | {_cell(summary)} | {_cell(', '.join(options) or 'none')} |")
+            lines.append(f"| {task.key.value} | `{name}` | {_cell(summary)} | {_cell(', '.join(options) or 'none')} |")
     return [*lines, ""]
 
 

@@ -31,6 +31,7 @@ from medfl.config import (
 )
 from medfl.errors import ConfigError
 from medfl.federated.methods import METHODS, MethodSpec, method_spec
+from medfl.tasks import TaskKey, task_for
 
 
 class _Section(BaseModel):
@@ -204,7 +205,7 @@ class ExperimentConfig(_Section):
     """
 
     name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9_.-]+$")
-    task: Literal["classification", "segmentation"]
+    task: TaskKey
     sites: list[Path] = Field(min_length=1)
     data: DataSettings = Field(default_factory=DataSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
@@ -252,8 +253,7 @@ class ExperimentConfig(_Section):
                 self.output_dir = (base / self.output_dir).resolve()
         if len(set(self.sites)) != len(self.sites):
             raise ValueError("a site config is listed twice")
-        if self.task == "classification" and self.data.classes is None:
-            raise ValueError("a classification experiment needs 'data.classes' (the class list and order)")
+        task_for(self.task).check_experiment_classes(self.data.classes)
         return self
 
     @property
@@ -267,16 +267,14 @@ class ExperimentConfig(_Section):
     @property
     def classes(self) -> list[str]:
         """The federation's classes in order (segmentation: background, prostate)."""
-        if self.task == "segmentation":
-            return ["background", "prostate"]
-        assert self.data.classes is not None
-        return list(self.data.classes)
+        return task_for(self.task).classes(self.data.classes)
 
     @property
     def cpa_tau(self) -> float:
+        """CPA's tau: the config's, else the task's default (3 for classification, 1 for segmentation)."""
         if self.cpa.tau is not None:
             return self.cpa.tau
-        return 3.0 if self.task == "classification" else 1.0
+        return task_for(self.task).default_cpa_tau
 
     @property
     def cpa_warmup_rounds(self) -> int:
@@ -295,13 +293,12 @@ class ExperimentConfig(_Section):
                 raise ConfigError(
                     f"site '{site.name}' ({site.source_path}): its task is {site.task}, the experiment's is {self.task}"
                 )
-            if self.task == "classification":
-                missing = [c for c in self.classes if c not in site.label_targets()]
-                if missing:
-                    raise ConfigError(
-                        f"site '{site.name}' ({site.source_path}): its label_map does not cover class(es) "
-                        f"{', '.join(missing)} of the experiment"
-                    )
+            missing = task_for(self.task).missing_classes(site, self.classes)
+            if missing:
+                raise ConfigError(
+                    f"site '{site.name}' ({site.source_path}): its label_map does not cover class(es) "
+                    f"{', '.join(missing)} of the experiment"
+                )
         return sites
 
     def resolved(self) -> dict[str, Any]:

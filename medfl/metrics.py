@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from enum import Enum
 from itertools import pairwise
 
 import numpy as np
@@ -19,18 +18,6 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_
 from monai.utils import convert_to_numpy
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
-
-from medfl.errors import ConfigError
-
-TASK_METRICS: dict[str, str] = {"classification": "macro_f1", "segmentation": "dice"}
-
-
-def task_metric_name(task: str | Enum) -> str:
-    """Name of the metric DET's phi and model selection use: "macro_f1" or "dice"."""
-    name = str(task.value if isinstance(task, Enum) else task)
-    if name not in TASK_METRICS:
-        raise ConfigError(f"unknown task '{name}': expected one of {', '.join(TASK_METRICS)}")
-    return TASK_METRICS[name]
 
 
 def reference_window_start(rounds: int) -> int:

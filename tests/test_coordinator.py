@@ -185,7 +185,7 @@ def test_diverging_loss_names_site_round_and_epoch_and_keeps_checkpoint(derm_exp
 
     def poisoned(self, data, extra=None):
         if extra and extra.get("round") == 1 and self.name == "derm_b":
-            self.loss_fn.forward = lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
+            self.trainer.loss.forward = lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
         return original(self, data, extra)
 
     monkeypatch.setattr(Site, "train", poisoned)

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medfl.errors import ConfigError
 from medfl.federated.cpa import (
     CPALoss,
     PrototypeAccumulator,
@@ -32,21 +31,21 @@ def test_mitigation_factors_hand_values() -> None:
 
 
 def test_mitigation_factors_zero_counts_are_finite() -> None:
-    s = mitigation_factors(torch.tensor([10, 0, 0]))
+    s = mitigation_factors(torch.tensor([10, 0, 0]), 0.8)
     assert torch.isfinite(s).all()
     assert s[0, 1].item() == 0.0 and s[1, 0].item() == 1.0 and s[1, 2].item() == 1.0
 
 
 def test_mitigation_factors_reject_bad_input() -> None:
-    with pytest.raises(ConfigError, match="beta"):
+    with pytest.raises(ValueError, match="beta"):
         mitigation_factors(COUNTS, beta=-1.0)
     with pytest.raises(ValueError, match=">= 0"):
-        mitigation_factors(torch.tensor([3, -1]))
+        mitigation_factors(torch.tensor([3, -1]), 0.8)
 
 
 def test_equal_counts_and_unit_gamma_give_cross_entropy() -> None:
     torch.manual_seed(0)
-    loss = CPALoss(torch.tensor([7, 7, 7]))
+    loss = CPALoss(torch.tensor([7, 7, 7]), 0.8)
     logits, target = torch.randn(8, 3), torch.randint(0, 3, (8,))
     expected = F.cross_entropy(logits, target)
     assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
@@ -55,7 +54,7 @@ def test_equal_counts_and_unit_gamma_give_cross_entropy() -> None:
 
 def test_equal_counts_segmentation_give_cross_entropy() -> None:
     torch.manual_seed(1)
-    loss = CPALoss(torch.tensor([50, 50]))
+    loss = CPALoss(torch.tensor([50, 50]), 0.8)
     logits, target = torch.randn(2, 2, 6, 6), torch.randint(0, 2, (2, 6, 6))
     expected = F.cross_entropy(logits, target)
     assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
@@ -66,18 +65,18 @@ def test_loss_matches_direct_formula() -> None:
     torch.manual_seed(2)
     logits, target = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 2, 1])
     gamma = torch.tensor([1.0, 2.0, 3.5], dtype=torch.float64)
-    s = mitigation_factors(COUNTS)
+    s = mitigation_factors(COUNTS, 0.8)
     expected = 0.0
     for z, y in zip(logits, target, strict=True):
         denominator = sum(s[y, j] * z[j].exp() for j in range(3))
         expected += -gamma[y] * (z[y].exp() / denominator).log()
     expected /= 6
-    assert CPALoss(COUNTS)(logits, target, gamma).item() == pytest.approx(expected.item(), rel=1e-9)
+    assert CPALoss(COUNTS, 0.8)(logits, target, gamma).item() == pytest.approx(expected.item(), rel=1e-9)
 
 
 def test_head_class_sample_pushes_rare_logits_less_than_cross_entropy() -> None:
     logits = torch.zeros(1, 3, requires_grad=True)
-    CPALoss(COUNTS)(logits, torch.tensor([0])).backward()
+    CPALoss(COUNTS, 0.8)(logits, torch.tensor([0])).backward()
     cpa_grad = logits.grad.clone()
     logits.grad = None
     F.cross_entropy(logits, torch.tensor([0])).backward()
@@ -85,7 +84,7 @@ def test_head_class_sample_pushes_rare_logits_less_than_cross_entropy() -> None:
 
 
 def test_absent_class_gives_no_nan() -> None:
-    loss = CPALoss(torch.tensor([30, 0, 5]))
+    loss = CPALoss(torch.tensor([30, 0, 5]), 0.8)
     logits = torch.randn(6, 3, requires_grad=True)
     value = loss(logits, torch.tensor([0, 1, 2, 0, 1, 2]))
     value.backward()
@@ -94,13 +93,13 @@ def test_absent_class_gives_no_nan() -> None:
 
 def test_large_logits_stay_finite() -> None:
     logits = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]], requires_grad=True)
-    value = CPALoss(COUNTS)(logits, torch.tensor([1, 0]))
+    value = CPALoss(COUNTS, 0.8)(logits, torch.tensor([1, 0]))
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
 
 
 def test_gamma_weights_samples_and_gets_no_gradient() -> None:
-    loss = CPALoss(torch.tensor([4, 4]))
+    loss = CPALoss(torch.tensor([4, 4]), 0.8)
     logits, target = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
     gamma = torch.tensor([1.0, 3.0], requires_grad=True)
     per_sample = F.cross_entropy(logits, target, reduction="none")
@@ -111,16 +110,16 @@ def test_gamma_weights_samples_and_gets_no_gradient() -> None:
 
 
 def test_set_class_counts_updates_factors() -> None:
-    loss = CPALoss(torch.tensor([5, 5, 5]))
+    loss = CPALoss(torch.tensor([5, 5, 5]), 0.8)
     logits, target = torch.randn(5, 3), torch.randint(0, 3, (5,))
     before = loss(logits, target).item()
     loss.set_class_counts(COUNTS)
     assert loss(logits, target).item() != pytest.approx(before)
-    assert loss(logits, target).item() == pytest.approx(CPALoss(COUNTS)(logits, target).item())
+    assert loss(logits, target).item() == pytest.approx(CPALoss(COUNTS, 0.8)(logits, target).item())
 
 
 def test_shape_errors() -> None:
-    loss = CPALoss(COUNTS)
+    loss = CPALoss(COUNTS, 0.8)
     with pytest.raises(ValueError, match="classes"):
         loss(torch.randn(2, 4), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="target shape"):
@@ -138,7 +137,7 @@ def _toy_segmentation() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_segmentation_loss_finite_and_merges_zones() -> None:
     torch.manual_seed(3)
-    loss = SegmentationCPALoss(torch.tensor([400, 72]))
+    loss = SegmentationCPALoss(torch.tensor([400, 72]), 0.8)
     logits, mask = _toy_segmentation()
     value = loss(logits, mask, torch.tensor([1.0, 2.0]))
     assert torch.isfinite(value)
@@ -150,7 +149,7 @@ def test_segmentation_loss_finite_and_merges_zones() -> None:
 
 def test_segmentation_gradient_step_lowers_loss() -> None:
     torch.manual_seed(4)
-    loss = SegmentationCPALoss(torch.tensor([400, 72]))
+    loss = SegmentationCPALoss(torch.tensor([400, 72]), 0.8)
     logits, mask = _toy_segmentation()
     logits.requires_grad_(True)
     before = loss(logits, mask)
@@ -163,7 +162,7 @@ def test_segmentation_gradient_step_lowers_loss() -> None:
 
 def test_segmentation_loss_needs_two_classes() -> None:
     with pytest.raises(ValueError, match="2 classes"):
-        SegmentationCPALoss(COUNTS)
+        SegmentationCPALoss(COUNTS, 0.8)
 
 
 def test_prototype_accumulator_classification_hand_values() -> None:
@@ -234,7 +233,7 @@ def test_global_prototypes_gaussian_noise() -> None:
 
 
 def test_global_prototypes_bad_mode() -> None:
-    with pytest.raises(ConfigError, match="mode"):
+    with pytest.raises(ValueError, match="mode"):
         global_prototypes([torch.zeros(2, 2)], [torch.ones(2)], mode="median")
 
 
@@ -243,10 +242,10 @@ def test_refinement_weights_values() -> None:
     global_ = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     counts = torch.tensor([4, 4, 4, 4, 0, 4])
     present = torch.tensor([True, True, True, True, True, True])
-    gamma = refinement_weights(local, counts, global_, present, tau=3.0)
+    gamma = refinement_weights(local, counts, global_, present, tau=3.0, gamma_max=10.0)
     # agree -> 1; orthogonal -> 4/3; opposite -> 4/2; zero local, missing local, zero global -> 1
     torch.testing.assert_close(gamma, torch.tensor([1.0, 4 / 3, 2.0, 1.0, 1.0, 1.0]))
-    not_present = refinement_weights(local, counts, global_, torch.zeros(6, dtype=torch.bool), tau=3.0)
+    not_present = refinement_weights(local, counts, global_, torch.zeros(6, dtype=torch.bool), tau=3.0, gamma_max=10.0)
     torch.testing.assert_close(not_present, torch.ones(6))
 
 
@@ -257,22 +256,22 @@ def test_refinement_weights_never_exceed_gamma_max() -> None:
     for tau in (1.0, 0.5, 0.0):
         gamma = refinement_weights(local, counts, global_, present, tau=tau, gamma_max=10.0)
         assert torch.isfinite(gamma).all() and (gamma >= 1).all() and (gamma <= 10.0).all()
-    assert refinement_weights(local, counts, global_, present, tau=1.0)[0].item() == 10.0
+    assert refinement_weights(local, counts, global_, present, tau=1.0, gamma_max=10.0)[0].item() == 10.0
     torch.manual_seed(7)
     random_gamma = refinement_weights(
-        torch.randn(50, 4), torch.ones(50), torch.randn(50, 4), torch.ones(50).bool(), 1.0
+        torch.randn(50, 4), torch.ones(50), torch.randn(50, 4), torch.ones(50).bool(), 1.0, gamma_max=10.0
     )
     assert (random_gamma <= 10.0).all() and (random_gamma >= 1.0).all()
 
 
 def test_refinement_weights_have_no_gradient() -> None:
     local = torch.randn(3, 4, requires_grad=True)
-    gamma = refinement_weights(local, torch.ones(3), torch.randn(3, 4), torch.ones(3).bool(), tau=3.0)
+    gamma = refinement_weights(local, torch.ones(3), torch.randn(3, 4), torch.ones(3).bool(), tau=3.0, gamma_max=10.0)
     assert not gamma.requires_grad
 
 
 def test_refinement_weights_reject_bad_settings() -> None:
-    with pytest.raises(ConfigError, match="tau"):
-        refinement_weights(torch.ones(2, 2), torch.ones(2), torch.ones(2, 2), torch.ones(2).bool(), tau=-1.0)
-    with pytest.raises(ConfigError, match="gamma_max"):
+    with pytest.raises(ValueError, match="tau"):
+        refinement_weights(torch.ones(2, 2), torch.ones(2), torch.ones(2, 2), torch.ones(2).bool(), tau=-1.0, gamma_max=10.0)
+    with pytest.raises(ValueError, match="gamma_max"):
         refinement_weights(torch.ones(2, 2), torch.ones(2), torch.ones(2, 2), torch.ones(2).bool(), 3.0, 0.5)

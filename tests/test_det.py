@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from medfl.errors import ConfigError
 from medfl.federated.det import DetState, det_losses, distillation_kl, next_state
 
 S, R, X, U = DetState.START, DetState.RECOVER, DetState.EXCHANGE, DetState.SUBLIMATE
@@ -37,23 +36,23 @@ S, R, X, U = DetState.START, DetState.RECOVER, DetState.EXCHANGE, DetState.SUBLI
     ],
 )
 def test_transition_table(previous: DetState, phi_p: float, phi_d: float, expected: DetState) -> None:
-    assert next_state(previous, phi_p, phi_d) is expected
+    assert next_state(previous, phi_p, phi_d, 0.7, 0.9) is expected
 
 
 def test_equality_at_lambda1_passes() -> None:
-    assert next_state(R, 0.5, 0.35) is X
-    assert next_state(X, 0.5, 0.35) is X
+    assert next_state(R, 0.5, 0.35, 0.7, 0.9) is X
+    assert next_state(X, 0.5, 0.35, 0.7, 0.9) is X
 
 
 def test_phi_p_zero_lets_d_pass_every_threshold() -> None:
-    assert next_state(R, 0.0, 0.0) is X
-    assert next_state(X, 0.0, 0.0) is U
+    assert next_state(R, 0.0, 0.0, 0.7, 0.9) is X
+    assert next_state(X, 0.0, 0.0, 0.7, 0.9) is U
 
 
 def test_nan_counts_as_zero() -> None:
-    assert next_state(X, math.nan, 0.3) is U
-    assert next_state(X, 0.8, math.nan) is R
-    assert next_state(R, math.nan, math.nan) is X
+    assert next_state(X, math.nan, 0.3, 0.7, 0.9) is U
+    assert next_state(X, 0.8, math.nan, 0.7, 0.9) is R
+    assert next_state(R, math.nan, math.nan, 0.7, 0.9) is X
 
 
 def test_custom_thresholds_and_string_states() -> None:
@@ -64,7 +63,7 @@ def test_custom_thresholds_and_string_states() -> None:
 
 @pytest.mark.parametrize(("lambda1", "lambda2"), [(0.9, 0.7), (0.7, 0.7), (0.0, 0.5), (0.5, 1.0)])
 def test_invalid_thresholds(lambda1: float, lambda2: float) -> None:
-    with pytest.raises(ConfigError, match="lambda1"):
+    with pytest.raises(ValueError, match="lambda1"):
         next_state(R, 1.0, 1.0, lambda1=lambda1, lambda2=lambda2)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_experiment
 
-import medfl.federated.site as site_module
+import medfl.federated.trainer as trainer_module
 from medfl.experiment import load_experiment_config
 from medfl.federated.coordinator import Coordinator
 from medfl.metrics import reference_window_start
@@ -33,7 +33,7 @@ def _run(tmp_path, federation, task="classification", name="run", **changes):
 def _spy_on_epochs(monkeypatch):
     """Record, at the start of every local epoch, each optimizer's state size and the epoch plan."""
     calls = []
-    real = site_module.train_epoch
+    real = trainer_module.train_epoch
 
     def spy(models, optimizers, loader, loss_fn, plan, *args, **kwargs):
         calls.append({"state": {name: len(opt.state) for name, opt in optimizers.items()},
@@ -42,7 +42,7 @@ def _spy_on_epochs(monkeypatch):
                       "plan": plan})
         return real(models, optimizers, loader, loss_fn, plan, *args, **kwargs)
 
-    monkeypatch.setattr(site_module, "train_epoch", spy)
+    monkeypatch.setattr(trainer_module, "train_epoch", spy)
     return calls
 
 
@@ -78,13 +78,13 @@ def test_sgd_is_plain_by_default_and_the_learning_rate_steps_with_rounds(tiny_fe
 def test_cpa_refreshes_local_prototypes_every_epoch_against_the_rounds_global_ones(tiny_federation, tmp_path,
                                                                                    monkeypatch, one_thread):
     seen = []
-    real = site_module.refinement_weights
+    real = trainer_module.refinement_weights
 
     def spy(local, counts, global_, present, tau, gamma_max):
         seen.append((local.clone(), global_.clone()))
         return real(local, counts, global_, present, tau, gamma_max)
 
-    monkeypatch.setattr(site_module, "refinement_weights", spy)
+    monkeypatch.setattr(trainer_module, "refinement_weights", spy)
     calls = _spy_on_epochs(monkeypatch)
     coordinator, _ = _run(tmp_path, tiny_federation, rounds=2, local_epochs=3, cpa={"warmup_rounds": 1})
     site_calls = calls[6:9]  # round 1 of the first site (2 sites x 3 epochs per round)
@@ -98,7 +98,7 @@ def test_cpa_refreshes_local_prototypes_every_epoch_against_the_rounds_global_on
     # The second epoch's local prototypes are those the first epoch's accumulator produced.
     assert torch.allclose(first_site[1][0], site_calls[0]["plan"].accumulator.prototypes()[0])
     site = next(iter(coordinator.sites.values()))
-    assert torch.allclose(site._local_prototypes[0], site_calls[2]["plan"].accumulator.prototypes()[0])
+    assert torch.allclose(site.trainer.local_prototypes[0], site_calls[2]["plan"].accumulator.prototypes()[0])
 
 
 def test_phi_from_the_training_split_steers_det(tiny_federation, tmp_path, one_thread):

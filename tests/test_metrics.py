@@ -5,13 +5,11 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from enum import Enum
 
 import numpy as np
 import pytest
 import torch
 
-from medfl.errors import ConfigError
 from medfl.metrics import (
     classification_metrics,
     confusion_matrix,
@@ -20,7 +18,6 @@ from medfl.metrics import (
     retrogress,
     segmentation_case_metrics,
     summarize_cases,
-    task_metric_name,
 )
 
 CLASSES = ["nv", "bkl", "mel"]
@@ -211,14 +208,3 @@ def test_curve_dips_by_hand_and_with_gaps():
     assert curve_dips([0.1, 0.2, 0.3]) == 0.0
     assert curve_dips([0.7, math.nan, 0.5, 0.6]) == pytest.approx(0.2)
     assert curve_dips([math.nan]) == 0.0 and curve_dips([]) == 0.0
-
-
-def test_task_metric_name():
-    class Task(str, Enum):
-        SEGMENTATION = "segmentation"
-
-    assert task_metric_name("classification") == "macro_f1"
-    assert task_metric_name("segmentation") == "dice"
-    assert task_metric_name(Task.SEGMENTATION) == "dice"
-    with pytest.raises(ConfigError, match="detection"):
-        task_metric_name("detection")

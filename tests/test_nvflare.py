@@ -29,6 +29,7 @@ from medfl.config import load_site_config  # noqa: E402
 from medfl.errors import ConfigError  # noqa: E402
 from medfl.experiment import load_experiment_config  # noqa: E402
 from medfl.federated.coordinator import Coordinator  # noqa: E402
+from medfl.federated.payloads import Delivery  # noqa: E402
 from medfl.federated.site import Site  # noqa: E402
 from medfl.nvflare.controller import MedflController  # noqa: E402
 from medfl.nvflare.job import CONTROLLER_CLASS, write_job  # noqa: E402
@@ -126,15 +127,15 @@ def test_payloads_carry_exactly_what_the_in_process_coordinator_passes():
     weights = {"conv.weight": torch.randn(4, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(7)}
     statistics = {"global_class_counts": torch.tensor([5.0, 2.0, 1.0], dtype=torch.float64),
                   "global_prototypes": torch.randn(3, 8), "global_prototype_present": torch.tensor([1, 1, 0])}
-    task = read_train_task(wire(train_task(ExchangeObject(weights=weights, statistics=statistics), 3, 5, True)))
+    task = read_train_task(wire(train_task(Delivery(weights, **statistics), 3, 5, True)))
     assert (task.round, task.upload) == (3, True)
     assert task.delivery.weights.keys() == weights.keys()
     assert all(torch.equal(task.delivery.weights[k], v) and task.delivery.weights[k].dtype == v.dtype
                for k, v in weights.items())
     assert all(torch.equal(task.delivery.statistics[k], v) for k, v in statistics.items())
 
-    counts_only = read_train_task(wire(train_task(ExchangeObject(statistics={"global_class_counts": None}), 0, 5, True)))
-    assert counts_only.delivery.weights is None and counts_only.delivery.statistics == {"global_class_counts": None}
+    counts_only = read_train_task(wire(train_task(Delivery(global_class_counts=None), 0, 5, True)))
+    assert counts_only.delivery == Delivery()
     assert read_train_task(wire(train_task(None, 4, 5, False))).delivery is None
 
     upload = ExchangeObject(weights=weights, statistics={"num_samples": 9, "class_counts": statistics[
@@ -148,8 +149,8 @@ def test_payloads_carry_exactly_what_the_in_process_coordinator_passes():
     assert reply.report["timing"] == {"train_s": 1.5, "eval_s": 0.5}
     assert reply.report["best"] == {"round": 2} and reply.report["rows"][0]["value"] != 0
     assert all(torch.equal(reply.upload.weights[k], v) for k, v in weights.items())
-    assert reply.upload.statistics["num_samples"] == 9
-    assert torch.equal(reply.upload.statistics["prototypes"], statistics["global_prototypes"])
+    assert reply.upload.num_samples == 9
+    assert torch.equal(reply.upload.prototypes, statistics["global_prototypes"])
     last = wire(train_reply(4, report, None))
     last.meta["client_name"] = "derm_a"
     assert read_reply(last).upload is None

@@ -396,14 +396,14 @@ def test_linear_role_on_a_kernel_is_rejected() -> None:
 
 
 def test_pfa_ratio_schedule() -> None:
-    assert pfa_ratio(0, 1) == pytest.approx(0.7)
-    assert pfa_ratio(0, 50) == pytest.approx(0.7)
-    assert pfa_ratio(25, 50) == pytest.approx(0.825)
-    assert pfa_ratio(49, 50) == pytest.approx(0.7 + 49 / 50 * 0.25)
+    assert pfa_ratio(0, 1, 0.7, 0.95) == pytest.approx(0.7)
+    assert pfa_ratio(0, 50, 0.7, 0.95) == pytest.approx(0.7)
+    assert pfa_ratio(25, 50, 0.7, 0.95) == pytest.approx(0.825)
+    assert pfa_ratio(49, 50, 0.7, 0.95) == pytest.approx(0.7 + 49 / 50 * 0.25)
     assert pfa_ratio(3, 4, start=0.2, end=0.6) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(("round_", "rounds"), [(-1, 5), (5, 5), (0, 0)])
 def test_pfa_ratio_rejects_rounds_out_of_range(round_: int, rounds: int) -> None:
     with pytest.raises(ValueError):
-        pfa_ratio(round_, rounds)
+        pfa_ratio(round_, rounds, 0.7, 0.95)

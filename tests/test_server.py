@@ -21,6 +21,11 @@ from medfl.federated.server import (
 )
 
 
+def _schedule(method: str) -> dict[str, float]:
+    """PFA's ratio schedule, which the experiment config defines (start 0.7, end 0.95 by default)."""
+    return {"start": 0.7, "end": 0.95} if method in ("prr", "pfa_only", "prr_ce") else {}
+
+
 class Tiny(nn.Module):
     """conv -> BN -> fc -> BN -> final classifier: every role the strategies route."""
 
@@ -174,12 +179,12 @@ def _with_prototypes(updates: dict[str, SiteUpdate], round: int) -> dict[str, Si
 
 def test_state_dict_round_trip_gives_identical_next_aggregate() -> None:
     roles = parameter_roles(Tiny())
-    first = PFAStrategy(roles, rounds=4, prototype_mode="gaussian", seed=11)
+    first = PFAStrategy(roles, rounds=4, start=0.7, end=0.95, prototype_mode="gaussian", seed=11)
     first.aggregate(0, _with_prototypes(_updates(), 0))
     saved = first.state_dict()
     expected = first.aggregate(1, _with_prototypes(_updates(), 1))
 
-    resumed = PFAStrategy(roles, rounds=4, prototype_mode="gaussian", seed=999)
+    resumed = PFAStrategy(roles, rounds=4, start=0.7, end=0.95, prototype_mode="gaussian", seed=999)
     resumed.load_state_dict(saved)
     again = resumed.aggregate(1, _with_prototypes(_updates(), 1))
     assert torch.equal(again.global_prototypes, expected.global_prototypes)
@@ -188,7 +193,7 @@ def test_state_dict_round_trip_gives_identical_next_aggregate() -> None:
         for key, value in expected.weights[site].items():
             assert torch.equal(again.weights[site][key], value)
 
-    fresh = PFAStrategy(roles, rounds=4, prototype_mode="gaussian", seed=999)
+    fresh = PFAStrategy(roles, rounds=4, start=0.7, end=0.95, prototype_mode="gaussian", seed=999)
     other = fresh.aggregate(1, _with_prototypes(_updates(), 1))
     assert not torch.equal(other.global_prototypes, expected.global_prototypes)
     with pytest.raises(ValueError, match="FedAvg"):
@@ -219,9 +224,9 @@ def test_pfa_strategy_equals_direct_call(weighting: str, share_phase: bool) -> N
 
 def test_pfa_strategy_rejects_bad_schedule() -> None:
     with pytest.raises(ConfigError, match="PFA"):
-        PFAStrategy({}, rounds=0)
+        PFAStrategy({}, rounds=0, start=0.7, end=0.95)
     with pytest.raises(ConfigError, match="PFA"):
-        PFAStrategy({}, rounds=5, end=1.5)
+        PFAStrategy({}, rounds=5, start=0.7, end=1.5)
 
 
 @pytest.mark.parametrize(
@@ -242,14 +247,14 @@ def test_pfa_strategy_rejects_bad_schedule() -> None:
     ],
 )
 def test_build_strategy_maps_methods(method: str, expected: type) -> None:
-    strategy = build_strategy(method, Tiny(), rounds=5)
+    strategy = build_strategy(method, Tiny(), rounds=5, **_schedule(method))
     assert type(strategy) is expected
 
 
 def test_build_strategy_local_options_and_errors() -> None:
     assert build_strategy("local", Tiny(), rounds=5) is None
     strategy = build_strategy(
-        "prr", Tiny(), rounds=5, weighting="samples", start=0.5, prototype_mode="gaussian"
+        "prr", Tiny(), rounds=5, weighting="samples", start=0.5, end=0.95, prototype_mode="gaussian"
     )
     assert isinstance(strategy, PFAStrategy) and strategy.weighting == "samples" and strategy.start == 0.5
     assert strategy.roles == parameter_roles(Tiny())
@@ -290,7 +295,7 @@ def test_batchnorm_unet_keeps_every_sites_norm_entries_under_pfa_and_fedbn(metho
         state = {k: (v + torch.randn_like(v) if v.is_floating_point() else v + index + 1)
                  for k, v in model.state_dict().items()}
         updates[f"site{index}"] = SiteUpdate(weights=state, num_samples=10 * (index + 1))
-    strategy = build_strategy(method, model, rounds=4)
+    strategy = build_strategy(method, model, rounds=4, **_schedule(method))
     merged = strategy.aggregate(1, updates).weights
     for site, update in updates.items():
         for key in batch_norms:

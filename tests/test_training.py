@@ -8,17 +8,21 @@ from torch import nn
 
 from medfl.config import DataSettings, load_site_config
 from medfl.data import build_dataset, load_recipe, load_site
+from medfl.data.tensors import plain_tensors
 from medfl.federated.cpa import PrototypeAccumulator
 from medfl.federated.det import DetState
 from medfl.federated.training import (
     EpochPlan,
-    SupervisedLoss,
     TrainingDiverged,
-    plain_tensors,
     prototype_distance,
     proximal_term,
     train_epoch,
 )
+from medfl.tasks import task_for
+
+
+def SupervisedLoss(task, kind, counts):  # noqa: N802 - reads like the loss classes it builds
+    return task_for(task).supervised_loss(kind, counts, 0.8)
 
 
 class Tiny(nn.Module):
@@ -45,7 +49,11 @@ def test_cross_entropy_kinds_match_torch():
     cpa = SupervisedLoss("classification", "cpa", torch.ones(3))  # equal counts, gamma 1: CPA is CE
     assert cpa(logits, target) == pytest.approx(float(F.cross_entropy(logits, target)), rel=1e-6)
     seg = SupervisedLoss("segmentation", "ce", torch.ones(2))
-    assert torch.isfinite(seg(torch.randn(2, 2, 8, 8), torch.randint(0, 2, (2, 1, 8, 8))))
+    logits, mask = torch.randn(2, 2, 8, 8), torch.randint(0, 2, (2, 1, 8, 8))
+    from monai.losses import DiceLoss
+    by_hand = F.cross_entropy(logits, mask[:, 0]) + DiceLoss(include_background=False, to_onehot_y=True,
+                                                             softmax=True, batch=True)(logits, mask)
+    assert float(seg(logits, mask)) == float(by_hand), "MONAI's DiceCELoss: exactly CE + soft Dice"
 
 
 def test_proximal_and_prototype_terms_by_hand():

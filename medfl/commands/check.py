@@ -64,33 +64,12 @@ def _settings(args: argparse.Namespace) -> DataSettings:
     return validate_model(DataSettings, data, "command line options")
 
 
-def _table(report: SiteReport) -> Table:
-    """Per-split rows: class counts, images and lesions (classification); cases, slices, prostate (segmentation)."""
-    from rich.table import Table
-
-    table = Table(title=f"site '{report.site}' ({report.task})", title_justify="left")
-    table.add_column("split")
-    if report.task == "classification":
-        for name in report.classes:
-            table.add_column(name, justify="right")
-        table.add_column("images", justify="right")
-        table.add_column("lesions", justify="right")
-        for split, counts in report.counts.items():
-            table.add_row(split, *map(str, counts), str(report.samples[split]), str(report.groups[split]))
-    else:
-        for name in ("cases", "slices", "slices with prostate", "prostate pixels"):
-            table.add_column(name, justify="right")
-        for split, (background, prostate) in report.counts.items():
-            share = f"{100 * prostate / (background + prostate):.1f}%" if background + prostate else "-"
-            table.add_row(split, str(report.groups[split]), str(report.samples[split]),
-                          str(report.foreground_slices[split]), share)
-    return table
-
-
 def _print_report(console: Console, report: SiteReport) -> None:
     from rich.text import Text
 
-    console.print(_table(report))
+    from medfl.tasks import task_for
+
+    console.print(task_for(report.task).check_table(report))
     if report.dropped:
         dropped = ", ".join(f"{label} {count}" for label, count in report.dropped.items())
         console.print(Text(f"dropped rows (null in label_map or not among the classes): {dropped}"), soft_wrap=True)
@@ -102,23 +81,16 @@ def _print_report(console: Console, report: SiteReport) -> None:
 
 
 def _header(settings: DataSettings, tasks: set[str]) -> str:
-    """The settings line: the classes of each task present, input size, split and (segmentation) slices."""
-    from medfl.config import SEGMENTATION_CLASSES
+    """The settings line: the classes of each task present (prefixed by the task when there are several),
+    input size, split, and what else each task states (segmentation: the training slices)."""
+    from medfl.tasks import TASKS
 
-    classes = ", ".join(settings.classes) if settings.classes else "each site's label-map targets"
-    background, foreground = SEGMENTATION_CLASSES
-    segmentation = f"{background} (mask value 0), {foreground} (any value > 0)"
-    parts = []
-    if "segmentation" not in tasks:
-        parts.append(f"classes: {classes}")
-    elif tasks == {"segmentation"}:
-        parts.append(f"classes: {segmentation}")
-    else:
-        parts += [f"classification classes: {classes}", f"segmentation classes: {segmentation}"]
+    present = [task for key, task in TASKS.items() if key in tasks]
+    parts = [f"{task.key.value + ' ' if len(present) > 1 else ''}classes: {task.check_classes(settings)}"
+             for task in present]
     fractions = "/".join(f"{f:g}" for f in settings.split_fractions)
     parts.append(f"input size {settings.input_size}; split {fractions} (seed {settings.split_seed})")
-    if "segmentation" in tasks:
-        parts.append(f"training slices: {settings.slices}")
+    parts += [line for task in present for line in task.check_settings(settings)]
     return "; ".join(parts)
 
 

@@ -18,12 +18,15 @@ from medfl.data.site import SiteData
 
 
 def training_files(data: SiteData) -> list[str]:
-    """The site's training files as the run saw them: images, or the volumes of the training cases, as sorted
-    paths relative to the site's data_root (absolute when outside it)."""
-    if data.task == "classification":
-        paths = {record["image"] for record in data.splits["train"]}
-    else:
-        paths = {data.geometry[record["case_id"]].image_file for record in data.splits["train"]}
+    """The site's training files as the run saw them (the task says which: images, or the training cases'
+    volumes), as sorted paths relative to the site's data_root (absolute when outside it)."""
+    from medfl.tasks import task_for
+
+    return task_for(data.task).training_files(data)
+
+
+def relative_paths(paths: set[str], data: SiteData) -> list[str]:
+    """Sorted paths relative to the site's data_root (absolute when outside it)."""
     root = Path(data.config.data_root).resolve() if data.config is not None else None
     return sorted(_relative(Path(p), root) for p in paths)
 

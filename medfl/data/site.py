@@ -14,22 +14,18 @@ produces, a split file that lists unknown cases.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from medfl.config import DataSettings, SiteConfig
-from medfl.data.classification import read_classification_site
 from medfl.data.containment import named_files_admitted
 from medfl.data.problems import Problem, ProblemLog
-from medfl.data.prostate import read_segmentation_site
 from medfl.data.records import SiteContent
 from medfl.data.shift import SampleStatistics
 from medfl.data.splits import SPLITS
 from medfl.data.volumes import CaseGeometry
 from medfl.errors import DataError
+from medfl.tasks import task_for
 
 
 @dataclass
@@ -81,17 +77,6 @@ class SiteData:
         return list(self.report.counts[split])
 
 
-def _counts(task: str, classes: list[str], records: list[dict[str, Any]]) -> tuple[list[int], int]:
-    """(per-class counts, slices with foreground) of one split's records."""
-    if task == "classification":
-        counter = Counter(r["label"] for r in records)
-        return [counter.get(i, 0) for i in range(len(classes))], 0
-    foreground = sum(int(np.count_nonzero(r["label"])) for r in records)
-    total = sum(int(r["label"].size) for r in records)
-    with_foreground = sum(bool(np.any(r["label"])) for r in records)
-    return [total - foreground, foreground], with_foreground
-
-
 def _check_splits(site: SiteConfig, settings: DataSettings, report: SiteReport, log: ProblemLog) -> None:
     """Problems of the split as a whole: empty sides, classes missing from a side."""
     if sum(report.samples.values()) == 0:
@@ -116,19 +101,18 @@ def _check_splits(site: SiteConfig, settings: DataSettings, report: SiteReport, 
 def inspect_site(site: SiteConfig, settings: DataSettings | None = None) -> SiteData:
     """Find, validate and split one site; data problems are collected in `report.problems`, not raised."""
     settings = settings or DataSettings()
+    task = task_for(site.task)
     log = ProblemLog(site.name)
     if not site.data_root.is_dir():
         log.error("data_root folder not found", site.data_root)
-        content = SiteContent(_empty_classes(site, settings))
+        content = SiteContent(task.empty_classes(site, settings))
     elif not named_files_admitted(site, log):
-        content = SiteContent(_empty_classes(site, settings))
-    elif site.task == "classification":
-        content = read_classification_site(site, settings, log)
+        content = SiteContent(task.empty_classes(site, settings))
     else:
-        content = read_segmentation_site(site, settings, log)
+        content = task.read_site(site, settings, log)
     counts, foreground = {}, {}
     for split in SPLITS:
-        counts[split], foreground[split] = _counts(site.task, content.classes, content.splits[split])
+        counts[split], foreground[split] = task.split_counts(content.classes, content.splits[split])
     report = SiteReport(
         site=site.name,
         task=site.task,
@@ -136,7 +120,7 @@ def inspect_site(site: SiteConfig, settings: DataSettings | None = None) -> Site
         counts=counts,
         samples={split: len(content.splits[split]) for split in SPLITS},
         groups=dict(content.groups),
-        foreground_slices=foreground if site.task == "segmentation" else {},
+        foreground_slices={} if None in foreground.values() else foreground,
         dropped=dict(sorted(content.dropped.items())),
         filtered_out=content.filtered_out,
         statistics=content.statistics,
@@ -144,12 +128,6 @@ def inspect_site(site: SiteConfig, settings: DataSettings | None = None) -> Site
     _check_splits(site, settings, report, log)
     report.problems = log.problems()
     return SiteData(site.name, site.task, content.classes, content.splits, report, content.geometry, site)
-
-
-def _empty_classes(site: SiteConfig, settings: DataSettings) -> list[str]:
-    if site.task == "classification" and settings.classes:
-        return list(settings.classes)
-    return site.label_targets()
 
 
 def validate_site(site: SiteConfig, settings: DataSettings | None = None) -> list[Problem]:

@@ -14,6 +14,7 @@ from typing import Any
 from medfl.config import DataSettings, load_site_config
 from medfl.deliver.bundle import WEIGHTS, ExportedModel
 from medfl.errors import ConfigError, DataError
+from medfl.tasks import task_for
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
 
@@ -22,9 +23,7 @@ def _settings(export: ExportedModel) -> DataSettings:
     """The run's data settings with the export's own recipe; every slice kept, so volumes reassemble whole."""
     saved = dict(export.manifest["data_settings"])
     saved.update(eval_recipe=str(export.recipe_path), slices="all")
-    if export.task == "classification":
-        saved["classes"] = export.classes
-    return DataSettings.model_validate(saved)
+    return DataSettings.model_validate(task_for(export.task).export_data_settings(saved, export.classes))
 
 
 def evaluate_export(export: ExportedModel, site_config: str | Path, split: str = "test") -> dict[str, Any]:
@@ -33,7 +32,6 @@ def evaluate_export(export: ExportedModel, site_config: str | Path, split: str =
 
     from medfl.data import build_dataset, load_recipe, load_site
     from medfl.federated.evaluation import evaluate_model
-    from medfl.metrics import task_metric_name
 
     if split not in SPLIT_CHOICES:
         raise ConfigError(f"--split must be one of {', '.join(SPLIT_CHOICES)}, not '{split}'")
@@ -63,7 +61,7 @@ def evaluate_export(export: ExportedModel, site_config: str | Path, split: str =
         "site_config": str(site.source_path),
         "split": split,
         "samples": len(records),
-        "metric": task_metric_name(export.task),
+        "metric": task_for(export.task).metric,
         "metrics": metrics,
     }
 

@@ -39,13 +39,13 @@ from medfl.deliver.provenance import (
     choose_round,
     files_sha256,
     parse_round,
-    preprocessing,
     read_run,
     recipe_yaml,
     resolved_eval_recipe,
     round_metrics,
 )
 from medfl.errors import ConfigError
+from medfl.tasks import task_for
 
 FORMATS = ("medfl", "bundle")
 DEFAULT_OUT = {"medfl": "export", "bundle": "bundle"}  # default export folder inside the run folder
@@ -88,7 +88,7 @@ def _site_manifest(run: RunRecord, site: SiteConfig, checkpoint: dict[str, Any],
     config, network = run.config, checkpoint["network"]
     size, channels = config.data.input_size, int(network["in_channels"])
     files = run.files.site(site.name).record.training_files
-    logits = ["batch", len(config.classes)] + ([] if config.task == "classification" else [size, size])
+    logits = task_for(config.task).logits_shape(config.classes, size)
     return {
         "format": FORMAT,
         "site": site.name,
@@ -98,7 +98,7 @@ def _site_manifest(run: RunRecord, site: SiteConfig, checkpoint: dict[str, Any],
         "network": network,
         "input": {"channels": channels, "size": [size, size], "dtype": "float32", "shape": ["batch", channels, size, size]},
         "output": {"logits": logits, "probabilities": "softmax over axis 1"},
-        "preprocessing": preprocessing(config, channels, recipe),
+        "preprocessing": task_for(config.task).preprocessing(config.data, channels, recipe),
         "round": {"requested": request, "selected": round_, "completed_rounds": run.completed_rounds,
                   "rounds": config.rounds, "run_finished": bool(run.summary.get("finished"))},
         "metrics": {"metric": run.summary["metric"], **round_metrics(run, site.name, key, round_)},
@@ -132,9 +132,8 @@ def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request:
     """Export one site's model of the requested round into `out/<site>` (which must not exist), in `export_format`."""
     from medfl.models import build_model
 
-    used = "P" if run.config.spec.two_models else "M"
-    receiving = "D" if run.config.spec.two_models else "M"
-    key = used if role == "personalized" else receiving
+    used = run.config.spec.used_role.value
+    key = used if role == "personalized" else run.config.spec.receiving_role.value
     round_ = choose_round(run, site.name, key, used, request)
     checkpoint = run.files.site(site.name).load_round_models(round_)
     network = build_model(**checkpoint["network"])

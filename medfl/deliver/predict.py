@@ -30,6 +30,7 @@ from medfl.data.volumes import WORKING_ORIENTATION, read_volume, write_like
 from medfl.deliver.bundle import ExportedModel
 from medfl.deliver.programs import LogitsOnly, SliceWiseProgram, normalise_volume
 from medfl.errors import ConfigError
+from medfl.tasks import task_for
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha")
 PREDICTIONS_CSV = "predictions.csv"
@@ -63,13 +64,14 @@ def input_problem(path: Path, task: str) -> str | None:
     if not path.exists():
         return "file not found"
     extension = _extension(path)
+    takes_volumes = task_for(task).predicts_volumes
     if extension is None:
-        known = ", ".join(VOLUME_EXTENSIONS if task == "segmentation" else IMAGE_EXTENSIONS)
+        known = ", ".join(VOLUME_EXTENSIONS if takes_volumes else IMAGE_EXTENSIONS)
         return f"unknown file type (this model takes {known})"
     is_volume = extension.lower() in VOLUME_EXTENSIONS
-    if task == "classification" and is_volume:
+    if is_volume and not takes_volumes:
         return "is an MRI volume, but this model classifies dermoscopy images"
-    if task == "segmentation" and not is_volume:
+    if takes_volumes and not is_volume:
         return "is a 2-D image, but this model segments MRI volumes (NIfTI or MetaImage)"
     return None
 
@@ -231,7 +233,7 @@ def predict(export: ExportedModel, inputs: Sequence[str | Path], out: str | Path
             on_file: Callable[[Prediction], None] | None = None) -> list[Prediction]:
     """Predict every input with an exported model; results in input order, failures with their reason."""
     paths, out = [Path(p) for p in inputs], Path(out)
-    if export.task == "classification":
+    if not task_for(export.task).predicts_volumes:
         results = predict_images(export, paths, out)
         for result in results:
             if on_file is not None:

@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from medfl.data.recipes import resolve_recipe
-from medfl.data.volumes import INTENSITY_PERCENTILES, WORKING_ORIENTATION
 from medfl.errors import ConfigError
 from medfl.experiment import ExperimentConfig
 from medfl.runfolder import RunFolder
@@ -113,29 +112,3 @@ def resolved_eval_recipe(config: ExperimentConfig) -> dict[str, Any]:
 def recipe_yaml(recipe: dict[str, Any]) -> str:
     """The recipe mapping as YAML text."""
     return yaml.safe_dump(recipe, sort_keys=False)
-
-
-def preprocessing(config: ExperimentConfig, in_channels: int, recipe: dict[str, Any]) -> dict[str, Any]:
-    """How an input becomes the network's input, in words and numbers (the manifest's `preprocessing`)."""
-    size = config.data.input_size
-    if config.task == "classification":
-        return {
-            "kind": "dermoscopy image",
-            "input": "an RGB image file (JPEG or PNG), one lesion per image",
-            "transforms": recipe["transforms"],
-        }
-    return {
-        "kind": "MRI volume, predicted slice by slice",
-        "input": "a 3-D single-channel volume (NIfTI or MetaImage)",
-        "orientation": WORKING_ORIENTATION,
-        "slices": "axial slices of the volume reoriented to the working orientation, inferior to superior",
-        "intensity_percentiles": list(INTENSITY_PERCENTILES),
-        "normalisation": "clip to the percentiles, then z-score over the whole volume",
-        "in_plane_size": [size, size],
-        "in_plane_resize": "bilinear, anti-aliased",
-        "context_slices": config.data.context_slices,
-        "channels": in_channels,
-        "transforms": recipe["transforms"],
-        "inverse": "argmax of the slice logits (upsampled bilinearly to the reoriented in-plane size), "
-                   "reoriented back onto the input's voxel grid",
-    }

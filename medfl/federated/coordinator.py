@@ -18,6 +18,7 @@ from monai.fl.utils.exchange_object import ExchangeObject
 from medfl.devices import resolve_device
 from medfl.errors import DataError
 from medfl.experiment import ExperimentConfig
+from medfl.federated.payloads import Delivery, upload_from_exchange
 from medfl.federated.rounds import Progress, RoundReplies, Server, SiteReply, run_rounds
 from medfl.federated.site import Site
 from medfl.runfolder import RunFolder
@@ -59,13 +60,15 @@ class LocalSites:
             if resume_round is not None:
                 site.restart_after(resume_round)
 
-    def train(self, round_: int, deliveries: Mapping[str, ExchangeObject | None], upload: bool) -> RoundReplies:
+    def train(self, round_: int, deliveries: Mapping[str, Delivery | None], upload: bool) -> RoundReplies:
+        """Each site's round through its ClientAlgo interface: the typed payloads become ExchangeObjects here."""
         replies = RoundReplies()
         for name, site in self.by_name.items():
             self.progress("site", {"round": round_, "site": name})
-            site.train(deliveries.get(name), {"round": round_})
+            delivery = deliveries.get(name)
+            site.train(delivery.to_exchange() if delivery is not None else None, {"round": round_})
             report = site.evaluate().metrics or {}
-            exchange = site.get_weights() if upload else None
+            exchange = upload_from_exchange(site.get_weights()) if upload else None
             site.save_state()
             if self.config.runtime.offload_idle_sites and self.device.type == "cuda":
                 site.offload()
@@ -103,7 +106,7 @@ class Coordinator:
         return self.server.strategy
 
     @property
-    def deliveries(self) -> dict[str, ExchangeObject | None]:
+    def deliveries(self) -> dict[str, Delivery | None]:
         return self.server.deliveries
 
     @property

@@ -13,8 +13,6 @@ from enum import Enum
 import torch.nn.functional as F
 from torch import Tensor
 
-from medfl.errors import ConfigError
-
 
 class DetState(str, Enum):
     """The DET state of one site for one local epoch (START only precedes a round's first epoch)."""
@@ -26,9 +24,9 @@ class DetState(str, Enum):
 
 
 def check_thresholds(lambda1: float, lambda2: float) -> None:
-    """Raise ConfigError unless 0 < lambda1 < lambda2 < 1."""
+    """Raise ValueError unless 0 < lambda1 < lambda2 < 1."""
     if not 0.0 < lambda1 < lambda2 < 1.0:
-        raise ConfigError(
+        raise ValueError(
             f"DET thresholds must satisfy 0 < lambda1 < lambda2 < 1, got {lambda1} and {lambda2}"
         )
 
@@ -39,7 +37,7 @@ def _nan_to_zero(value: float) -> float:
 
 
 def next_state(
-    previous: DetState, phi_p: float, phi_d: float, lambda1: float = 0.7, lambda2: float = 0.9
+    previous: DetState, phi_p: float, phi_d: float, lambda1: float, lambda2: float
 ) -> DetState:
     """The state of the coming epoch from the previous one and the validation metrics of P and D.
 
@@ -74,7 +72,7 @@ def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature:
     if student_logits.ndim < 2:
         raise ValueError(f"logits need a class dimension 1, got shape {tuple(student_logits.shape)}")
     if not temperature > 0:
-        raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
+        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
     per_element = F.kl_div(log_student, log_teacher, reduction="none", log_target=True)

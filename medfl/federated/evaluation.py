@@ -1,4 +1,5 @@
-"""Scoring a model on one split: classification metrics, or per-case Dice/HD95 on reassembled volumes."""
+"""Scoring a model on one split (the task decides how: `Task.evaluate` calls the scorers below), and the
+BatchNorm re-estimation diagnostic."""
 
 from __future__ import annotations
 
@@ -6,22 +7,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from torch import Tensor, nn
 
-from medfl.federated.training import plain_tensors
+from medfl.data.tensors import plain, plain_tensors
 from medfl.metrics import (
     classification_metrics,
     reassemble_volumes,
     segmentation_case_metrics,
     summarize_cases,
 )
-
-
-def _plain(images: object) -> Tensor:
-    """A batch's images as a plain tensor: a MetaTensor's metadata handling slows every operation on the
-    model's output."""
-    return images.as_tensor() if isinstance(images, MetaTensor) else torch.as_tensor(images)
+from medfl.tasks import Task, task_for
 
 
 def _as_list(values: object) -> list:
@@ -34,25 +29,18 @@ def _as_list(values: object) -> list:
 def evaluate_model(
     model: nn.Module,
     loader: Iterable[Mapping[str, object]],
-    task: str,
+    task: Task | str,
     classes: Sequence[str],
     device: torch.device,
     spacing_of: Callable[[str], Sequence[float] | None] | None = None,
     distances: bool = True,
 ) -> dict[str, float]:
-    """Metrics of ``model`` (eval mode) on every batch of ``loader``.
-
-    Classification: macro-F1, per-class F1, AUC, accuracy, balanced accuracy. Segmentation: slices are
-    predicted, reassembled into volumes by (case_id, slice_index), and scored per case (Dice, and unless
-    ``distances`` is False HD95 with ``spacing_of(case_id)`` in physical units); the split's means are returned.
-    """
+    """The task's metrics of ``model`` (in eval mode) on every batch of ``loader``; its mode is restored."""
     was_training = model.training
     model.eval()
     try:
         with plain_tensors():
-            if task == "classification":
-                return _classification(model, loader, classes, device)
-            return _segmentation(model, loader, device, spacing_of, distances)
+            return task_for(task).evaluate(model, loader, classes, device, spacing_of, distances)
     finally:
         model.train(was_training)
 
@@ -70,22 +58,25 @@ def reestimate_batchnorm(model: nn.Module, loader: Iterable[Mapping[str, object]
     return True
 
 
-def _classification(model: nn.Module, loader, classes: Sequence[str], device: torch.device) -> dict[str, float]:
+def score_classifier(model: nn.Module, loader, classes: Sequence[str], device: torch.device) -> dict[str, float]:
+    """Macro-F1, per-class F1, AUC, accuracy and balanced accuracy of a classifier on every batch."""
     probabilities, labels = [], []
     for batch in loader:
-        logits, _ = model(_plain(batch["image"]).to(device))
+        logits, _ = model(plain(batch["image"]).to(device))
         probabilities.append(torch.softmax(logits.float(), dim=1).cpu())
         labels.append(torch.as_tensor(batch["label"]).reshape(-1).cpu())
     return classification_metrics(torch.cat(labels), torch.cat(probabilities), classes)
 
 
-def _segmentation(model: nn.Module, loader, device: torch.device, spacing_of, distances: bool) -> dict[str, float]:
+def score_segmenter(model: nn.Module, loader, device: torch.device, spacing_of, distances: bool) -> dict[str, float]:
+    """Slices predicted, reassembled into volumes by (case_id, slice_index) and scored per case: Dice, and
+    unless ``distances`` is False HD95 with ``spacing_of(case_id)`` in physical units; the split's means."""
     case_ids: list[str] = []
     indices: list[int] = []
     predictions: list[np.ndarray] = []
     truths: list[np.ndarray] = []
     for batch in loader:
-        logits, _ = model(_plain(batch["image"]).to(device))
+        logits, _ = model(plain(batch["image"]).to(device))
         # max(...).indices is argmax (the first maximal index) and, over the class axis, about 10x faster.
         predictions.extend(logits.max(dim=1).indices.to(torch.uint8).cpu().numpy())
         label = torch.as_tensor(batch["label"])

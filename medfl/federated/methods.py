@@ -8,7 +8,20 @@ coordinator read these switches; nothing else branches on the method's name.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Literal
+
+
+class ModelRole(str, Enum):
+    """The models a site trains, named as files and reports name them (metrics.csv's `model` column)."""
+
+    PERSONALIZED = "P"  # two-model methods: never sent, never overwritten; the site's deliverable
+    DEPUTY = "D"  # two-model methods: sent to the server and overwritten by what it returns
+    SINGLE = "M"  # one-model methods: sent (if the method communicates), overwritten and used
+
+    def __str__(self) -> str:
+        return self.value
+
 
 Aggregation = Literal["pfa", "fedavg", "fedbn", "silobn", "fedper", "prototypes"]
 Distillation = Literal["det", "mutual"]
@@ -27,6 +40,21 @@ class MethodSpec:
     prototype_loss: bool = False  # FedProto: distance of features to the global class prototypes
     head_first: bool = False  # FedRep: train the local head with the body frozen, then the body
     description: str = ""
+
+    @property
+    def used_role(self) -> ModelRole:
+        """The model a site uses and exports: P, or M for one-model methods."""
+        return ModelRole.PERSONALIZED if self.two_models else ModelRole.SINGLE
+
+    @property
+    def receiving_role(self) -> ModelRole:
+        """The model uploaded and overwritten by the server's weights: D, or M."""
+        return ModelRole.DEPUTY if self.two_models else ModelRole.SINGLE
+
+    @property
+    def roles(self) -> tuple[ModelRole, ...]:
+        """Every model a site trains, the used one first."""
+        return (self.used_role, self.receiving_role) if self.two_models else (self.used_role,)
 
     @property
     def communicates(self) -> bool:

@@ -33,7 +33,7 @@ _MAX_ELEMENTS_PER_CALL = 1 << 24
 _SPECTRAL_ROLES = (Role.CONV, Role.CONV_TRANSPOSE, Role.LINEAR, Role.CLASSIFIER)
 
 
-def pfa_ratio(round: int, rounds: int, start: float = 0.7, end: float = 0.95) -> float:
+def pfa_ratio(round: int, rounds: int, start: float, end: float) -> float:
     """Low-frequency ratio of the 0-based ``round`` out of ``rounds``: start + (round/rounds)(end-start).
 
     ``end`` itself is never reached (the last round gets start + (rounds-1)/rounds * (end-start)).

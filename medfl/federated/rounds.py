@@ -15,7 +15,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,11 +24,12 @@ from monai.fl.utils.exchange_object import ExchangeObject
 
 from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig
-from medfl.federated.server import Aggregate, SiteUpdate, Strategy, build_strategy
-from medfl.metrics import task_metric_name
+from medfl.federated.payloads import Delivery
+from medfl.federated.server import SiteUpdate, Strategy, build_strategy
 from medfl.models import build_model
 from medfl.runfolder import RunFolder
 from medfl.runlog import RunLog
+from medfl.tasks import task_for
 from medfl.tensorboard import write_round_scalars
 
 ANSWERED = "answered"
@@ -41,7 +42,7 @@ class SiteReply:
     upload. A site that failed or did not answer has no reply and a status saying so."""
 
     report: dict[str, Any]
-    upload: ExchangeObject | None = None
+    upload: SiteUpdate | None = None
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Federation(Protocol):
         """The run folder exists: sites start (or check) their own part; on a resume, continue after
         `resume_round` (-1: the run restarts at round 0)."""
 
-    def train(self, round_: int, deliveries: Mapping[str, ExchangeObject | None], upload: bool) -> RoundReplies:
+    def train(self, round_: int, deliveries: Mapping[str, Delivery | None], upload: bool) -> RoundReplies:
         """One round at every site, on what the server delivers to each."""
 
 
@@ -77,30 +78,6 @@ def strategy_options(config: ExperimentConfig) -> dict[str, Any]:
     elif aggregation in ("fedavg", "fedbn", "silobn", "fedper"):
         options["weighting"] = config.baselines.fedavg_weighting
     return options
-
-
-def site_update(exchange: ExchangeObject, device: torch.device) -> SiteUpdate:
-    """Turn a site's upload into the strategy's input, its weights on the aggregation device."""
-    stats = exchange.statistics or {}
-    return SiteUpdate(
-        weights={key: value.to(device) for key, value in (exchange.weights or {}).items()},
-        num_samples=int(stats["num_samples"]),
-        class_counts=stats.get("class_counts"),
-        prototypes=stats.get("prototypes"),
-        prototype_counts=stats.get("prototype_counts"),
-    )
-
-
-def delivery(aggregate: Aggregate, site: str) -> ExchangeObject:
-    """What the server sends one site: its own weights plus the federation's counts and prototypes."""
-    return ExchangeObject(
-        weights=aggregate.weights.get(site) or None,
-        statistics={
-            "global_class_counts": aggregate.global_class_counts,
-            "global_prototypes": aggregate.global_prototypes,
-            "global_prototype_present": aggregate.global_prototype_present,
-        },
-    )
 
 
 def _peak_rss_mb() -> float:
@@ -130,7 +107,7 @@ class Server:
         self.device = device
         self.sites = list(sites)
         self.strategy: Strategy | None = None
-        self.deliveries: dict[str, ExchangeObject | None] = {}
+        self.deliveries: dict[str, Delivery | None] = {}
         self.timing: list[dict[str, Any]] = []
         self.log = RunLog()
         self.folder: RunFolder | None = None
@@ -142,8 +119,7 @@ class Server:
         self.strategy = build_strategy(self.config.method, build_model(**network), self.config.rounds,
                                        **strategy_options(self.config))
         counts = torch.stack([torch.as_tensor(s["class_counts"]) for s in statistics]).sum(0)
-        first = ExchangeObject(statistics={"global_class_counts": counts})
-        self.deliveries = dict.fromkeys(self.sites, first)
+        self.deliveries = dict.fromkeys(self.sites, Delivery(global_class_counts=counts))
 
     def restore(self, round_: int) -> None:
         """The server's state after `round_`, from the run folder's checkpoint."""
@@ -152,22 +128,21 @@ class Server:
             raise MedflError(f"{self.folder.checkpoint_file}: holds round {state['round']}, expected {round_}")
         if self.strategy is not None and state["strategy"] is not None:
             self.strategy.load_state_dict(state["strategy"])
-        self.deliveries = {
-            name: ExchangeObject(weights=d["weights"], statistics=d["statistics"]) if d else None
-            for name, d in state["deliveries"].items()
-        }
+        self.deliveries = {name: Delivery.from_state_dict(d) for name, d in state["deliveries"].items()}
         self.timing = list(state["timing"])
         self.log.load_state_dict(state["log"])
 
-    def aggregate(self, round_: int, uploads: Mapping[str, ExchangeObject]) -> float:
+    def aggregate(self, round_: int, uploads: Mapping[str, SiteUpdate]) -> float:
         """What each site receives next (None for all when no site uploaded); the seconds it took."""
         if self.strategy is None or not uploads:
             self.deliveries = dict.fromkeys(self.sites)
             return 0.0
         tick = time.perf_counter()
-        aggregate = self.strategy.aggregate(round_, {site: site_update(u, self.device) for site, u in uploads.items()})
+        on_device = {site: replace(update, weights={k: v.to(self.device) for k, v in update.weights.items()})
+                     for site, update in uploads.items()}
+        aggregate = self.strategy.aggregate(round_, on_device)
         seconds = time.perf_counter() - tick
-        self.deliveries = {site: delivery(aggregate, site) for site in self.sites}
+        self.deliveries = {site: Delivery.from_aggregate(aggregate, site) for site in self.sites}
         return seconds
 
     def complete_round(self, round_: int, replies: RoundReplies, started: float) -> dict[str, Any]:
@@ -192,10 +167,7 @@ class Server:
         return {
             "round": round_,
             "strategy": self.strategy.state_dict() if self.strategy is not None else None,
-            "deliveries": {
-                name: {"weights": d.weights, "statistics": d.statistics} if d is not None else None
-                for name, d in self.deliveries.items()
-            },
+            "deliveries": {name: d.state_dict() if d is not None else None for name, d in self.deliveries.items()},
             "timing": self.timing,
             "log": self.log.state_dict(),
         }
@@ -205,13 +177,13 @@ class Server:
             "experiment": self.config.name,
             "method": self.config.method,
             "task": self.config.task,
-            "metric": task_metric_name(self.config.task),
+            "metric": task_for(self.config.task).metric,
             "completed_rounds": round_ + 1,
             "rounds": self.config.rounds,
             "finished": round_ + 1 == self.config.rounds,
             "device": str(self.device),
         }
-        used = "P" if self.config.spec.two_models else "M"
+        used = self.config.spec.used_role.value
         summary = self.log.summary(header, self.timing, used, header["metric"], round_, self.config.local_epochs)
         self.folder.write_tables(self.log.ordered_rows(), self.log.ordered_det(), self.log.ordered_retrogress(),
                                  self.timing, summary)

@@ -26,7 +26,6 @@ from medfl.federated.params import Role, classifier_keys, norm_statistics_keys, 
 from medfl.federated.pfa import pfa_aggregate, pfa_ratio
 
 WEIGHTINGS = ("samples", "uniform")
-PROTOTYPE_MODES = ("mean", "gaussian")
 
 
 @dataclass
@@ -62,8 +61,6 @@ class Strategy(ABC):
     """
 
     def __init__(self, prototype_mode: str = "mean", seed: int = 0):
-        if prototype_mode not in PROTOTYPE_MODES:
-            raise ConfigError(f"prototype mode must be one of {PROTOTYPE_MODES}, got '{prototype_mode}'")
         self.prototype_mode = prototype_mode
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -267,8 +264,8 @@ class PFAStrategy(Strategy):
         self,
         roles: Mapping[str, Role],
         rounds: int,
-        start: float = 0.7,
-        end: float = 0.95,
+        start: float,
+        end: float,
         share_phase: bool = True,
         weighting: str = "uniform",
         *,

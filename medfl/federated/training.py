@@ -7,71 +7,24 @@ the batch loop. It reads no files and knows no engine.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from monai.data import get_track_meta, set_track_meta
-from monai.losses import DiceLoss
 from torch import Tensor, nn
 
+from medfl.data.tensors import plain_tensors
 from medfl.errors import MedflError
-from medfl.federated.cpa import CPALoss, PrototypeAccumulator, SegmentationCPALoss, foreground_target
+from medfl.federated.cpa import PrototypeAccumulator
 from medfl.federated.det import DetState, det_losses
-
-
-@contextmanager
-def plain_tensors() -> Iterator[None]:
-    """Run the random tail of MONAI transforms on plain tensors, without MetaTensor bookkeeping.
-
-    The cached head of a recipe needs metadata (channel-first detection), the per-batch tail does not;
-    dropping it there makes data loading about three times faster.
-    """
-    previous = get_track_meta()
-    set_track_meta(False)
-    try:
-        yield
-    finally:
-        set_track_meta(previous)
+from medfl.federated.methods import ModelRole
+from medfl.tasks import Task, task_for
 
 
 class TrainingDiverged(MedflError):
     """A loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
-
-
-class SupervisedLoss(nn.Module):
-    """The supervised loss l of algorithm.md: CPA or cross-entropy; segmentation adds soft Dice.
-
-    Classification: CPA (``kind="cpa"``) or CE. Segmentation: 0.5 CPA + 0.5 CE + Dice, or CE + Dice for
-    ``kind="ce"`` (CPA's half replaced by CE), on background/prostate logits.
-    """
-
-    def __init__(self, task: str, kind: str, class_counts: Tensor, beta: float = 0.8):
-        super().__init__()
-        if kind not in ("cpa", "ce"):
-            raise ValueError(f"loss kind must be 'cpa' or 'ce', got '{kind}'")
-        self.task, self.kind = task, kind
-        if kind == "cpa":
-            self.cpa = SegmentationCPALoss(class_counts, beta) if task == "segmentation" else CPALoss(class_counts, beta)
-        elif task == "segmentation":
-            self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
-
-    def set_class_counts(self, class_counts: Tensor) -> None:
-        """The server's global class counts (CPA's mitigation factors); CE ignores them."""
-        if self.kind == "cpa":
-            self.cpa.set_class_counts(class_counts)
-
-    def forward(self, logits: Tensor, target: Tensor, gamma: Tensor | None = None) -> Tensor:
-        if self.kind == "cpa":
-            return self.cpa(logits, target, gamma)
-        if self.task == "classification":
-            return F.cross_entropy(logits, target)
-        binary = foreground_target(target)
-        if binary.ndim == logits.ndim:
-            binary = binary[:, 0]
-        return F.cross_entropy(logits, binary) + self.dice(logits, binary.unsqueeze(1))
 
 
 @dataclass
@@ -89,16 +42,6 @@ class EpochPlan:
     trainable: Iterable[str] | None = None  # FedRep: names of the parameters that learn (None: all)
     accumulator: PrototypeAccumulator | None = None  # collects the used model's features this epoch
     losses: dict[str, float] = field(default_factory=dict)
-
-
-def batch_labels(batch: Mapping[str, Tensor], task: str, device: torch.device) -> Tensor:
-    """Class indices: (N,) for classification, (N, *spatial) binary masks for segmentation."""
-    label = torch.as_tensor(batch["label"]).to(device)
-    if task == "classification":
-        return label.reshape(-1).long()
-    if label.ndim >= 4 and label.shape[1] == 1:
-        label = label[:, 0]
-    return foreground_target(label)
 
 
 def proximal_term(model: nn.Module, received: Mapping[str, Tensor]) -> Tensor:
@@ -138,16 +81,17 @@ def _batch_losses(
     models: Mapping[str, nn.Module],
     outputs: Mapping[str, tuple[Tensor, Tensor]],
     labels: Tensor,
-    loss_fn: SupervisedLoss,
+    loss_fn: nn.Module,
     plan: EpochPlan,
     used: str,
 ) -> dict[str, Tensor]:
     """Each model's loss on one batch: supervised, plus DET's KL terms, FedProx's and FedProto's terms."""
     losses = {name: loss_fn(logits.float(), labels, plan.gamma) for name, (logits, _) in outputs.items()}
     if len(models) == 2:
-        losses["P"], losses["D"] = det_losses(
-            plan.state or DetState.EXCHANGE, outputs["P"][0].float(), outputs["D"][0].float(),
-            losses["P"], losses["D"], plan.temperature,
+        p, d = ModelRole.PERSONALIZED, ModelRole.DEPUTY
+        losses[p], losses[d] = det_losses(
+            plan.state or DetState.EXCHANGE, outputs[p][0].float(), outputs[d][0].float(),
+            losses[p], losses[d], plan.temperature,
         )
     if plan.proximal_mu and plan.received is not None:
         losses[used] = losses[used] + 0.5 * plan.proximal_mu * proximal_term(models[used], plan.received)
@@ -162,19 +106,20 @@ def train_epoch(
     models: Mapping[str, nn.Module],
     optimizers: Mapping[str, torch.optim.Optimizer],
     loader: Iterable[Mapping[str, Tensor]],
-    loss_fn: SupervisedLoss,
+    loss_fn: nn.Module,
     plan: EpochPlan,
-    task: str,
+    task: Task | str,
     device: torch.device,
     mixed_precision: bool = False,
 ) -> dict[str, float]:
-    """Train ``models`` ({"P": p, "D": d} or {"M": m}) for one pass over ``loader``; mean loss per model.
+    """Train ``models`` ({P: p, D: d} or {M: m}, by ModelRole) for one pass over ``loader``; mean loss per model.
 
     Two models step on the same batch with the losses of DET's table for ``plan.state``; the teacher of
     each KL term is detached, so one backward pass over the sum trains each model on its own loss only.
     The used model (P, or M) feeds ``plan.accumulator`` with detached features for CPA's prototypes.
     """
-    used = "P" if "P" in models else "M"
+    used = ModelRole.PERSONALIZED if ModelRole.PERSONALIZED in models else ModelRole.SINGLE
+    task = task_for(task)
     for model in models.values():
         model.train()
     trainable = set(plan.trainable) if plan.trainable is not None else None
@@ -188,7 +133,7 @@ def train_epoch(
         with plain_tensors():
             for batch in loader:
                 images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
-                labels = batch_labels(batch, task, device)
+                labels = task.batch_labels(batch, device)  # (N,) classes or (N, *spatial) masks
                 with autocast:
                     outputs = {name: model(images) for name, model in models.items()}
                     losses = _batch_losses(models, outputs, labels, loss_fn, plan, used)

@@ -6,7 +6,6 @@ classifier (aggregated class by class), and exports need a plain-dict descriptio
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,32 +14,29 @@ from torch import nn
 
 from medfl.errors import ConfigError
 
-TASKS: tuple[str, ...] = ("classification", "segmentation")
-
 
 def scale_channels(channels: int, width: float) -> int:
     """Scale a channel count by `width`, rounded, never below 4 (so tiny test networks stay valid)."""
     return max(4, round(channels * width))
 
 
-class FeatureNet(nn.Module, ABC):
+class FeatureNet(nn.Module):
     """A network whose forward returns (logits, features), with features the input of `final_classifier`.
 
-    Subclasses build their body, set `self.final_classifier` and implement `forward_features`; `config`
-    holds the keyword arguments of `medfl.models.build_model` that rebuild the same architecture.
+    Subclasses build their body (a MONAI network as `self.body`, whose output is the features, or their own
+    `forward_features`) and set `self.final_classifier`. `build_model` records in `config` the keyword
+    arguments that rebuild the same architecture.
     """
 
     final_classifier: nn.Module
     min_input_size: int = 32  # smallest edge length (pixels or voxels) the body accepts in training
     input_size_multiple: int = 1  # every edge length must be a multiple of this
 
-    def __init__(self, config: dict[str, Any]):
-        super().__init__()
-        self.config: dict[str, Any] = dict(config)
+    config: dict[str, Any]
 
-    @abstractmethod
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the input of the final classifier: (B, F) vectors or a (B, F, *spatial) feature map."""
+        return self.body(x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.forward_features(x)
@@ -69,10 +65,20 @@ def network_config(
     """The plain dict that `build_model(**config)` turns back into the same architecture."""
     return {
         "name": name,
-        "task": task,
+        "task": str(task),
         "num_classes": num_classes,
         "in_channels": in_channels,
         "width": width,
         "spatial_dims": spatial_dims,
-        **options,
+        **{key: plain_data(value) for key, value in options.items()},
     }
+
+
+def plain_data(value: Any) -> Any:
+    """A network option as plain data (tuples as lists), so that a config saves and loads as JSON and with
+    torch.load(weights_only=True)."""
+    if isinstance(value, (list, tuple)):
+        return [plain_data(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain_data(item) for key, item in value.items()}
+    return value

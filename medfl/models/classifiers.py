@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from monai.networks.nets import DenseNet, EfficientNet, ResNet
 from monai.networks.nets.efficientnet import efficientnet_params
 from monai.networks.nets.resnet import get_inplanes
 from torch import nn
 
-from medfl.models.base import FeatureNet, network_config, scale_channels
+from medfl.models.base import FeatureNet, scale_channels
 
 # EfficientNet-B0's block definitions, as monai.networks.nets.EfficientNetBN writes them.
 EFFICIENTNET_B0_BLOCKS: tuple[str, ...] = (
@@ -40,17 +39,7 @@ class DenseNet121Net(FeatureNet):
         spatial_dims: int = 2,
         dropout_prob: float = 0.0,
     ):
-        super().__init__(
-            network_config(
-                "densenet121",
-                "classification",
-                num_classes,
-                in_channels,
-                width,
-                spatial_dims,
-                dropout_prob=dropout_prob,
-            )
-        )
+        super().__init__()
         self.body = DenseNet(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -64,9 +53,6 @@ class DenseNet121Net(FeatureNet):
         self.body.class_layers.out = nn.Identity()
         self.final_classifier = nn.Linear(feature_dim, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
 
 class EfficientNetB0Net(FeatureNet):
     """monai EfficientNet with B0's blocks and coefficients, not pretrained; width multiplies B0's width.
@@ -75,9 +61,7 @@ class EfficientNetB0Net(FeatureNet):
     """
 
     def __init__(self, num_classes: int, in_channels: int, width: float = 1.0, spatial_dims: int = 2):
-        super().__init__(
-            network_config("efficientnet-b0", "classification", num_classes, in_channels, width, spatial_dims)
-        )
+        super().__init__()
         width_coefficient, depth_coefficient, image_size, dropout_rate, drop_connect_rate = (
             efficientnet_params["efficientnet-b0"]
         )
@@ -95,9 +79,6 @@ class EfficientNetB0Net(FeatureNet):
         feature_dim = self.body._fc.in_features
         self.body._fc = nn.Identity()
         self.final_classifier = nn.Linear(feature_dim, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
 
 class ResNet18Net(FeatureNet):
@@ -117,17 +98,7 @@ class ResNet18Net(FeatureNet):
         spatial_dims: int = 2,
         conv1_t_stride: int | Sequence[int] = 2,
     ):
-        super().__init__(
-            network_config(
-                "resnet18",
-                "classification",
-                num_classes,
-                in_channels,
-                width,
-                spatial_dims,
-                conv1_t_stride=conv1_t_stride,
-            )
-        )
+        super().__init__()
         block_inplanes = [scale_channels(c, width) for c in get_inplanes()]
         self.body = ResNet(
             block="basic",
@@ -139,6 +110,3 @@ class ResNet18Net(FeatureNet):
             feed_forward=False,
         )
         self.final_classifier = nn.Linear(block_inplanes[-1], num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)

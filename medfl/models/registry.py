@@ -6,25 +6,11 @@ import inspect
 from typing import Any
 
 from medfl.errors import ConfigError
-from medfl.models.base import TASKS, FeatureNet
-from medfl.models.classifiers import DenseNet121Net, EfficientNetB0Net, ResNet18Net
-from medfl.models.segmentation import BasicUNetNet, UNetNet
-from medfl.models.vgg import SlimVGG16
+from medfl.models.base import FeatureNet, network_config
+from medfl.tasks import TASKS, TaskKey, task_for
 
-NETWORKS: dict[str, dict[str, type[FeatureNet]]] = {
-    "classification": {
-        "slim_vgg16": SlimVGG16,
-        "densenet121": DenseNet121Net,
-        "efficientnet-b0": EfficientNetB0Net,
-        "resnet18": ResNet18Net,
-    },
-    "segmentation": {
-        "unet": UNetNet,
-        "basicunet": BasicUNetNet,
-    },
-}
-
-MODEL_NAMES: dict[str, tuple[str, ...]] = {task: tuple(nets) for task, nets in NETWORKS.items()}
+# The networks each task trains, by name (each task says which: Task.networks).
+MODEL_NAMES: dict[TaskKey, tuple[str, ...]] = {key: tuple(task.networks()) for key, task in TASKS.items()}
 
 _BASE_ARGUMENTS = ("num_classes", "in_channels", "width", "spatial_dims")
 
@@ -43,9 +29,11 @@ def build_model(
     Initialisation draws from torch's global RNG, so a seeded experiment gets the same weights everywhere.
     Bad names, numbers or options raise ConfigError.
     """
-    if task not in NETWORKS:
-        raise ConfigError(f"unknown task '{task}'; valid tasks: {', '.join(TASKS)}")
-    networks = NETWORKS[task]
+    try:
+        task = task_for(task).key
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    networks = task_for(task).networks()
     if name not in networks:
         raise ConfigError(f"unknown {task} model '{name}'; valid names: {', '.join(MODEL_NAMES[task])}")
     for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
@@ -61,6 +49,11 @@ def build_model(
     if unknown:
         valid = ", ".join(options) or "none"
         raise ConfigError(f"model '{name}': unknown option(s) {', '.join(unknown)}; valid options: {valid}")
-    return network(
+    model = network(
         num_classes=num_classes, in_channels=in_channels, width=width, spatial_dims=spatial_dims, **kwargs
     )
+    chosen = inspect.signature(network).bind(num_classes, in_channels, width, spatial_dims, **kwargs)
+    chosen.apply_defaults()
+    options = {key: value for key, value in chosen.arguments.items() if key not in _BASE_ARGUMENTS}
+    model.config = network_config(name, task, num_classes, in_channels, width, spatial_dims, **options)
+    return model

@@ -10,22 +10,16 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from monai.networks.layers.factories import Conv
 from monai.networks.nets import BasicUNet, UNet
 from torch import nn
 
-from medfl.models.base import FeatureNet, network_config, scale_channels
+from medfl.models.base import FeatureNet, scale_channels
 
 UNET_CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 256)
 UNET_STRIDES: tuple[int, ...] = (2, 2, 2, 2)
 BASICUNET_FEATURES: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
 AFFINE_INSTANCE_NORM: tuple[str, dict[str, Any]] = ("instance", {"affine": True})
-
-
-def _plain(layer: str | Sequence[Any]) -> str | list[Any]:
-    """A MONAI layer spec ("name" or (name, {args})) as plain data for the config: a string or a list."""
-    return layer if isinstance(layer, str) else [layer[0], dict(layer[1])]
 
 
 def _monai_layer_args(layer: str | Sequence[Any]) -> str | tuple[str, dict[str, Any]]:
@@ -53,21 +47,7 @@ class UNetNet(FeatureNet):
         dropout: float = 0.0,
         norm: str | Sequence[Any] = AFFINE_INSTANCE_NORM,
     ):
-        super().__init__(
-            network_config(
-                "unet",
-                "segmentation",
-                num_classes,
-                in_channels,
-                width,
-                spatial_dims,
-                channels=list(channels),
-                strides=list(strides),
-                num_res_units=num_res_units,
-                dropout=dropout,
-                norm=_plain(norm),
-            )
-        )
+        super().__init__()
         scaled = [scale_channels(c, width) for c in channels]
         self.body = UNet(
             spatial_dims=spatial_dims,
@@ -84,9 +64,6 @@ class UNetNet(FeatureNet):
         # (instance-normalised) map needs more than one element.
         self.input_size_multiple = math.prod(strides)
         self.min_input_size = 2 * self.input_size_multiple
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
 
 class BasicUNetNet(FeatureNet):
@@ -105,19 +82,7 @@ class BasicUNetNet(FeatureNet):
         dropout: float = 0.0,
         norm: str | Sequence[Any] = AFFINE_INSTANCE_NORM,
     ):
-        super().__init__(
-            network_config(
-                "basicunet",
-                "segmentation",
-                num_classes,
-                in_channels,
-                width,
-                spatial_dims,
-                features=list(features),
-                dropout=dropout,
-                norm=_plain(norm),
-            )
-        )
+        super().__init__()
         scaled = [scale_channels(c, width) for c in features]
         self.body = BasicUNet(
             spatial_dims=spatial_dims,
@@ -129,6 +94,3 @@ class BasicUNetNet(FeatureNet):
         )
         self.body.final_conv = nn.Identity()
         self.final_classifier = Conv[Conv.CONV, spatial_dims](scaled[-1], num_classes, 1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)

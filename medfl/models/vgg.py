@@ -11,7 +11,7 @@ import torch
 from monai.networks.layers.factories import Conv, Norm, Pool
 from torch import nn
 
-from medfl.models.base import FeatureNet, network_config, scale_channels
+from medfl.models.base import FeatureNet, scale_channels
 
 # Output channels of the 13 convolutions, block by block; a 2x max-pool follows every block.
 VGG16_BLOCKS: tuple[tuple[int, ...], ...] = (
@@ -35,9 +35,7 @@ class SlimVGG16(FeatureNet):
     def __init__(
         self, num_classes: int, in_channels: int, width: float = 1.0, spatial_dims: int = 2, bias: bool = False
     ):
-        super().__init__(
-            network_config("slim_vgg16", "classification", num_classes, in_channels, width, spatial_dims, bias=bias)
-        )
+        super().__init__()
         conv, norm, pool = (
             Conv[Conv.CONV, spatial_dims],
             Norm[Norm.BATCH, spatial_dims],

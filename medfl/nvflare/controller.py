@@ -25,6 +25,7 @@ from nvflare.fuel.utils import fobs
 from medfl.devices import resolve_device
 from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig, load_experiment_config
+from medfl.federated.payloads import Delivery
 from medfl.federated.rounds import ANSWERED, RoundReplies, Server, SiteReply, run_rounds
 from medfl.nvflare.layout import CONFIG_FOLDER, EXPERIMENT_FILE, resolve_run_dir
 from medfl.nvflare.payloads import TASK_DATA_STATS, TASK_TRAIN, Reply, read_reply, stats_task, train_task
@@ -102,7 +103,7 @@ class MedflController(ModelController):
     def open(self, folder: RunFolder, resume_round: int | None) -> None:
         """Sites keep their own part of the run folder on their machines: nothing to do at the server."""
 
-    def train(self, round_: int, deliveries: Mapping[str, ExchangeObject | None], upload: bool) -> RoundReplies:
+    def train(self, round_: int, deliveries: Mapping[str, Delivery | None], upload: bool) -> RoundReplies:
         tasks = {site: train_task(deliveries.get(site), round_, self.rounds_planned, upload) for site in self.sites}
         replies = self.exchange(TASK_TRAIN, tasks, self.round_timeout)
         statuses = self._statuses(replies, f"round {round_}", "report")

@@ -1,9 +1,9 @@
 """What travels in NVFlare's FLModel between the medfl controller and a site, in each direction.
 
-The in-process coordinator hands a Site MONAI ExchangeObjects; over NVFlare the same objects travel as
+The server's typed payloads (medfl.federated.payloads: a `Delivery` down, a `SiteUpdate` up) travel as
 FLModel params (weights, as torch tensors) and a `medfl` entry in FLModel meta (statistics as tensors,
-round, flags). Decoding gives back ExchangeObjects equal to the in-process ones, so a site trains on
-exactly what it would have received in process. A site's evaluation report travels as FLModel metrics.
+round, flags). Decoding gives back payloads equal to the in-process ones, so a site trains on exactly what it
+would have received in process. A site's evaluation report travels as FLModel metrics.
 
 A failing site reports only the error's type: the message (which may name the site's files) stays in the
 site's own log.
@@ -17,6 +17,9 @@ from typing import Any
 from monai.fl.utils.exchange_object import ExchangeObject
 from nvflare.app_common.abstract.fl_model import FLModel
 
+from medfl.federated.payloads import Delivery, upload_from_exchange
+from medfl.federated.server import SiteUpdate
+
 TASK_DATA_STATS = "data_stats"
 TASK_TRAIN = "train"
 KEY = "medfl"
@@ -26,7 +29,7 @@ KEY = "medfl"
 class TrainTask:
     """A site's task for one round: what the server delivers, the round, and whether to upload after it."""
 
-    delivery: ExchangeObject | None
+    delivery: Delivery | None
     round: int
     upload: bool
 
@@ -39,7 +42,7 @@ class Reply:
     failed: str | None = None  # the error type when the site could not do the task
     round: int | None = None
     report: dict[str, Any] | None = None  # Site.evaluate() metrics: round, rows, det, retrogress, best, timing
-    upload: ExchangeObject | None = None  # Site.get_weights(): deputy weights and statistics
+    upload: SiteUpdate | None = None  # Site.get_weights(): deputy weights and statistics
     statistics: dict[str, Any] | None = None  # Site.get_data_stats(): class counts, sample count, network
 
 
@@ -49,7 +52,7 @@ def stats_task() -> FLModel:
     return FLModel(params={}, meta={KEY: {"task": TASK_DATA_STATS}})
 
 
-def train_task(delivery: ExchangeObject | None, round_: int, rounds: int, upload: bool) -> FLModel:
+def train_task(delivery: Delivery | None, round_: int, rounds: int, upload: bool) -> FLModel:
     """Round `round_` for one site: its own weights (if any) and the federation's statistics."""
     encoded = None
     if delivery is not None:
@@ -67,13 +70,13 @@ def task_kind(model: FLModel) -> str:
 
 
 def read_train_task(model: FLModel) -> TrainTask:
-    """The site's view of a train task: the ExchangeObject the in-process coordinator would have passed."""
+    """The site's view of a train task: the Delivery the in-process server would have passed."""
     entry = _entry(model)
     encoded = entry.get("delivery")
     delivery = None
     if encoded is not None:
         weights = dict(model.params or {}) if encoded["has_weights"] else None
-        delivery = ExchangeObject(weights=weights, statistics=encoded["statistics"])
+        delivery = Delivery(weights, **encoded["statistics"])
     return TrainTask(delivery=delivery, round=int(entry["round"]), upload=bool(entry["upload"]))
 
 
@@ -102,7 +105,7 @@ def read_reply(model: FLModel) -> Reply:
     if model.metrics is not None:
         reply.report = dict(model.metrics)
     if entry.get("upload") is not None:
-        reply.upload = ExchangeObject(weights=dict(model.params or {}), statistics=entry["upload"])
+        reply.upload = upload_from_exchange(ExchangeObject(weights=dict(model.params or {}), statistics=entry["upload"]))
     return reply
 
 

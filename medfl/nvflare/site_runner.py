@@ -14,13 +14,13 @@ import logging
 from pathlib import Path
 
 import torch
-from monai.fl.utils.exchange_object import ExchangeObject
 from nvflare.app_common.abstract.fl_model import FLModel
 
 from medfl.config import SiteConfig, load_yaml_mapping
 from medfl.devices import resolve_device
 from medfl.errors import ConfigError, MedflError
 from medfl.experiment import ExperimentConfig, load_experiment_config
+from medfl.federated.payloads import Delivery
 from medfl.federated.site import Site
 from medfl.nvflare.layout import EXPERIMENT_FILE, JOB_FILE, resolve_run_dir, site_config_path
 from medfl.nvflare.payloads import (
@@ -110,13 +110,13 @@ class SiteRunner:
                 f"site '{self.name}': asked for round {round_} but holds round {site.round} and no earlier state"
             )
 
-    def _train(self, delivery: ExchangeObject | None, round_: int, upload: bool) -> FLModel:
+    def _train(self, delivery: Delivery | None, round_: int, upload: bool) -> FLModel:
         site = self._ready_site()
         if not self.opened:  # the site's own part of the run folder: started, or checked against its data
             site.open_folder()
             self.opened = True
         self._catch_up(site, round_)
-        site.train(delivery, {"round": round_})
+        site.train(delivery.to_exchange() if delivery is not None else None, {"round": round_})
         report = site.evaluate().metrics or {}
         exchange = site.get_weights() if upload else None
         site.save_state()

@@ -55,12 +55,12 @@ class Run:
     @property
     def used_model(self) -> str:
         """The model each site uses: P for two-model methods, M otherwise."""
-        return "P" if method_spec(self.method).two_models else "M"
+        return method_spec(self.method).used_role.value
 
     @property
     def receiving_model(self) -> str:
         """The model overwritten by the server's weights: D for two-model methods, M otherwise."""
-        return "D" if method_spec(self.method).two_models else "M"
+        return method_spec(self.method).receiving_role.value
 
     @property
     def communicates(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from medfl.report.runs import RunGroup
+from medfl.tasks import task_for
 
 MISSING = "–"
 
@@ -29,19 +30,9 @@ class Column:
 
 
 def result_columns(task: str, classes: Sequence[str], metric: str) -> list[Column]:
-    """Test metrics of the task, then the last round's task metric, retrogress, recovery and curve dips."""
-    if task == "classification":
-        test = [Column("macro-F1", ("test", "macro_f1"))]
-        test += [Column(f"F1 {name}", ("test", f"f1_{name}")) for name in classes]
-        test += [Column("AUC", ("test", "auc")), Column("accuracy", ("test", "accuracy")),
-                 Column("balanced acc.", ("test", "balanced_accuracy"))]
-        last = "macro-F1"
-    else:
-        test = [Column("Dice", ("test", "dice")), Column("HD95 (mm)", ("test", "hd95"), 2),
-                Column("cases w/o HD95", ("test", "hd95_missing"), 1)]
-        last = "Dice"
-    return test + [
-        Column(f"{last} last round", ("test_last_round", metric)),
+    """The task's test metrics and the last round's selection metric, then retrogress, recovery and curve
+    dips."""
+    return task_for(task).result_columns(classes, metric) + [
         Column("retrogress", ("retrogress",)),
         Column("recovery", ("recovery",)),
         Column("curve dips", ("curve_dips",)),

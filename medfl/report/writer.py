@@ -20,6 +20,7 @@ from medfl.report import plots
 from medfl.report.predictions import SplitCache, choose_examples, confusion_matrices, predict_examples
 from medfl.report.runs import RunGroup, group_runs, load_run, site_names
 from medfl.report.tables import confusion_table, result_columns, results_table, runs_table
+from medfl.tasks import task_for
 
 REPORT_FILE = "report.md"
 FIGURES = {
@@ -107,7 +108,7 @@ def _figures(groups: list[RunGroup], sites: list[str], out: Path, predictions: b
         "retrogress.png": plots.retrogress_by_round(groups),
         "det_states.png": plots.det_states(groups),
     }
-    if first.task == "segmentation" and predictions and examples > 0:
+    if task_for(first.task).example_slices and predictions and examples > 0:
         figures["segmentation_examples.png"] = _overlay_figure(groups, splits, examples, device, notes)
     return [plots.save_png(figure, out / name) for name, figure in figures.items() if figure is not None]
 
@@ -153,7 +154,7 @@ def write_report(
              "Runs whose configs differ only by seed form one row: mean ± sample standard deviation across seeds.",
              ""]
     lines += _results_section(groups, sites)
-    if first.task == "classification" and predictions:
+    if task_for(first.task).confusion_matrices and predictions:
         lines += _confusion_section(groups, sites, splits, device, notes)
     figures = _figures(groups, sites, out, predictions, examples, splits, device, notes)
     if figures:

@@ -1,0 +1,133 @@
+"""The contract of a task: every question whose answer depends on what the federation learns."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from medfl.config import DataSettings, SiteConfig
+    from medfl.data.problems import ProblemLog
+    from medfl.data.records import SiteContent
+    from medfl.data.site import SiteData, SiteReport
+    from medfl.report.tables import Column
+
+
+class TaskKey(str, Enum):
+    """The key naming a task in configs, run folders and exports (its value is what files hold)."""
+
+    CLASSIFICATION = "classification"
+    SEGMENTATION = "segmentation"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Task(ABC):
+    """One task. Class attributes describe it; methods answer what code elsewhere used to branch on."""
+
+    key: TaskKey
+    modality: str  # names the default recipes (<modality>_train / _eval) and the synthetic data's folder
+    metric: str  # the validation metric DET's phi and model selection read
+    layouts: tuple[str, ...]  # site-config layouts this task reads
+    site_fields: tuple[str, ...]  # site-config keys that apply to this task only
+    default_cpa_tau: float  # CPA's tau when the experiment does not set it
+    sample_noun: str  # what one training sample is ("image", "slice"), for messages
+
+    # ------------------------------------------------------------------ configs (no torch, no MONAI)
+    @abstractmethod
+    def classes(self, configured: Sequence[str] | None) -> list[str]:
+        """The federation's classes in order, from the experiment's `data.classes` (None: not given)."""
+
+    def check_experiment_classes(self, configured: Sequence[str] | None) -> None:
+        """ValueError when the experiment's class list does not suit the task (any list suits by default)."""
+        return None
+
+    def check_site_fields(self, site: SiteConfig) -> None:
+        """ValueError when a site config's task-specific keys are wrong (beyond layout and foreign keys)."""
+        return None
+
+    @abstractmethod
+    def label_targets(self, site: SiteConfig) -> list[str]:
+        """The federation classes a site's labels map to, in first-seen order."""
+
+    def missing_classes(self, site: SiteConfig, classes: Sequence[str]) -> list[str]:
+        """Experiment classes a site cannot provide (none by default)."""
+        return []
+
+    # ------------------------------------------------------------------ data
+    @abstractmethod
+    def read_site(self, site: SiteConfig, settings: DataSettings, log: ProblemLog) -> SiteContent:
+        """The site's split records (errors and warnings go to `log`)."""
+
+    def empty_classes(self, site: SiteConfig, settings: DataSettings) -> list[str]:
+        """The classes a site reports when its data could not be read at all."""
+        return self.label_targets(site)
+
+    @abstractmethod
+    def split_counts(self, classes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> tuple[list[int], int | None]:
+        """(per-class counts of a split, samples showing the foreground or None when the task has none)."""
+
+    @abstractmethod
+    def training_files(self, data: SiteData) -> list[str]:
+        """The files the site trains on, as sorted paths relative to its data_root."""
+
+    @abstractmethod
+    def input_channels(self, record: Mapping[str, Any]) -> int:
+        """The network's input channels, read off one training record."""
+
+    @abstractmethod
+    def check_table(self, report: SiteReport) -> Any:
+        """The rich Table `medfl check` prints for one site: per split, the task's counts."""
+
+    @abstractmethod
+    def check_classes(self, settings: DataSettings) -> str:
+        """What `medfl check` says about the task's classes under these data settings."""
+
+    def check_settings(self, settings: DataSettings) -> list[str]:
+        """Further settings `medfl check` states for this task's sites."""
+        return []
+
+    # ------------------------------------------------------------------ learning (torch)
+    @abstractmethod
+    def networks(self) -> dict[str, Any]:
+        """The networks this task trains, by the name configs use (classes returning (logits, features))."""
+
+    @abstractmethod
+    def batch_labels(self, batch: Mapping[str, Any], device: torch.device) -> Tensor:
+        """A batch's targets as class indices on `device`."""
+
+    @abstractmethod
+    def supervised_loss(self, kind: str, class_counts: Tensor, beta: float) -> nn.Module:
+        """The loss l of algorithm.md: "cpa" or "ce", module(logits, target, gamma=None) -> scalar."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
+                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool) -> dict[str, float]:
+        """The task's metrics of `model` (eval mode already set) over `batches`."""
+
+    # ------------------------------------------------------------------ reports and exports
+    @abstractmethod
+    def result_columns(self, classes: Sequence[str], metric: str) -> list[Column]:
+        """The test columns of a report's results table, then the last round's selection metric."""
+
+    @abstractmethod
+    def logits_shape(self, classes: Sequence[str], size: int) -> list[Any]:
+        """The exported program's output shape ("batch" for the free axis)."""
+
+    @abstractmethod
+    def preprocessing(self, data: DataSettings, in_channels: int, recipe: Mapping[str, Any]) -> dict[str, Any]:
+        """How an input becomes the network's input, in words and numbers (an export's manifest)."""
+
+    def export_data_settings(self, saved: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
+        """An export's data settings as `medfl evaluate` reads a site with them."""
+        return saved
+
+    predicts_volumes: bool = False  # `medfl predict` takes volumes (one mask each) rather than 2-D images
+    confusion_matrices: bool = False  # reports rescore the selected models into confusion matrices
+    example_slices: bool = False  # reports draw test slices with truth and prediction
