@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from medfl.checkpoints import atomic_write_bytes, atomic_write_text
-from medfl.data.images import IMAGE_EXTENSIONS
 from medfl.data.safe_transforms import ALLOWED_TRANSFORMS
-from medfl.deliver.programs import INTENSITY_STEPS, LogitsOnly, SliceWiseProgram
+from medfl.deliver.programs import INTENSITY_STEPS, LogitsOnly
 from medfl.errors import ConfigError
+from medfl.tasks import task_for
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 # The keys MONAI's bundle specification (docs/source/mb_specification.rst) makes mandatory in metadata.json,
@@ -52,15 +52,13 @@ REFERENCES = [
 ]
 # pip name -> lowest version medfl's [bundle] extra allows; the metadata names the installed version.
 RUNNER_PACKAGES = {"pytorch-ignite": "0.4.11", "fire": "0.5.0"}
-TASK_PACKAGES = {"classification": {"pillow": "10.0"}, "segmentation": {"itk-io": "5.3.0", "nibabel": "5.0"}}
-BATCH_SIZE = {"classification": 32, "segmentation": 1}
 _CONFIG_MARKERS = ("$", "@", "%")  # what MONAI's config parser evaluates, references or imports
 _CONFIG_KEYS = ("_target_", "_requires_", "_disabled_", "_desc_", "_mode_")
 
 
 # ----------------------------------------------------------------------------------------------------- models
 
-def _quiet_jit(function, *args, **kwargs):
+def quiet_jit(function, *args, **kwargs):
     """Run a torch.jit function without its deprecation notices (TorchScript is what MONAI bundles load) and
     without the tracer's notices about shape checks (MONAI's norms compare channel counts); `bundle_program`
     checks the result on other inputs instead."""
@@ -74,20 +72,15 @@ def _quiet_jit(function, *args, **kwargs):
 
 def bundle_program(network: nn.Module, task: str, in_channels: int, input_size: int,
                    context_slices: int = 0) -> torch.jit.ScriptModule:
-    """The bundle's TorchScript network: for classification the traced logits network (B, C, S, S) -> logits;
-    for segmentation SliceWiseProgram around it, (1, 1, Z, Y, X) preprocessed volume -> (1, K, Z, Y, X)
-    logits. Checked against the eager network (another batch size, another volume shape) before it is used."""
+    """The bundle's TorchScript network: the traced logits network (B, C, S, S) -> logits, which the task may
+    wrap (segmentation: SliceWiseProgram, (1, 1, Z, Y, X) preprocessed volume -> (1, K, Z, Y, X) logits).
+    Checked against the eager network (another batch size, another volume shape) before it is used."""
     generator = torch.Generator().manual_seed(0)
     logits = LogitsOnly(network).eval()
     example = torch.rand(2, in_channels, input_size, input_size, generator=generator)
-    traced = _quiet_jit(torch.jit.trace, logits, example)
-    if task == "classification":
-        program, eager = traced, logits
-        probe = torch.rand(3, in_channels, input_size, input_size, generator=generator)
-    else:
-        eager = SliceWiseProgram(logits, input_size, context_slices).eval()
-        program = _quiet_jit(torch.jit.script, SliceWiseProgram(traced, input_size, context_slices))
-        probe = torch.randn(1, 1, 3, input_size + 5, input_size - 3, generator=generator)
+    traced = quiet_jit(torch.jit.trace, logits, example)
+    program, eager, probe = task_for(task).bundle_program(traced, logits, in_channels, input_size, context_slices,
+                                                          generator)
     program.eval()
     with torch.no_grad():
         expected, got = eager(probe), program(probe)
@@ -180,7 +173,7 @@ def volume_transforms(recipe: dict[str, Any]) -> list[dict[str, Any]]:
 
 def inference_config(manifest: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
     """configs/inference.json: a SupervisedEvaluator over the files of `input_dir`, writing into `output_dir`."""
-    task = manifest["task"]
+    task = task_for(manifest["task"])
     config: dict[str, Any] = {
         "imports": ["$import glob", "$import os"],
         "bundle_root": ".",
@@ -191,39 +184,9 @@ def inference_config(manifest: dict[str, Any], recipe: dict[str, Any]) -> dict[s
                         "map_location": "cpu"},
         "network": "$@network_def.to(@device)",
     }
-    if task == "classification":
-        extensions = sorted({e for extension in IMAGE_EXTENSIONS for e in (extension, extension.upper())})
-        config |= {
-            "input_exts": extensions,
-            "datalist": "$sorted({path for ext in @input_exts "
-                        "for path in glob.glob(os.path.join(glob.escape(@input_dir), '*' + ext))})",
-            "preprocessing": {"_target_": "Compose", "transforms": image_transforms(recipe)},
-            "dataset": {"_target_": "Dataset", "data": "$[{'image': path, 'filename_or_obj': path} for path in @datalist]",
-                        "transform": "@preprocessing"},
-            "postprocessing": {"_target_": "Compose", "transforms": [
-                {"_target_": "Activationsd", "keys": "pred", "softmax": True}]},
-            "handlers": [{"_target_": "ClassificationSaver", "output_dir": "@output_dir", "filename": "predictions.csv",
-                          "output_transform": {"_target_": "from_engine", "keys": ["pred"]}}],
-        }
-    else:
-        config |= {
-            "input_ext": ".nii.gz",
-            "datalist": "$sorted(glob.glob(os.path.join(glob.escape(@input_dir), '*' + @input_ext)))",
-            "preprocessing": {"_target_": "Compose", "transforms": volume_transforms(recipe)},
-            "dataset": {"_target_": "Dataset", "data": "$[{'image': path} for path in @datalist]",
-                        "transform": "@preprocessing"},
-            "postprocessing": {"_target_": "Compose", "transforms": [
-                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-                {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-                 "nearest_interp": True},
-                {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "mask",
-                 "output_ext": "@input_ext", "output_dtype": "uint8", "resample": False, "separate_folder": False,
-                 "print_log": False},
-            ]},
-            "handlers": [],
-        }
+    config |= task.bundle_inference(recipe)
     config |= {
-        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": BATCH_SIZE[task],
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": task.bundle_batch_size,
                        "shuffle": False, "num_workers": 0},
         "inferer": {"_target_": "SimpleInferer"},
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
@@ -249,7 +212,7 @@ def _finite(value: Any) -> Any:
 
 def required_packages(task: str) -> dict[str, str]:
     """What the bundle runner needs beyond MONAI and torch, at the installed version (else the lowest allowed)."""
-    packages = {**RUNNER_PACKAGES, **TASK_PACKAGES[task]}
+    packages = {**RUNNER_PACKAGES, **task_for(task).bundle_packages}
     versions = {}
     for name, lowest in packages.items():
         try:
@@ -259,7 +222,7 @@ def required_packages(task: str) -> dict[str, str]:
     return versions
 
 
-def _tensor(kind: str, fmt: str, modality: str, channels: int, shape: list[Any], dtype: str,
+def tensor_format(kind: str, fmt: str, modality: str, channels: int, shape: list[Any], dtype: str,
             value_range: list[Any], channel_def: dict[str, str]) -> dict[str, Any]:
     return {"type": kind, "format": fmt, "modality": modality, "num_channels": channels, "spatial_shape": shape,
             "dtype": dtype, "value_range": value_range, "is_patch_data": False, "channel_def": channel_def}
@@ -267,24 +230,7 @@ def _tensor(kind: str, fmt: str, modality: str, channels: int, shape: list[Any],
 
 def network_data_format(manifest: dict[str, Any]) -> dict[str, Any]:
     """Inputs and outputs of models/model.ts, and the outputs after the config's postprocessing."""
-    classes = {str(i): name for i, name in enumerate(manifest["classes"])}
-    channels, size = manifest["input"]["channels"], manifest["input"]["size"]
-    if manifest["task"] == "classification":
-        rgb = {"0": "red", "1": "green", "2": "blue"} if channels == 3 else {str(i): f"channel {i}" for i in range(channels)}
-        return {
-            "inputs": {"image": _tensor("image", "magnitude", "dermoscopy", channels, list(size), "float32", [], rgb)},
-            "outputs": {"pred": _tensor("probabilities", "classes", "n/a", len(classes), [], "float32", [], classes)},
-            "post_processed_outputs": {
-                "pred": _tensor("probabilities", "classes", "n/a", len(classes), [], "float32", [0, 1], classes)},
-        }
-    volume = {"0": "MRI volume in LPS orientation as (slices inferior to superior, rows, columns), clipped to its "
-                   "0.5-99.5 percentiles and z-scored"}
-    return {
-        "inputs": {"image": _tensor("image", "magnitude", "MR", 1, ["*", "*", "*"], "float32", [], volume)},
-        "outputs": {"pred": _tensor("image", "labels", "MR", len(classes), ["*", "*", "*"], "float32", [], classes)},
-        "post_processed_outputs": {
-            "pred": _tensor("image", "segmentation", "MR", 1, ["*", "*", "*"], "uint8", [0, len(classes) - 1], classes)},
-    }
+    return task_for(manifest["task"]).bundle_data_format(manifest)
 
 
 def metadata(manifest: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]:
@@ -294,8 +240,8 @@ def metadata(manifest: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]
 
     task, site, versions = manifest["task"], manifest["site"], manifest["versions"]
     experiment, round_ = manifest["experiment"], manifest["round"]
-    what = ("prostate segmentation of T2-weighted MRI volumes, slice by slice (2.5-D)" if task == "segmentation"
-            else f"dermoscopy image classification into {', '.join(manifest['classes'])}")
+    texts = task_for(task).bundle_texts(manifest)
+    what = texts["what"]
     return {
         "schema": SCHEMA,
         "version": BUNDLE_VERSION,
@@ -316,7 +262,7 @@ def metadata(manifest: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]
         "intended_use": "Research only. Not a medical device; not for diagnosis or any clinical decision.",
         "data_source": f"site '{site}': {manifest['training_files']['count']} training files "
                        f"(sha256 of their list {manifest['training_files']['sha256']})",
-        "data_type": "nifti or metaimage volumes" if task == "segmentation" else "jpeg or png images",
+        "data_type": texts["data_type"],
         "references": REFERENCES,
         "network_data_format": network_data_format(manifest),
         "site": site,
@@ -351,26 +297,12 @@ def readme(manifest: dict[str, Any], meta: dict[str, Any], config: dict[str, Any
     table = "\n".join(f"| {name} | {_score(scores['validation'].get(name))} | {_score(scores['test'].get(name))} |"
                       for name in names)
     packages = " ".join(f"{name}=={version}" for name, version in meta["required_packages_version"].items())
-    if task == "classification":
-        io_text = (f"Input: the JPEG or PNG images (RGB, one lesion each) directly inside `--input_dir`. "
-                   f"Output: `predictions.csv` in `--output_dir`, one row per image without a header: the image's "
-                   f"path, then the softmax probability of each class in this order: {', '.join(manifest['classes'])}.")
-        formats = ""
-    else:
-        io_text = ("Input: the MRI volumes (one 3-D T2-weighted volume per file) directly inside `--input_dir`. "
-                   "Output: one mask per volume in `--output_dir`, named `<name>_mask<extension>`, in the input's "
-                   "format and on its voxel grid (same affine), 0 = background, 1 = prostate.")
-        formats = ("\nNIfTI (`.nii.gz`) is read by default; for MetaImage volumes add `--input_ext .mhd` (or `.nii`, "
-                   "`.mha`): masks are written in the same format.\n")
+    texts = task_for(task).bundle_texts(manifest)
+    io_text, formats = texts["io"], texts["formats"]
     steps = "\n".join(f"- {step['_target_']}" + "".join(
         f", {key}={json.dumps(value)}" for key, value in step.items() if key not in ("_target_", "keys"))
         for step in config["preprocessing"]["transforms"])
-    program = ("the network on each image (logits), then softmax" if task == "classification" else
-               f"models/model.ts resizes every axial slice to {manifest['input']['size'][0]} x "
-               f"{manifest['input']['size'][0]} (bilinear, anti-aliased as torch does), stacks it with "
-               f"{manifest['preprocessing']['context_slices']} neighbouring slice(s) on each side, runs the network "
-               "and resizes the logits back to the slice; then argmax, and the mask is put back in the input's "
-               "orientation")
+    program = texts["program"]
     return f"""# {meta['name']}
 
 {meta['description']}
@@ -427,7 +359,7 @@ def write_bundle(folder: Path, network: nn.Module, manifest: dict[str, Any], rec
     program = bundle_program(network, manifest["task"], manifest["input"]["channels"], manifest["input"]["size"][0],
                              context)
     contents = {
-        PROGRAM: _quiet_jit(_saved, torch.jit.save, program),
+        PROGRAM: quiet_jit(_saved, torch.jit.save, program),
         WEIGHTS: _saved(torch.save, network.state_dict()),
         INFERENCE: (json.dumps(config, indent=2) + "\n").encode("utf-8"),
     }

@@ -124,6 +124,27 @@ class Task(ABC):
     def preprocessing(self, data: DataSettings, in_channels: int, recipe: Mapping[str, Any]) -> dict[str, Any]:
         """How an input becomes the network's input, in words and numbers (an export's manifest)."""
 
+    # ------------------------------------------------------------------ MONAI bundles (medfl.deliver.monai_bundle)
+    bundle_packages: dict[str, str]  # pip name -> lowest version the bundle runner needs to read the inputs
+    bundle_batch_size: int
+
+    @abstractmethod
+    def bundle_program(self, traced: Any, eager: nn.Module, in_channels: int, input_size: int, context_slices: int,
+                       generator: torch.Generator) -> tuple[Any, nn.Module, Tensor]:
+        """(TorchScript program, the eager module it must equal, a probe input) around the traced logits network."""
+
+    @abstractmethod
+    def bundle_inference(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
+        """The task's part of configs/inference.json: inputs, preprocessing, dataset, postprocessing, handlers."""
+
+    @abstractmethod
+    def bundle_data_format(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """metadata.json's network_data_format: inputs, outputs and post-processed outputs."""
+
+    @abstractmethod
+    def bundle_texts(self, manifest: Mapping[str, Any]) -> dict[str, str]:
+        """Words for the bundle's metadata and README: what, data_type, io, formats, program."""
+
     def export_data_settings(self, saved: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
         """An export's data settings as `medfl evaluate` reads a site with them."""
         return saved

@@ -27,6 +27,8 @@ class Classification(Task):
     site_fields = ("table", "metadata_table", "filter", "label_map")
     default_cpa_tau = 3.0
     sample_noun = "image"
+    bundle_packages = {"pillow": "10.0"}
+    bundle_batch_size = 32
     confusion_matrices = True
     predicts_volumes = False  # medfl predict: 2-D images, one row of probabilities each
 
@@ -139,3 +141,55 @@ class Classification(Task):
 
     def export_data_settings(self, saved: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
         return {**saved, "classes": list(classes)}
+
+    # ------------------------------------------------------------------ MONAI bundles
+    def bundle_program(self, traced: Any, eager: nn.Module, in_channels: int, input_size: int, context_slices: int,
+                       generator: torch.Generator) -> tuple[Any, nn.Module, Tensor]:
+        import torch
+
+        return traced, eager, torch.rand(3, in_channels, input_size, input_size, generator=generator)
+
+    def bundle_inference(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
+        from medfl.data.images import IMAGE_EXTENSIONS
+        from medfl.deliver.monai_bundle import image_transforms
+
+        extensions = sorted({e for extension in IMAGE_EXTENSIONS for e in (extension, extension.upper())})
+        return {
+            "input_exts": extensions,
+            "datalist": "$sorted({path for ext in @input_exts "
+                        "for path in glob.glob(os.path.join(glob.escape(@input_dir), '*' + ext))})",
+            "preprocessing": {"_target_": "Compose", "transforms": image_transforms(recipe)},
+            "dataset": {"_target_": "Dataset", "data": "$[{'image': path, 'filename_or_obj': path} for path in @datalist]",
+                        "transform": "@preprocessing"},
+            "postprocessing": {"_target_": "Compose", "transforms": [
+                {"_target_": "Activationsd", "keys": "pred", "softmax": True}]},
+            "handlers": [{"_target_": "ClassificationSaver", "output_dir": "@output_dir", "filename": "predictions.csv",
+                          "output_transform": {"_target_": "from_engine", "keys": ["pred"]}}],
+        }
+
+    def bundle_data_format(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        from medfl.deliver.monai_bundle import tensor_format
+
+        classes = {str(i): name for i, name in enumerate(manifest["classes"])}
+        channels, size = manifest["input"]["channels"], manifest["input"]["size"]
+        rgb = {"0": "red", "1": "green", "2": "blue"} if channels == 3 else {str(i): f"channel {i}" for i in range(channels)}
+        return {
+            "inputs": {"image": tensor_format("image", "magnitude", "dermoscopy", channels, list(size), "float32", [],
+                                              rgb)},
+            "outputs": {"pred": tensor_format("probabilities", "classes", "n/a", len(classes), [], "float32", [],
+                                              classes)},
+            "post_processed_outputs": {
+                "pred": tensor_format("probabilities", "classes", "n/a", len(classes), [], "float32", [0, 1], classes)},
+        }
+
+    def bundle_texts(self, manifest: Mapping[str, Any]) -> dict[str, str]:
+        classes = ", ".join(manifest["classes"])
+        return {
+            "what": f"dermoscopy image classification into {classes}",
+            "data_type": "jpeg or png images",
+            "io": ("Input: the JPEG or PNG images (RGB, one lesion each) directly inside `--input_dir`. Output: "
+                   "`predictions.csv` in `--output_dir`, one row per image without a header: the image's path, then "
+                   f"the softmax probability of each class in this order: {classes}."),
+            "formats": "",
+            "program": "the network on each image (logits), then softmax",
+        }

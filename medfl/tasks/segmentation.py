@@ -28,6 +28,8 @@ class Segmentation(Task):
     site_fields = ("mask_suffix",)
     default_cpa_tau = 1.0
     sample_noun = "slice"
+    bundle_packages = {"itk-io": "5.3.0", "nibabel": "5.0"}
+    bundle_batch_size = 1
     example_slices = True
     predicts_volumes = True  # medfl predict: volumes, one mask each, slice by slice
 
@@ -139,4 +141,68 @@ class Segmentation(Task):
             "transforms": recipe["transforms"],
             "inverse": "argmax of the slice logits (upsampled bilinearly to the reoriented in-plane size), "
                        "reoriented back onto the input's voxel grid",
+        }
+
+    # ------------------------------------------------------------------ MONAI bundles
+    def bundle_program(self, traced: Any, eager: nn.Module, in_channels: int, input_size: int, context_slices: int,
+                       generator: torch.Generator) -> tuple[Any, nn.Module, Tensor]:
+        """SliceWiseProgram around the network: the slices and their context exist only inside the program."""
+        import torch
+
+        from medfl.deliver.monai_bundle import quiet_jit
+        from medfl.deliver.programs import SliceWiseProgram
+
+        program = quiet_jit(torch.jit.script, SliceWiseProgram(traced, input_size, context_slices))
+        probe = torch.randn(1, 1, 3, input_size + 5, input_size - 3, generator=generator)
+        return program, SliceWiseProgram(eager, input_size, context_slices).eval(), probe
+
+    def bundle_inference(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
+        from medfl.deliver.monai_bundle import volume_transforms
+
+        return {
+            "input_ext": ".nii.gz",
+            "datalist": "$sorted(glob.glob(os.path.join(glob.escape(@input_dir), '*' + @input_ext)))",
+            "preprocessing": {"_target_": "Compose", "transforms": volume_transforms(recipe)},
+            "dataset": {"_target_": "Dataset", "data": "$[{'image': path} for path in @datalist]",
+                        "transform": "@preprocessing"},
+            "postprocessing": {"_target_": "Compose", "transforms": [
+                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+                 "nearest_interp": True},
+                {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "mask",
+                 "output_ext": "@input_ext", "output_dtype": "uint8", "resample": False, "separate_folder": False,
+                 "print_log": False},
+            ]},
+            "handlers": [],
+        }
+
+    def bundle_data_format(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        from medfl.deliver.monai_bundle import tensor_format
+
+        classes = {str(i): name for i, name in enumerate(manifest["classes"])}
+        volume = {"0": "MRI volume in LPS orientation as (slices inferior to superior, rows, columns), clipped to "
+                       "its 0.5-99.5 percentiles and z-scored"}
+        return {
+            "inputs": {"image": tensor_format("image", "magnitude", "MR", 1, ["*", "*", "*"], "float32", [], volume)},
+            "outputs": {"pred": tensor_format("image", "labels", "MR", len(classes), ["*", "*", "*"], "float32", [],
+                                              classes)},
+            "post_processed_outputs": {
+                "pred": tensor_format("image", "segmentation", "MR", 1, ["*", "*", "*"], "uint8",
+                                      [0, len(classes) - 1], classes)},
+        }
+
+    def bundle_texts(self, manifest: Mapping[str, Any]) -> dict[str, str]:
+        size = manifest["input"]["size"][0]
+        return {
+            "what": "prostate segmentation of T2-weighted MRI volumes, slice by slice (2.5-D)",
+            "data_type": "nifti or metaimage volumes",
+            "io": ("Input: the MRI volumes (one 3-D T2-weighted volume per file) directly inside `--input_dir`. "
+                   "Output: one mask per volume in `--output_dir`, named `<name>_mask<extension>`, in the input's "
+                   "format and on its voxel grid (same affine), 0 = background, 1 = prostate."),
+            "formats": ("\nNIfTI (`.nii.gz`) is read by default; for MetaImage volumes add `--input_ext .mhd` (or "
+                        "`.nii`, `.mha`): masks are written in the same format.\n"),
+            "program": (f"models/model.ts resizes every axial slice to {size} x {size} (bilinear, anti-aliased as "
+                        f"torch does), stacks it with {manifest['preprocessing']['context_slices']} neighbouring "
+                        "slice(s) on each side, runs the network and resizes the logits back to the slice; then "
+                        "argmax, and the mask is put back in the input's orientation"),
         }
