@@ -132,27 +132,28 @@ def make_optimizer(model: nn.Module, options: dict[str, Any]) -> torch.optim.Opt
     return torch.optim.Adam(model.parameters(), lr=options["lr"], weight_decay=options["weight_decay"])
 
 
-def train_loader(site: Site, batch: int, seed: int, epoch: int):
-    """medfl's training order: shuffled by a generator from (seed, site, epoch), a lone last sample dropped."""
+def train_loader(site: Site, batch: int, seed: int, round_: int, epoch: int):
+    """medfl's training order: shuffled by a generator from (seed, site, round, epoch), a lone last sample
+    dropped."""
     from monai.data import ThreadDataLoader
 
-    generator = torch.Generator().manual_seed(derive_seed(seed, site.name, 0, epoch, "order"))
+    generator = torch.Generator().manual_seed(derive_seed(seed, site.name, round_, epoch, "order"))
     drop_last = site.num_train > batch and site.num_train % batch == 1
     return ThreadDataLoader(site.train, buffer_size=2, batch_size=batch, shuffle=True, generator=generator,
                             drop_last=drop_last, num_workers=0)
 
 
 def local_round(model: nn.Module, site: Site, spec: dict[str, Any], optimizer: dict[str, Any], seed: int,
-                epochs: int) -> dict[str, float]:
+                epochs: int, round_: int = 0) -> dict[str, float]:
     """One round of `epochs` local epochs with a fresh optimizer (medfl's train_epoch, supervised loss only)."""
     counts = torch.tensor(site.data.class_counts("train"), dtype=torch.float64)
     loss_fn = SupervisedLoss(spec["task"], "ce", counts)
     opt = make_optimizer(model, optimizer)
     losses, steps = [], 0
     for epoch in range(epochs):
-        site.train_recipe.set_random_state(seed=derive_seed(seed, site.name, 0, epoch))
-        torch.manual_seed(derive_seed(seed, site.name, 0, epoch))
-        loader = train_loader(site, spec["batch"], seed, epoch)
+        site.train_recipe.set_random_state(seed=derive_seed(seed, site.name, round_, epoch))
+        torch.manual_seed(derive_seed(seed, site.name, round_, epoch))
+        loader = train_loader(site, spec["batch"], seed, round_, epoch)
         steps += len(loader)
         losses.append(train_epoch({"M": model}, {"M": opt}, loader, loss_fn, EpochPlan(), spec["task"],
                                   torch.device("cpu"))["M"])
@@ -220,32 +221,46 @@ def reestimate_bn(model: nn.Module, site: Site, spec: dict[str, Any]) -> nn.Modu
 
 
 def probe(sites: list[Site], spec: dict[str, Any], optimizer: dict[str, Any], seed: int, epochs: int,
-          model_options: dict[str, Any]) -> dict[str, Any]:
-    """One round from the common initialisation; every site's local, fedavg and fedavg+bn scores."""
+          model_options: dict[str, Any], warm_rounds: int = 0, warm_epochs: int = 5) -> dict[str, Any]:
+    """One round from a common start; every site's local, local+bn, fedavg and fedavg+bn scores.
+
+    The common start is the seeded initialisation, or (warm_rounds > 0) the FedAvg model after that many
+    rounds of `warm_epochs` local epochs from it: the model every site holds at the start of round
+    `warm_rounds` of a FedAvg federation.
+    """
     torch.manual_seed(seed)
-    initial = build_model(spec["model"], spec["task"], len(CLASSES) if spec["task"] == "classification" else 2,
-                          sites[0].in_channels, width=spec["width"], **model_options)
+    common = build_model(spec["model"], spec["task"], len(CLASSES) if spec["task"] == "classification" else 2,
+                         sites[0].in_channels, width=spec["width"], **model_options)
+    sizes = {site.name: site.num_train for site in sites}
+    warm = []
+    for round_ in range(warm_rounds):
+        models = {site.name: copy.deepcopy(common) for site in sites}
+        for site in sites:
+            local_round(models[site.name], site, spec, optimizer, seed, warm_epochs, round_)
+        common = fedavg(models, sizes)
+        warm.append(float(np.mean([score(common, site, spec)[spec["metric"]] for site in sites])))
     models, training = {}, {}
     for site in sites:
-        models[site.name] = copy.deepcopy(initial)
+        models[site.name] = copy.deepcopy(common)
         start = time.perf_counter()
-        training[site.name] = local_round(models[site.name], site, spec, optimizer, seed, epochs)
+        training[site.name] = local_round(models[site.name], site, spec, optimizer, seed, epochs, warm_rounds)
         training[site.name]["seconds"] = round(time.perf_counter() - start, 1)
-    average = fedavg(models, {site.name: site.num_train for site in sites})
+    average = fedavg(models, sizes)
     per_site = {}
     for site in sites:
-        local, averaged = score(models[site.name], site, spec), score(average, site, spec)
-        reestimated_model = reestimate_bn(average, site, spec)
-        reestimated = score(reestimated_model, site, spec) if reestimated_model is not None else None
-        per_site[site.name] = {"local": local, "fedavg": averaged, "fedavg_bn": reestimated, **training[site.name]}
-    return summarise(per_site, spec)
+        scores = {"local": score(models[site.name], site, spec), "fedavg": score(average, site, spec)}
+        for name, model in (("local_bn", models[site.name]), ("fedavg_bn", average)):
+            reestimated = reestimate_bn(model, site, spec)
+            scores[name] = score(reestimated, site, spec) if reestimated is not None else None
+        per_site[site.name] = {**scores, **training[site.name]}
+    return {**summarise(per_site, spec), "warm_fedavg": [round(v, 4) for v in warm]}
 
 
 def summarise(per_site: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """Mean over sites of the metric for each model (and, classification, macro-F1 of the pooled predictions)."""
     metric = spec["metric"]
     summary: dict[str, Any] = {"sites": {}}
-    for model in ("local", "fedavg", "fedavg_bn"):
+    for model in ("local", "local_bn", "fedavg", "fedavg_bn"):
         values = {name: s[model][metric] for name, s in per_site.items() if s[model] is not None}
         if not values:
             continue
@@ -275,63 +290,79 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def _commit() -> str:
+    """The checked-out commit, with "+changes" when medfl/ or this script differ from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=BENCHMARKS, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "../medfl", "calibrate_shift.py"],
+                                 capture_output=True, text=True, cwd=BENCHMARKS, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+changes" if changed else "")
+
+
+def _start(attempt: dict[str, Any]) -> str:
+    rounds = attempt.get("warm_rounds", 0)
+    return "init" if not rounds else f"FedAvg after {rounds} x {attempt['warm_epochs']} ep"
+
+
+def _column(runs: list[dict[str, Any]], key: str) -> list[Any]:
+    return [run.get(key) for run in runs]
 
 
 def write_markdown(attempts: list[dict[str, Any]], path: Path) -> None:
     lines = [
-        "# Site-shift calibration: one FedAvg round from a common initialisation",
+        "# Site-shift calibration: one FedAvg round from a common start",
         "",
         "Written by `benchmarks/calibrate_shift.py` from every attempt in `calibration.json` (all parameter sets "
-        "tried, in order). Validation split of every site; mean over sites, mean ± sd over seeds. "
-        "local: each site's own model after one round; fedavg: the sample-weighted average of all sites' state "
-        "dicts (BatchNorm statistics included); +bn: that average with BatchNorm statistics re-estimated on the "
-        "site's own training images. drop = local - fedavg; back = share of the drop that +bn recovers. "
-        "Dermoscopy also gives macro-F1 of the pooled validation predictions.",
+        "tried, in order). Validation split of every site; mean over sites, mean ± sd over seeds. start: the "
+        "model all sites hold before the probed round (init: the seeded common initialisation; FedAvg after "
+        "W x E: the FedAvg model after W rounds of E local epochs from it). local: each site's own model after "
+        "the round; local+bn: the same with BatchNorm statistics re-estimated on its own training images (the "
+        "recipe's evaluation transforms); fedavg: the sample-weighted average of all sites' state dicts (BatchNorm "
+        "statistics included); fedavg+bn: that average with BatchNorm statistics re-estimated on the site's own "
+        "training images. drop = local - fedavg; back = (fedavg+bn - fedavg) / drop. Dermoscopy also gives "
+        "macro-F1 of the pooled validation predictions.",
         "",
-        "| # | preset | task | variant | params | scale | seeds | steps (min site) | local | fedavg | +bn | drop | "
-        "back | pooled local / fedavg / +bn | CPU min |",
-        "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| # | preset | task | variant | start | params | scale | seeds | steps (min site) | local | local+bn | "
+        "fedavg | fedavg+bn | drop | back | pooled local / fedavg / fedavg+bn | CPU min |",
+        "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for number, attempt in enumerate(attempts, start=1):
         runs = attempt["seeds"]
-
-        def get(key: str, runs: list[dict[str, Any]] = runs) -> list[Any]:
-            return [run.get(key) for run in runs]
-
-        local, avg, bn = get("local"), get("fedavg"), get("fedavg_bn")
+        local, avg, bn = _column(runs, "local"), _column(runs, "fedavg"), _column(runs, "fedavg_bn")
         drop = [a - b for a, b in zip(local, avg, strict=True)]
-        back = ([(c - b) / (a - b) if a - b > 1e-9 else math.nan for a, b, c in zip(local, avg, bn, strict=True)]
-                if all(v is not None for v in bn) else [])
-        pooled = " / ".join(_mean_sd(get(f"{m}_pooled")) for m in ("local", "fedavg", "fedavg_bn")) \
-            if runs[0].get("local_pooled") is not None else "–"
+        has_bn = all(v is not None for v in bn)
+        back = [(c - b) / (a - b) if a - b > 1e-9 else math.nan
+                for a, b, c in zip(local, avg, bn, strict=True)] if has_bn else []
+        pooled = (" / ".join(_mean_sd(_column(runs, f"{m}_pooled")) for m in ("local", "fedavg", "fedavg_bn"))
+                  if runs[0].get("local_pooled") is not None else "–")
         steps = min(min(s["steps"] for s in r["sites"].values()) for r in runs)
         lines.append(
-            f"| {number} | {attempt['preset']} | {attempt['task']} | {attempt['variant']} | "
+            f"| {number} | {attempt['preset']} | {attempt['task']} | {attempt['variant']} | {_start(attempt)} | "
             f"`{attempt['parameters_digest']}` | {attempt['scale']:g} | {len(runs)} | {steps} | {_mean_sd(local)} | "
-            f"{_mean_sd(avg)} | {_mean_sd([v for v in bn if v is not None]) if back else '–'} | {_mean_sd(drop)} | "
-            f"{_mean_sd(back) if back else '–'} | {pooled} | {attempt['cpu_minutes']:.1f} |"
+            f"{_mean_sd(_column(runs, 'local_bn'))} | {_mean_sd(avg)} | {_mean_sd(bn) if has_bn else '–'} | "
+            f"{_mean_sd(drop)} | {_mean_sd(back) if has_bn else '–'} | {pooled} | {attempt['cpu_minutes']:.1f} |"
         )
     lines += ["", "## Per site (mean over seeds)", ""]
     for number, attempt in enumerate(attempts, start=1):
         runs = attempt["seeds"]
-        lines += [f"**#{number}** {attempt['preset']} {attempt['task']} {attempt['variant']} "
-                  f"({attempt['label'] or 'no label'}; {attempt['date']}, commit {attempt['commit']})", "",
-                  "| site | train samples | steps | local | fedavg | +bn | loss first -> last epoch |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+        note = f" {attempt['note']}" if attempt.get("note") else ""
+        curves = list(zip(*_column(runs, "warm_fedavg"), strict=True))
+        warm = f" FedAvg after each warm-up round: {', '.join(_mean_sd(list(v)) for v in curves)}." if curves else ""
+        lines += [f"**#{number}** {attempt['preset']} {attempt['task']} {attempt['variant']}, start "
+                  f"{_start(attempt)} ({attempt['label'] or 'no label'}; {attempt['date']}, commit "
+                  f"{attempt['commit']}).{note}{warm}", "",
+                  "| site | train samples | steps | local | local+bn | fedavg | fedavg+bn | loss first -> last epoch |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
         for name in runs[0]["sites"]:
             cells = [r["sites"][name] for r in runs]
-            bn = [c.get("fedavg_bn") for c in cells]
             loss = [c["loss"] for c in cells]
+            values = [[c.get(k) for c in cells] for k in ("local", "local_bn", "fedavg", "fedavg_bn")]
             lines.append(
                 f"| {name} | {attempt['train_samples'][name]} | {cells[0]['steps']} | "
-                f"{_mean_sd([c['local'] for c in cells])} | {_mean_sd([c['fedavg'] for c in cells])} | "
-                f"{_mean_sd(bn) if None not in bn else '–'} | "
-                f"{statistics.mean(x[0] for x in loss):.3f} -> {statistics.mean(x[1] for x in loss):.3f} |"
+                + " | ".join(_mean_sd(v) if None not in v else "–" for v in values)
+                + f" | {statistics.mean(x[0] for x in loss):.3f} -> {statistics.mean(x[1] for x in loss):.3f} |"
             )
         lines.append("")
     lines += ["## Parameter sets", ""]
@@ -372,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5, help="local epochs of the one round")
     parser.add_argument("--optimizers", default="sgd,adam", help="dermoscopy: sgd, adam")
     parser.add_argument("--norms", default="instance,batch", help="prostate UNet: instance, batch")
+    parser.add_argument("--warm-rounds", type=int, default=0,
+                        help="FedAvg rounds before the probed one (0: probe from the common initialisation)")
+    parser.add_argument("--warm-epochs", type=int, default=5, help="local epochs of each warm-up round")
     parser.add_argument("--scale", type=float, help="data scale (default: 0.6 dermoscopy, 3.3 prostate)")
     parser.add_argument("--data", type=Path, default=DATA, help="where generated data are kept between runs")
     parser.add_argument("--label", default="", help="a note recorded with the attempts")
@@ -395,9 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             start = time.process_time()
             runs = []
             for seed in seeds:
-                result = probe(sites, spec, optimizer, seed, args.epochs, options)
+                result = probe(sites, spec, optimizer, seed, args.epochs, options, args.warm_rounds,
+                               args.warm_epochs)
                 runs.append({"seed": seed, **result})
-                print(f"{preset} {args.task} {variant} seed {seed}: local {result['local']:.3f} fedavg "
+                print(f"{preset} {args.task} {variant} seed {seed} warm {result['warm_fedavg']}: local "
+                      f"{result['local']:.3f} local+bn {result.get('local_bn', float('nan')):.3f} fedavg "
                       f"{result['fedavg']:.3f} +bn {result.get('fedavg_bn', float('nan')):.3f} "
                       f"(steps min {min(s['steps'] for s in result['sites'].values())})", flush=True)
             if min(s["steps"] for r in runs for s in r["sites"].values()) < MIN_STEPS:
@@ -406,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             record["attempts"].append({
                 "label": args.label, "date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
                 "preset": preset, "task": args.task, "variant": variant, "scale": scale, "epochs": args.epochs,
+                "warm_rounds": args.warm_rounds, "warm_epochs": args.warm_epochs,
                 "optimizer": optimizer, "model": {"name": spec["model"], "width": spec["width"], **options},
                 "input_size": spec["input_size"], "batch": spec["batch"],
                 "parameters_digest": parameters_digest(parameters), "parameters": parameters,
