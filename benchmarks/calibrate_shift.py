@@ -348,7 +348,7 @@ def write_markdown(attempts: list[dict[str, Any]], path: Path) -> None:
     for number, attempt in enumerate(attempts, start=1):
         runs = attempt["seeds"]
         note = f" {attempt['note']}" if attempt.get("note") else ""
-        curves = list(zip(*_column(runs, "warm_fedavg"), strict=True))
+        curves = list(zip(*[run.get("warm_fedavg") or [] for run in runs], strict=True))
         warm = f" FedAvg after each warm-up round: {', '.join(_mean_sd(list(v)) for v in curves)}." if curves else ""
         lines += [f"**#{number}** {attempt['preset']} {attempt['task']} {attempt['variant']}, start "
                   f"{_start(attempt)} ({attempt['label'] or 'no label'}; {attempt['date']}, commit "
