@@ -2,8 +2,8 @@
 
 A one-round FedAvg probe on each preset of `medfl synth --shift`: from the seeded common initialisation
 (torch.manual_seed(seed), then build_model, as medfl does), every site trains its own copy for one round of
-E = 5 local epochs (at least 200 local steps at the smallest site at the benchmark's scale), then on every
-site's validation split we score
+E = 5 local epochs (at least 200 local steps at the smallest site at the benchmark's scale: dermoscopy scale
+0.6, prostate 3.3), then on every site's validation split we score
 - local: the site's own model after the round;
 - fedavg: the sample-weighted mean of all sites' state dicts, BatchNorm running statistics included (as medfl's
   FedAvg does: medfl.federated.averaging);
@@ -15,11 +15,18 @@ Prostate: foreground Dice per validation case (medfl.metrics), UNet x0.5 at 64 p
 lr 1e-3 (the shipped experiment's), with its default instance norm (no running statistics: nothing to
 re-estimate) and with `norm: batch`. The test split is never read.
 
+`--warm-rounds W` probes round W instead of round 0: the common start is then the FedAvg model after W rounds of
+`--warm-epochs` local epochs, which every site holds at the start of round W of a FedAvg federation. Round 0
+averages models that trained apart from a random initialisation, which says little about site shift: compare
+the two in calibration.md.
+
 Every invocation appends its attempts (the sites' full parameter set, the probe's settings, every score) to
 benchmarks/results/calibration.json and rewrites calibration.md from all attempts, so the record keeps every
-parameter set tried. One torch thread.
+parameter set tried. One torch thread. Generated data are kept in results/tmp/calibration/ (the realistic
+prostate sites at scale 3.3 take 1.3 GB and about 4.5 minutes to write).
 
     python benchmarks/calibrate_shift.py --task dermoscopy                  # both presets, SGD and Adam, 3 seeds
+    python benchmarks/calibrate_shift.py --task dermoscopy --warm-rounds 3  # probe round 3
     python benchmarks/calibrate_shift.py --task prostate --norms instance,batch
 """
 
