@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint docs install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medfl tests benchmarks
+
+# The config references in docs/ are generated from the pydantic models; a test fails while they are stale.
+docs: $(STAMP)
+	$(VENV)/bin/medfl config-reference --out docs
 
 clean:
 	rm -rf $(VENV) data/synth

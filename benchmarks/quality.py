@@ -49,9 +49,19 @@ REPOSITORY = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 EXPERIMENTS = REPOSITORY / "site_configs" / "experiments"
 MAIN_METHODS = ("local", "fedavg", "fedbn", "fml", "prr")
-ABLATIONS = ("fedavg_det", "pfa_only", "prr_ce", "prr_amplitude")
+ABLATIONS = ("fedavg_det", "pfa_only", "prr_ce", "prr_amplitude", "prr_phi_train")
+BATCHNORM_UNET = ("fedavg_bnunet", "fedbn_bnunet", "prr_bnunet")
 # Ablations that are a method with other options: label -> (method, experiment overrides).
-VARIANTS = {"prr_amplitude": ("prr", {"pfa": {"share_phase": False}})}  # PFA as in the MICCAI paper
+VARIANTS = {
+    "prr_amplitude": ("prr", {"pfa": {"share_phase": False}}),  # PFA as in the MICCAI paper
+    "prr_phi_train": ("prr", {"det": {"phi_source": "train"}}),  # DET's phi from the training data (reference code)
+    # The UNet with BatchNorm instead of affine instance norm: FedBN's and the collapse's mechanism is BatchNorm.
+    **{label: (label.removesuffix("_bnunet"), {"model": {"options": {"norm": "batch"}}}) for label in BATCHNORM_UNET},
+}
+# Single-model methods whose model is the one the server overwrites: scored after local training and selected per
+# site, they are FedAvg or FedBN plus local fine-tuning, and the tables call them so.
+FINE_TUNED = {"fedavg": "fedavg-FT", "fedbn": "fedbn-FT", "pfa_only": "pfa_only-FT", "fedavg_bnunet": "fedavg_bnunet-FT",
+              "fedbn_bnunet": "fedbn_bnunet-FT"}
 TASKS = {"dermoscopy": ("classification", "dermoscopy.yaml"), "prostate": ("segmentation", "prostate.yaml")}
 
 
@@ -64,6 +74,7 @@ class TaskPlan:
     seeds: int
     warmup_rounds: int | None = None  # None: medfl's default, 30% of the rounds
     overrides: dict[str, Any] = field(default_factory=dict)
+    ablations: tuple[str, ...] | None = None  # None: the preset's list
 
     @property
     def warmup(self) -> int:
@@ -81,55 +92,84 @@ class Preset:
     ablation_seeds: int = 1
     ablations: tuple[str, ...] = ABLATIONS
     minimums: tuple[int, int, int] | None = None  # synth's per-class minimums (train, val, test); None: its defaults
+    shift: str = "mild"  # `medfl synth --shift`: how much the sites differ
 
     def generate_arguments(self) -> dict[str, Any]:
         """The arguments of `medfl.synth.generate` for this preset's data."""
         from medfl.synth import Minimums
 
-        return {"scale": self.scale, "n_derm": 4 if "dermoscopy" in self.tasks else 0,
-                "n_prostate": 6 if "prostate" in self.tasks else 0,
-                "minimums": Minimums(*self.minimums) if self.minimums else None}
+        arguments = {"scale": self.scale, "n_derm": 4 if "dermoscopy" in self.tasks else 0,
+                     "n_prostate": 6 if "prostate" in self.tasks else 0,
+                     "minimums": Minimums(*self.minimums) if self.minimums else None}
+        return {**arguments, "shift": self.shift} if self.shift != "mild" else arguments
 
     def data_text(self) -> str:
         minimums = f", minimums=Minimums{self.minimums}" if self.minimums else ""
-        return f"`medfl.synth.generate(scale={self.scale}{minimums})`"
+        shift = f", shift={self.shift!r}" if self.shift != "mild" else ""
+        return f"`medfl.synth.generate(scale={self.scale}{minimums}{shift})`"
 
+    def ablations_of(self, task: str) -> tuple[str, ...]:
+        listed = self.tasks[task].ablations
+        return self.ablations if listed is None else listed
+
+
+# The realistic federation's plan (issue: every site >= 200 local steps per round, E = 5): sizes set from the
+# synthetic data's training counts at this scale; see benchmarks/README.md for the measured steps and time.
+REALISTIC_DERMOSCOPY = TaskPlan(
+    rounds=10, local_epochs=5, seeds=3,
+    overrides={"data": {"input_size": 32}, "batch_size": 16, "diagnostics": {"bn_reestimation": True},
+               "optimizer": {"name": "sgd", "lr": 1e-2, "momentum": 0.0, "weight_decay": 1e-6, "lr_step_rounds": 5,
+                             "lr_gamma": 0.5}},
+)
+REALISTIC_PROSTATE = TaskPlan(
+    rounds=8, local_epochs=5, seeds=3, ablations=("prr_ce",) + BATCHNORM_UNET,
+    overrides={"data": {"input_size": 64}, "model": {"width": 0.25}, "batch_size": 8,
+               "diagnostics": {"bn_reestimation": True}},
+)
 
 PRESETS: dict[str, Preset] = {
-    "quick": Preset(
-        "dermoscopy only, 2 seeds, 10 rounds x 3 local epochs (about 30 min on a busy 2-core machine)",
-        scale=0.1, device="cpu",
-        tasks={"dermoscopy": TaskPlan(rounds=10, local_epochs=3, seeds=2)},
-    ),
     "default": Preset(
-        "the 2-core CPU plan: shipped experiments (32 px slim VGG-16 x0.25, 64 px UNet x0.5), synthetic "
-        "scale 0.1, dermoscopy 3 seeds x 20 rounds x 3 epochs, prostate 2 seeds x 10 rounds x 3 epochs",
+        "the realistic federation (`medfl synth --shift realistic`), the 2-core CPU plan: every site >= 200 local "
+        "steps per round, 5 local epochs; main methods 3 seeds, ablations 1 seed",
+        scale=0.6, device="cpu", shift="realistic", minimums=(3, 1, 1),
+        tasks={"dermoscopy": REALISTIC_DERMOSCOPY, "prostate": REALISTIC_PROSTATE},
+    ),
+    "mild": Preset(
+        "the mild federation (today's `medfl synth`), the earlier 2-core CPU plan: shipped experiments (32 px slim "
+        "VGG-16 x0.25, 64 px UNet x0.5), synthetic scale 0.1, dermoscopy 3 seeds x 20 rounds x 3 epochs, prostate "
+        "2 seeds x 10 rounds x 3 epochs",
         scale=0.1, device="cpu",
         tasks={
             "dermoscopy": TaskPlan(rounds=20, local_epochs=3, seeds=3),
             "prostate": TaskPlan(rounds=10, local_epochs=3, seeds=2),
         },
     ),
+    "quick": Preset(
+        "dermoscopy only, mild federation, 2 seeds, 10 rounds x 3 local epochs (about 30 min on a busy 2-core machine)",
+        scale=0.1, device="cpu",
+        tasks={"dermoscopy": TaskPlan(rounds=10, local_epochs=3, seeds=2)},
+    ),
     "imbalanced": Preset(
-        "dermoscopy only, 2 seeds, 20 rounds x 3 local epochs, with synth's per-class minimums lowered so that "
-        "the reference's rare classes stay rare (derm_b's melanomas); main methods and prr_ce (about 20 min)",
+        "dermoscopy only, mild federation, 2 seeds, 20 rounds x 3 local epochs, with synth's per-class minimums "
+        "lowered so that the reference's rare classes stay rare (derm_b's melanomas); main methods and prr_ce",
         scale=0.1, device="cpu", minimums=(10, 2, 4), ablations=("prr_ce",),
         tasks={"dermoscopy": TaskPlan(rounds=20, local_epochs=3, seeds=2)},
     ),
     "full": Preset(
-        "the reference settings (algorithm.md) for a GPU: synthetic scale 1 (reference counts), dermoscopy "
-        "128 px slim VGG-16 x1, 50 rounds x 5 epochs, warm-up 15; prostate 256 px UNet x1, lr 1e-3, 20 x 5, "
-        "warm-up 1",
-        scale=1.0, device="auto",
+        "the reference settings (algorithm.md) for a GPU, on the realistic federation: synthetic scale 1 (reference "
+        "counts), dermoscopy 128 px slim VGG-16 x1, SGD lr 1e-2, 50 rounds x 5 epochs, warm-up 15; prostate 256 px "
+        "UNet x1, lr 1e-3, 20 x 5, warm-up 1",
+        scale=1.0, device="auto", shift="realistic", minimums=(3, 1, 1),
         tasks={
             "dermoscopy": TaskPlan(
                 rounds=50, local_epochs=5, seeds=3, warmup_rounds=15,
-                overrides={"data": {"input_size": 128}, "model": {"width": 1.0}, "batch_size": 16},
+                overrides={"data": {"input_size": 128}, "model": {"width": 1.0}, "batch_size": 16,
+                           "optimizer": {"name": "sgd", "lr": 1e-2, "momentum": 0.0}},
             ),
             "prostate": TaskPlan(
                 rounds=20, local_epochs=5, seeds=2, warmup_rounds=1,
                 overrides={"data": {"input_size": 256}, "model": {"width": 1.0}, "batch_size": 8,
-                           "optimizer": {"lr": 1e-3}},
+                           "optimizer": {"name": "sgd", "lr": 1e-3, "momentum": 0.0}},
             ),
         },
     ),
@@ -176,7 +216,7 @@ def plan_jobs(preset: Preset, root: Path, threads: int, device: str) -> list[dic
     synth_root = root / "synth"
     jobs = []
     for task, plan in preset.tasks.items():
-        for label in MAIN_METHODS + preset.ablations:
+        for label in MAIN_METHODS + preset.ablations_of(task):
             seeds = plan.seeds if label in MAIN_METHODS else min(preset.ablation_seeds, plan.seeds)
             for seed in range(seeds):
                 name = f"{task}-{label}-seed{seed}"
@@ -196,8 +236,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or reuse) one experiment with the Coordinator; its wall and process CPU seconds."""
     import torch
 
+    from medfl.devices import resolve_device
     from medfl.experiment import load_experiment_config
-    from medfl.federated.coordinator import Coordinator, resolve_device
+    from medfl.federated.coordinator import Coordinator
 
     torch.set_num_threads(job["threads"])
     config = load_experiment_config(job["config"])
@@ -278,16 +319,22 @@ def communication_dips(run, site: str) -> float:
 
 
 def site_values(run, metrics: dict[str, tuple[str, str]]) -> dict[str, dict[str, float]]:
-    """Per site: the requested summary values, plus communication dips for one-model communicating methods."""
+    """Per site: the requested summary values, plus communication dips for one-model communicating methods.
+
+    The section "reference" reads the reference protocol's test scores (summary.json's reference_protocol)."""
     values = {}
+    reference = run.summary.get("reference_protocol", {}).get("sites", {})
     for site, entry in run.summary["sites"].items():
         row = {}
         for name, (section, key) in metrics.items():
-            source = entry.get(section, {}) if section else entry
+            if section == "reference":
+                source = reference.get(site, {}).get("test", {})
+            else:
+                source = entry.get(section, {}) if section else entry
             value = source.get(key) if isinstance(source, dict) else None
             row[name] = math.nan if value is None else float(value)
         if not run.communicates:
-            row["retrogress"] = row["recovery"] = math.nan
+            row["retrogress"] = row["recovery"] = row["retrogress_bn"] = math.nan
         row["communication_dips"] = (
             communication_dips(run, site) if run.communicates and run.used_model == run.receiving_model else math.nan
         )
@@ -303,13 +350,20 @@ def det_shares(run) -> dict[str, float]:
 
 
 def task_metrics(task: str, rarest: str | None) -> dict[str, tuple[str, str]]:
-    """Reported values: name -> (summary section, key); the section '' is the site entry itself."""
-    dynamics = {"retrogress": ("", "retrogress"), "recovery": ("", "recovery"), "curve_dips": ("", "curve_dips")}
+    """Reported values: name -> (summary section, key); the section '' is the site entry itself, "reference" the
+    reference protocol's scores (model right after communication, one round for all sites, rounds >= 0.8 T);
+    "test" is the per-site fine-tuned protocol (after local training, each site's own validation choice)."""
+    dynamics = {"retrogress": ("", "retrogress"), "recovery": ("", "recovery"),
+                "retrogress_bn": ("", "retrogress_bn_reestimated"), "curve_dips": ("", "curve_dips"),
+                "det_changes": ("", "det_changes_per_round"), "det_fallbacks": ("", "det_fallbacks_per_round")}
     if task == "dermoscopy":
-        return {"macro_f1": ("test", "macro_f1"), f"f1_{rarest}": ("test", f"f1_{rarest}"),
+        return {"ref_macro_f1": ("reference", "macro_f1"), f"ref_f1_{rarest}": ("reference", f"f1_{rarest}"),
+                "ref_auc": ("reference", "auc"),
+                "macro_f1": ("test", "macro_f1"), f"f1_{rarest}": ("test", f"f1_{rarest}"),
                 "auc": ("test", "auc"), "accuracy": ("test", "accuracy"),
                 "macro_f1_last_round": ("test_last_round", "macro_f1"), **dynamics}
-    return {"dice": ("test", "dice"), "hd95": ("test", "hd95"), "hd95_missing": ("test", "hd95_missing"),
+    return {"ref_dice": ("reference", "dice"), "ref_hd95": ("reference", "hd95"),
+            "dice": ("test", "dice"), "hd95": ("test", "hd95"), "hd95_missing": ("test", "hd95_missing"),
             "dice_last_round": ("test_last_round", "dice"), **dynamics}
 
 
@@ -357,9 +411,10 @@ def summarise_task(task: str, runs: list, scratch: Path) -> dict[str, Any]:
             if method in shares else None,
         }
     headline = "macro_f1" if task == "dermoscopy" else "dice"
-    compared = [headline] + ([f"f1_{rarest}"] if rarest else []) + ["curve_dips"]
+    rare = [f"f1_{rarest}"] if rarest else []
+    compared = [f"ref_{headline}"] + [f"ref_{n}" for n in rare] + [headline] + rare + ["curve_dips"]
     paired = {}
-    for other in ("fedavg", "fedbn"):
+    for other in ("fedavg", "fedbn", "local"):
         if "prr" in by_method and other in by_method:
             common = sorted(set(by_method["prr"]) & set(by_method[other]))
             paired[f"prr_minus_{other}"] = {
@@ -395,9 +450,9 @@ def circular_pfa_strategy(config, model):
     import aggregation
     import numpy as np
 
-    from medfl.federated.coordinator import strategy_options
     from medfl.federated.params import parameter_roles
     from medfl.federated.pfa import pfa_ratio
+    from medfl.federated.rounds import strategy_options
     from medfl.federated.server import PFAStrategy
 
     class CircularPFA(PFAStrategy):
@@ -428,8 +483,8 @@ def aggregation_probe(run, scratch: Path) -> dict[str, Any]:
     from monai.data import DataLoader
 
     from medfl.experiment import ExperimentConfig
-    from medfl.federated.coordinator import strategy_options
     from medfl.federated.evaluation import evaluate_model
+    from medfl.federated.rounds import strategy_options
     from medfl.federated.server import SiteUpdate, build_strategy
     from medfl.federated.site import Site
 
@@ -495,8 +550,11 @@ def aggregation_probe(run, scratch: Path) -> dict[str, Any]:
 LABELS = {"macro_f1": "macro-F1", "auc": "AUC", "accuracy": "accuracy", "dice": "Dice", "hd95": "HD95 (mm)",
           "hd95_missing": "cases w/o HD95", "macro_f1_last_round": "macro-F1 last round",
           "dice_last_round": "Dice last round", "retrogress": "retrogress (receiving)",
-          "recovery": "recovery (receiving)", "curve_dips": "curve dips (used)",
-          "communication_dips": "of which at communication"}
+          "retrogress_bn": "retrogress after BN re-estimation", "recovery": "recovery (receiving)",
+          "curve_dips": "curve dips (used)", "communication_dips": "of which at communication",
+          "det_changes": "DET state changes / round", "det_fallbacks": "DET fallbacks / round"}
+DYNAMICS = ("retrogress", "retrogress_bn", "recovery", "curve_dips", "communication_dips", "det_changes",
+            "det_fallbacks")
 
 
 def cell(entry: dict[str, Any], digits: int = 3) -> str:
@@ -507,6 +565,8 @@ def cell(entry: dict[str, Any], digits: int = 3) -> str:
 
 
 def label(name: str) -> str:
+    if name.startswith("ref_"):
+        return label(name.removeprefix("ref_"))
     return LABELS.get(name, name.replace("f1_", "F1 ") + (" (rarest)" if name.startswith("f1_") else ""))
 
 
@@ -515,11 +575,29 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def ordered_methods(result: dict[str, Any]) -> list[str]:
+    known = MAIN_METHODS + ABLATIONS + BATCHNORM_UNET
+    return [m for m in known if m in result["methods"]] + sorted(set(result["methods"]) - set(known))
+
+
+def quality_table(result: dict[str, Any], names: list[str], methods: list[str], fine_tuned: bool) -> str:
+    return table(["method", "seeds"] + [label(n) for n in names],
+                 [[FINE_TUNED.get(m, m) if fine_tuned else m, str(len(result["methods"][m]["seeds"]))]
+                  + [cell(result["methods"][m]["mean"][n], 2 if n.endswith("hd95") else 3) for n in names]
+                  for m in methods])
+
+
+def per_site_table(result: dict[str, Any], name: str, methods: list[str], fine_tuned: bool) -> str:
+    return table(["method"] + result["sites"],
+                 [[FINE_TUNED.get(m, m) if fine_tuned else m]
+                  + [cell(result["methods"][m]["sites"][s][name]) for s in result["sites"]] for m in methods])
+
+
 def task_markdown(task: str, result: dict[str, Any], plan: dict[str, Any]) -> str:
-    methods = [m for m in MAIN_METHODS + ABLATIONS if m in result["methods"]]
-    quality = [n for n in result["metrics"] if n not in ("retrogress", "recovery", "curve_dips", "communication_dips")]
-    dynamics = ["retrogress", "recovery", "curve_dips", "communication_dips"]
-    headline = quality[0]
+    methods = ordered_methods(result)
+    reference = [n for n in result["metrics"] if n.startswith("ref_")]
+    fine_tuned = [n for n in result["metrics"] if not n.startswith("ref_") and n not in DYNAMICS]
+    headline = fine_tuned[0]
     counts = ", ".join(f"{s} {'/'.join(map(str, c))}" for s, c in result["train_counts"].items())
     lines = [f"## {task}", "",
              f"{plan['rounds']} rounds x {plan['local_epochs']} local epochs, CPA warm-up {plan['warmup']} rounds; "
@@ -528,28 +606,35 @@ def task_markdown(task: str, result: dict[str, Any], plan: dict[str, Any]) -> st
              + (f" ({'/'.join(result['classes'])}): {counts}; rarest class over the federation: "
                 f"**{result['rarest_class']}** (totals {'/'.join(map(str, result['class_totals']))})."
                 if task == "dermoscopy" else f": {len(result['sites'])} sites (cases split 70/10/20)."),
-             "", "### Mean over sites (test, selected round; mean ± sd across seeds)", "",
-             table(["method", "seeds"] + [label(n) for n in quality],
-                   [[m, str(len(result["methods"][m]["seeds"]))]
-                    + [cell(result["methods"][m]["mean"][n], 2 if n == "hd95" else 3) for n in quality]
-                    for m in methods]),
-             "", f"### {label(headline)} per site", "",
-             table(["method"] + result["sites"],
-                   [[m] + [cell(result["methods"][m]["sites"][s][headline]) for s in result["sites"]] for m in methods])]
+             "", "### Reference protocol: the model right after communication, one round for all sites", "",
+             "The model each site would use right after a communication (FedAvg, FedBN: the received model; "
+             "two-model methods: P; local: its own), scored on test at the one round, among rounds >= 0.8 T, whose "
+             "mean validation score over sites is best. Mean over sites; mean ± sd across seeds.", "",
+             quality_table(result, reference, methods, fine_tuned=False),
+             "", "### Per-site fine-tuned protocol: after local training, each site's own validation choice", "",
+             "The model each site uses after its local epochs, at the round its own validation score selected. For "
+             "FedAvg and FedBN this is FedAvg/FedBN plus local fine-tuning (-FT), a stronger personalised baseline.",
+             "", quality_table(result, fine_tuned, methods, fine_tuned=True),
+             "", f"### {label(headline)} per site (reference protocol, then per-site fine-tuned)", "",
+             per_site_table(result, f"ref_{headline}", methods, fine_tuned=False), "",
+             per_site_table(result, headline, methods, fine_tuned=True)]
     if task == "dermoscopy":
         rare = f"f1_{result['rarest_class']}"
-        lines += ["", f"### {label(rare)} per site", "",
-                  table(["method"] + result["sites"],
-                        [[m] + [cell(result["methods"][m]["sites"][s][rare]) for s in result["sites"]] for m in methods])]
-    lines += ["", "### Retrogress, recovery and curve dips (validation " + ("macro-F1" if task == "dermoscopy" else "Dice")
+        lines += ["", f"### {label(rare)} per site (reference protocol)", "",
+                  per_site_table(result, f"ref_{rare}", methods, fine_tuned=False)]
+    lines += ["", "### Retrogress, recovery, curve dips and DET (validation " + ("macro-F1" if task == "dermoscopy" else "Dice")
               + ", mean over sites and rounds)", "",
               "Retrogress and recovery are those of the model that receives the server's weights (D for two-model "
-              "methods, the single model otherwise). Curve dips are those of the model each site uses (P or the "
-              "single model): the sum of its drops from epoch to epoch over the whole run. Communication dips are "
-              "shown only where the used model is the one overwritten; P is never overwritten, so its part at "
-              "communication is zero by construction and is not a measurement.", "",
-              table(["method"] + [label(n) for n in dynamics],
-                    [[m] + [cell(result["methods"][m]["mean"][n]) for n in dynamics] for m in methods])]
+              "methods, the single model otherwise); 'after BN re-estimation' is the retrogress of the same received "
+              "model once its BatchNorm statistics are re-estimated on the site's training data (no weight change): "
+              "the part of a collapse that it removes is normalisation statistics. Curve dips are those of the model "
+              "each site uses (P or the single model): the sum of its drops from epoch to epoch over the whole run. "
+              "Communication dips are shown only where the used model is the one overwritten; P is never overwritten, "
+              "so its part at communication is zero by construction and is not a measurement. DET state changes count "
+              "changes between consecutive local epochs of a round (the first epoch is always Recover); fallbacks "
+              "count changes to an earlier state, a sign that phi is too noisy to steer DET.", "",
+              table(["method"] + [label(n) for n in DYNAMICS],
+                    [[m] + [cell(result["methods"][m]["mean"][n]) for n in DYNAMICS] for m in methods])]
     det = [m for m in methods if result["methods"][m]["det_states"]]
     if det:
         lines += ["", "### DET states (share of local epochs, all sites and rounds)", "",
@@ -566,9 +651,10 @@ def task_markdown(task: str, result: dict[str, Any], plan: dict[str, Any]) -> st
                             [[rule, f"{v['before']:.3f}", f"{v['after']:.3f}", f"{v['retrogress']:.3f}",
                               f"{v['share_drops_over_0.1']:.2f}"] for rule, v in probe["rules"].items()])]
     if result["paired_differences"]:
-        lines += ["", "### prr against fedavg and fedbn (paired by seed: mean ± sd of the differences)", ""]
+        lines += ["", "### prr against fedavg, fedbn and local (paired by seed: mean ± sd of the differences)", "",
+                  "Reference-protocol scores first (prefix ref), then the per-site fine-tuned ones (against -FT).", ""]
         for name, diffs in result["paired_differences"].items():
-            parts = ", ".join(f"{label(n)} {cell(d, 3)}" for n, d in diffs.items())
+            parts = ", ".join(f"{'ref ' if n.startswith('ref_') else ''}{label(n)} {cell(d, 3)}" for n, d in diffs.items())
             lines.append(f"- {name.replace('_minus_', ' - ')}: {parts}")
     return "\n".join(lines)
 
@@ -581,21 +667,22 @@ def bar_figure(results: dict[str, Any], path: Path) -> None:
 
     panels = []
     for task, result in results.items():
-        first = result["metrics"][0]
-        panels.append((task, first))
+        headline = "macro_f1" if task == "dermoscopy" else "dice"
+        panels += [(task, f"ref_{headline}", "reference protocol"), (task, headline, "per-site fine-tuned")]
         if task == "dermoscopy":
-            panels.append((task, f"f1_{result['rarest_class']}"))
-        panels.append((task, "curve_dips"))
-    figure = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
-    for axis, (task, name) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
-        methods = [m for m in MAIN_METHODS + ABLATIONS if m in results[task]["methods"]]
+            panels.append((task, f"ref_f1_{result['rarest_class']}", "reference protocol"))
+        panels.append((task, "curve_dips", ""))
+    figure = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    for axis, (task, name, protocol) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        methods = ordered_methods(results[task])
         entries = [results[task]["methods"][m]["mean"][name] for m in methods]
         means = [e["mean"] if e["mean"] is not None else math.nan for e in entries]
         errors = [e["sd"] or 0.0 for e in entries]
         colours = ["C3" if m == "prr" else "C0" if m in MAIN_METHODS else "0.6" for m in methods]
         axis.bar(range(len(methods)), means, yerr=errors, capsize=3, color=colours)
-        axis.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
-        axis.set_title(f"{task}: {label(name)}", fontsize=10)
+        names = [FINE_TUNED.get(m, m) if protocol == "per-site fine-tuned" else m for m in methods]
+        axis.set_xticks(range(len(methods)), names, rotation=45, ha="right")
+        axis.set_title(f"{task}: {label(name)}" + (f"\n{protocol}" if protocol else ""), fontsize=10)
     save_png(figure, path)
 
 
@@ -647,20 +734,58 @@ def write_outputs(stem: Path, preset_name: str, preset: Preset, results: dict[st
     curve_figures(task_runs, stem)
 
 
+def reproduce(names: list[str], jobs: list[dict[str, Any]], committed_path: Path, workers: int) -> int:
+    """Rerun the named runs from scratch and compare their per-site values with the committed results, exactly."""
+    from medfl.report.runs import load_run
+
+    committed = json.loads(committed_path.read_text(encoding="utf-8"))["results"]
+    chosen = [job for job in jobs if job["name"] in names]
+    unknown = sorted(set(names) - {job["name"] for job in chosen})
+    if unknown:
+        print(f"unknown run(s) {', '.join(unknown)}; runs of this preset: {', '.join(j['name'] for j in jobs)}")
+        return 2
+    for job in chosen:
+        shutil.rmtree(job["run_dir"], ignore_errors=True)
+    run_all(chosen, workers)
+    differences = 0
+    for job in chosen:
+        run = load_run(job["run_dir"])
+        result = committed[job["task"]]
+        metrics = {**task_metrics(job["task"], result["rarest_class"])}
+        fresh = site_values(run, metrics)
+        saved = result["methods"][job["label"]]["per_seed"][str(job["seed"])]["sites"]
+        for site, values in saved.items():
+            for name, value in values.items():
+                new = fresh[site].get(name, math.nan)
+                same = (value is None and math.isnan(new)) or (value is not None and value == new) or (
+                    isinstance(value, float) and math.isnan(value) and math.isnan(new))
+                if not same:
+                    differences += 1
+                    print(f"{job['name']} {site} {name}: committed {value!r}, rerun {new!r}")
+        print(f"{job['name']}: {'identical' if not differences else f'{differences} differences'} "
+              f"({sum(len(v) for v in saved.values())} values compared)")
+    return 1 if differences else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spawned runs inherit it: medfl.environment says why
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="dermoscopy only, 2 seeds, 10 rounds x 3 epochs (~30 min)")
     group.add_argument("--imbalanced", action="store_true",
                        help="dermoscopy with the reference's rare classes kept rare, 2 seeds (~20 min)")
     group.add_argument("--full", action="store_true", help="the reference settings, for a GPU machine")
+    group.add_argument("--mild", action="store_true", help="the earlier plan on the mild federation")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (default 2: one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the preset's device")
     parser.add_argument("--root", type=Path, default=RESULTS / "tmp" / "quality", help="where runs are kept")
     parser.add_argument("--output", type=Path, default=None, help="path stem of the results")
+    parser.add_argument("--only", nargs="+", metavar="RUN",
+                        help="rerun only these runs (e.g. dermoscopy-prr-seed0) and compare every per-site value "
+                             "with the committed results; exit 1 on any difference")
     args = parser.parse_args(argv)
-    preset_name = next((name for name in ("quick", "imbalanced", "full") if getattr(args, name)), "default")
+    preset_name = next((name for name in ("quick", "imbalanced", "full", "mild") if getattr(args, name)), "default")
     preset = PRESETS[preset_name]
     device = args.device or preset.device
     root = args.root.resolve() / preset_name
@@ -676,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     generate(root / "synth", **preset.generate_arguments())
     jobs = plan_jobs(preset, root, args.threads, device)
+    if args.only:
+        return reproduce(args.only, jobs, with_suffix(stem, ".json"), args.workers)
     print(f"preset {preset_name}: {len(jobs)} runs on {args.workers} workers", flush=True)
     done = run_all(jobs, args.workers)
     info["benchmark"] = {"wall_s": time.perf_counter() - start, "cpu_s": sum(d["cpu_s"] for d in done),

@@ -3,13 +3,16 @@
 A site config is a small YAML file validated with pydantic: unknown keys are errors naming the key and the
 file, `${VAR}` / `$VAR` environment variables are expanded in path fields, and `data_root` resolves against
 the config file's folder, and so does `split_file`. `table` and `metadata_table` resolve against `data_root`,
-because they name files of the data set itself (their defaults are the public releases' file names). `DataSettings` holds the choices (classes, input size, splits, slices, recipes,
+because they name files of the data set itself (their defaults are the public releases' file names). Every file
+a site reads must lie, symlinks followed, inside data_root or the config file's folder (`SiteConfig.holds`);
+data_root itself may be anywhere. `DataSettings` holds the choices (classes, input size, splits, slices, recipes,
 runtime) with defaults that suit a 2-core CPU; the experiment config embeds it.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from pathlib import Path
@@ -142,7 +145,11 @@ def validate_model(model: type[BaseModel], data: dict[str, Any], source: str | P
 
 
 class RowFilter(BaseModel):
-    """Keep only table rows whose `column` holds one of `values` (several sites sharing one folder)."""
+    """Keep only table rows whose `column` holds one of `values` (several sites sharing one folder).
+
+    - `column`: a column of the site's label table (HAM10000: `dataset`).
+    - `values`: the values that belong to this site; numbers are compared as text.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -158,7 +165,35 @@ class RowFilter(BaseModel):
 
 
 class SiteConfig(BaseModel):
-    """Facts about one site's data: where it lies, its layout, how its labels map to federation classes."""
+    """Facts about one site's data: where it lies, its layout, how its labels map to federation classes.
+
+    - `name`: the site's name, unique in a federation: letters, digits, `_`, `.` and `-`. It names the
+      site in logs, run folders, exports and NVFlare (the client name must be the same).
+    - `task`: classification (dermoscopy images) or segmentation (prostate MRI volumes).
+    - `data_root`: the site's data folder; relative paths resolve against the config file's folder.
+    - `layout`: how the folder is organised. Classification: `ham10000` (`<image_id>.jpg` anywhere under
+      data_root and HAM10000_metadata.csv), `isic2019` (ISIC_2019_Training_GroundTruth.csv with one-hot
+      columns), `csv` (labels.csv with columns image,label and an optional lesion_id). Segmentation:
+      `nifti` (Case00.nii.gz with Case00_segmentation.nii.gz) or `metaimage` (Case00.mhd/.raw with
+      Case00_segmentation.mhd).
+    - `table`: the label table, under data_root (classification only; default: the layout's file name,
+      HAM10000_metadata.csv, ISIC_2019_Training_GroundTruth.csv or labels.csv).
+    - `metadata_table`: isic2019 only: the metadata table with `lesion_id`, under data_root (default
+      ISIC_2019_Training_Metadata.csv when it exists), so that images of one lesion stay on one side of a
+      split. `medfl synth` writes it for its isic2019 site.
+    - `filter`: keep only the table rows whose `column` holds one of `values` (several sites sharing one
+      folder, e.g. the HAM10000 `dataset` column); classification only.
+    - `label_map`: every source label of the table mapped to a federation class, or to null (a known
+      label this site does not use); required for classification. isic2019 keys are the column names.
+    - `mask_suffix`: segmentation only: the mask file name suffix, matched case-insensitively (default
+      `_segmentation`).
+    - `split_file`: an official split: a CSV `id,split` (split = train, val or test; id = image id or case
+      id), relative to the config file's folder. Without one, medfl splits by lesion or case with the
+      experiment's fractions and seed.
+    - `withhold_prototypes_below`: a privacy choice of the site: class prototypes (mean features) of classes
+      with fewer training samples than this are not sent to the server (default 0: all are sent). A
+      prototype of a class with a handful of samples is close to those patients' own features.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -172,6 +207,7 @@ class SiteConfig(BaseModel):
     label_map: dict[str, str | None] | None = None
     mask_suffix: str | None = None
     split_file: Path | None = None
+    withhold_prototypes_below: int = Field(default=0, ge=0)
 
     _source: Path | None = PrivateAttr(default=None)
 
@@ -182,6 +218,13 @@ class SiteConfig(BaseModel):
             value = expand_env(value)
             if not value.strip():
                 raise ValueError("must not be empty")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_folder_alias(cls, value: str) -> str:
+        if value in (".", ".."):
+            raise ValueError(f"'{value}' cannot name a site: site names become folder names")
         return value
 
     @field_validator("label_map", mode="before")
@@ -251,6 +294,20 @@ class SiteConfig(BaseModel):
         return self.split_file
 
     @property
+    def own_folders(self) -> tuple[Path, ...]:
+        """data_root and the config file's folder, symlinks resolved: the only places this site's files may lie."""
+        return tuple(Path(folder) for folder in _real_folders(self.data_root, self._source))
+
+    def holds(self, path: Path) -> bool:
+        """Whether `path`, symlinks followed, lies inside data_root or the config file's folder.
+
+        Resolved paths are compared, so `..` in a path is fine when the result stays inside, and a symlink
+        inside data_root that points elsewhere is not."""
+        resolved = os.path.realpath(path)
+        return any(resolved == folder or resolved.startswith(folder.rstrip(os.sep) + os.sep)
+                   for folder in _real_folders(self.data_root, self._source))
+
+    @property
     def effective_mask_suffix(self) -> str:
         """The mask file name suffix (matched case-insensitively)."""
         return self.mask_suffix or "_segmentation"
@@ -273,6 +330,15 @@ class SiteConfig(BaseModel):
         return path if path.is_absolute() else self.data_root / path
 
 
+@functools.lru_cache(maxsize=256)
+def _real_folders(data_root: Path, source: Path | None) -> tuple[str, ...]:
+    """The real paths of data_root and of the config file's folder (asked once per site, not once per file)."""
+    folders = [os.path.realpath(data_root)]
+    if source is not None:
+        folders.append(os.path.realpath(source.parent))
+    return tuple(folders)
+
+
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate one site config; relative `data_root` resolves against the file's folder."""
     path = Path(path)
@@ -292,11 +358,13 @@ class DataSettings(BaseModel):
     - `classes`: the federation's class names in order; None means every non-null target of the site's
       label_map in first-seen order (what `medfl check` uses). Ignored by segmentation sites, whose classes
       are always background and prostate.
+    - `input_size`: images and slices are resized to input_size x input_size pixels.
     - `split_fractions`: train/val/test shares of groups (lesions, images without lesion id, or cases).
+    - `split_seed`: the seed of the split (and of the choice of empty training slices).
     - `slices` ("all" | "foreground") and `empty_slice_fraction`: which training slices are kept; with
       "foreground", slices with prostate plus that share of the empty ones. Val and test keep every slice.
     - `context_slices`: 2.5-D input; k neighbouring slices on each side become extra channels.
-    - `train_recipe` / `eval_recipe`: recipe names under transforms/ or YAML paths; None = the task default.
+    - `train_recipe` / `eval_recipe`: names of recipes shipped with medfl (medfl/recipes/) or YAML paths; None = the task default.
     - `cache_rate`, `num_workers`: share of records cached by CacheDataset, and threads used to read and
       validate images and to fill the cache (2 suits a 2-core machine).
     """

@@ -38,7 +38,12 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    """Network name (medfl.models.MODEL_NAMES), channel width multiplier and the network's own options."""
+    """Network name (medfl.models.MODEL_NAMES), channel width multiplier and the network's own options.
+
+    - `name`: the network (table "Networks" below); segmentation experiments name a UNet (`unet`).
+    - `width`: multiplies the network's channel counts (0.25: a quarter of the reference's width).
+    - `options`: the network's own keyword arguments (table "Networks" below); an unknown one is an error.
+    """
 
     name: str = "slim_vgg16"
     width: float = Field(default=0.25, gt=0)
@@ -46,18 +51,41 @@ class ModelSettings(_Section):
 
 
 class OptimizerSettings(_Section):
-    """SGD (the reference) or Adam; the learning rate is multiplied by `lr_gamma` every `lr_step_rounds`."""
+    """SGD (the reference: plain, no momentum) or Adam; the learning rate is multiplied by `lr_gamma` every
+    `lr_step_rounds`.
+
+    - `name`: `sgd` (the reference) or `adam` (learns faster in short CPU runs).
+    - `lr`: the learning rate of the first round.
+    - `momentum`: SGD's momentum (ignored by Adam); the reference uses none.
+    - `weight_decay`: L2 weight decay of both optimizers.
+    - `lr_step_rounds`: every this many rounds the learning rate is multiplied by `lr_gamma`.
+    - `lr_gamma`: the learning-rate factor applied every `lr_step_rounds` rounds.
+    - `reset_every_round`: every model gets a fresh optimizer at the start of each round, as the reference
+      does (a deputy whose weights were replaced keeps no stale momentum or Adam moments).
+    """
 
     name: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(default=1e-2, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=1e-6, ge=0)
     lr_step_rounds: int = Field(default=5, ge=1)
     lr_gamma: float = Field(default=0.5, gt=0, le=1)
+    reset_every_round: bool = True
+
+    def learning_rate(self, round_: int) -> float:
+        """The learning rate of 0-based round `round_`: `lr` times `lr_gamma` per completed step of rounds."""
+        return self.lr * self.lr_gamma ** (round_ // self.lr_step_rounds)
 
 
 class PFASettings(_Section):
-    """Progressive Fourier aggregation: low-frequency ratio from `start` to `end` over the rounds."""
+    """Progressive Fourier aggregation: low-frequency ratio from `start` to `end` over the rounds.
+
+    - `start`: the low-frequency ratio L of round 0 (share of each spectrum axis that is shared).
+    - `end`: the ratio L grows towards linearly, L_t = start + (t / rounds)(end - start); never reached.
+    - `share_phase`: share amplitude and phase inside the low-frequency box (TMI 2022); false shares the
+      amplitude only and keeps each site's phase (MICCAI 2021).
+    - `weighting`: site weights of the shared spectra: `uniform` (the reference) or by training samples.
+    """
 
     start: float = Field(default=0.7, ge=0, le=1)
     end: float = Field(default=0.95, ge=0, le=1)
@@ -66,11 +94,20 @@ class PFASettings(_Section):
 
 
 class DETSettings(_Section):
-    """Deputy-enhanced transfer thresholds (0 < lambda1 < lambda2 < 1) and distillation temperature."""
+    """Deputy-enhanced transfer thresholds (0 < lambda1 < lambda2 < 1) and distillation temperature.
+
+    - `lambda1`: the deputy recovers (learns from P only) while its validation score is below lambda1 x P's.
+    - `lambda2`: from Exchange, the deputy's score must reach lambda2 x P's for Sublimate (P learns from D).
+    - `temperature`: distillation temperature tau_kd; the KL term is multiplied by its square.
+    - `phi_source`: where phi (the task metric that picks DET's state) is measured: the validation split
+      (`val`, the paper) or the training split with the evaluation preprocessing, both models in eval mode
+      (`train`, the reference code).
+    """
 
     lambda1: float = Field(default=0.7, gt=0, lt=1)
     lambda2: float = Field(default=0.9, gt=0, lt=1)
     temperature: float = Field(default=1.0, gt=0)
+    phi_source: Literal["val", "train"] = "val"
 
     @model_validator(mode="after")
     def _ordered(self) -> DETSettings:
@@ -81,7 +118,17 @@ class DETSettings(_Section):
 
 class CPASettings(_Section):
     """Conjoint prototype-aligned loss. `tau` None: 3 for classification, 1 for segmentation;
-    `warmup_rounds` None: 30% of the rounds (gamma = 1 before)."""
+    `warmup_rounds` None: 30% of the rounds (gamma = 1 before).
+
+    - `beta`: mitigation exponent: for a sample of class i, the softmax denominator weighs exp(logit) of
+      each rarer class j by (N_j / N_i)^beta (N: the federation's training counts).
+    - `tau`: refinement smoothing, gamma_c = (1 + tau) / (cos(local, global prototype) + tau); null: 3 for
+      classification, 1 for segmentation.
+    - `warmup_rounds`: rounds with gamma = 1 before prototypes refine the loss; null: 30% of the rounds.
+    - `prototype_mode`: global prototypes as the count-weighted `mean` of the sites' prototypes, or
+      `gaussian` (the mean plus noise scaled by the spread across sites, as the reference offers).
+    - `gamma_max`: upper bound of gamma (its denominator can reach 0 with tau = 1).
+    """
 
     beta: float = Field(default=0.8, ge=0)
     tau: float | None = Field(default=None, ge=0)
@@ -91,15 +138,38 @@ class CPASettings(_Section):
 
 
 class BaselineSettings(_Section):
-    """Hyper-parameters of the comparison methods: FedProx's mu and FedProto's prototype-loss weight."""
+    """Hyper-parameters of the comparison methods: FedProx's mu and FedProto's prototype-loss weight.
+
+    - `fedprox_mu`: FedProx's proximal weight, mu/2 ||w - w_received||^2.
+    - `fedproto_weight`: FedProto's weight of the distance between features and global prototypes.
+    - `fedavg_weighting`: site weights of FedAvg-style averaging (fedavg, fedprox, fedbn, fml, ...):
+      by training `samples` (FedAvg's rule) or `uniform`.
+    """
 
     fedprox_mu: float = Field(default=0.01, ge=0)
     fedproto_weight: float = Field(default=1.0, ge=0)
     fedavg_weighting: Literal["samples", "uniform"] = "samples"
 
 
+class DiagnosticsSettings(_Section):
+    """Extra measurements that cost time.
+
+    - `bn_reestimation`: right after each communication, also score the received model after re-estimating
+      its BatchNorm statistics on the site's training data (no weight change), so that a report can say how
+      much of a retrogress is normalisation statistics.
+    """
+
+    bn_reestimation: bool = False
+
+
 class RuntimeSettings(_Section):
-    """Threads for torch, mixed precision (CUDA only, bfloat16), and whether idle sites' models wait on the CPU."""
+    """Threads for torch, mixed precision (CUDA only, bfloat16), and whether idle sites' models wait on the CPU.
+
+    - `threads`: torch's CPU threads; null leaves torch's default (one per core).
+    - `mixed_precision`: bfloat16 autocast in training on CUDA; ignored on the CPU.
+    - `offload_idle_sites`: on CUDA, keep the models of sites that are not training on the CPU (many sites
+      on one GPU).
+    """
 
     threads: int | None = Field(default=None, ge=1)
     mixed_precision: bool = False
@@ -107,7 +177,31 @@ class RuntimeSettings(_Section):
 
 
 class ExperimentConfig(_Section):
-    """One federated experiment. Defaults are the reference hyper-parameters scaled down for a CPU."""
+    """One federated experiment. Defaults are the reference hyper-parameters scaled down for a CPU.
+
+    - `name`: names the run folder, `<output_dir>/<name>-<method>-seed<seed>/`.
+    - `task`: classification or segmentation; every site config must have the same task.
+    - `sites`: the site configs (paths relative to this file); site names must be unique.
+    - `data`: the data choices shared by all sites (classes, input size, splits, recipes, loading).
+    - `model`: the network every site trains (P and D have the same architecture).
+    - `method`: the method (table "Methods" below): `prr` is PFA + DET + CPA; the others are baselines and
+      ablations on the same code path.
+    - `rounds`: communication rounds T.
+    - `local_epochs`: local epochs E per round at every site.
+    - `batch_size`: training batch size.
+    - `optimizer`: the local optimizer of every model.
+    - `pfa`: progressive Fourier aggregation (methods with `pfa` on the server).
+    - `det`: deputy-enhanced transfer (methods with P and D).
+    - `cpa`: the conjoint prototype-aligned loss (methods with the CPA loss).
+    - `baselines`: hyper-parameters of the comparison methods.
+    - `diagnostics`: extra measurements that cost time.
+    - `seed`: the experiment's seed: the common initialisation of every model, and per-site data order and
+      augmentation (derived from the seed and the site's name).
+    - `device`: `auto` (a CUDA GPU when there is one, else the CPU), `cpu` or `cuda`; aggregation runs
+      there too.
+    - `runtime`: threads, mixed precision and GPU memory.
+    - `output_dir`: where run folders go (relative to this file).
+    """
 
     name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     task: Literal["classification", "segmentation"]
@@ -123,6 +217,7 @@ class ExperimentConfig(_Section):
     det: DETSettings = Field(default_factory=DETSettings)
     cpa: CPASettings = Field(default_factory=CPASettings)
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
+    diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)

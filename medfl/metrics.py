@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc
 from monai.utils import convert_to_numpy
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
 from medfl.errors import ConfigError
@@ -31,6 +31,12 @@ def task_metric_name(task: str | Enum) -> str:
     if name not in TASK_METRICS:
         raise ConfigError(f"unknown task '{name}': expected one of {', '.join(TASK_METRICS)}")
     return TASK_METRICS[name]
+
+
+def reference_window_start(rounds: int) -> int:
+    """First 0-based round of the reference protocol's selection window: rounds >= 0.8 T (the last round
+    when T < 5), as the reference code selects its model."""
+    return (4 * rounds) // 5
 
 
 def _labels_array(labels: object, num_classes: int, what: str = "labels") -> np.ndarray:
@@ -88,16 +94,22 @@ def classification_metrics(labels: object, probabilities: object, classes: Seque
         raise ValueError("no samples to score")
     predicted = scores.argmax(axis=1)
     per_class_f1 = f1_score(truth, predicted, labels=list(range(num_classes)), average=None, zero_division=0)
-    with warnings.catch_warnings():
-        # Predicted classes absent from the labels are ignored on purpose: recall is over present classes.
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        balanced = balanced_accuracy_score(truth, predicted)
     result = {"macro_f1": float(np.mean(per_class_f1))}
     result.update({f"f1_{name}": float(value) for name, value in zip(classes, per_class_f1, strict=True)})
     result["auc"] = _macro_auc(truth, scores)
     result["accuracy"] = float(accuracy_score(truth, predicted))
-    result["balanced_accuracy"] = float(balanced)
+    result["balanced_accuracy"] = balanced_accuracy(truth, predicted, num_classes)
     return result
+
+
+def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:
+    """Mean recall over the classes present in `truth` (scikit-learn's balanced_accuracy_score), from a
+    confusion matrix over all classes: sklearn's own function builds one without `labels` and warns "A single
+    label was found" whenever a split and its predictions hold one class."""
+    matrix = sklearn_confusion_matrix(truth, predicted, labels=list(range(num_classes)))
+    support = matrix.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(matrix)[present] / support[present]))
 
 
 def reassemble_volumes(
@@ -136,14 +148,15 @@ def reassemble_volumes(
 
 
 def segmentation_case_metrics(
-    prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None
+    prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None, distances: bool = True
 ) -> dict[str, float]:
     """Foreground Dice and HD95 of one case; foreground = values > 0 (zones merged).
 
     Dice is 1 when both are empty and 0 when only one is. HD95 is MONAI's symmetric 95th-percentile Hausdorff
     distance between the masks' surfaces (the larger of the two directed 95th percentiles), in physical
     units when `spacing` (one value per axis, same axis order as the arrays) is given, else in voxels; it is
-    nan when either mask is empty, i.e. missing rather than infinite.
+    nan when either mask is empty, i.e. missing rather than infinite. `distances=False` skips HD95 (about half
+    the cost of scoring a case) where only Dice is needed, as for DET's phi on validation.
     """
     predicted_mask = np.asarray(convert_to_numpy(prediction)) > 0
     truth_mask = np.asarray(convert_to_numpy(truth)) > 0
@@ -158,6 +171,8 @@ def segmentation_case_metrics(
     y_pred = torch.as_tensor(predicted_mask, dtype=torch.float32)[None, None]
     y = torch.as_tensor(truth_mask, dtype=torch.float32)[None, None]
     dice = float(compute_dice(y_pred, y, include_background=True, ignore_empty=False)[0, 0])
+    if not distances:
+        return {"dice": dice}
     if not (predicted_mask.any() and truth_mask.any()):
         return {"dice": dice, "hd95": math.nan}
     with warnings.catch_warnings():
@@ -174,16 +189,27 @@ def segmentation_case_metrics(
 
 
 def summarize_cases(per_case: Mapping[str, Mapping[str, float]]) -> dict[str, float | int]:
-    """Mean Dice over all cases; mean HD95 over the cases where it is finite, the others counted as missing."""
+    """Mean Dice over all cases; mean HD95 over the cases where it is finite, the others counted as missing
+    (no HD95 entries when the cases were scored without distances)."""
     dice = [float(scores["dice"]) for scores in per_case.values()]
-    hd95 = [float(scores["hd95"]) for scores in per_case.values()]
-    defined = [value for value in hd95 if math.isfinite(value)]
-    return {
-        "dice": float(np.mean(dice)) if dice else math.nan,
-        "hd95": float(np.mean(defined)) if defined else math.nan,
-        "hd95_missing": len(hd95) - len(defined),
-        "num_cases": len(per_case),
-    }
+    summary: dict[str, float | int] = {"dice": float(np.mean(dice)) if dice else math.nan}
+    if all("hd95" in scores for scores in per_case.values()):
+        hd95 = [float(scores["hd95"]) for scores in per_case.values()]
+        defined = [value for value in hd95 if math.isfinite(value)]
+        summary["hd95"] = float(np.mean(defined)) if defined else math.nan
+        summary["hd95_missing"] = len(hd95) - len(defined)
+    summary["num_cases"] = len(per_case)
+    return summary
+
+
+def running_best(values: Sequence[float]) -> int:
+    """Index of the round a running selection keeps: the first, replaced by every later value strictly above
+    the kept one (NaN never replaces; ties keep the earlier round)."""
+    kept = 0
+    for index, value in enumerate(values):
+        if index and not math.isnan(value) and value > values[kept]:
+            kept = index
+    return kept
 
 
 def retrogress(before: float, after: float, after_first_epoch: float) -> dict[str, float]:

@@ -1,42 +1,20 @@
-"""What a run writes about itself: metrics.csv, det_states.csv, retrogress.csv, timing.csv and summary.json.
+"""What a run says about itself: the sites' reports gathered, and the summary computed from them.
 
-All files are rewritten atomically after every round from the sites' histories, so a run folder is always
-consistent with its last completed round, and a resumed run continues it row for row.
+The run folder (medfl.runfolder) rewrites metrics.csv, det_states.csv, retrogress.csv, timing.csv and
+summary.json atomically from this log after every round, so a run folder is always consistent with its last
+completed round, and a resumed run continues it row for row.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
 
-from medfl.checkpoints import atomic_write_json, atomic_write_text
-from medfl.metrics import curve_dips
-
-METRIC_COLUMNS = ("round", "epoch", "site", "model", "split", "metric", "value")
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
-    """Write rows (dicts) as CSV atomically; columns default to the union of keys in first-seen order."""
-    if columns is None:
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _format(v) for k, v in row.items()})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _format(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
-    return value
+from medfl.metrics import curve_dips, reference_window_start
 
 
 def _value(rows: Iterable[Mapping[str, Any]], **match: Any) -> float:
@@ -69,9 +47,16 @@ def summarize(
     metric: str,
     last_round: int,
     final_epoch: int,
+    det_rows: Sequence[Mapping[str, Any]] = (),
+    rounds: int | None = None,
 ) -> dict[str, Any]:
-    """Per-site and mean results: test metrics of the used model at each site's selected round and the last
-    round, the validation metric that selected it, retrogress/recovery of the receiving model, curve dips."""
+    """Per-site and mean results under both scoring protocols, retrogress/recovery of the receiving model
+    (also after BatchNorm re-estimation, when measured), curve dips and DET state changes.
+
+    Per-site fine-tuned protocol (``test``): the used model after local training, at the round its own
+    validation score selected. Reference protocol (``reference_protocol``): see `reference_protocol`, over
+    the selection window of `rounds` planned rounds (default: the rounds completed so far).
+    """
     test_metrics = sorted({row["metric"] for row in rows if row["split"] == "test"})
     sites: dict[str, Any] = {}
     for site, choice in best.items():
@@ -85,16 +70,68 @@ def summarize(
             "test_last_round": {m: _value(site_rows, round=last_round, split="test", metric=m) for m in test_metrics},
             "retrogress": _mean(r.get("retrogress", math.nan) for r in retro),
             "recovery": _mean(r.get("recovery", math.nan) for r in retro),
+            "retrogress_bn_reestimated": _mean(r.get("retrogress_bn_reestimated", math.nan) for r in retro),
             "curve_dips": curve_dips(used_curve(rows, site, used_model, metric)),
+            **det_state_changes([r for r in det_rows if r["site"] == site]),
         }
     mean = {
         "test": {m: _mean(s["test"][m] for s in sites.values()) for m in test_metrics},
         "test_last_round": {m: _mean(s["test_last_round"][m] for s in sites.values()) for m in test_metrics},
-        "retrogress": _mean(s["retrogress"] for s in sites.values()),
-        "recovery": _mean(s["recovery"] for s in sites.values()),
-        "curve_dips": _mean(s["curve_dips"] for s in sites.values()),
+        **{key: _mean(s[key] for s in sites.values())
+           for key in ("retrogress", "recovery", "retrogress_bn_reestimated", "curve_dips",
+                       "det_changes_per_round", "det_fallbacks_per_round")},
     }
-    return {"sites": sites, "mean": mean}
+    return {"sites": sites, "mean": mean,
+            "reference_protocol": reference_protocol(rows, list(best), used_model, metric, test_metrics,
+                                                     rounds if rounds is not None else last_round + 1)}
+
+
+def reference_protocol(
+    rows: Sequence[Mapping[str, Any]], sites: Sequence[str], used_model: str, metric: str, test_metrics: Sequence[str],
+    rounds: int,
+) -> dict[str, Any]:
+    """The reference code's scoring: the model each site would use right after communication (epoch 0 of a
+    round: the received model for FedAvg/FedBN, P for the method, its own model for local training), one
+    round for all sites, chosen by the mean over sites of that model's validation score among the rounds of
+    the selection window (rounds >= 0.8 T, where the sites also scored it on test)."""
+    at_start = [r for r in rows if r["model"] == used_model and r["epoch"] == 0 and r["site"] in sites]
+    scored = {r["round"] for r in at_start if r["split"] == "test"}
+    window = [t for t in range(reference_window_start(rounds), rounds) if t in scored]
+    means = {t: _mean(_value(at_start, site=s, round=t, split="val", metric=metric) for s in sites) for t in window}
+    candidates = [t for t in window if not math.isnan(means[t])]
+    if not candidates:
+        return {"window": window, "selected_round": None, "val_mean": math.nan, "sites": {}, "mean": {}}
+    selected = max(candidates, key=lambda t: (means[t], -t))  # the earliest of equal means
+    per_site = {s: {"test": {m: _value(at_start, site=s, round=selected, split="test", metric=m)
+                             for m in test_metrics}} for s in sites}
+    return {
+        "window": window,
+        "selected_round": selected,
+        "val_mean": means[selected],
+        "sites": per_site,
+        "mean": {"test": {m: _mean(p["test"][m] for p in per_site.values()) for m in test_metrics}},
+    }
+
+
+_STATE_ORDER = {"recover": 0, "exchange": 1, "sublimate": 2}
+
+
+def det_state_changes(det_rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """How often DET's state changes from one local epoch to the next within a round (the first epoch is
+    always Recover, so only later epochs count), and how often it falls back to an earlier state, per round.
+    Frequent fallbacks mean that phi is too noisy to steer DET."""
+    by_round: dict[int, list[str]] = {}
+    for row in sorted(det_rows, key=lambda r: (r["round"], r["epoch"])):
+        if row.get("state"):
+            by_round.setdefault(row["round"], []).append(str(row["state"]).lower())
+    if not by_round:
+        return {"det_changes_per_round": math.nan, "det_fallbacks_per_round": math.nan}
+    changes = fallbacks = 0
+    for states in by_round.values():
+        for before, after in pairwise(states):
+            changes += before != after
+            fallbacks += _STATE_ORDER.get(after, 0) < _STATE_ORDER.get(before, 0)
+    return {"det_changes_per_round": changes / len(by_round), "det_fallbacks_per_round": fallbacks / len(by_round)}
 
 
 class RunLog:
@@ -124,16 +161,24 @@ class RunLog:
         self.rows, self.det = list(state["rows"]), list(state["det"])
         self.retrogress, self.best = list(state["retrogress"]), dict(state["best"])
 
-    def write(self, run_dir: Path, header: Mapping[str, Any], timing: Sequence[Mapping[str, Any]],
-              used_model: str, metric: str, last_round: int, final_epoch: int) -> dict[str, Any]:
-        """Rewrite the run's CSVs and summary.json from everything reported so far; return the summary."""
-        summary = {
+    def summary(self, header: Mapping[str, Any], timing: Sequence[Mapping[str, Any]], used_model: str,
+                metric: str, last_round: int, final_epoch: int) -> dict[str, Any]:
+        """summary.json's content: the header, both protocols' results and the timing means."""
+        return {
             **header,
-            **summarize(self.rows, self.retrogress, self.best, used_model, metric, last_round, final_epoch),
+            **summarize(self.rows, self.retrogress, self.best, used_model, metric, last_round, final_epoch,
+                        self.det, header.get("rounds")),
             "timing": _timing_means(timing),
         }
-        write_run_files(run_dir, _ordered(self.rows), _ordered(self.det), _ordered(self.retrogress), timing, summary)
-        return summary
+
+    def ordered_rows(self) -> list[Mapping[str, Any]]:
+        return _ordered(self.rows)
+
+    def ordered_det(self) -> list[Mapping[str, Any]]:
+        return _ordered(self.det)
+
+    def ordered_retrogress(self) -> list[Mapping[str, Any]]:
+        return _ordered(self.retrogress)
 
 
 def _ordered(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -147,19 +192,3 @@ def _timing_means(timing: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     means = {f"mean_{k}": sum(t[k] for t in timing) / len(timing) for k in keys} if timing else {}
     means["peak_rss_mb"] = max((t.get("peak_rss_mb", math.nan) for t in timing), default=math.nan)
     return means
-
-
-def write_run_files(
-    run_dir: Path,
-    rows: Sequence[Mapping[str, Any]],
-    det_rows: Sequence[Mapping[str, Any]],
-    retrogress_rows: Sequence[Mapping[str, Any]],
-    timing_rows: Sequence[Mapping[str, Any]],
-    summary: Mapping[str, Any],
-) -> None:
-    write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
-    write_csv(run_dir / "det_states.csv", det_rows)
-    write_csv(run_dir / "retrogress.csv", retrogress_rows,
-              ["round", "site", "model", "before", "after", "after_first_epoch", "retrogress", "recovery"])
-    write_csv(run_dir / "timing.csv", timing_rows)
-    atomic_write_json(run_dir / "summary.json", summary)

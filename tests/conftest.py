@@ -17,6 +17,11 @@ import SimpleITK as sitk
 import yaml
 from PIL import Image
 
+from medfl.environment import prefer_passive_openmp_waiting
+
+# Before any test module imports torch: `import medfl` no longer sets it (the `medfl` command does).
+prefer_passive_openmp_waiting()
+
 HAM_LABEL_MAP = {"nv": "nv", "bkl": "bkl", "mel": "mel", "akiec": None, "bcc": None, "df": None, "vasc": None}
 ISIC_COLUMNS = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
 ISIC_LABEL_MAP = {"NV": "nv", "BKL": "bkl", "MEL": "mel", "BCC": None, "AK": None, "DF": None, "VASC": None,

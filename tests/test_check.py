@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
+import SimpleITK as sitk
+from PIL import Image
 
 from medfl.cli import main
 from medfl.config import load_site_config
@@ -51,7 +56,7 @@ def test_warnings_alone_keep_exit_status_zero(capsys, prostate_site):
 
 def test_bad_options_are_reported_without_traceback(capsys, ham10000_site):
     status, out = _check(capsys, str(ham10000_site()), "--split", "0.5,0.1,0.1")
-    assert status == 2 and "fractions must sum to 1" in out
+    assert status == 1 and "fractions must sum to 1" in out
     with pytest.raises(SystemExit):
         main(["check", str(ham10000_site()), "--split", "half"])
 
@@ -59,3 +64,74 @@ def test_bad_options_are_reported_without_traceback(capsys, ham10000_site):
 def test_strict_turns_warnings_into_failure(capsys, prostate_site):
     status, out = _check(capsys, str(prostate_site(cases=("Case01", "Case02"))), "--input-size", "8", "--strict")
     assert status == 1 and "0 of 1 site(s) ready, 1 with problems" in out
+
+
+def _cells(out: str, title: str, label: str) -> list[str]:
+    """The cells of the row `label` in the first table printed after a line containing `title`."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if title in line)
+    for line in lines[start:]:
+        cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+        if cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no row '{label}' after '{title}'")
+
+
+def _rewrite_images(config: Path, gain: float) -> None:
+    """Replace a site's images with smooth skin-like JPEGs, `gain` times brighter (same seeds at every site)."""
+    for i, path in enumerate(sorted(load_site_config(config).data_root.rglob("*.jpg"))):
+        rng = np.random.default_rng(i)
+        pixels = rng.normal(rng.uniform(90, 130), 12, (24, 24, 3)) * (1.0, 0.8, 0.7)
+        Image.fromarray(np.clip(pixels * gain, 0, 255).astype(np.uint8)).save(path, quality=95)
+
+
+def test_several_sites_print_their_distance_from_the_pooled_sites(capsys, ham10000_site):
+    configs = [ham10000_site(name=name) for name in ("derm_a", "derm_b", "derm_c")]
+    for config, gain in zip(configs, (1.0, 1.0, 1.3), strict=True):
+        _rewrite_images(config, gain)
+    status, out = _check(capsys, *map(str, configs))
+    assert status == 0 and "distance from the pooled 3 sites" in out and "in within-site SDs" in out
+    same, other, bright = (_cells(out, "site shift", site) for site in ("derm_a", "derm_b", "derm_c"))
+    assert same == other and float(bright[-1]) > 2  # the pooled mean lies a third of the way to the bright site
+    assert float(bright[-1]) == pytest.approx(2 * float(same[-1]), rel=0.02)
+    assert "root mean square" in out and "pooled within-site SD" in out
+    assert float(_cells(out, "site means", "derm_c")[0]) > 1.2 * float(_cells(out, "site means", "derm_a")[0])
+
+
+def test_identical_sites_are_at_zero_and_a_lone_site_shows_its_own_statistics(capsys, ham10000_site):
+    twins = [ham10000_site(name=name) for name in ("derm_a", "derm_b")]
+    _, out = _check(capsys, *map(str, twins))
+    assert set(_cells(out, "site shift", "derm_b")) == {"0.00"}
+    _, out = _check(capsys, str(twins[0]))
+    assert "site shift" not in out and "site 'derm_a': colour per image (42 samples)" in out
+    assert [_cells(out, "colour per image", row)[-1] != "" for row in ("mean", "SD", "min", "max")] == [True] * 4
+    assert _cells(out, "acquisition", "mean") == ["24.0", "24.0"]
+
+
+def test_normalisation_removes_the_raw_scale_that_check_shows(capsys, prostate_site):
+    plain, scaled = prostate_site(name="prost_a"), prostate_site(name="prost_b")
+    for path in load_site_config(scaled).data_root.glob("*.nii.gz"):
+        if "segmentation" not in path.name.lower():
+            image = sitk.ReadImage(str(path))
+            brighter = sitk.GetImageFromArray(sitk.GetArrayFromImage(image) * 1.3)
+            brighter.CopyInformation(image)
+            sitk.WriteImage(brighter, str(path))
+    status, out = _check(capsys, str(plain), str(scaled), "--input-size", "16")
+    assert status == 0 and set(_cells(out, "site shift", "prost_b")) == {"0.00"}
+    raw = [float(_cells(out, "acquisition", site)[0]) for site in ("prost_a", "prost_b")]
+    assert raw[1] == pytest.approx(1.3 * raw[0], rel=0.01)
+    assert _cells(out, "acquisition", "prost_a")[1:] == ["0.60", "3.00", "14.4", "24.0", "6.00"]
+    noise_spread = float(_cells(out, "site means", "within-site SD")[2])  # small values keep their digits
+    assert 0 < noise_spread < 0.1
+
+
+def test_the_header_names_the_classes_of_each_task(capsys, ham10000_site, prostate_site):
+    _, out = _check(capsys, str(prostate_site()), "--input-size", "8")
+    header = out.splitlines()[0]
+    assert header.startswith("classes: background (mask value 0), prostate (any value > 0);")
+    assert "label-map" not in header and "training slices: all" in header
+    _, out = _check(capsys, str(ham10000_site()), "--input-size", "8")
+    assert out.splitlines()[0].startswith("classes: each site's label-map targets;") and "slices" not in out.splitlines()[0]
+    _, out = _check(capsys, str(ham10000_site()), str(prostate_site()), "--input-size", "8", "--classes", "nv,mel")
+    header = out.splitlines()[0]
+    assert "classification classes: nv, mel;" in header and "segmentation classes: background (mask value 0), prostate" in header

@@ -16,6 +16,7 @@ from medfl.experiment import load_experiment_config
 from medfl.federated.coordinator import Coordinator
 from medfl.federated.methods import METHODS
 from medfl.federated.site import Site
+from medfl.runfolder import RunFolder
 
 pytestmark = pytest.mark.slow
 
@@ -143,19 +144,29 @@ def test_only_allowed_objects_leave_a_site(derm_experiment, tmp_path, monkeypatc
             assert exchange.statistics["prototypes"].shape[0] == 3  # class prototypes, never samples
         elif method == "get_data_stats":
             assert exchange.weights is None and exchange.metrics is None
-            assert set(exchange.statistics) == {"class_counts", "num_samples"}
+            assert set(exchange.statistics) == {"class_counts", "num_samples", "network"}
+            assert set(exchange.statistics["network"]) >= {"name", "task", "num_classes", "width"}
         else:
             assert exchange.weights is None and exchange.statistics is None
-            assert set(exchange.metrics) == {"round", "rows", "det", "retrogress", "best"}
+            assert set(exchange.metrics) == {"round", "rows", "det", "retrogress", "best", "timing"}
+            assert set(exchange.metrics["timing"]) == {"train_s", "eval_s"}
             for row in exchange.metrics["rows"]:
                 assert set(row) == {"round", "epoch", "site", "model", "split", "metric", "value"}
                 assert isinstance(row["value"], float)
     for site in ("derm_a", "derm_b"):
         audit = [json.loads(line) for line in (tmp_path / "run" / "sites" / site / "audit.jsonl").read_text().splitlines()]
-        assert len(audit) == 2  # rounds 0 and 1 upload; the last round does not
-        assert audit[0]["bytes"] == sum(e["bytes"] for e in audit[0]["weights"]) + sum(
-            e.get("bytes", 0) for e in audit[0]["statistics"])
-        assert {e["name"] for e in audit[0]["statistics"]} == ALLOWED_STATISTICS
+        assert [(e["round"], e["what"]) for e in audit] == [(0, "data_statistics")] + [
+            (r, what) for r in range(3) for what in ("report", "upload")], "everything that left, once per round"
+        upload = audit[2]
+        assert upload["bytes"] == sum(e["bytes"] for e in upload["weights"]) + sum(
+            e.get("bytes", 0) for e in upload["statistics"])
+        assert {e["name"] for e in upload["statistics"]} == ALLOWED_STATISTICS
+        counts = next(e for e in upload["statistics"] if e["name"] == "class_counts")
+        assert counts["value"] == next(s for m, s, _ in received if m == "get_data_stats" and s.name == site
+                                       ).class_counts.tolist(), "counts are logged as they left"
+        reports = [e for m, s, e in received if m == "evaluate" and s.name == site]
+        assert [e["rows"] for e in audit if e["what"] == "report"] == [
+            json.loads(json.dumps(r.metrics["rows"])) for r in reports]
 
 
 def test_an_earlier_run_is_never_overwritten(derm_experiment, tmp_path):
@@ -180,7 +191,7 @@ def test_diverging_loss_names_site_round_and_epoch_and_keeps_checkpoint(derm_exp
     monkeypatch.setattr(Site, "train", poisoned)
     with pytest.raises(MedflError, match=r"site 'derm_b', round 1, epoch 1: .*nan"):
         coordinator.run()
-    assert coordinator.last_completed_round() == 0
+    assert RunFolder(tmp_path / "run").completed_rounds() == 1
 
 
 @pytest.mark.parametrize("method", ["prr", "fedavg"])

@@ -108,5 +108,7 @@ def test_official_split_file_decides_and_unlisted_ids_are_errors(ham10000_site, 
 
 def test_empty_table_after_filter_is_an_error(ham10000_site):
     _, content, log = _read(ham10000_site(filter={"column": "dataset", "values": ["nowhere"]}))
-    assert "the table has no rows after the filter dataset in ['nowhere']" in log.problems()[0].message
+    (problem,) = log.problems()
+    assert problem.message == ("the table has no rows after the filter: filter value(s) 'nowhere' match no row "
+                               "of column 'dataset' (its values: 'vidir_modern')")
     assert content.filtered_out == 44

@@ -33,6 +33,21 @@ def test_ham10000_filter_keeps_one_dataset_and_counts_the_rest(ham10000_site):
     assert len(table.rows) == 15 and table.filtered_out == 29 and not log.problems()
 
 
+def test_a_filter_value_matching_nothing_lists_the_values_there_are(ham10000_site):
+    dataset = {"dataset": lambda i: "vidir_modern" if i % 3 else "rosendahl"}
+    _, table, log = _read(ham10000_site(filter={"column": "dataset", "values": ["vidir_modren"]}, **dataset))
+    assert table.rows == [] and table.filtered_out == 44
+    (problem,) = log.problems()
+    assert problem.severity == "error" and problem.file.endswith("HAM10000_metadata.csv")
+    assert "filter value(s) 'vidir_modren' match no row of column 'dataset' (its values: 'rosendahl', " \
+           "'vidir_modern')" in str(problem)
+    _, table, log = _read(ham10000_site(name="derm_b", filter={"column": "dataset",
+                                                               "values": ["rosendahl", "vidir_modren"]}, **dataset))
+    assert len(table.rows) == 15
+    (problem,) = log.problems()
+    assert problem.severity == "warning" and "'vidir_modren' match no row" in str(problem)
+
+
 def test_filter_on_a_missing_column_is_an_error(ham10000_site):
     _, table, log = _read(ham10000_site(filter={"column": "hospital", "values": ["x"]}))
     assert table is None

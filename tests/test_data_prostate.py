@@ -110,3 +110,14 @@ def test_a_corrupt_case_is_reported_and_left_out(prostate_site):
     _, content, log = _read(path)
     assert [p.file for p in log.problems()] == [str(broken)]
     assert sum(content.groups.values()) == 3 and "Case02" not in content.geometry
+
+
+def test_a_metaimage_case_without_its_raw_file_names_the_raw_file(prostate_site):
+    path = prostate_site(layout="metaimage", cases=("Case00", "Case01", "Case02", "Case03"))
+    site = load_site_config(path)
+    raw = site.data_root / "Case01.raw"
+    raw.unlink()
+    _, content, log = _read(path)
+    (problem,) = log.problems()
+    assert problem.file == str(site.data_root / "Case01.mhd") and str(raw) in str(problem)
+    assert "is missing" in str(problem) and "Case01" not in content.geometry

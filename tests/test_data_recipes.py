@@ -11,7 +11,7 @@ from monai.data import CacheDataset, Dataset
 from monai.utils import set_determinism
 
 from medfl.data import build_dataset, load_recipe
-from medfl.data.recipes import TRANSFORMS_DIR
+from medfl.data.recipes import RECIPES_DIR
 from medfl.errors import ConfigError
 
 
@@ -40,7 +40,7 @@ def _write(tmp_path, recipe) -> str:
 
 
 def test_shipped_recipes_exist():
-    assert {p.stem for p in TRANSFORMS_DIR.glob("*.yaml")} >= {
+    assert {p.stem for p in RECIPES_DIR.glob("*.yaml")} >= {
         "dermoscopy_train", "dermoscopy_eval", "prostate_train", "prostate_eval"}
 
 
@@ -89,10 +89,12 @@ def test_variables_are_substituted_and_overridable(tmp_path):
     [
         ({"transforms": [{"FancyFlipd": {"keys": ["image"]}}]}, r"transform 1 \(FancyFlipd\): 'FancyFlipd' is not"),
         ({"transforms": [{"RandFlipd": {"keys": ["image"], "probability": 0.5}}]},
+         r"transform 1 \(RandFlipd\): argument 'probability' is not allowed for RandFlipd"),
+        ({"transforms": [{"RandFlipd": {"keys": ["image"], "prob": "often"}}]},
          r"transform 1 \(RandFlipd\): bad arguments"),
         ({"transforms": [{"Resized": {"keys": ["image"], "spatial_size": "@size"}}]}, "unknown variable '@size'"),
         ({"transforms": [{"LoadImaged": {"keys": ["image"], "reader": "os.system"}}]}, "looks like an import path"),
-        ({"transforms": [{"Compose": {}}]}, "composes transforms"),
+        ({"transforms": [{"Compose": {}}]}, "'Compose' is not a transform recipes may use"),
         ({"transforms": [{"RandFlipd": {}, "RandRotated": {}}]}, "transform 1 must be a mapping of one"),
         ({"transforms": []}, "non-empty list"),
         ({"transform": []}, "unknown key 'transform'"),

@@ -120,12 +120,25 @@ def test_truncated_corrupt_and_missing_volumes_are_unreadable(tmp_path):
     raw_nifti = write_volume(tmp_path / "b.nii", image)
     raw_nifti.write_bytes(raw_nifti.read_bytes()[:2000])
     metaimage = write_volume(tmp_path / "c.mhd", image)
-    metaimage.with_suffix(".raw").unlink()
+    metaimage.with_suffix(".raw").write_bytes(b"short")
     garbage = tmp_path / "d.nii.gz"
     garbage.write_bytes(b"garbage")
     for path in (gz, raw_nifti, metaimage, garbage, tmp_path / "missing.mhd"):
         volume, problem = read_volume(path, "image")
         assert volume is None and problem.startswith("unreadable or corrupt image ("), path
+
+
+def test_a_metaimage_without_its_voxel_file_names_that_file(tmp_path, capfd):
+    image, _ = phantom_case()
+    header = write_volume(tmp_path / "Case00.mhd", image)
+    raw = header.with_suffix(".raw")
+    assert f"ElementDataFile = {raw.name}" in header.read_text()
+    raw.unlink()
+    assert read_volume(header, "image") == (
+        None, f"image data file {raw} is missing (the header Case00.mhd names it as ElementDataFile)")
+    assert capfd.readouterr().err == ""  # ITK is not asked, so it prints nothing of its own
+    single_file = write_volume(tmp_path / "Case01.mha", image)  # voxels in the header file itself
+    assert read_volume(single_file, "image")[1] is None
 
 
 def test_a_2d_image_is_not_a_volume(tmp_path):

@@ -71,7 +71,7 @@ def test_cli_prints_and_writes_the_scores(setup, tmp_path, capsys):
 
 
 def test_mistakes_are_one_line_errors(setup, capsys):
-    assert main(["evaluate", str(setup["derm"]), str(setup["prost_a"])]) == 2
+    assert main(["evaluate", str(setup["derm"]), str(setup["prost_a"])]) == 1
     error = capsys.readouterr().err
     assert "a segmentation site cannot score the classification model" in error and len(error.splitlines()) == 1
     with pytest.raises(ConfigError, match="--split must be one of"):

@@ -21,7 +21,7 @@ from conftest import tiny_experiment, tiny_federation_root
 from medfl.cli import main
 from medfl.data import load_site
 from medfl.deliver import export_run, find_export, load_export, read_manifest
-from medfl.errors import ConfigError, DataError
+from medfl.errors import ConfigError, DataError, MedflError
 from medfl.experiment import load_experiment_config
 
 pytestmark = pytest.mark.slow
@@ -214,13 +214,13 @@ def test_round_and_model_choices(runs, tmp_path):
 def test_a_method_without_federation_has_no_deputy(runs, tmp_path):
     run = tmp_path / "local_run"
     run.mkdir()
-    for name in ("summary.json", "metrics.csv"):
+    for name in ("summary.json", "metrics.csv", "run.json"):
         shutil.copy(runs["classification"] / name, run / name)
     config = yaml.safe_load((runs["classification"] / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "method": "local"}))
     with pytest.raises(ConfigError, match="no deputy"):
         export_run(run, role="deputy")
-    with pytest.raises(ConfigError, match="not a run folder"):
+    with pytest.raises(MedflError, match="no such run folder"):
         export_run(tmp_path / "nothing")
 
 
@@ -229,7 +229,7 @@ def test_cli_export_prints_each_site_and_refuses_a_second_time(runs, tmp_path, c
     assert main(["export", str(runs["classification"]), "--out", str(out), "--site", "derm_a"]) == 0
     printed = capsys.readouterr().out
     assert "derm_a: personalized model P of round" in printed and str(out / "derm_a") in printed
-    assert main(["export", str(runs["classification"]), "--out", str(out), "--site", "derm_a"]) == 2
+    assert main(["export", str(runs["classification"]), "--out", str(out), "--site", "derm_a"]) == 1
     assert "never overwritten" in capsys.readouterr().err
 
 

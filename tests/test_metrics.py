@@ -69,6 +69,24 @@ def test_macro_f1_counts_a_class_absent_from_the_split_as_zero():
     assert result["accuracy"] == pytest.approx(3 / 4)
 
 
+def test_one_class_splits_score_without_sklearn_warnings_and_balanced_accuracy_matches_sklearn():
+    from sklearn.metrics import balanced_accuracy_score
+
+    probabilities = np.tile([0.1, 0.8, 0.1], (5, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "A single label was found in y_true and y_pred" would raise here
+        scores = classification_metrics([1] * 5, probabilities, ["a", "b", "c"])
+    assert scores["balanced_accuracy"] == 1.0 and scores["accuracy"] == 1.0
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        truth, scores_ = rng.integers(0, 4, 30), rng.random((30, 4))
+        truth[truth == 3] = 2  # class 3 is predicted but never true: recall is over present classes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn says so about class 3
+            expected = balanced_accuracy_score(truth, scores_.argmax(axis=1))
+        assert classification_metrics(truth, scores_, list("abcd"))["balanced_accuracy"] == pytest.approx(expected)
+
+
 def test_auc_one_vs_rest_skips_classes_without_positives_or_negatives():
     # nv: positives {0.9, 0.4} vs negatives {0.6, 0.2} -> 3 of 4 pairs; bkl: separable -> 1; mel: no positives.
     scores = np.array([[0.9, 0.05, 0.05], [0.4, 0.1, 0.5], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])

@@ -30,7 +30,7 @@ from medfl.errors import ConfigError  # noqa: E402
 from medfl.experiment import load_experiment_config  # noqa: E402
 from medfl.federated.coordinator import Coordinator  # noqa: E402
 from medfl.federated.site import Site  # noqa: E402
-from medfl.nvflare.controller import PARTICIPATION, MedflController  # noqa: E402
+from medfl.nvflare.controller import MedflController  # noqa: E402
 from medfl.nvflare.job import CONTROLLER_CLASS, write_job  # noqa: E402
 from medfl.nvflare.layout import CONFIG_FOLDER, SITE_CONFIG_ENV, SITE_SCRIPT  # noqa: E402
 from medfl.nvflare.payloads import (  # noqa: E402
@@ -139,16 +139,18 @@ def test_payloads_carry_exactly_what_the_in_process_coordinator_passes():
 
     upload = ExchangeObject(weights=weights, statistics={"num_samples": 9, "class_counts": statistics[
         "global_class_counts"], "prototypes": statistics["global_prototypes"]})
-    report = {"round": 3, "rows": [{"value": float("nan")}], "det": [], "retrogress": [], "best": {"round": 2}}
-    sent = wire(train_reply(3, report, upload, {"train_s": 1.5, "eval_s": 0.5}))
+    report = {"round": 3, "rows": [{"value": float("nan")}], "det": [], "retrogress": [], "best": {"round": 2},
+              "timing": {"train_s": 1.5, "eval_s": 0.5}}
+    sent = wire(train_reply(3, report, upload))
     sent.meta["client_name"] = "derm_a"
     reply = read_reply(sent)
-    assert (reply.site, reply.round, reply.failed, reply.timing) == ("derm_a", 3, None, {"train_s": 1.5, "eval_s": 0.5})
+    assert (reply.site, reply.round, reply.failed) == ("derm_a", 3, None)
+    assert reply.report["timing"] == {"train_s": 1.5, "eval_s": 0.5}
     assert reply.report["best"] == {"round": 2} and reply.report["rows"][0]["value"] != 0
     assert all(torch.equal(reply.upload.weights[k], v) for k, v in weights.items())
     assert reply.upload.statistics["num_samples"] == 9
     assert torch.equal(reply.upload.statistics["prototypes"], statistics["global_prototypes"])
-    last = wire(train_reply(4, report, None, {}))
+    last = wire(train_reply(4, report, None))
     last.meta["client_name"] = "derm_a"
     assert read_reply(last).upload is None
 
@@ -197,7 +199,7 @@ def test_cli_writes_a_job_and_reports_mistakes_in_one_line(experiment, tmp_path,
     assert medfl_main(["nvflare-job", str(experiment), "--out", str(tmp_path / "job"), "--method", "fedavg"]) == 0
     assert "derm_a, derm_b" in capsys.readouterr().out
     assert json.loads((tmp_path / "job" / "meta.json").read_text())["name"] == "medfl-tiny-fedavg"
-    assert medfl_main(["nvflare-job", str(experiment), "--out", str(tmp_path / "job")]) == 2
+    assert medfl_main(["nvflare-job", str(experiment), "--out", str(tmp_path / "job")]) == 1
     assert "not empty" in capsys.readouterr().err
 
 
@@ -221,7 +223,7 @@ def test_core_package_imports_and_explains_without_nvflare(experiment, tmp_path)
         f"sys.exit(medfl.cli.main(['nvflare-job', {str(experiment)!r}, '--out', {str(tmp_path / 'job')!r}]))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 1, result.stderr
     assert "pip install 'medfl[nvflare]'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "job").exists()
 
@@ -232,7 +234,7 @@ def test_controller_and_site_runners_reproduce_the_in_process_run(experiment, in
     config = load_experiment_config(experiment)
     Loopback(config, tmp_path / "fl").run_experiment(config)
     assert_same_results(in_process, tmp_path / "fl")
-    assert {(r["round"], r["status"]) for r in table(tmp_path / "fl" / PARTICIPATION)} == {
+    assert {(r["round"], r["status"]) for r in table(tmp_path / "fl" / "participation.csv")} == {
         ("0", "answered"), ("1", "answered")}
 
 
@@ -250,7 +252,7 @@ def test_failed_and_silent_sites_keep_their_model_and_rejoin(experiment, tmp_pat
     server = Loopback(config, tmp_path / "fl", lost={(0, "derm_b")})
     server.run_experiment(config)
     run_dir = tmp_path / "fl"
-    statuses = {(int(r["round"]), r["site"]): r["status"] for r in table(run_dir / PARTICIPATION)}
+    statuses = {(int(r["round"]), r["site"]): r["status"] for r in table(run_dir / "participation.csv")}
     assert statuses == {(0, "derm_a"): "answered", (0, "derm_b"): "no answer", (1, "derm_a"): "failed (RuntimeError)",
                         (1, "derm_b"): "answered", (2, "derm_a"): "answered", (2, "derm_b"): "answered"}
     tasks = {(site, model.current_round): read_train_task(model) for task, site, model in server.sent

@@ -13,7 +13,7 @@ from medfl.federated.params import Role, parameter_roles
 from medfl.federated.pfa import pfa_aggregate, pfa_ratio
 from medfl.models import build_model
 
-REFERENCE_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pfa_reference_vectors.npz"
+REFERENCE_VECTORS = Path(__file__).resolve().parent / "data" / "pfa_reference_vectors.npz"
 SPECTRAL_ROLES = (Role.CONV, Role.CONV_TRANSPOSE, Role.LINEAR, Role.CLASSIFIER)
 
 

@@ -112,10 +112,10 @@ def test_cli_predict_reports_bad_files_and_exits_non_zero(exports, tmp_path, cap
                  "--out", str(tmp_path / "out")]
     assert main(arguments) == 1
     captured = capsys.readouterr()
-    assert len(captured.err.strip().splitlines()) == len(bad)
+    assert len([line for line in captured.err.splitlines() if line.startswith("medfl predict:")]) == len(bad)
     assert all(str(path) in captured.err for path in bad)
     assert f"1 of {len(bad) + 1} input(s) predicted, {len(bad)} failed" in captured.out
-    assert main(arguments[:2] + [str(good[0]), "--out", str(tmp_path / "out")]) == 2  # no --site
+    assert main(arguments[:2] + [str(good[0]), "--out", str(tmp_path / "out")]) == 1  # no --site
     assert "choose one with --site" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="never overwritten"):
         predict(load_export(exports["derm"], "derm_b"), good, tmp_path / "out")
@@ -161,6 +161,37 @@ def test_masks_come_back_on_the_inputs_grid_in_its_format(exports, tmp_path, ext
         assert values <= {0, 1}
     if extension == ".mhd":
         assert (tmp_path / "out" / "oblique_mask.zraw").is_file()
+
+
+def test_inputs_of_one_name_from_different_folders_are_all_predicted_apart(exports, tmp_path, capsys):
+    for folder in ("ISBI", "ISBI_1.5"):
+        (tmp_path / folder).mkdir()
+    first = _write(tmp_path / "ISBI" / "Case00.nii.gz", _phantom())
+    second = _write(tmp_path / "ISBI_1.5" / "Case00.nii.gz", _phantom()[::-1].copy())
+    out = tmp_path / "out"
+    assert main(["predict", str(exports["prostate"]), str(first), str(second), "--out", str(out)]) == 0
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.nii.gz"))
+    assert written == ["ISBI/Case00_mask.nii.gz", "ISBI_1.5/Case00_mask.nii.gz"]
+    assert "2 of 2 input(s) predicted" in capsys.readouterr().out
+    # inputs of one folder go straight into --out
+    results = predict(load_export(exports["prostate"]), [first], tmp_path / "flat")
+    assert results[0].output == tmp_path / "flat" / "Case00_mask.nii.gz"
+
+
+def test_a_nifti_mask_keeps_the_inputs_header_codes(exports, tmp_path):
+    affine = np.array([[-0.7, 0.0, 0.0, 12.5], [0.0, -0.9, 0.0, -30.0], [0.0, 0.0, 3.0, 7.25], [0, 0, 0, 1]])
+    image = nib.Nifti1Image(_phantom().transpose(2, 1, 0), affine)
+    image.set_qform(affine, code=1)  # scanner
+    image.set_sform(affine, code=2)  # aligned: SimpleITK would write 1 and 1
+    path = tmp_path / "coded.nii.gz"
+    nib.save(image, path)
+    (result,) = predict(load_export(exports["prostate"]), [path], tmp_path / "out")
+    mask, source = nib.load(result.output), nib.load(path)
+    assert (int(mask.header["qform_code"]), int(mask.header["sform_code"])) == (1, 2)
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-6)
+    np.testing.assert_allclose(mask.get_qform(), source.get_qform(), atol=1e-6)
+    assert mask.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1}
+    _assert_same_grid(result.output, path)
 
 
 class BrightIsProstate(nn.Module):
@@ -217,7 +248,7 @@ def test_bad_volumes_get_one_message_each_and_the_others_are_predicted(exports, 
     out = tmp_path / "out"
     status = main(["predict", str(exports["prostate"]), *map(str, bad), str(good), "--out", str(out)])
     assert status == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("medfl predict:")]
     assert len(err) == len(bad)
     for line, (path, message) in zip(err, bad.items(), strict=True):
         assert str(path) in line and message in line

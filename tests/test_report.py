@@ -14,12 +14,13 @@ import torch
 import yaml
 from conftest import tiny_experiment
 
+from medfl import tensorboard
+from medfl.checkpoints import atomic_write_csv as write_csv
 from medfl.cli import main
-from medfl.errors import ConfigError
+from medfl.errors import ConfigError, MedflError
 from medfl.experiment import load_experiment_config
 from medfl.federated.coordinator import Coordinator
-from medfl.report import tensorboard
-from medfl.report.plots import curve
+from medfl.report.plots import curve, retrogress_by_round
 from medfl.report.predictions import (
     SplitCache,
     choose_examples,
@@ -30,7 +31,7 @@ from medfl.report.predictions import (
 from medfl.report.runs import RunGroup, group_runs, load_run
 from medfl.report.tables import format_values, result_columns, results_table
 from medfl.report.writer import default_out, write_report
-from medfl.runlog import METRIC_COLUMNS, write_csv
+from medfl.runfolder import METRIC_COLUMNS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["nv", "bkl", "mel"]
@@ -79,6 +80,9 @@ def fake_run(root, method="prr", seed=0, f1=(0.5, 0.7), task="classification", *
     summary = {"experiment": "fake", "method": method, "task": task, "metric": metric, "completed_rounds": 2,
                "rounds": 2, "finished": True, "sites": site_entries, "mean": mean}
     (folder / "summary.json").write_text(json.dumps(summary))
+    record = {"schema_version": 1, "medfl_version": "0.1.0", "experiment": "fake", "task": task, "method": method,
+              "config_sha256": "0" * 64, "rounds": 2, "completed_rounds": 2}
+    (folder / "run.json").write_text(json.dumps(record))
     return folder
 
 
@@ -88,11 +92,22 @@ def test_load_run_reads_a_run_folder_and_refuses_other_folders(tmp_path):
                                                                         ["a", "b"])
     assert (run.used_model, run.receiving_model, run.local_epochs) == ("P", "D", 2)
     assert run.metrics[0]["round"] == 0 and isinstance(run.metrics[0]["value"], float)
-    with pytest.raises(ConfigError, match="run folder not found"):
+    with pytest.raises(MedflError, match="no such run folder"):
         load_run(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="summary.json"):
+    with pytest.raises(MedflError, match="not a medfl run folder"):
         load_run(tmp_path / "empty")
+
+
+def test_load_run_refuses_binary_or_foreign_run_files_in_one_line(tmp_path):
+    folder = fake_run(tmp_path)
+    (folder / "config.yaml").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(MedflError, match="unreadable run config"):
+        load_run(folder)
+    folder = fake_run(tmp_path, "fedavg", 1)
+    (folder / "summary.json").write_text("[1, 2]")
+    with pytest.raises(MedflError, match="not a medfl run summary"):
+        load_run(folder)
 
 
 def test_runs_differing_only_by_seed_form_one_group(tmp_path):
@@ -153,6 +168,24 @@ def test_curve_puts_communication_drops_at_the_round_boundary(tmp_path):
     assert y[2] == pytest.approx(0.2) and y[3] == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("rounds", [2, 30])
+def test_retrogress_plot_ticks_are_whole_rounds_even_with_one_communication(tmp_path, rounds):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    folder = fake_run(tmp_path)
+    if rounds > 2:  # a long run: a communication before every round but the first
+        rows = [{"round": r, "site": s, "model": "D", "before": 0.3, "after": 0.1, "after_first_epoch": 0.2,
+                 "retrogress": 0.2, "recovery": 0.1} for r in range(1, rounds) for s in ("a", "b")]
+        write_csv(folder / "retrogress.csv", rows)
+    figure = retrogress_by_round(group_runs([load_run(folder)]))
+    FigureCanvasAgg(figure).draw()
+    for ax in figure.axes:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        assert low <= 1 and high >= rounds - 1 and len(ticks) <= 12
+
+
 def test_report_of_hand_made_runs_without_predictions(tmp_path):
     folders = [fake_run(tmp_path / "runs", "prr", 0), fake_run(tmp_path / "runs", "prr", 1),
                fake_run(tmp_path / "runs", "fedavg", 0)]
@@ -200,7 +233,7 @@ def test_without_tensorboard_scalars_are_skipped_with_one_notice(tmp_path, monke
     try:
         run = load_run(fake_run(tmp_path))
         for round_ in (0, 1):
-            assert tensorboard.write_round_scalars(tmp_path / "run", round_, 2, run.metrics, run.det, []) is None
+            assert tensorboard.write_round_scalars(tmp_path / "run" / "tensorboard", round_, 2, run.metrics, run.det, []) is None
     finally:
         tensorboard.summary_writer_class.cache_clear()
     notices = [line for line in capsys.readouterr().err.splitlines() if "tensorboard" in line]
@@ -220,7 +253,7 @@ def test_round_scalars_are_readable_by_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     run = load_run(fake_run(tmp_path))
     for round_ in (0, 1):
-        folder = tensorboard.write_round_scalars(tmp_path / "run", round_, 2, run.metrics, run.det, run.retrogress)
+        folder = tensorboard.write_round_scalars(tmp_path / "run" / "tensorboard", round_, 2, run.metrics, run.det, run.retrogress)
     assert folder == tmp_path / "run" / "tensorboard"
     scalars = read_scalars(folder)
     assert [step for step, _ in scalars["val/macro_f1/a/P"]] == [1, 2, 3, 4]
@@ -324,5 +357,5 @@ def test_selected_model_file_missing_is_a_data_error(tiny_runs, tmp_path):
     run = load_run(copy)
     selected = run.summary["sites"]["derm_a"]["selected_round"]
     (copy / "sites" / "derm_a" / "models" / f"round_{selected:04d}.pt").unlink()
-    with pytest.raises(Exception, match="derm_a.*selected round's model file is missing"):
+    with pytest.raises(Exception, match="site 'derm_a': .*round_0000.pt: file not found"):
         load_selected_model(run, "derm_a", torch.device("cpu"))

@@ -47,16 +47,19 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path
 
     killed = tmp_path / "killed"
     process = medfl("run", str(experiment), "--out", str(killed), "--quiet")
+    # Kill inside round 1, once derm_a has finished it (its state and audit entries written) and derm_b trains.
+    first_site_done = killed / "sites" / "derm_a" / "state_round_0001.pt"
     deadline = time.monotonic() + 600
-    while completed_rounds(killed) < 1 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # well inside round 1: its two sites train for several seconds
+    while not first_site_done.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
-    assert 1 <= completed_rounds(killed) < 3, "the kill must land before the run finished"
+    assert completed_rounds(killed) == 1, "the kill must land inside round 1"
     interrupted_at = completed_rounds(killed)
     assert not json.loads((killed / "summary.json").read_text())["finished"]
+    audit = killed / "sites" / "derm_a" / "audit.jsonl"
+    assert any(json.loads(line)["round"] == 1 for line in audit.read_text().splitlines()), "round 1 had left"
 
     resumed = medfl("run", str(experiment), "--out", str(killed), "--resume", "--quiet")
     output, _ = resumed.communicate(timeout=900)
@@ -67,6 +70,13 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path
         assert table(killed / name) == table(whole / name), name
     assert json.loads((killed / "summary.json").read_text())["sites"] == json.loads(
         (whole / "summary.json").read_text())["sites"]
+    for site in ("derm_a", "derm_b"):
+        entries = [json.loads(line) for line in (killed / "sites" / site / "audit.jsonl").read_text().splitlines()]
+        left = [(e["round"], e["what"]) for e in entries]
+        # once per round; the data statistics left again when the run restarted in round 1
+        assert left == [(0, "data_statistics"), (0, "report"), (0, "upload"), (1, "data_statistics"),
+                        (1, "report"), (1, "upload"), (2, "report"), (2, "upload")], site
+    assert not list(killed.rglob("*.tmp"))
 
 
 def test_resume_refuses_a_changed_config_and_a_missing_run(experiment, tmp_path):

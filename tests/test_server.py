@@ -269,3 +269,31 @@ def test_key_filtered_strategy_on_a_model_without_such_keys() -> None:
     with pytest.raises(ConfigError, match="SiloBN.*normalisation statistics"):
         build_strategy("silobn", no_statistics, rounds=5)
     assert build_strategy("fedbn", no_statistics, rounds=5).local_keys == {"norm.weight", "norm.bias"}
+
+
+@pytest.mark.parametrize("method", ["prr", "fedbn"])
+def test_batchnorm_unet_keeps_every_sites_norm_entries_under_pfa_and_fedbn(method: str) -> None:
+    """The BatchNorm UNet (`norm: batch`): roles by module type find its BatchNorm layers, and PFA and FedBN
+    leave each site's BatchNorm weights, biases, running statistics and counters as they were."""
+    from medfl.federated.params import Role, keys_with_role
+    from medfl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("unet", "segmentation", 2, 1, width=0.25, norm="batch")
+    batch_norms = {
+        f"{prefix}.{key}" for prefix, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)
+        for key in module.state_dict()
+    }
+    assert batch_norms and set(keys_with_role(parameter_roles(model), Role.NORM)) == batch_norms
+    updates = {}
+    for index in range(3):
+        state = {k: (v + torch.randn_like(v) if v.is_floating_point() else v + index + 1)
+                 for k, v in model.state_dict().items()}
+        updates[f"site{index}"] = SiteUpdate(weights=state, num_samples=10 * (index + 1))
+    strategy = build_strategy(method, model, rounds=4)
+    merged = strategy.aggregate(1, updates).weights
+    for site, update in updates.items():
+        for key in batch_norms:
+            assert torch.equal(merged[site][key], update.weights[key]), (site, key)
+        shared = [k for k in update.weights if k not in batch_norms and update.weights[k].is_floating_point()]
+        assert any(not torch.equal(merged[site][k], update.weights[k]) for k in shared)

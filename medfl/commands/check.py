@@ -1,7 +1,10 @@
-"""`medfl check SITE_CONFIG...`: validate sites and their data, print per-split, per-class counts.
+"""`medfl check SITE_CONFIG...`: validate sites and their data, print per-split, per-class counts and site shift.
 
 Every site is checked, even after a bad one. Defaults match `DataSettings`: classes = each site's label-map
-targets in first-seen order, input size 64, split 0.7/0.1/0.2 by lesion or case, seed 0, all slices.
+targets in first-seen order (segmentation sites: always background and prostate), input size 64, split
+0.7/0.1/0.2 by lesion or case, seed 0, all slices. After the sites, per modality: with several sites, each
+site's distance from the pooled sites in within-site standard deviations (medfl.data.shift) and the site
+means; with one site, its own statistics.
 Exit status 0 when no site has an error (warnings are allowed, unless --strict), 1 otherwise. Errors: unreadable configs,
 missing or corrupt data, unknown labels, bad masks, duplicate ids, no samples, an empty train or validation
 split. Warnings: a class absent from a split, an empty test split, a class the label map never produces.
@@ -10,14 +13,17 @@ split. Warnings: a class absent from a split, an empty test split, a class the l
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from medfl.config import DataSettings
+    from medfl.config import DataSettings, SiteConfig
     from medfl.data import SiteReport
+    from medfl.data.shift import SampleStatistics, StatisticSet
+    from medfl.errors import MedflError
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -95,31 +101,150 @@ def _print_report(console: Console, report: SiteReport) -> None:
         console.print(Text(f"{problem.severity}: {problem}", style=style), soft_wrap=True)
 
 
+def _header(settings: DataSettings, tasks: set[str]) -> str:
+    """The settings line: the classes of each task present, input size, split and (segmentation) slices."""
+    from medfl.config import SEGMENTATION_CLASSES
+
+    classes = ", ".join(settings.classes) if settings.classes else "each site's label-map targets"
+    background, foreground = SEGMENTATION_CLASSES
+    segmentation = f"{background} (mask value 0), {foreground} (any value > 0)"
+    parts = []
+    if "segmentation" not in tasks:
+        parts.append(f"classes: {classes}")
+    elif tasks == {"segmentation"}:
+        parts.append(f"classes: {segmentation}")
+    else:
+        parts += [f"classification classes: {classes}", f"segmentation classes: {segmentation}"]
+    fractions = "/".join(f"{f:g}" for f in settings.split_fractions)
+    parts.append(f"input size {settings.input_size}; split {fractions} (seed {settings.split_seed})")
+    if "segmentation" in tasks:
+        parts.append(f"training slices: {settings.slices}")
+    return "; ".join(parts)
+
+
+def _number(value: float) -> str:
+    """A statistic with two or three significant digits; '-' when missing, 'inf' when unbounded."""
+    if value != value:
+        return "-"
+    if abs(value) == float("inf"):
+        return "inf"
+    size = abs(value)
+    return (f"{value:.0f}" if size >= 100 else f"{value:.1f}" if size >= 10
+            else f"{value:.2f}" if size >= 0.1 or size == 0 else f"{value:.2g}")
+
+
+def _distance(value: float) -> str:
+    """A distance in within-site SDs, two decimals."""
+    return "-" if value != value else f"{value:.2f}"
+
+
+def _rows_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, list[float]]],
+                number: Callable[[float], str] = _number) -> Table:
+    """One row per (label, values) under `columns`, numbers right-aligned."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for label, values in rows:
+        table.add_row(label, *map(number, values))
+    return table
+
+
+def _one_site(site: str, statistics: SampleStatistics) -> list[Table | str]:
+    """A lone site's own statistics: mean, SD, minimum and maximum over its samples."""
+    from medfl.data.shift import describe
+
+    kind, rows = statistics.kind, ("mean", "SD", "min", "max")
+    compared, shown = describe(statistics.compared), describe(statistics.shown)
+    title = f"site '{site}': {kind.title} ({len(statistics.values)} samples)"
+    return [_rows_table(title, kind.compared, [(r, list(v)) for r, v in zip(rows, compared, strict=True)]),
+            _rows_table(f"site '{site}': acquisition", kind.shown,
+                        [(r, list(v)) for r, v in zip(rows, shown, strict=True)]),
+            kind.legend]
+
+
+def _several_sites(measured: dict[str, SampleStatistics]) -> list[Table | str]:
+    """Distances from the pooled sites (per compared statistic, and their RMS), then every site's means."""
+    import numpy as np
+
+    from medfl.data.shift import describe, site_shift
+
+    kind = next(iter(measured.values())).kind
+    shift = site_shift({site: statistics.compared for site, statistics in measured.items()})
+    samples = sum(len(statistics.values) for statistics in measured.values())
+    distances = _rows_table(
+        f"site shift, {kind.title}: distance from the pooled {len(measured)} sites ({samples} samples), "
+        "in within-site SDs", (*kind.compared, "shift (RMS)"),
+        [(site, [*shift.distances[i], shift.shift[i]]) for i, site in enumerate(shift.sites)], _distance)
+    note = ("distance = |site mean - pooled mean| / pooled within-site SD, per statistic; shift = their root "
+            "mean square. 0: the site looks like the pooled sites; 1: one typical within-site spread away.")
+    means = _rows_table(f"{kind.title}: site means", kind.compared,
+                        [*((site, list(row)) for site, row in zip(shift.sites, shift.site_means, strict=True)),
+                         ("pooled", list(shift.pooled_mean)), ("within-site SD", list(shift.within_sd))])
+    pooled = describe(np.concatenate([statistics.shown for statistics in measured.values()]))[0]
+    acquisition = _rows_table("acquisition (shown, not compared): site means", kind.shown,
+                              [*((site, list(describe(s.shown)[0])) for site, s in measured.items()),
+                               ("pooled", list(pooled))])
+    return [distances, note, means, acquisition, kind.legend]
+
+
+def _print_shift(console: Console, reports: list[SiteReport]) -> None:
+    """Per modality: several sites -> distances and means; one site -> its own statistics."""
+    from rich.text import Text
+
+    groups: dict[StatisticSet, dict[str, SampleStatistics]] = {}
+    for report in reports:
+        if report.statistics is not None and len(report.statistics.values):
+            group = groups.setdefault(report.statistics.kind, {})
+            name = report.site if report.site not in group else f"{report.site} #{len(group) + 1}"
+            group[name] = report.statistics
+    for measured in groups.values():
+        parts = _one_site(*next(iter(measured.items()))) if len(measured) == 1 else _several_sites(measured)
+        for part in parts:
+            console.print(Text(part, style="dim") if isinstance(part, str) else part, soft_wrap=isinstance(part, str))
+
+
+def _load(path: str) -> SiteConfig | MedflError | OSError:
+    """The site config, or why it cannot be read (printed in its turn, after the header)."""
+    from medfl.config import load_site_config
+    from medfl.errors import MedflError
+
+    try:
+        return load_site_config(path)
+    except (MedflError, OSError) as error:
+        return error
+
+
 def run(args: argparse.Namespace) -> int:
-    """Check every site config given; print a table per site and one line per problem."""
+    """Check every site config given; print a table per site, one line per problem, then the site shift."""
     from rich.console import Console
     from rich.text import Text
 
-    from medfl.config import load_site_config
     from medfl.data import inspect_site
     from medfl.errors import MedflError
 
     console = Console(highlight=False)
     settings = _settings(args)
-    classes = ",".join(settings.classes) if settings.classes else "each site's label-map targets"
-    fractions = "/".join(f"{f:g}" for f in settings.split_fractions)
-    console.print(Text(f"classes: {classes}; input size {settings.input_size}; split {fractions} "
-                       f"(seed {settings.split_seed}); training slices: {settings.slices}"), soft_wrap=True)
+    configs = [_load(path) for path in args.configs]
+    tasks = {config.task for config in configs if not isinstance(config, Exception)}
+    console.print(Text(_header(settings, tasks)), soft_wrap=True)
     failed = 0
-    for path in args.configs:
+    reports = []
+    for config in configs:
         try:
-            report = inspect_site(load_site_config(path), settings).report
+            if isinstance(config, Exception):
+                raise config  # a config that did not load: reported in the order given
+            report = inspect_site(config, settings).report
         except (MedflError, OSError) as error:
             console.print(Text(f"error: {error}", style="red"), soft_wrap=True)
             failed += 1
             continue
         _print_report(console, report)
+        reports.append(report)
         failed += bool(report.errors or (args.strict and report.warnings))
+    _print_shift(console, reports)
     total = len(args.configs)
     summary = f"{total - failed} of {total} site(s) ready" + (f", {failed} with problems" if failed else "")
     console.print(summary, style="bold red" if failed else "bold green")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medfl.commands import DEVICE_CHOICES, DEVICE_HELP, existing_folder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("export_dir", help="one site's export folder, or an export root (then --site)")
@@ -12,14 +14,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which split of that site (default: test; all: every labelled sample)")
     parser.add_argument("--site", help="the exported site to use when EXPORT_DIR holds several")
     parser.add_argument("--out", help="JSON file for the scores (default: <export>/evaluations/<site>_<split>.json)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where to run the model")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
+    from medfl.config import load_site_config
+
+    existing_folder(args.export_dir, "export folder")
+    load_site_config(args.site_config)  # a bad site config is reported before torch and MONAI load
+
     from medfl.checkpoints import atomic_write_json
     from medfl.deliver import evaluate_export, load_export
     from medfl.deliver.evaluate import default_output
-    from medfl.federated.coordinator import resolve_device
+    from medfl.devices import resolve_device
 
     export = load_export(args.export_dir, args.site, resolve_device(args.device))
     result = evaluate_export(export, args.site_config, args.split)

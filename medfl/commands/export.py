@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medfl.commands import existing_folder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run folder written by `medfl run`")
@@ -18,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    existing_folder(args.run_dir, "run folder")
+
     from medfl.deliver import export_run
 
     def report(export) -> None:

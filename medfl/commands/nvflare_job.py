@@ -24,13 +24,13 @@ def run(args: argparse.Namespace) -> int:
     from medfl.experiment import load_experiment_config
     from medfl.nvflare import require_nvflare
 
+    config = load_experiment_config(args.experiment, rounds=args.rounds, method=args.method, seed=args.seed)
+    sites = [site.name for site in config.load_sites()]  # validated before NVFlare, torch and MONAI load
     require_nvflare()
     from medfl.nvflare.job import CONTROLLER_CLASS, write_job
 
-    config = load_experiment_config(args.experiment, rounds=args.rounds, method=args.method, seed=args.seed)
     out = write_job(config, args.out, run_dir=args.run_dir, start_timeout=args.start_timeout,
                     round_timeout=args.round_timeout, min_sites=args.min_sites)
-    sites = [site.name for site in config.load_sites()]
     print(f"wrote NVFlare job {out} for sites {', '.join(sites)} (NVFlare client names must be the same)")
     print(f"simulator: nvflare simulator {out} -w <workspace> -t {len(sites)}")
     print(f"POC or production: allow {CONTROLLER_CLASS} in the server's local/resources.json class_allow_list, "

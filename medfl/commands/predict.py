@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medfl.commands import DEVICE_CHOICES, DEVICE_HELP, existing_folder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("export_dir", help="one site's export folder, or an export root (then --site)")
@@ -12,15 +14,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dermoscopy images (JPEG, PNG) or MRI volumes (NIfTI, MetaImage)")
     parser.add_argument("--out", required=True, help="folder for predictions.csv or the predicted masks")
     parser.add_argument("--site", help="the site to use when EXPORT_DIR holds several")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where to run the model")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
+    existing_folder(args.export_dir, "export folder")
+
     from medfl.deliver import load_export, predict
-    from medfl.federated.coordinator import resolve_device
+    from medfl.devices import resolve_device
 
     export = load_export(args.export_dir, args.site, resolve_device(args.device))
-    print(f"predicting with {export.describe()}")
+    print(f"predicting with {export.describe()}", file=sys.stderr)
 
     def report(result) -> None:
         if result.error:

@@ -8,6 +8,9 @@ since a report is derived from the run folders.
 from __future__ import annotations
 
 import argparse
+import sys
+
+from medfl.commands import DEVICE_CHOICES, existing_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,17 +22,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "models on the sites' test data)")
     parser.add_argument("--examples", type=int, default=2, metavar="N",
                         help="segmentation example slices per site (default 2)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
-                        help="device for rescoring the selected models (default cpu)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                        help="device for rescoring the selected models: auto (the default: a CUDA GPU when there "
+                             "is one), cpu or cuda")
 
 
 def run(args: argparse.Namespace) -> int:
-    from medfl.federated.coordinator import resolve_device
+    for run_dir in args.runs:
+        existing_folder(run_dir, "run folder")
+
+    from medfl.devices import resolve_device
     from medfl.report.writer import write_report
 
     report = write_report(args.runs, args.out, predictions=not args.no_predictions, examples=args.examples,
                           device=resolve_device(args.device))
     for note in report.notes:
-        print(f"note: {note}")
+        print(f"note: {note}", file=sys.stderr)
     print(f"report written to {report.path} ({len(report.figures)} figures)")
     return 0

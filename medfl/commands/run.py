@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from medfl.commands import DEVICE_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="experiment config (YAML)")
     parser.add_argument("--out", help="run folder (default: <output_dir>/<experiment name>)")
     parser.add_argument("--resume", action="store_true", help="continue after the last completed round")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the config's device")
+    parser.add_argument("--device", choices=DEVICE_CHOICES,
+                        help="override the config's device (whose default is auto: a CUDA GPU when there is one)")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument("--method", help="override the method (e.g. fedavg, prr)")
     parser.add_argument("--seed", type=int, help="override the seed")
@@ -18,13 +22,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medfl.experiment import load_experiment_config
-    from medfl.federated.coordinator import Coordinator, resolve_device, run_directory
-    from medfl.progress import ProgressDisplay, print_summary
+    from medfl.runfolder import RunFinished, RunFolder, run_directory
 
     config = load_experiment_config(
         args.experiment, device=args.device, rounds=args.rounds, method=args.method, seed=args.seed
     )
+    config.load_sites()  # every site config too, before torch and MONAI load
     run_dir = run_directory(config, args.out)
+    try:  # the run folder's checks too: a wrong --out or --resume fails before anything heavy loads
+        if args.resume:
+            RunFolder.open(run_dir).resume_from(config)
+        else:
+            RunFolder(run_dir).refuse_to_start()
+    except RunFinished as finished:
+        print(f"medfl run: {finished}", file=sys.stderr)
+        return 0
+
+    from medfl.devices import resolve_device
+    from medfl.federated.coordinator import Coordinator
+    from medfl.progress import ProgressDisplay, print_summary
+
     device = resolve_device(config.device)
     if config.runtime.threads:
         import torch
@@ -36,7 +53,20 @@ def run(args: argparse.Namespace) -> int:
             summary = coordinator.run(resume=args.resume)
         except KeyboardInterrupt:
             display.stop()
-            print(f"interrupted; the last completed round is kept in {run_dir}: continue with --resume")
+            print(f"medfl run: interrupted; {_what_is_kept(run_dir)}", file=sys.stderr)
             return 130
     print_summary(summary, run_dir)
     return 0
+
+
+def _what_is_kept(run_dir) -> str:
+    """What an interrupted run leaves: its last completed round, a started folder, or nothing at all."""
+    from medfl.runfolder import RunFolder
+
+    folder = RunFolder(run_dir)
+    if not folder.record_file.is_file():
+        return "no run folder was written"
+    done = folder.completed_rounds()
+    if done == 0:
+        return f"no round was completed; {run_dir} restarts at round 0 with --resume"
+    return f"rounds 0..{done - 1} are kept in {run_dir}: continue with --resume"

@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from medfl.config import DataSettings, SiteConfig
+from medfl.data.containment import admitted
 from medfl.data.dermoscopy import SourceRow, duplicate_ids, read_source_rows
-from medfl.data.images import check_images
+from medfl.data.images import inspect_images
 from medfl.data.problems import ProblemLog
 from medfl.data.records import SiteContent
+from medfl.data.shift import DERMOSCOPY, SampleStatistics
 from medfl.data.splits import assign_from_file, read_split_file, split_groups
 
 
@@ -36,11 +40,12 @@ def read_classification_site(site: SiteConfig, settings: DataSettings, log: Prob
         return content
     content.filtered_out = source.filtered_out
     if not source.rows:
-        where = f" after the filter {site.filter.column} in {site.filter.values}" if site.filter else ""
-        log.error(f"the table has no rows{where}", table)
+        if site.filter is None:  # with a filter, the reader has said which filter values match nothing
+            log.error("the table has no rows", table)
         return content
     rows = _known_rows(source.rows, site, log, table)
-    kept = _select_rows(rows, site, classes, content.dropped, log, table, settings.num_workers)
+    kept, statistics = _select_rows(rows, site, classes, content.dropped, log, table, settings.num_workers)
+    content.statistics = SampleStatistics.from_rows(DERMOSCOPY, statistics)
     records = [
         {"image": str(row.path), "label": classes.index(_target(site, row)), "id": row.id,
          "lesion_id": row.lesion_id, "site": site.name}
@@ -80,8 +85,9 @@ def _known_rows(rows: list[SourceRow], site: SiteConfig, log: ProblemLog, table:
 
 
 def _select_rows(rows: list[SourceRow], site: SiteConfig, classes: list[str], dropped: Counter[str],
-                 log: ProblemLog, table: Path | None, workers: int) -> list[SourceRow]:
-    """Rows of the experiment's classes whose image exists and decodes; others dropped or reported."""
+                 log: ProblemLog, table: Path | None, workers: int) -> tuple[list[SourceRow], list[np.ndarray]]:
+    """Rows of the experiment's classes whose image exists inside the site's folders and decodes, with their
+    images' colour statistics; others dropped or reported."""
     wanted = []
     for row in rows:
         if _target(site, row) in classes:
@@ -92,16 +98,17 @@ def _select_rows(rows: list[SourceRow], site: SiteConfig, classes: list[str], dr
     for row in wanted:
         if row.path is None:
             log.error(row.missing or f"image '{row.id}' not found", table, kind="image listed but absent")
-        else:
+        elif admitted(site, row.path, log, f"image '{row.id}'", kind="image outside the site's folders"):
             present.append(row)
-    verdicts = check_images([row.path for row in present if row.path is not None], workers)
-    good = []
-    for row, verdict in zip(present, verdicts, strict=True):
+    results = inspect_images([row.path for row in present if row.path is not None], workers)
+    good, statistics = [], []
+    for row, (verdict, measured) in zip(present, results, strict=True):
         if verdict is None:
             good.append(row)
+            statistics.append(measured)
         else:
             log.error(verdict, row.path, kind="unreadable image")
-    return good
+    return good, statistics
 
 
 def _group(record: dict) -> str:

@@ -53,7 +53,18 @@ def _apply_filter(site: SiteConfig, rows: list[dict[str, str]], table: Path, log
         log.error(f"filter column '{column}' is not a column of the table", table)
         return None
     wanted = set(site.filter.values)
-    return [row for row in rows if row.get(column, "") in wanted]
+    kept = [row for row in rows if row.get(column, "") in wanted]
+    present = sorted({row.get(column, "") for row in rows})
+    unmatched = [value for value in site.filter.values if value not in present]
+    if unmatched:
+        shown = ", ".join(f"'{v}'" for v in present[:20]) + (f" and {len(present) - 20} more" if len(present) > 20 else "")
+        message = (f"filter value(s) {', '.join(repr(v) for v in unmatched)} match no row of column '{column}' "
+                   f"(its values: {shown or 'none'})")
+        if kept:
+            log.warning(message, table)
+        else:
+            log.error(f"the table has no rows after the filter: {message}", table)
+    return kept
 
 
 def _find(index: dict[str, list[Path]], stems: list[str]) -> tuple[Path | None, str | None]:

@@ -2,7 +2,8 @@
 
 Checking opens and fully decodes every image (a truncated JPEG fails only when its data is read). JPEGs are
 decoded at a reduced scale (PIL's draft mode), which still walks the whole compressed stream but costs far
-less than a full decode. Threads overlap the work, since PIL releases the GIL while decoding.
+less than a full decode. Threads overlap the work, since PIL releases the GIL while decoding. The decoded
+pixels also give the image's colour statistics (site shift), so nothing is decoded twice.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from medfl.data.shift import colour_statistics
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -27,27 +31,39 @@ def index_images(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> di
 
 def check_image(path: Path) -> str | None:
     """None when `path` decodes to an RGB image, else a short description of what is wrong."""
+    return inspect_image(path)[0]
+
+
+def inspect_image(path: Path) -> tuple[str | None, np.ndarray | None]:
+    """check_image's verdict and, for a good image, its colour statistics (`medfl.data.shift`) measured on
+    the pixels this check decodes anyway."""
     try:
         with Image.open(path) as image:
-            mode = image.mode
+            mode, (width, height) = image.mode, image.size
             if image.format == "JPEG":
                 image.draft("RGB", (32, 32))
             image.load()
+            histogram = image.histogram() if mode == "RGB" else None
     except FileNotFoundError:
-        return "image file not found"
+        return "image file not found", None
     except UnidentifiedImageError:
-        return "unreadable or corrupt image (not in an image format PIL can read)"
+        return "unreadable or corrupt image (not in an image format PIL can read)", None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return f"unreadable or corrupt image ({' '.join(str(error).split())})"
-    if mode != "RGB":
-        return f"image mode is {mode}, expected RGB colour"
-    return None
+        return f"unreadable or corrupt image ({' '.join(str(error).split())})", None
+    if histogram is None:
+        return f"image mode is {mode}, expected RGB colour", None
+    return None, colour_statistics(np.asarray(histogram), width, height)
 
 
 def check_images(paths: Iterable[Path], workers: int = 2) -> list[str | None]:
     """check_image over many files, in `workers` threads (0 or 1: in this thread), results in order."""
+    return [verdict for verdict, _ in inspect_images(paths, workers)]
+
+
+def inspect_images(paths: Iterable[Path], workers: int = 2) -> list[tuple[str | None, np.ndarray | None]]:
+    """inspect_image over many files, in `workers` threads (0 or 1: in this thread), results in order."""
     paths = list(paths)
     if workers <= 1 or len(paths) < 2:
-        return [check_image(p) for p in paths]
+        return [inspect_image(p) for p in paths]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(check_image, paths))
+        return list(pool.map(inspect_image, paths))

@@ -19,12 +19,16 @@ from typing import Any
 import numpy as np
 
 from medfl.config import DataSettings, SiteConfig
+from medfl.data.containment import admitted
 from medfl.data.problems import ProblemLog
 from medfl.data.records import SiteContent
+from medfl.data.shift import PROSTATE, SampleStatistics, grid_statistics, intensity_statistics
 from medfl.data.splits import assign_from_file, read_split_file, split_groups
 from medfl.data.volumes import PreparedCase, prepare_case
 
 LAYOUT_EXTENSIONS = {"nifti": (".nii.gz", ".nii"), "metaimage": (".mhd",)}
+_HEADER_LIMIT = 1 << 16  # a MetaImage header is a few hundred bytes; ElementDataFile is its last field
+_PATTERN_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,61 @@ def find_cases(site: SiteConfig, log: ProblemLog) -> list[CaseFiles]:
                       found_images[0], kind="image without mask")
         elif not found_images:
             log.error("mask without an image of the same case", found_masks[0], kind="mask without image")
-        else:
+        elif _case_admitted(site, found_images[0], found_masks[0], log):
             name = _split_name(found_images[0], LAYOUT_EXTENSIONS[site.layout])
             cases.append(CaseFiles(name[0] if name else key, found_images[0], found_masks[0]))
     return cases
+
+
+def _case_admitted(site: SiteConfig, image: Path, mask: Path, log: ProblemLog) -> bool:
+    """Whether a case's files (and the data files its MetaImage headers name) lie inside the site's folders."""
+    files = [("image", image), ("mask", mask)]
+    for what, header in list(files):
+        try:
+            files += [(f"data file of the {what}", data) for data in metaimage_data_files(header)]
+        except ValueError as error:
+            log.error(str(error), header)
+            return False
+    verdicts = [admitted(site, path, log, what, kind=f"{what} outside the site's folders") for what, path in files]
+    return all(verdicts)
+
+
+def metaimage_data_files(header: Path) -> list[Path]:
+    """The files a MetaImage header's ElementDataFile names, relative to the header's folder: one file,
+    a `LIST` of files, or a `name%03d.raw first last step` pattern; none for LOCAL data or another format.
+
+    ValueError when a pattern names more than _PATTERN_LIMIT files (each would have to be checked)."""
+    if not header.name.lower().endswith(".mhd"):
+        return []
+    try:
+        with open(header, "rb") as stream:
+            lines = stream.read(_HEADER_LIMIT).decode("latin-1").splitlines()
+    except OSError:
+        return []  # the volume reader reports the unreadable header
+    for number, line in enumerate(lines):
+        key, _, value = line.partition("=")
+        if key.strip() != "ElementDataFile":
+            continue
+        value = value.strip()
+        if not value or value.upper() == "LOCAL":
+            return []
+        if value.split()[0].upper() == "LIST":
+            return [header.parent / name.strip() for name in lines[number + 1 :] if name.strip()]
+        pattern, *numbers = value.split()
+        if "%" not in pattern or len(numbers) < 2:
+            return [header.parent / value]
+        try:
+            first, last, step = (int(n) for n in (numbers + ["1"])[:3])
+        except ValueError:
+            return [header.parent / value]
+        indices = range(first, last + 1, step or 1)
+        if len(indices) > _PATTERN_LIMIT:
+            raise ValueError(f"ElementDataFile names {len(indices)} files (at most {_PATTERN_LIMIT} are read)")
+        try:
+            return [header.parent / (pattern % index) for index in indices]
+        except (TypeError, ValueError):
+            return [header.parent / pattern]
+    return []
 
 
 def select_slices(mask: np.ndarray, mode: str, empty_fraction: float, seed: int, case_id: str) -> list[int]:
@@ -126,10 +181,14 @@ def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: Proble
             if result is not None:
                 prepared.append(result)
     assignment = _assign([case.case_id for case in prepared], site, settings, log)
+    statistics = []
     for case in prepared:
         split = assignment.get(case.case_id.lower())
         if split is None:
             continue
+        grid = case.geometry
+        statistics.append(np.concatenate([intensity_statistics(case.image, case.mask),
+                                          grid_statistics(grid.size, grid.spacing, grid.direction, case.raw_range[1])]))
         content.geometry[case.case_id] = case.geometry
         content.groups[split] += 1
         indices = (
@@ -138,6 +197,7 @@ def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: Proble
             else range(case.image.shape[0])
         )
         content.splits[split] += [slice_record(case, i, settings.context_slices, site.name) for i in indices]
+    content.statistics = SampleStatistics.from_rows(PROSTATE, statistics)
     return content
 
 

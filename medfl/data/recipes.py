@@ -1,6 +1,6 @@
 """Transform recipes: YAML lists of MONAI transforms, and the cached datasets built from them.
 
-A recipe file (transforms/<name>.yaml) is a mapping:
+A recipe file (a shipped one is package data, medfl/recipes/<name>.yaml) is a mapping:
 
     description: one line
     variables: {input_size: 64}          # defaults, overridden by load_recipe(..., input_size=128)
@@ -10,11 +10,13 @@ A recipe file (transforms/<name>.yaml) is a mapping:
 
 Each entry names one class of `monai.transforms` with its keyword arguments. A string value that is
 exactly "@name" is replaced by the variable `name`; nothing else is evaluated, nothing is imported by path
-(no monai.bundle parser, no `$` expressions), so a recipe cannot run code.
+(no monai.bundle parser, no `$` expressions), so a recipe cannot run code. Only the transforms and arguments of
+`medfl.data.safe_transforms` are accepted, so a recipe cannot read or write files beyond its input either.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from pathlib import Path
 from typing import Any
@@ -24,19 +26,22 @@ from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose, Transform
 
 from medfl.config import load_yaml_mapping
+from medfl.data.safe_transforms import check_transform
 from medfl.errors import ConfigError
 
-TRANSFORMS_DIR = Path(__file__).resolve().parents[2] / "transforms"
+# The shipped recipes are package data, found through importlib.resources so that an installed wheel has
+# them. medfl is always installed unpacked (torch and MONAI are never imported from a zip): this is a folder.
+RECIPES_DIR = Path(str(importlib.resources.files("medfl") / "recipes"))
 _RECIPE_KEYS = {"description", "variables", "transforms"}
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe file: an existing path, or `<name>.yaml` in the top-level transforms/ folder."""
+    """A recipe file: an existing path, or `<name>.yaml` among the shipped recipes."""
     path = Path(name_or_path)
     if path.suffix.lower() in (".yaml", ".yml") or path.parent != Path("."):
         return path
-    return TRANSFORMS_DIR / f"{name_or_path}.yaml"
+    return RECIPES_DIR / f"{name_or_path}.yaml"
 
 
 def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
@@ -71,7 +76,7 @@ def resolve_recipe(name_or_path: str | Path, **overrides: Any) -> dict[str, Any]
     defaults): {"path", "description", "transforms": [{name: arguments}, ...]}. Nothing is built yet."""
     path = recipe_path(name_or_path)
     if not path.is_file():
-        available = ", ".join(sorted(p.stem for p in TRANSFORMS_DIR.glob("*.yaml")))
+        available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
         raise ConfigError(f"{path}: transform recipe not found (shipped recipes: {available})")
     recipe = load_yaml_mapping(path)
     unknown = sorted(set(recipe) - _RECIPE_KEYS)
@@ -93,6 +98,7 @@ def resolve_recipe(name_or_path: str | Path, **overrides: Any) -> dict[str, Any]
         arguments = _substitute(arguments if arguments is not None else {}, variables, where)
         if not isinstance(arguments, dict):
             raise ConfigError(f"{where}: arguments must be a mapping of names to values")
+        check_transform(str(name), arguments, where)
         transforms.append({str(name): arguments})
     return {"path": path, "description": recipe.get("description", path.stem), "transforms": transforms}
 

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from medfl.data.shift import SampleStatistics
 from medfl.data.splits import SPLITS
 
 
@@ -29,3 +30,4 @@ class SiteContent:
     dropped: Counter[str] = field(default_factory=Counter)
     filtered_out: int = 0
     geometry: dict[str, Any] = field(default_factory=dict)
+    statistics: SampleStatistics | None = None  # per-sample statistics for site shift (medfl.data.shift)

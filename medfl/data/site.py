@@ -4,7 +4,7 @@
 report. `load_site` raises one DataError listing every error; `validate_site` returns the problems only.
 
 Errors (the site cannot be used): missing folder or table, image listed but absent, unreadable image or
-volume, unknown label, mask shape/geometry mismatch, mask with negative or non-integer values, duplicate
+volume, a file outside data_root and the site config's folder (never opened), unknown label, mask shape/geometry mismatch, mask with negative or non-integer values, duplicate
 ids, no samples, empty train or validation split (DET measures on validation), ids missing from an
 official split file. Warnings (reported, the site is still used): a class absent from train, validation or
 test (CPA and the metrics tolerate it), an empty test split although its fraction is above zero, a lesion
@@ -22,9 +22,11 @@ import numpy as np
 
 from medfl.config import DataSettings, SiteConfig
 from medfl.data.classification import read_classification_site
+from medfl.data.containment import named_files_admitted
 from medfl.data.problems import Problem, ProblemLog
 from medfl.data.prostate import read_segmentation_site
 from medfl.data.records import SiteContent
+from medfl.data.shift import SampleStatistics
 from medfl.data.splits import SPLITS
 from medfl.data.volumes import CaseGeometry
 from medfl.errors import DataError
@@ -38,7 +40,7 @@ class SiteReport:
     samples[split]: images or slices. groups[split]: lesions (images without lesion id count as their own)
     or cases. foreground_slices[split]: slices showing prostate (segmentation). dropped: rows left out per
     source label (null in the label map or a class the experiment does not use). filtered_out: rows the
-    site's row filter removed.
+    site's row filter removed. statistics: per-image or per-case statistics for site shift (medfl.data.shift).
     """
 
     site: str
@@ -51,6 +53,7 @@ class SiteReport:
     dropped: dict[str, int] = field(default_factory=dict)
     filtered_out: int = 0
     problems: list[Problem] = field(default_factory=list)
+    statistics: SampleStatistics | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -117,6 +120,8 @@ def inspect_site(site: SiteConfig, settings: DataSettings | None = None) -> Site
     if not site.data_root.is_dir():
         log.error("data_root folder not found", site.data_root)
         content = SiteContent(_empty_classes(site, settings))
+    elif not named_files_admitted(site, log):
+        content = SiteContent(_empty_classes(site, settings))
     elif site.task == "classification":
         content = read_classification_site(site, settings, log)
     else:
@@ -134,6 +139,7 @@ def inspect_site(site: SiteConfig, settings: DataSettings | None = None) -> Site
         foreground_slices=foreground if site.task == "segmentation" else {},
         dropped=dict(sorted(content.dropped.items())),
         filtered_out=content.filtered_out,
+        statistics=content.statistics,
     )
     _check_splits(site, settings, report, log)
     report.problems = log.problems()

@@ -19,9 +19,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
-from monai.transforms import NormalizeIntensity
 from nibabel.filebasedimages import ImageFileError
 
 WORKING_ORIENTATION = "LPS"
@@ -91,12 +88,15 @@ class CaseGeometry:
 
 @dataclass
 class PreparedCase:
-    """A case ready for slicing: (Z, S, S) normalised float32 image and {0, 1} uint8 mask."""
+    """A case ready for slicing: (Z, S, S) normalised float32 image and {0, 1} uint8 mask.
+
+    raw_range: the raw intensities' 0.5 and 99.5 percentiles, the clip limits (the raw scale, for site shift)."""
 
     case_id: str
     image: np.ndarray
     mask: np.ndarray
     geometry: CaseGeometry
+    raw_range: tuple[float, float] = (float("nan"), float("nan"))
 
 
 def _itk_message(error: Exception) -> str:
@@ -136,8 +136,40 @@ class _VolumeShapeError(ValueError):
     """A readable file that does not hold one 3-D single-channel volume."""
 
 
+def metaimage_data_file(path: Path) -> Path | None:
+    """The voxel file a MetaImage header names (`ElementDataFile`), or None when the voxels are in the header
+    file itself (LOCAL, as in .mha), are a list or pattern of files, or the header cannot be read."""
+    try:
+        with open(path, "rb") as stream:
+            header = stream.read(1 << 16).decode("latin-1")
+    except OSError:
+        return None
+    for line in header.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile":
+            name = value.strip()
+            if not name or name.upper() in ("LOCAL", "LIST") or "%" in name:
+                return None
+            return path.parent / name
+    return None
+
+
+def _missing_data_file(path: Path, what: str) -> str | None:
+    """For a MetaImage header whose voxel file is missing: a message naming that file (ITK would only say
+    that it cannot read the header)."""
+    if _is_nifti(path) or not path.is_file():
+        return None
+    data_file = metaimage_data_file(path)
+    if data_file is None or data_file.is_file():
+        return None
+    return f"{what} data file {data_file} is missing (the header {path.name} names it as ElementDataFile)"
+
+
 def read_volume(path: Path, what: str) -> tuple[sitk.Image | None, str | None]:
     """A 3-D single-channel image, or None and why it cannot be used."""
+    missing = _missing_data_file(path, what)
+    if missing:
+        return None, missing
     try:
         image = _read_nifti(path) if _is_nifti(path) else sitk.ReadImage(str(path))
     except _VolumeShapeError as error:
@@ -213,23 +245,34 @@ def prepare_case(case_id: str, image_path: Path, mask_path: Path,
     if not np.all(np.isfinite(volume)):
         return None, [(image_path, "image has NaN or infinite values")]
     labels = sitk.GetArrayFromImage(sitk.DICOMOrient(mask, WORKING_ORIENTATION)) > 0
-    return PreparedCase(case_id, preprocess_volume(volume, input_size), resize_mask(labels, input_size), geometry), []
+    low, high = np.percentile(volume, INTENSITY_PERCENTILES)
+    image_slices = preprocess_volume(volume, input_size, clip=(low, high))
+    return PreparedCase(case_id, image_slices, resize_mask(labels, input_size), geometry, (float(low), float(high))), []
 
 
 def resize_slices(volume: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
-    """Resize every (Y, X) slice of a (Z, Y, X) array; "bilinear" is anti-aliased (PIL-like) when shrinking."""
+    """Resize every (Y, X) slice of a (Z, Y, X) array; "bilinear" is anti-aliased (PIL-like) when shrinking.
+
+    torch is imported here, not at the top, so that `medfl check` validates configs before loading it."""
+    import torch
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[:, None]
     options = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
     return F.interpolate(tensor, size=(height, width), mode=mode, **options)[:, 0].numpy()
 
 
-def preprocess_volume(volume: np.ndarray, input_size: int) -> np.ndarray:
+def preprocess_volume(volume: np.ndarray, input_size: int, clip: tuple[float, float] | None = None) -> np.ndarray:
     """(Z, Y, X) intensities -> (Z, S, S) float32: percentile clip, z-score over the volume, in-plane resize.
+
+    `clip`: the volume's INTENSITY_PERCENTILES when the caller has them already.
 
     Percentiles come from NumPy: MONAI's ClipIntensityPercentiles goes through torch.quantile, which sorts
     (slow) and refuses tensors above 16M voxels (a 512 x 512 x 64 volume).
     """
-    low, high = np.percentile(volume, INTENSITY_PERCENTILES)
+    from monai.transforms import NormalizeIntensity
+
+    low, high = clip if clip is not None else np.percentile(volume, INTENSITY_PERCENTILES)
     normalised = np.asarray(NormalizeIntensity()(np.clip(volume, low, high)), dtype=np.float32)
     return np.ascontiguousarray(resize_slices(normalised, input_size, input_size, "bilinear"))
 
@@ -237,3 +280,21 @@ def preprocess_volume(volume: np.ndarray, input_size: int) -> np.ndarray:
 def resize_mask(mask: np.ndarray, input_size: int) -> np.ndarray:
     """(Z, Y, X) boolean -> (Z, S, S) uint8 in {0, 1}, nearest neighbour."""
     return np.ascontiguousarray(resize_slices(mask, input_size, input_size, "nearest-exact").astype(np.uint8))
+
+
+def write_like(image: sitk.Image, target: Path, source: Path) -> None:
+    """Write `image`, which lies on `source`'s voxel grid, to `target` in the format its name says.
+
+    A NIfTI target of a NIfTI source keeps the source's header (qform and sform with their codes, units,
+    orientation) with only the data type changed: SimpleITK would write its own codes (qform and sform both
+    "scanner"), which changes how viewers and pipelines treat the mask. Other formats go through
+    SimpleITK, compressed."""
+    if not (_is_nifti(target) and _is_nifti(source)):
+        sitk.WriteImage(image, str(target), useCompression=True)
+        return
+    original = nib.load(source)
+    data = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
+    header = original.header.copy()
+    header.set_data_dtype(data.dtype)
+    header.set_slope_inter(1.0, 0.0)
+    nib.save(type(original)(data, None, header), target)

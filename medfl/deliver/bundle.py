@@ -1,8 +1,11 @@
 """An export folder as `medfl predict` and `medfl evaluate` see it: find it, read its manifest, load its model.
 
 One site's export holds `manifest.json`, `model.pt` (a state dict), `model.pt2` (a torch.export program
-returning logits) and `eval_transforms.yaml` (the resolved evaluation recipe). The weights are checked
-against the manifest's sha256 before they are loaded, so a changed or truncated file is refused.
+returning logits) and `eval_transforms.yaml` (the resolved evaluation recipe). Before any of them is used,
+every file the manifest lists is checked against its sha256 (and each of those three must be listed), so a
+changed, truncated or swapped file is refused with one line naming it. The recipe must also pass the recipe
+allow-list, and the weights load with weights_only=True, so even an export whose manifest was rewritten to
+match cannot run code or reach files beyond the inputs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfl.checkpoints import load_torch_file
 from medfl.errors import ConfigError, DataError
 
 FORMAT = "medfl-export/1"
@@ -23,6 +27,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.pt"
 PROGRAM = "model.pt2"
 RECIPE = "eval_transforms.yaml"
+EXPORT_FILES = (WEIGHTS, PROGRAM, RECIPE)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -115,20 +120,39 @@ class ExportedModel:
         return f"site '{self.site}' ({model['role']} model {model['name']}, round {self.manifest['round']['selected']})"
 
 
+def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Check every file the manifest lists against its sha256; the export's own files must all be listed, and
+    a listed name must be a file of this folder. The first mismatch is one DataError naming the file."""
+    site = str(manifest.get("site"))
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise DataError("the manifest lists no file hashes", site=site, path=str(folder / MANIFEST))
+    unlisted = [name for name in EXPORT_FILES if name not in files]
+    if unlisted:
+        raise DataError(f"the manifest lists no sha256 for {unlisted[0]}", site=site, path=str(folder / MANIFEST))
+    for name, expected in files.items():
+        if Path(name).name != name or name in (".", "..", MANIFEST) or not isinstance(expected, str):
+            raise DataError(f"the manifest lists '{name}', which is not a file of the export", site=site,
+                            path=str(folder / MANIFEST))
+        path = folder / name
+        if not path.is_file():
+            raise DataError("not found (the manifest lists it)", site=site, path=str(path))
+        if sha256_file(path) != expected:
+            raise DataError(f"sha256 differs from the manifest's ({expected[:12]}...): the file changed after export",
+                            site=site, path=str(path))
+
+
 def load_export(path: str | Path, site: str | None = None, device: torch.device | str = "cpu") -> ExportedModel:
-    """Find a site's export, check its weights against the manifest's sha256 and rebuild its network."""
+    """Find a site's export, verify all its files against the manifest's sha256, check its recipe against the
+    allow-list, and rebuild its network; nothing of the export is used before all of this has passed."""
+    from medfl.data.recipes import resolve_recipe
     from medfl.models import build_model
 
     folder = find_export(path, site)
     manifest = read_manifest(folder)
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise DataError(f"{WEIGHTS} not found", site=manifest["site"], path=str(folder))
-    expected = manifest["files"][WEIGHTS]
-    if sha256_file(weights) != expected:
-        raise DataError(f"sha256 differs from the manifest's ({expected[:12]}...): the file changed after export",
-                        site=manifest["site"], path=str(weights))
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    verify_files(folder, manifest)
+    resolve_recipe(folder / RECIPE)
+    state = load_torch_file(folder / WEIGHTS, site=str(manifest["site"]))
     network = build_model(**manifest["network"])
     network.load_state_dict(state)
     device = torch.device(device)

@@ -40,9 +40,8 @@ from medfl.deliver.provenance import (
     recipe_yaml,
     resolved_eval_recipe,
     round_metrics,
-    training_files,
 )
-from medfl.errors import ConfigError, DataError
+from medfl.errors import ConfigError
 
 FILES_RULE = "sha256 of the sorted training file paths (relative to data_root), UTF-8, one per line, each ending in \\n"
 
@@ -91,11 +90,9 @@ def _versions() -> dict[str, str]:
 def _site_manifest(run: RunRecord, site: SiteConfig, checkpoint: dict[str, Any], role: str, key: str,
                    request: str | int, round_: int, recipe: dict[str, Any]) -> dict[str, Any]:
     """Everything but the file hashes: the manifest's description of one site's model."""
-    from medfl.data import load_site
-
     config, network = run.config, checkpoint["network"]
     size, channels = config.data.input_size, int(network["in_channels"])
-    files = training_files(load_site(site, config.data))
+    files = run.files.site(site.name).record.training_files
     logits = ["batch", len(config.classes)] + ([] if config.task == "classification" else [size, size])
     return {
         "format": FORMAT,
@@ -143,10 +140,7 @@ def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request:
     receiving = "D" if run.config.spec.two_models else "M"
     key = used if role == "personalized" else receiving
     round_ = choose_round(run, site.name, key, used, request)
-    path = run.model_file(site.name, round_)
-    if not path.is_file():
-        raise DataError(f"the models of round {round_} were not kept", site=site.name, path=str(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = run.files.site(site.name).load_round_models(round_)
     network = build_model(**checkpoint["network"])
     network.load_state_dict(checkpoint["models"][key])
     network.eval()

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import Compose
 
+from medfl.checkpoints import atomic_write_csv as write_csv
 from medfl.data import CaseGeometry, load_recipe
 from medfl.data.images import IMAGE_EXTENSIONS, check_image
 from medfl.data.prostate import slice_record
-from medfl.data.volumes import WORKING_ORIENTATION, PreparedCase, preprocess_volume, read_volume
+from medfl.data.volumes import WORKING_ORIENTATION, PreparedCase, preprocess_volume, read_volume, write_like
 from medfl.deliver.bundle import ExportedModel
 from medfl.errors import ConfigError
-from medfl.runlog import write_csv
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha")
 PREDICTIONS_CSV = "predictions.csv"
@@ -140,6 +140,18 @@ def mask_name(path: Path) -> str:
     return f"{_stem(path)}_mask{path.name[len(_stem(path)):]}"
 
 
+def mask_targets(paths: Sequence[Path], out: Path) -> list[Path]:
+    """Where each input's mask goes: `out/<folder>/<name>_mask<extension>`, <folder> being the input's
+    folder below the deepest folder common to all volume inputs. Inputs of one folder go straight into
+    `out`; inputs of one name from different folders (ISBI/Case00.nii.gz, ISBI_1.5/Case00.nii.gz) keep their
+    folders apart (out/ISBI/Case00_mask.nii.gz, out/ISBI_1.5/Case00_mask.nii.gz)."""
+    folders = [path.resolve().parent for path in paths]
+    volumes = [f for f, p in zip(folders, paths, strict=True) if (_extension(p) or "").lower() in VOLUME_EXTENSIONS]
+    common = Path(os.path.commonpath(volumes)) if volumes else None
+    return [out / (folder.relative_to(common) if common and folder.is_relative_to(common) else "") / mask_name(path)
+            for path, folder in zip(paths, folders, strict=True)]
+
+
 def _geometry(case_id: str, path: Path, image: sitk.Image) -> CaseGeometry:
     direction = tuple(image.GetDirection())
     return CaseGeometry(
@@ -177,12 +189,13 @@ def _segment(export: ExportedModel, recipe: Compose, case_id: str, path: Path,
     return geometry.to_image(mask), f"prostate in {found} of {mask.shape[0]} slices"
 
 
-def _write_image(image: sitk.Image, target: Path) -> None:
-    """Write with SimpleITK into a temporary folder beside `target`, then move every file written into place
-    (a MetaImage header last, after its data file), so that no half-written mask is ever visible."""
+def _write_image(image: sitk.Image, target: Path, source: Path) -> None:
+    """Write (like `source`: a NIfTI keeps its header) into a temporary folder beside `target`, then move every
+    file written into place (a MetaImage header last, after its data file), so that no half-written mask is
+    ever visible."""
     staging = Path(tempfile.mkdtemp(prefix=".predict.", suffix=".tmp", dir=target.parent))
     try:
-        sitk.WriteImage(image, str(staging / target.name), useCompression=True)
+        write_like(image, staging / target.name, source)
         written = sorted(staging.iterdir(), key=lambda p: p.name == target.name)
         clashes = [target.parent / p.name for p in written if (target.parent / p.name).exists()]
         if clashes:
@@ -193,13 +206,12 @@ def _write_image(image: sitk.Image, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def predict_volume(export: ExportedModel, path: Path, out: Path, recipe: Compose) -> Prediction:
-    """Segment one MRI volume into `out/<name>_mask<extension>` on the input's grid."""
+def predict_volume(export: ExportedModel, path: Path, target: Path, recipe: Compose) -> Prediction:
+    """Segment one MRI volume into `target` (see `mask_targets`) on the input's grid."""
     result = Prediction(path)
     result.error = input_problem(path, export.task)
     if result.error:
         return result
-    target = out / mask_name(path)
     if target.exists():
         result.error = f"{target} already exists: predictions are never overwritten; choose another --out"
         return result
@@ -214,9 +226,9 @@ def predict_volume(export: ExportedModel, path: Path, out: Path, recipe: Compose
     if mask is None:
         result.error, result.summary = result.summary, ""
         return result
-    out.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_image(mask, target)
+        _write_image(mask, target, path)
     except (OSError, RuntimeError) as error:
         result.error = f"could not write {target} ({_one_line(error)})"
         return result
@@ -236,8 +248,8 @@ def predict(export: ExportedModel, inputs: Sequence[str | Path], out: str | Path
         return results
     recipe = load_recipe(export.recipe_path)
     results = []
-    for path in paths:
-        results.append(predict_volume(export, path, out, recipe))
+    for path, target in zip(paths, mask_targets(paths, out), strict=True):
+        results.append(predict_volume(export, path, target, recipe))
         if on_file is not None:
             on_file(results[-1])
     return results

@@ -1,15 +1,13 @@
 """What an export records about where its model came from: the run, the round, the scores, the data seen.
 
-Everything is read back from the run folder (config.yaml, summary.json, metrics.csv) and from the site's
-data as the run's data settings find it, so a hospital can check which round it got, how it scored, which
-preprocessing it needs and which training files it saw.
+Everything is read back from the run folder (config.yaml, summary.json, metrics.csv, and the site's own
+record of its training files), so a hospital can check which round it got, how it scored, which
+preprocessing it needs and which training files it saw, without its data being read again.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,51 +15,39 @@ from typing import Any
 
 import yaml
 
-from medfl.data import SiteData
 from medfl.data.recipes import resolve_recipe
 from medfl.data.volumes import INTENSITY_PERCENTILES, WORKING_ORIENTATION
 from medfl.errors import ConfigError
-from medfl.experiment import ExperimentConfig, load_experiment_config
+from medfl.experiment import ExperimentConfig
+from medfl.runfolder import RunFolder
 
 ROLES = ("personalized", "deputy")
 
 
 @dataclass
 class RunRecord:
-    """A run folder read back: its config (and the config file's sha256), summary and metric rows."""
+    """A run folder read back (through its RunFolder): its config (and the config file's sha256), summary and
+    metric rows."""
 
-    folder: Path
+    files: RunFolder
     config: ExperimentConfig
     config_sha256: str
     summary: dict[str, Any]
     rows: list[dict[str, Any]]
 
     @property
+    def folder(self) -> Path:
+        return self.files.root
+
+    @property
     def completed_rounds(self) -> int:
         return int(self.summary["completed_rounds"])
 
-    def model_file(self, site: str, round_: int) -> Path:
-        return self.folder / "sites" / site / "models" / f"round_{round_:04d}.pt"
-
 
 def read_run(run_dir: str | Path) -> RunRecord:
-    """Read a run folder; a folder without config.yaml, summary.json or metrics.csv is a ConfigError."""
-    folder = Path(run_dir)
-    needed = [folder / name for name in ("config.yaml", "summary.json", "metrics.csv")]
-    missing = [path.name for path in needed if not path.is_file()]
-    if missing:
-        raise ConfigError(f"{folder}: not a run folder with a completed round (missing {', '.join(missing)})")
-    config_path, summary_path, metrics_path = needed
-    config = load_experiment_config(config_path)
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    with open(metrics_path, newline="", encoding="utf-8") as stream:
-        rows = [
-            {**row, "round": int(row["round"]), "epoch": int(row["epoch"]),
-             "value": float(row["value"]) if row["value"] else math.nan}
-            for row in csv.DictReader(stream)
-        ]
-    digest = hashlib.sha256(config_path.read_bytes()).hexdigest()
-    return RunRecord(folder, config, digest, summary, rows)
+    """Read a run folder; refused in one line unless it carries a run record and a completed round."""
+    files = RunFolder.open(run_dir)
+    return RunRecord(files, files.config(), files.config_sha256(), files.summary(), files.metrics())
 
 
 def parse_round(text: str | int) -> str | int:
@@ -108,24 +94,6 @@ def round_metrics(run: RunRecord, site: str, model: str, round_: int) -> dict[st
             if split:
                 scores[split][row["metric"]] = row["value"]
     return scores
-
-
-def training_files(data: SiteData) -> list[str]:
-    """The site's training files as the run saw them: images, or the volumes of the training cases, as
-    sorted paths relative to the site's data_root (absolute when outside it)."""
-    if data.task == "classification":
-        paths = {record["image"] for record in data.splits["train"]}
-    else:
-        paths = {data.geometry[record["case_id"]].image_file for record in data.splits["train"]}
-    root = Path(data.config.data_root).resolve() if data.config is not None else None
-    return sorted(_relative(Path(p), root) for p in paths)
-
-
-def _relative(path: Path, root: Path | None) -> str:
-    resolved = path.resolve()
-    if root is not None and resolved.is_relative_to(root):
-        return resolved.relative_to(root).as_posix()
-    return resolved.as_posix()
 
 
 def files_sha256(files: list[str]) -> str:

@@ -1,17 +1,17 @@
 """A federated site as a MONAI ClientAlgo: it owns P and D, runs DET epochs, and decides what leaves it.
 
 Only the deputy's weights (or the single model's, for one-model methods), class prototypes, class
-counts, the sample count and metrics ever leave a site; every upload is written to the site's audit log
-(entry names, shapes, bytes). The site keeps its state under ``<run>/sites/<name>/`` so that it can be
-restarted from the last completed round, with per-epoch seeds derived from (seed, site, round, epoch) so
-that a resumed run repeats exactly what an uninterrupted one does.
+counts, the sample count, the network's description, metrics and timing ever leave a site; every object
+that leaves is written to the site's audit log (tensors by name, shape and bytes; numbers and reports as
+they are), once per round. The site keeps its own part of the run folder (``<run>/sites/<name>/``, see
+medfl.runfolder.SiteFolder) so that it can be restarted from the last completed round, with per-epoch seeds
+derived from (seed, site, round, epoch) so that a resumed run repeats exactly what an uninterrupted one does.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import random
 import time
@@ -21,24 +21,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.fl.client import ClientAlgo
 from monai.fl.utils.constants import WeightType
 from monai.fl.utils.exchange_object import ExchangeObject
 from torch import Tensor, nn
 
-from medfl.checkpoints import atomic_torch_save
 from medfl.config import SiteConfig
+from medfl.data.fingerprint import data_fingerprint, site_config_sha256, training_files
 from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig
 from medfl.federated.cpa import PrototypeAccumulator, refinement_weights
 from medfl.federated.det import DetState, next_state
-from medfl.federated.evaluation import evaluate_model
+from medfl.federated.evaluation import evaluate_model, reestimate_batchnorm
 from medfl.federated.params import classifier_keys
 from medfl.federated.training import EpochPlan, SupervisedLoss, TrainingDiverged, train_epoch
-from medfl.metrics import retrogress, task_metric_name
+from medfl.metrics import reference_window_start, retrogress, running_best, task_metric_name
 from medfl.models import build_model
+from medfl.runfolder import SCHEMA_VERSION, RunFolder, SiteRecord
 
 PREFETCH_BATCHES = 2  # batches the training loader prepares ahead of the step that needs them
+EVAL_BATCH_CACHE_BYTES = 512 * 2**20  # validation and test batches kept collated per site, at most
 
 
 def derive_seed(*parts: object) -> int:
@@ -51,6 +54,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+SMALL_TENSOR = 64  # tensors up to this many values are written to the audit log in full (counts)
+
+
+def describe_values(statistics: dict[str, Any]) -> dict[str, Any]:
+    """The audit log's view of statistics that leave a site: every tensor by name, shape, dtype and bytes (and
+    its values when small, as class counts are), every other value as it is."""
+    tensors = {k: v for k, v in statistics.items() if isinstance(v, Tensor)}
+    described = describe_tensors(tensors)
+    for entry in described:
+        tensor = tensors[entry["name"]]
+        if tensor.numel() <= SMALL_TENSOR:
+            entry["value"] = tensor.tolist()
+    plain = [{"name": k, "value": v} for k, v in statistics.items() if not isinstance(v, Tensor)]
+    return {"statistics": described + plain, "bytes": sum(e["bytes"] for e in described)}
 
 
 def describe_tensors(tensors: dict[str, Tensor]) -> list[dict[str, Any]]:
@@ -79,7 +98,7 @@ class Site(ClientAlgo):
         self.task = experiment.task
         self.classes = experiment.classes
         self.device = torch.device(device)
-        self.folder = Path(run_dir) / "sites" / self.name
+        self.folder = RunFolder(run_dir).site(self.name)
         self.metric = task_metric_name(self.task)
         self.models: dict[str, nn.Module] = {}
         self.round = -1  # last completed round
@@ -92,7 +111,10 @@ class Site(ClientAlgo):
         self._local_prototypes: tuple[Tensor, Tensor] | None = None
         self._received: dict[str, Tensor] | None = None
         self._cache: dict[tuple[str, str], dict[str, float]] = {}
-        self.eval_seconds = 0.0  # time spent scoring models (the coordinator splits round time with it)
+        self._collated: dict[str, list[dict[str, Any]]] = {}
+        self.eval_seconds = 0.0  # time spent scoring models (a round's timing splits training from it)
+        self._timing: dict[str, float] = {}
+        self._departures: list[dict[str, Any]] = []  # what left the site and is not in the audit log yet
         self.on_epoch: Callable[[dict[str, Any]], None] | None = None  # progress display hook
 
     # ----------------------------------------------------------------- set-up
@@ -125,7 +147,7 @@ class Site(ClientAlgo):
             )
             for split in ("train", "val", "test")
         }
-        self.train_transform = train_recipe
+        self.train_transform, self.eval_transform = train_recipe, eval_recipe
         torch.manual_seed(self.experiment.seed)  # the common initialisation: the same at every site
         first = build_model(
             self.experiment.model.name,
@@ -141,53 +163,80 @@ class Site(ClientAlgo):
             self.models["D"] = copy.deepcopy(first)
         for model in self.models.values():
             model.to(self.device)
-        self.optimizers = {name: self._optimizer(model) for name, model in self.models.items()}
-        self.schedulers = {
-            name: torch.optim.lr_scheduler.StepLR(
-                opt, step_size=self.experiment.optimizer.lr_step_rounds, gamma=self.experiment.optimizer.lr_gamma
-            )
-            for name, opt in self.optimizers.items()
-        }
+        self.optimizers = {name: self._optimizer(model, self.experiment.optimizer.lr) for name, model in self.models.items()}
         self.class_counts = torch.as_tensor(self.data.class_counts("train"), dtype=torch.float64)
         self.loss_fn = SupervisedLoss(self.task, self.spec.loss, self.class_counts, self.experiment.cpa.beta)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.record = SiteRecord(schema_version=SCHEMA_VERSION, site=self.name,
+                                 site_config_sha256=site_config_sha256(self.config),
+                                 data_fingerprint=data_fingerprint(self.data), training_files=training_files(self.data))
 
-    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+    def open_folder(self) -> None:
+        """Start the site's part of the run folder, or check that it still reads the data it started with.
+
+        Called once the run folder exists: a site writes nothing before every check has passed."""
+        self.folder.start(self.record)
+
+    def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         opt = self.experiment.optimizer
         if opt.name == "adam":
-            return torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
-        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+            return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=opt.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+    def _start_round_optimizers(self, round_: int) -> None:
+        """Every model's optimizer for round ``round_``, at that round's learning rate.
+
+        By default each model gets a fresh optimizer (the reference's behaviour): D's weights were just
+        replaced, so momentum or Adam moments gathered on its old weights no longer describe it. With
+        ``optimizer.reset_every_round: false`` the optimizers and their state carry over.
+        """
+        lr = self.experiment.optimizer.learning_rate(round_)
+        if self.experiment.optimizer.reset_every_round:
+            self.optimizers = {name: self._optimizer(model, lr) for name, model in self.models.items()}
+            return
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
     def get_data_stats(self, extra: dict | None = None) -> ExchangeObject:
-        """Per-class training counts (pixels for segmentation) and the number of training samples."""
-        return ExchangeObject(
-            statistics={"class_counts": self.class_counts.clone(), "num_samples": len(self.datasets["train"])}
-        )
+        """Per-class training counts (pixels for segmentation), the number of training samples, and the
+        network's description (the server builds the same architecture to know its parameters' roles)."""
+        statistics = {"class_counts": self.class_counts.clone(), "num_samples": len(self.datasets["train"]),
+                      "network": dict(self.models[self.receiving_name].config)}
+        self._departures.append({"what": "data_statistics", **describe_values(statistics)})
+        return ExchangeObject(statistics=statistics)
 
     # ----------------------------------------------------------------- training
     def train(self, data: ExchangeObject, extra: dict | None = None) -> None:
         """Run one round: load the server's weights into the receiving model, then E local epochs."""
         round_ = int((extra or {}).get("round", self.round + 1))
+        started, eval_before = time.perf_counter(), self.eval_seconds
         self._to_device()
         self._receive(data)
+        self._start_round_optimizers(round_)
         previous_phi = self._phi(self.receiving_name, round_ - 1) if round_ > 0 else math.nan
         phis = {name: self._validate(name, round_, 0) for name in self.models}
+        if round_ >= reference_window_start(self.experiment.rounds):
+            self._record(round_, 0, self.used_name, "test", self._score(self.used_name, "test"))
         if self.spec.sends_weights and round_ > 0:
-            self.retrogress_log.append({"round": round_, "site": self.name, "model": self.receiving_name,
-                                        "before": previous_phi, "after": phis[self.receiving_name]})
+            entry = {"round": round_, "site": self.name, "model": self.receiving_name,
+                     "before": previous_phi, "after": phis[self.receiving_name]}
+            if self.experiment.diagnostics.bn_reestimation:
+                entry["after_bn_reestimated"] = self._bn_reestimated_phi(self.receiving_name)
+            self.retrogress_log.append(entry)
+        det_phis = phis if self._phi_split == "val" else {name: self._det_phi(name, round_, 0) for name in self.models}
         state = DetState.START
-        gamma = self._gamma(round_)
-        accumulator = PrototypeAccumulator(len(self.classes))
         epochs = self.experiment.local_epochs
         for epoch in range(1, epochs + 1):
             if self.spec.distillation == "det":
-                state = next_state(state, phis["P"], phis["D"], self.experiment.det.lambda1, self.experiment.det.lambda2)
+                state = next_state(state, det_phis["P"], det_phis["D"], self.experiment.det.lambda1,
+                                   self.experiment.det.lambda2)
             elif self.spec.distillation == "mutual":
                 state = DetState.EXCHANGE
             self._seed_epoch(round_, epoch)
+            accumulator = PrototypeAccumulator(len(self.classes)) if self._collects_prototypes(round_, epoch) else None
             plan = EpochPlan(
                 state=state if self.spec.two_models else None,
-                gamma=gamma,
+                gamma=self._gamma(round_),
                 temperature=self.experiment.det.temperature,
                 proximal_mu=self.experiment.baselines.fedprox_mu if self.spec.proximal else 0.0,
                 received=self._received,
@@ -195,7 +244,7 @@ class Site(ClientAlgo):
                 global_prototypes=self._global["prototypes"],
                 global_present=self._global["present"],
                 trainable=self._trainable(epoch, epochs),
-                accumulator=accumulator if epoch == epochs else None,
+                accumulator=accumulator,
             )
             try:
                 losses = train_epoch(
@@ -204,11 +253,15 @@ class Site(ClientAlgo):
                 )
             except TrainingDiverged as error:
                 raise TrainingDiverged(f"site '{self.name}', round {round_}, epoch {epoch}: {error}") from None
+            if accumulator is not None:
+                self._local_prototypes = accumulator.prototypes()
             phis = {name: self._validate(name, round_, epoch) for name in self.models}
+            det_phis = phis if self._phi_split == "val" else {
+                name: self._det_phi(name, round_, epoch) for name in self.models}
             self.det_log.append({
                 "round": round_, "epoch": epoch, "site": self.name,
                 "state": state.value if self.spec.two_models else "",
-                **{f"phi_{name}": value for name, value in phis.items()},
+                **{f"phi_{name}": value for name, value in det_phis.items()},
                 **{f"loss_{name}": value for name, value in losses.items()},
             })
             if self.on_epoch is not None:
@@ -217,11 +270,46 @@ class Site(ClientAlgo):
                 entry = self.retrogress_log[-1]
                 entry.update(retrogress(entry["before"], entry["after"], phis[self.receiving_name]))
                 entry["after_first_epoch"] = phis[self.receiving_name]
-        self._local_prototypes = accumulator.prototypes()
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+                if "after_bn_reestimated" in entry:
+                    entry["retrogress_bn_reestimated"] = entry["before"] - entry["after_bn_reestimated"]
         self.round = round_
         self._select(round_)
+        inner_eval = self.eval_seconds - eval_before
+        self._timing = {"train_s": time.perf_counter() - started - inner_eval, "eval_s": inner_eval}
+
+    def _collects_prototypes(self, round_: int, epoch: int) -> bool:
+        """Whether this epoch's features become the site's local prototypes.
+
+        The last epoch's are uploaded with the deputy; with CPA after warm-up every epoch's are kept, since
+        the next epoch's refinement weights compare them with the global prototypes of this round (the
+        reference recomputes local prototypes every local epoch).
+        """
+        refines = self.spec.loss == "cpa" and round_ >= self.experiment.cpa_warmup_rounds
+        return refines or epoch == self.experiment.local_epochs
+
+    @property
+    def _phi_split(self) -> str:
+        """The split DET's phi is measured on: "val" (the paper) or "train" (the reference code)."""
+        return self.experiment.det.phi_source
+
+    def _det_phi(self, name: str, round_: int, epoch: int) -> float:
+        """phi of model ``name`` on the training split with the evaluation preprocessing (eval mode)."""
+        metrics = self._score(name, "train_eval")
+        self._record(round_, epoch, name, "train", metrics)
+        value = metrics.get(self.metric, math.nan)
+        return 0.0 if value is None or math.isnan(value) else float(value)
+
+    def _bn_reestimated_phi(self, name: str) -> float:
+        """phi on validation of a copy of model ``name`` whose BatchNorm statistics were re-estimated on the
+        site's training data (evaluation preprocessing, no weight change); NaN for a net without BatchNorm."""
+        model = copy.deepcopy(self.models[name])
+        if not reestimate_batchnorm(model, self._eval_loader("train_eval"), self.device):
+            return math.nan
+        tick = time.perf_counter()
+        metrics = evaluate_model(model, self._eval_loader("val"), self.task, self.classes, self.device, self._spacing)
+        self.eval_seconds += time.perf_counter() - tick
+        value = metrics.get(self.metric, math.nan)
+        return 0.0 if value is None or math.isnan(value) else float(value)
 
     def _receive(self, data: ExchangeObject | None) -> None:
         """Load the server's weights (if any) into the receiving model and keep the global statistics."""
@@ -292,8 +380,16 @@ class Site(ClientAlgo):
                                 generator=generator, drop_last=drop_last, num_workers=0)
 
     def _eval_loader(self, split: str):
+        """Batches of a split with the evaluation preprocessing; "train_eval" is the training split seen that
+        way (DET's phi from training data, BatchNorm re-estimation), built on first use."""
         from monai.data import DataLoader
 
+        if split not in self.datasets:
+            from medfl.data import build_dataset
+
+            settings = self.experiment.data
+            self.datasets[split] = build_dataset(self.data.splits["train"], self.eval_transform,
+                                                 cache_rate=settings.cache_rate, num_workers=settings.num_workers)
         return DataLoader(self.datasets[split], batch_size=max(self.experiment.batch_size, 32), shuffle=False,
                           num_workers=0)
 
@@ -306,20 +402,41 @@ class Site(ClientAlgo):
         return geometry.slice_volume_spacing(self.experiment.data.input_size)
 
     def _score(self, name: str, split: str) -> dict[str, float]:
+        """Metrics of model ``name`` on ``split``, computed once per model state. Distance metrics (HD95) only
+        on test: validation and the training split serve phi and selection, which read the Dice only."""
         key = (name, split)
         if key not in self._cache:
             tick = time.perf_counter()
             self._cache[key] = evaluate_model(
-                self.models[name], self._eval_loader(split), self.task, self.classes, self.device, self._spacing
+                self.models[name], self._eval_batches(split), self.task, self.classes, self.device, self._spacing,
+                distances=split == "test",
             )
             self.eval_seconds += time.perf_counter() - tick
         return self._cache[key]
 
+    def _eval_batches(self, split: str):
+        """Validation and test batches, collated once and kept (they are scored many times per round with a
+        deterministic preprocessing), unless they would hold more than EVAL_BATCH_CACHE_BYTES."""
+        if split in self._collated:
+            return self._collated[split]
+        loader = self._eval_loader(split)
+        if split not in ("val", "test"):
+            return loader
+        batches, size = [], 0
+        for batch in loader:
+            # Plain tensors: MetaTensor's bookkeeping made every later operation on the logits ~50x slower.
+            batch = {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in batch.items()}
+            size += sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, Tensor))
+            if size > EVAL_BATCH_CACHE_BYTES:
+                return loader
+            batches.append(batch)
+        self._collated[split] = batches
+        return batches
+
     def _validate(self, name: str, round_: int, epoch: int) -> float:
         """phi of model ``name`` on the validation split, recorded at (round, epoch)."""
         if epoch > 0 or name == self.receiving_name or round_ == 0:
-            self._cache.pop((name, "val"), None)
-            self._cache.pop((name, "test"), None)
+            self._cache = {key: value for key, value in self._cache.items() if key[0] != name}
         metrics = self._score(name, "val")
         self._record(round_, epoch, name, "val", metrics)
         value = metrics.get(self.metric, math.nan)
@@ -342,38 +459,58 @@ class Site(ClientAlgo):
         Every round's models are kept (``models/round_XXXX.pt``: network config and a state dict per model),
         so that `medfl export --round` can take the selected, the last or any round.
         """
-        atomic_torch_save(
-            {"round": round_, "site": self.name, "network": self.models[self.used_name].config,
-             "used": self.used_name, "receiving": self.receiving_name,
-             "models": {name: _cpu_state(model) for name, model in self.models.items()}},
-            self.folder / "models" / f"round_{round_:04d}.pt",
-        )
-        value = self._phi(self.used_name, round_)
-        if self.best["round"] is None or (not math.isnan(value) and value > self.best["value"]):
-            self.best = {"round": round_, "value": value}
+        self.folder.save_round_models(round_, {
+            "round": round_, "site": self.name, "network": self.models[self.used_name].config,
+            "used": self.used_name, "receiving": self.receiving_name,
+            "models": {name: _cpu_state(model) for name, model in self.models.items()}})
+        values = self._round_values(self.used_name, round_)
+        selected = running_best(values)
+        self.best = {"round": selected, "value": values[selected]}
+
+    def _round_values(self, name: str, last: int) -> list[float]:
+        """Model ``name``'s validation score at the end of rounds 0..last."""
+        return [self._phi(name, r) for r in range(last + 1)]
+
+    def _test_needed(self, name: str) -> bool:
+        """Whether model ``name`` is scored on test after this round. The used model: where a round selected
+        by validation can fall (its validation score beats every earlier round's, the rule `_select` follows)
+        and in the last round; the deputy: in the last round. Nothing the run reports reads another test
+        score (`medfl evaluate` scores any exported round on demand)."""
+        if self.round == self.experiment.rounds - 1:
+            return True
+        return name == self.used_name and running_best(self._round_values(name, self.round)) == self.round
 
     def evaluate(self, data: ExchangeObject | None = None, extra: dict | None = None) -> ExchangeObject:
-        """Metrics of every model on validation and test after the last round, plus the rows not yet reported."""
+        """Metrics of the models after this round (test where it can be reported), the rows not yet reported,
+        DET states, retrogress, the selected round and the round's timing."""
         epoch = self.experiment.local_epochs
+        tick = time.perf_counter()
         for name in self.models:
-            for split in ("val", "test"):
-                metrics = self._score(name, split)
-                if split == "test":
-                    self._record(self.round, epoch, name, split, metrics)
+            if self._test_needed(name):
+                self._record(self.round, epoch, name, "test", self._score(name, "test"))
+        timing = {"train_s": self._timing.get("train_s", 0.0),
+                  "eval_s": self._timing.get("eval_s", 0.0) + time.perf_counter() - tick}
         rows = self.history[self._pending_rows:]
         self._pending_rows = len(self.history)
-        return ExchangeObject(metrics={
+        report = {
             "round": self.round,
             "rows": rows,
             "det": [e for e in self.det_log if e["round"] == self.round],
             "retrogress": [e for e in self.retrogress_log if e["round"] == self.round],
             "best": dict(self.best),
-        })
+            "timing": timing,
+        }
+        self._departures.append({"what": "report", **report})
+        self._flush_audit()
+        return ExchangeObject(metrics=report)
 
     # ----------------------------------------------------------------- upload
     def get_weights(self, extra: dict | None = None) -> ExchangeObject:
         """What leaves the site: the receiving model's weights (none for prototype-only methods),
-        the sample count, class counts and local class prototypes. Logged to audit.jsonl."""
+        the sample count, class counts and local class prototypes. Logged to the audit log.
+
+        Prototypes of classes with fewer training samples than the site config's `withhold_prototypes_below`
+        are not sent (zero row, count 0: the server treats the class as absent at this site)."""
         weights: dict[str, Tensor] = {}
         if self.spec.sends_weights:
             weights = _cpu_state(self.models[self.receiving_name])
@@ -382,26 +519,23 @@ class Site(ClientAlgo):
             "class_counts": self.class_counts.clone(),
         }
         if self._local_prototypes is not None:
-            statistics["prototypes"] = self._local_prototypes[0].detach().cpu().clone()
-            statistics["prototype_counts"] = self._local_prototypes[1].detach().cpu().clone()
-        self._audit(weights, statistics)
+            prototypes, counts = (t.detach().cpu().clone() for t in self._local_prototypes)
+            withheld = counts < self.config.withhold_prototypes_below
+            prototypes[withheld], counts[withheld] = 0.0, 0
+            statistics["prototypes"], statistics["prototype_counts"] = prototypes, counts
+        described = describe_values(statistics)
+        entry_weights = describe_tensors(weights)
+        described["bytes"] += sum(e["bytes"] for e in entry_weights)
+        self._departures.append({"what": "upload", "weights": entry_weights, **described})
+        self._flush_audit()
         return ExchangeObject(weights=weights, weight_type=WeightType.WEIGHTS, statistics=statistics)
 
-    def _audit(self, weights: dict[str, Tensor], statistics: dict[str, Any]) -> None:
-        tensors = {k: v for k, v in statistics.items() if isinstance(v, Tensor)}
-        entry = {
-            "round": self.round,
-            "weights": describe_tensors(weights),
-            "statistics": describe_tensors(tensors) + [
-                {"name": k, "value": v} for k, v in statistics.items() if not isinstance(v, Tensor)
-            ],
-        }
-        entry["bytes"] = sum(e["bytes"] for e in entry["weights"]) + sum(
-            e.get("bytes", 0) for e in entry["statistics"]
-        )
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / "audit.jsonl", "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(entry) + "\n")
+    def _flush_audit(self) -> None:
+        """Write what left the site since the last flush, under the round it belongs to (the next round for
+        what left before this round's training: the data statistics at a (re)start)."""
+        if self._departures and self.folder.record_file.is_file():
+            self.folder.audit([{"round": self.round, **entry} for entry in self._departures])
+            self._departures = []
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -410,7 +544,6 @@ class Site(ClientAlgo):
             "round": self.round,
             "models": {name: _cpu_state(model) for name, model in self.models.items()},
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "schedulers": {name: sch.state_dict() for name, sch in self.schedulers.items()},
             "history": self.history,
             "det_log": self.det_log,
             "retrogress_log": self.retrogress_log,
@@ -421,26 +554,26 @@ class Site(ClientAlgo):
             "received": self._received,
         }
 
-    def save_state(self) -> Path:
-        """Write the state of the last completed round (kept per round: the coordinator picks one)."""
-        path = self.folder / f"state_round_{self.round:04d}.pt"
-        atomic_torch_save(self.state_dict(), path)
-        for old in sorted(self.folder.glob("state_round_*.pt"))[:-2]:
-            old.unlink()
-        return path
+    def save_state(self) -> None:
+        """Write the state of the last completed round (the newest two are kept: a restart picks one)."""
+        self.folder.save_state(self.round, self.state_dict())
+
+    def restart_after(self, round_: int) -> None:
+        """Continue after round `round_`: its saved state, or (-1) a fresh start that forgets a killed round 0."""
+        if round_ >= 0:
+            self.load_state(round_)
+        else:
+            self.folder.forget_audit_after(round_)
 
     def load_state(self, round_: int) -> None:
-        """Restore the state saved after ``round_``."""
-        path = self.folder / f"state_round_{round_:04d}.pt"
-        if not path.is_file():
-            raise MedflError(f"site '{self.name}': no saved state for round {round_} ({path})")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        """Restore the state saved after ``round_``; what the audit log says of later rounds is dropped, since
+        those rounds run again."""
+        state = self.folder.load_state(round_)
+        self.folder.forget_audit_after(round_)
         for name, model in self.models.items():
             model.load_state_dict(state["models"][name])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
-        for name, sch in self.schedulers.items():
-            sch.load_state_dict(state["schedulers"][name])
         self.round = state["round"]
         self.history = state["history"]
         self.det_log = state["det_log"]

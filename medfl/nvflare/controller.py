@@ -1,17 +1,16 @@
-"""The server workflow: a ModelController that runs medfl's rounds with the engine-free strategies.
+"""The server workflow: a ModelController that plays medfl's shared round loop over NVFlare sites.
 
-Each round the controller sends every site its own task (its own weights, keyed by site name, plus the
-federation's class counts and prototypes), waits up to `round_timeout` seconds, and goes on with the sites
-that answered: they are aggregated; a site that failed or did not answer keeps its model and receives the
-next round's task as usual. NVFlare's log and the run folder's `participation.csv` (round, site, status)
-say which sites took part in each round. The server's bookkeeping is the in-process `Coordinator` without sites: the same
-strategy, deliveries, run log, checkpoint and run folder, so that a restarted job resumes after the last
-completed round and the run folder reads like one written by `medfl run`.
+`MedflController` is the `Federation` of medfl.federated.rounds for NVFlare: each round it sends every site
+its own task (its own weights, keyed by site name, plus the federation's class counts and prototypes), waits
+up to `round_timeout` seconds, and goes on with the sites that answered: they are aggregated; a site that
+failed or did not answer keeps its model and receives the next round's task as usual. NVFlare's log and the
+run folder's `participation.csv` (round, site, status) say which sites took part in each round. Everything
+else (strategy, checkpoint, run log, the run folder's files, resume) is the in-process loop's own code, so a
+restarted job resumes after the last completed round and the run folder reads like one written by `medfl run`.
 """
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,33 +22,15 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
+from medfl.devices import resolve_device
 from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig, load_experiment_config
-from medfl.federated.coordinator import (
-    Coordinator,
-    aggregate_and_deliver,
-    peak_memory_mb,
-    site_update,
-    strategy_options,
-)
-from medfl.federated.server import build_strategy
-from medfl.models import build_model
+from medfl.federated.rounds import ANSWERED, RoundReplies, Server, SiteReply, run_rounds
 from medfl.nvflare.layout import CONFIG_FOLDER, EXPERIMENT_FILE, resolve_run_dir
 from medfl.nvflare.payloads import TASK_DATA_STATS, TASK_TRAIN, Reply, read_reply, stats_task, train_task
-from medfl.runlog import write_csv
+from medfl.runfolder import RunFinished, RunFolder
 
-PARTICIPATION = "participation.csv"
-ANSWERED, NO_ANSWER = "answered", "no answer"
-
-
-def write_participation(path: Path, round_: int, statuses: Mapping[str, str]) -> None:
-    """Rewrite `path` with the statuses of rounds before `round_` (a resumed round replaces its rows)."""
-    rows = []
-    if path.is_file():
-        with open(path, newline="", encoding="utf-8") as stream:
-            rows = [row for row in csv.DictReader(stream) if int(row["round"]) < round_]
-    rows += [{"round": round_, "site": site, "status": status} for site, status in statuses.items()]
-    write_csv(path, rows, ("round", "site", "status"))
+NO_ANSWER = "no answer"
 
 
 class _Aborted(Exception):
@@ -97,59 +78,38 @@ class MedflController(ModelController):
         """Start or resume the run of `config` in the run folder and play its remaining rounds."""
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
-        book = Coordinator(config, resolve_run_dir(self.run_dir))
-        resume = book.last_completed_round() is not None
-        start = book.prepare_run_dir(resume=resume)
-        if start >= config.rounds:
-            self.info(f"medfl: {book.run_dir} has completed all {config.rounds} rounds; nothing to do")
-            return
-        self.info(f"medfl: {'resuming' if resume else 'starting'} {config.name} ({config.method}) in "
-                  f"{book.run_dir}: rounds {start}..{config.rounds - 1}, sites {', '.join(self.sites)}")
-        self._start(book, self.exchange(TASK_DATA_STATS, {site: stats_task() for site in self.sites},
-                                    self.start_timeout))
-        if resume:
-            book.restore(start - 1)
-        for round_ in range(start, config.rounds):
-            self._round(book, round_)
+        root = resolve_run_dir(self.run_dir)
+        resume = RunFolder(root).record_file.is_file()
+        self.rounds_planned = config.rounds
+        self.info(f"medfl: {'resuming' if resume else 'starting'} {config.name} ({config.method}) in {root}, "
+                  f"sites {', '.join(self.sites)}")
+        server = Server(config, resolve_device(config.device), self.sites)
+        try:
+            run_rounds(config, root, self, server, resume,
+                       lambda event, info: self.info(f"medfl: round {info['round']} done") if event == "round" else None)
+        except RunFinished as finished:
+            self.info(f"medfl: {finished}")
 
-    def _start(self, book: Coordinator, replies: Mapping[str, Reply]) -> None:
-        """Build the strategy from a site's network and deliver the global class counts (as in process)."""
+    # ------------------------------------------------------------------ the Federation of the shared loop
+    def start(self) -> dict[str, ExchangeObject]:
+        """Every site loads its data and reports its class counts, sample count and network."""
+        replies = self.exchange(TASK_DATA_STATS, {site: stats_task() for site in self.sites}, self.start_timeout)
         answered = self._answered(self._statuses(replies, "data statistics", "statistics"))
         if not answered:
             raise MedflError("no site reported its data statistics; see the sites' logs")
-        network = replies[answered[0]].network or {}
-        model = build_model(**network)
-        config = book.config
-        book.strategy = build_strategy(config.method, model, config.rounds, **strategy_options(config))
-        counts = torch.stack([torch.as_tensor(replies[site].statistics["class_counts"]) for site in answered])
-        first = ExchangeObject(statistics={"global_class_counts": counts.sum(0)})
-        book.deliveries = {site: first for site in self.sites}
+        return {site: ExchangeObject(statistics=replies[site].statistics) for site in answered}
 
-    def _round(self, book: Coordinator, round_: int) -> None:
-        config = book.config
-        started = time.perf_counter()
-        upload = book.strategy is not None and round_ < config.rounds - 1
-        tasks = {site: train_task(book.deliveries.get(site), round_, config.rounds, upload) for site in self.sites}
+    def open(self, folder: RunFolder, resume_round: int | None) -> None:
+        """Sites keep their own part of the run folder on their machines: nothing to do at the server."""
+
+    def train(self, round_: int, deliveries: Mapping[str, ExchangeObject | None], upload: bool) -> RoundReplies:
+        tasks = {site: train_task(deliveries.get(site), round_, self.rounds_planned, upload) for site in self.sites}
         replies = self.exchange(TASK_TRAIN, tasks, self.round_timeout)
         statuses = self._statuses(replies, f"round {round_}", "report")
         answered = self._answered(statuses)
-        timing = {"round": round_, "train_s": 0.0, "eval_s": 0.0, "aggregation_s": 0.0}
-        for site in answered:
-            reply = replies[site]
-            timing["train_s"] += reply.timing.get("train_s", 0.0)
-            timing["eval_s"] += reply.timing.get("eval_s", 0.0)
-            book.log.add(site, reply.report)
-        updates = {site: site_update(replies[site].upload, book.device) for site in answered
-                   if upload and replies[site].upload is not None}
-        book.deliveries, timing["aggregation_s"] = aggregate_and_deliver(
-            book.strategy, round_, updates, list(self.sites))
-        timing["round_s"] = time.perf_counter() - started
-        timing.update(peak_memory_mb(book.device))
-        book.timing.append(timing)
-        write_participation(book.run_dir / PARTICIPATION, round_, statuses)
-        book.checkpoint(round_)  # marks the round completed
-        book.write_outputs(round_)
-        self.info(f"medfl: round {round_} done with {len(answered)}/{len(self.sites)} sites")
+        self.info(f"medfl: round {round_}: {len(answered)}/{len(self.sites)} sites answered")
+        return RoundReplies(replies={site: SiteReply(report=replies[site].report, upload=replies[site].upload)
+                                     for site in answered}, statuses=statuses)
 
     def _statuses(self, replies: Mapping[str, Reply], what: str, needs: str) -> dict[str, str]:
         """Each site's part in a task, in the experiment's order: answered, failed (error type) or no answer.

@@ -21,9 +21,9 @@ import yaml
 from medfl.checkpoints import atomic_write_text
 from medfl.errors import ConfigError
 from medfl.experiment import ExperimentConfig
-from medfl.federated.coordinator import run_directory
 from medfl.nvflare import require_nvflare
 from medfl.nvflare.layout import CONFIG_FOLDER, EXPERIMENT_FILE, JOB_FILE, SITE_FILE, SITE_SCRIPT
+from medfl.runfolder import run_directory
 
 CONTROLLER_CLASS = "medfl.nvflare.controller.MedflController"
 

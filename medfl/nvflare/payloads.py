@@ -11,7 +11,7 @@ site's own log.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from monai.fl.utils.exchange_object import ExchangeObject
@@ -38,11 +38,9 @@ class Reply:
     site: str
     failed: str | None = None  # the error type when the site could not do the task
     round: int | None = None
-    report: dict[str, Any] | None = None  # Site.evaluate() metrics: round, rows, det, retrogress, best
+    report: dict[str, Any] | None = None  # Site.evaluate() metrics: round, rows, det, retrogress, best, timing
     upload: ExchangeObject | None = None  # Site.get_weights(): deputy weights and statistics
-    statistics: dict[str, Any] | None = None  # Site.get_data_stats(): class counts, sample count
-    network: dict[str, Any] | None = None  # build_model keywords of the site's models (for parameter roles)
-    timing: dict[str, float] = field(default_factory=dict)
+    statistics: dict[str, Any] | None = None  # Site.get_data_stats(): class counts, sample count, network
 
 
 # ---------------------------------------------------------------- server -> site
@@ -80,17 +78,16 @@ def read_train_task(model: FLModel) -> TrainTask:
 
 
 # ---------------------------------------------------------------- site -> server
-def stats_reply(statistics: dict[str, Any], network: dict[str, Any]) -> FLModel:
-    return FLModel(params={}, meta={KEY: {"statistics": dict(statistics), "network": dict(network)}})
+def stats_reply(statistics: dict[str, Any]) -> FLModel:
+    return FLModel(params={}, meta={KEY: {"statistics": dict(statistics)}})
 
 
-def train_reply(round_: int, report: dict[str, Any], upload: ExchangeObject | None,
-                timing: dict[str, float]) -> FLModel:
-    """The round's evaluation report, and (except after the last round) the deputy's weights and statistics."""
+def train_reply(round_: int, report: dict[str, Any], upload: ExchangeObject | None) -> FLModel:
+    """The round's evaluation report, and (for methods that communicate) the deputy's weights and statistics."""
     weights = dict(upload.weights or {}) if upload is not None else {}
     statistics = dict(upload.statistics or {}) if upload is not None else None
     return FLModel(params=weights, metrics=dict(report), current_round=round_,
-                   meta={KEY: {"round": round_, "upload": statistics, "timing": dict(timing)}})
+                   meta={KEY: {"round": round_, "upload": statistics}})
 
 
 def failure_reply(round_: int | None, error_type: str) -> FLModel:
@@ -101,8 +98,7 @@ def read_reply(model: FLModel) -> Reply:
     """Decode a site's reply; the site's name is the one NVFlare authenticated, not one the site wrote."""
     entry = _entry(model)
     reply = Reply(site=str(model.meta["client_name"]), failed=entry.get("failed"), round=entry.get("round"),
-                  statistics=entry.get("statistics"), network=entry.get("network"),
-                  timing=dict(entry.get("timing") or {}))
+                  statistics=entry.get("statistics"))
     if model.metrics is not None:
         reply.report = dict(model.metrics)
     if entry.get("upload") is not None:

@@ -11,8 +11,6 @@ only the error's type (details go to the site's log), and the site rejoins at th
 from __future__ import annotations
 
 import logging
-import re
-import time
 from pathlib import Path
 
 import torch
@@ -20,9 +18,9 @@ from monai.fl.utils.exchange_object import ExchangeObject
 from nvflare.app_common.abstract.fl_model import FLModel
 
 from medfl.config import SiteConfig, load_yaml_mapping
+from medfl.devices import resolve_device
 from medfl.errors import ConfigError, MedflError
 from medfl.experiment import ExperimentConfig, load_experiment_config
-from medfl.federated.coordinator import resolve_device
 from medfl.federated.site import Site
 from medfl.nvflare.layout import EXPERIMENT_FILE, JOB_FILE, resolve_run_dir, site_config_path
 from medfl.nvflare.payloads import (
@@ -36,7 +34,6 @@ from medfl.nvflare.payloads import (
 )
 
 logger = logging.getLogger(__name__)
-_STATE_FILE = re.compile(r"state_round_(\d+)\.pt")
 
 
 def load_job_configs(config_dir: Path, site_name: str) -> tuple[ExperimentConfig, SiteConfig]:
@@ -53,12 +50,6 @@ def load_job_configs(config_dir: Path, site_name: str) -> tuple[ExperimentConfig
     return experiment, site_config
 
 
-def saved_rounds(folder: Path) -> list[int]:
-    """Rounds whose state a Site saved in `folder` (`state_round_XXXX.pt`), in increasing order."""
-    matches = (_STATE_FILE.fullmatch(path.name) for path in folder.glob("state_round_*.pt"))
-    return sorted(int(match.group(1)) for match in matches if match)
-
-
 class SiteRunner:
     """Answers the medfl controller's tasks with one Site, built lazily and rebuilt after a failure."""
 
@@ -69,6 +60,7 @@ class SiteRunner:
         self.run_dir = Path(run_dir)
         self.device = torch.device(device)
         self.site: Site | None = None
+        self.opened = False
 
     @property
     def name(self) -> str:
@@ -88,10 +80,12 @@ class SiteRunner:
             return self._train(train.delivery, train.round, train.upload)
         except Exception as error:  # reported to the server by type only; the site rejoins next round
             logger.exception("site '%s': task '%s' (round %s) failed: %s", self.name, task, round_, error)
-            self.site = None  # drop half-trained models: the next task resumes from the last saved round
+            self.site, self.opened = None, False  # drop half-trained models: the next task resumes from the last saved round
             return failure_reply(round_, type(error).__name__)
 
     def _ready_site(self) -> Site:
+        """The Site, its data read and checked (nothing written yet: the server creates the run folder once
+        every site has reported)."""
         if self.site is None:
             site = Site(self.site_config, self.experiment, self.run_dir, self.device)
             site.initialize()
@@ -99,18 +93,18 @@ class SiteRunner:
         return self.site
 
     def _data_stats(self) -> FLModel:
-        site = self._ready_site()
-        statistics = site.get_data_stats().statistics or {}
-        return stats_reply(statistics, site.models[site.receiving_name].config)
+        return stats_reply(self._ready_site().get_data_stats().statistics or {})
 
     def _catch_up(self, site: Site, round_: int) -> None:
         """Make the site's last completed round `round_ - 1`, or the newest saved round before it."""
         if site.round == round_ - 1:
             return
-        earlier = [r for r in saved_rounds(site.folder) if r < round_]
+        earlier = [r for r in site.folder.saved_rounds() if r < round_]
         if earlier:
-            site.load_state(earlier[-1])
+            site.restart_after(earlier[-1])
             logger.info("site '%s': resumed from the state saved after round %d", self.name, earlier[-1])
+        elif round_ == 0:
+            site.restart_after(-1)
         elif site.round >= round_:
             raise MedflError(
                 f"site '{self.name}': asked for round {round_} but holds round {site.round} and no earlier state"
@@ -118,17 +112,15 @@ class SiteRunner:
 
     def _train(self, delivery: ExchangeObject | None, round_: int, upload: bool) -> FLModel:
         site = self._ready_site()
+        if not self.opened:  # the site's own part of the run folder: started, or checked against its data
+            site.open_folder()
+            self.opened = True
         self._catch_up(site, round_)
-        eval_before, tick = site.eval_seconds, time.perf_counter()
         site.train(delivery, {"round": round_})
-        inner_eval = site.eval_seconds - eval_before
-        train_s = time.perf_counter() - tick - inner_eval
-        tick = time.perf_counter()
         report = site.evaluate().metrics or {}
-        eval_s = time.perf_counter() - tick + inner_eval
         exchange = site.get_weights() if upload else None
         site.save_state()
-        return train_reply(round_, report, exchange, {"train_s": train_s, "eval_s": eval_s})
+        return train_reply(round_, report, exchange)
 
 
 def build_runner(config_dir: Path, site_name: str) -> SiteRunner:

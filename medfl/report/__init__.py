@@ -1,4 +1,4 @@
-"""Reports on run folders: tables, figures and TensorBoard scalars.
+"""Reports on run folders: tables and figures (TensorBoard scalars are written by the run: medfl.tensorboard).
 
 - `runs`: read run folders and group those that differ only by seed;
 - `tables`: markdown tables per site and mean, methods side by side, mean +- std across seeds;
@@ -6,7 +6,6 @@
   segmentation examples), since a run folder keeps models but not predictions;
 - `plots`: PNG figures (validation curves with communications, retrogress, DET states, overlays);
 - `writer`: `write_report`, which puts all of it into report.md plus PNGs;
-- `tensorboard`: `write_round_scalars`, called by the coordinator after every round.
 
-Nothing is imported here, so that the coordinator's TensorBoard hook does not load matplotlib.
+Nothing is imported here: each module loads what it needs.
 """

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from medfl.checkpoints import atomic_write_bytes
 from medfl.report.predictions import SliceExample
@@ -110,6 +111,7 @@ def retrogress_by_round(groups: Sequence[RunGroup]) -> Figure | None:
     if not shown:
         return None
     figure, axes = _grid(2, 2)
+    communications = sorted({row["round"] for _, group in shown for run in group.runs for row in run.retrogress})
     for ax, key in zip(axes, ("retrogress", "recovery"), strict=True):
         for index, group in shown:
             per_seed = [_per_round(run, key) for run in group.runs]
@@ -122,7 +124,9 @@ def retrogress_by_round(groups: Sequence[RunGroup]) -> Figure | None:
         ax.axhline(0, color="0.6", lw=0.8)
         ax.set_xlabel("round")
         ax.set_title(f"{key} (mean over sites)")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        # Whole rounds only, half a round of margin: one communication would otherwise get ticks 0.96-1.04.
+        ax.set_xlim(communications[0] - 0.5, communications[-1] + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     axes[0].set_ylabel("drop of validation score at communication")
     axes[1].set_ylabel("regained in the first local epoch")
     axes[0].legend(fontsize="small")

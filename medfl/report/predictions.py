@@ -1,6 +1,6 @@
 """Predictions of each site's selected-round model on its test split: confusion matrices, example slices.
 
-A run folder keeps every round's models (sites/<site>/models/round_XXXX.pt) but no predictions, so the
+A run folder keeps every round's models (each site's part: medfl.runfolder.SiteFolder) but no predictions, so the
 report rebuilds each site's test split from the run's config.yaml (load_site and the eval recipe: the same
 split and preprocessing as the run) and scores the model the site uses at its selected round. This keeps
 the training loop free of report concerns; the price is reading the test data once per report. Splits
@@ -21,11 +21,11 @@ from torch import nn
 
 from medfl.data import build_dataset, load_recipe, load_site
 from medfl.errors import DataError
-from medfl.experiment import load_experiment_config
 from medfl.federated.training import plain_tensors
 from medfl.metrics import confusion_matrix
 from medfl.models import build_model
 from medfl.report.runs import Run, RunGroup
+from medfl.runfolder import RunFolder
 
 BATCH_SIZE = 32
 
@@ -44,11 +44,8 @@ class SliceExample:
 
 def load_selected_model(run: Run, site: str, device: torch.device) -> nn.Module:
     """The model ``site`` uses at its selected round, in eval mode on ``device``."""
-    round_ = run.summary["sites"][site]["selected_round"]
-    path = run.path / "sites" / site / "models" / f"round_{int(round_):04d}.pt"
-    if not path.is_file():
-        raise DataError("the selected round's model file is missing", site=site, path=str(path))
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    round_ = int(run.summary["sites"][site]["selected_round"])
+    saved = RunFolder.open(run.path).site(site).load_round_models(round_)
     model = build_model(**saved["network"])
     model.load_state_dict(saved["models"][saved["used"]])
     return model.to(device).eval()
@@ -71,7 +68,7 @@ class SplitCache:
     def _load(self, run: Run) -> tuple[dict[str, list[dict[str, Any]]], Any]:
         key = self._key(run)
         if key not in self._splits:
-            config = load_experiment_config(run.path / "config.yaml")
+            config = RunFolder.open(run.path).config()
             records = {site.name: load_site(site, config.data).splits["test"] for site in config.load_sites()}
             recipe = load_recipe(config.data.recipe(config.task, "eval"), input_size=config.data.input_size)
             self._splits[key] = (records, recipe)

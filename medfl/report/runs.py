@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from medfl.errors import ConfigError
 from medfl.federated.methods import method_spec
+from medfl.runfolder import RunFolder
 
-RUN_FILES = ("config.yaml", "summary.json", "metrics.csv")
 # Settings that cannot change a run's numbers: runs differing only in these (and the seed) are seeds of one group.
 NOT_COMPARED = ("seed", "output_dir", "device", "runtime.threads", "runtime.offload_idle_sites")
-_INTEGER_COLUMNS = ("round", "epoch")
-_TEXT_COLUMNS = ("site", "model", "split", "metric", "state")
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """CSV rows with rounds and epochs as ints, text columns as strings and every other value as float."""
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as stream:
-        rows = list(csv.DictReader(stream))
-    return [{key: _parse(key, value) for key, value in row.items()} for row in rows]
-
-
-def _parse(key: str, value: str) -> Any:
-    if key in _INTEGER_COLUMNS:
-        return int(value)
-    if key in _TEXT_COLUMNS:
-        return value
-    return float(value) if value != "" else math.nan
 
 
 @dataclass
@@ -91,22 +68,10 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    """Read a run folder written by `medfl run`; ConfigError naming the folder when it is not one."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: run folder not found")
-    missing = [name for name in RUN_FILES if not (path / name).is_file()]
-    if missing:
-        raise ConfigError(f"{path}: not a medfl run folder ({', '.join(missing)} missing)")
-    try:
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    except (yaml.YAMLError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: unreadable run file ({' '.join(str(error).split())[:160]})") from None
-    if not isinstance(config, dict) or "method" not in config or "sites" not in summary:
-        raise ConfigError(f"{path}: config.yaml or summary.json is not a medfl run's")
-    return Run(path, config, summary, _read_rows(path / "metrics.csv"), _read_rows(path / "det_states.csv"),
-               _read_rows(path / "retrogress.csv"))
+    """Read a run folder written by `medfl run` (through its RunFolder: refused in one line unless it is one)."""
+    folder = RunFolder.open(path)
+    return Run(folder.root, folder.config_dict(), folder.summary(), folder.metrics(), folder.det_states(),
+               folder.retrogress())
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """TensorBoard scalars written during a run, one event file per round under <run>/tensorboard/.
 
-The coordinator calls `write_round_scalars` after every completed round with the run's logs; only that
+The round loop calls `write_round_scalars` after every completed round with the run's logs; only that
 round's rows are written, so a resumed run continues the same curves. Steps: local epochs done so far
 (round * E + epoch) for per-epoch values, the round for per-round values. The `tensorboard` package is
 optional: without it the scalars are skipped with a one-line notice (metrics.csv holds the same numbers).
@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-TENSORBOARD_DIR = "tensorboard"
 DET_CODES = {"recover": 0, "exchange": 1, "sublimate": 2}
 
 
@@ -71,7 +70,7 @@ def round_scalars(
 
 
 def write_round_scalars(
-    run_dir: str | Path,
+    log_dir: str | Path,
     round_: int,
     local_epochs: int,
     metric_rows: Sequence[Mapping[str, Any]],
@@ -79,12 +78,12 @@ def write_round_scalars(
     retrogress_rows: Sequence[Mapping[str, Any]],
     timing_rows: Sequence[Mapping[str, Any]] = (),
 ) -> Path | None:
-    """Write round ``round_``'s scalars into <run_dir>/tensorboard/ and return that folder (None without
-    the tensorboard package)."""
+    """Write round ``round_``'s scalars into ``log_dir`` (a run's tensorboard/ folder) and return it (None
+    without the tensorboard package)."""
     writer_class = summary_writer_class()
     if writer_class is None:
         return None
-    log_dir = Path(run_dir) / TENSORBOARD_DIR
+    log_dir = Path(log_dir)
     writer = writer_class(log_dir=str(log_dir), filename_suffix=f".round{round_:04d}")
     try:
         for tag, value, step in round_scalars(round_, local_epochs, metric_rows, det_rows, retrogress_rows, timing_rows):

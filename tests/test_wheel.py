@@ -1,0 +1,92 @@
+"""The wheel a hospital installs: built offline, installed into a fresh virtual environment outside the
+checkout, and used from a temporary folder (`synth`, `check`, a one-round `run`).
+
+The fresh environment has only medfl of its own; its other packages (torch, MONAI, ...) come from the test
+environment through a .pth file that lists that environment's site-packages folders. A .pth line only
+adds a folder to sys.path (the .pth files inside it, such as an editable install's finder, are not run), so
+the checkout itself is not importable there; the test checks it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {"dermoscopy_train", "dermoscopy_eval", "prostate_train", "prostate_eval"}
+
+pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _test_environment_folders() -> list[str]:
+    """The site-packages folders of the interpreter running the tests (its virtual environment's, if any)."""
+    folders = [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return list(dict.fromkeys(f for f in folders if Path(f).is_dir()))
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    # Build from a copy of what the wheel is made of, so that the checkout gets no build/ folder.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "medfl", source / "medfl", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    wheels = tmp_path / "wheels"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+          "--disable-pip-version-check", "-q", "-w", str(wheels), str(source)], tmp_path, env)
+    (wheel,) = wheels.glob("medfl-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {Path(name).stem for name in archive.namelist() if name.startswith("medfl/recipes/")}
+    assert shipped >= RECIPES
+
+    # A fresh environment with nothing but the wheel; then the test environment's packages beside it.
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, env)
+    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
+          "--disable-pip-version-check", "-q", str(wheel)], tmp_path, env)
+    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   tmp_path, env).stdout.strip()
+    (Path(purelib) / "_test_environment.pth").write_text("\n".join(_test_environment_folders()) + "\n")
+
+    work = tmp_path / "work"
+    work.mkdir()
+    where = _run([str(python), "-c", "import medfl, medfl.data.recipes as r; print(medfl.__file__); "
+                  "print(r.RECIPES_DIR)"], work, env).stdout.split()
+    assert all(Path(p).resolve().is_relative_to(venv.resolve()) for p in where), where
+
+    medfl = str(venv / ("Scripts/medfl.exe" if os.name == "nt" else "bin/medfl"))
+    _run([medfl, "synth", "--out", "data", "--scale", "0.01", "--derm-sites", "2", "--prostate-sites", "0",
+          "--min-per-class", "3,2,2"], work, env)
+    configs = sorted(str(p.relative_to(work)) for p in (work / "data" / "site_configs").rglob("*.yaml"))
+    assert len(configs) == 2
+    checked = _run([medfl, "check", *configs, "--input-size", "32"], work, env)
+    assert "2 of 2 site(s) ready" in checked.stdout
+    experiment = {
+        "name": "wheel", "task": "classification", "sites": configs,
+        "data": {"classes": ["nv", "bkl", "mel"], "input_size": 32, "num_workers": 0},
+        "model": {"name": "slim_vgg16", "width": 0.125},
+        "rounds": 1, "local_epochs": 1, "runtime": {"threads": 1},
+    }
+    (work / "experiment.yaml").write_text(yaml.safe_dump(experiment), encoding="utf-8")
+    _run([medfl, "run", "experiment.yaml", "--out", "runs/wheel", "--quiet"], work, env)
+    run_dir = work / "runs" / "wheel"
+    assert (run_dir / "summary.json").is_file() and (run_dir / "metrics.csv").is_file()
