@@ -10,6 +10,7 @@ import time
 
 DEFAULT_OUT = "data/synth"  # the git-ignored folder the repository's site_configs/ point at
 DEFAULT_SCALE = 0.1  # medfl.synth.sites.DEFAULT_SCALE: ~150-500 images per dermoscopy site, a CPU demo
+SHIFTS = ("mild", "realistic")  # medfl.synth.realistic.SHIFTS
 
 
 def _minimums(text: str) -> tuple[int, int, int]:
@@ -42,11 +43,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prostate-sites", type=int, default=6, help="prostate sites (6 reference, then random)"
     )
     parser.add_argument(
+        "--shift",
+        choices=SHIFTS,
+        default="mild",
+        help="site shift: mild (sites differ a little) or realistic (real-world colour, magnification, "
+        "resolution, skin tone, reference class mix; MRI field of view, spacing, slices, field strength, "
+        "coils, anatomy) (default: mild)",
+    )
+    parser.add_argument(
         "--min-per-class",
         type=_minimums,
-        default=(10, 5, 5),
+        default=None,
         metavar="TRAIN,VAL,TEST",
-        help="per-class counts every dermoscopy site keeps after a 70/10/20 split (default: 10,5,5)",
+        help="per-class counts every dermoscopy site keeps after a 70/10/20 split "
+        "(default: 10,5,5 for mild, 1,1,1 for realistic)",
     )
 
 
@@ -61,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         scale=args.scale,
         n_derm=args.derm_sites,
         n_prostate=args.prostate_sites,
-        minimums=Minimums(*args.min_per_class),
+        minimums=Minimums(*args.min_per_class) if args.min_per_class else None,
+        shift=args.shift,
     )
     for site in result.derm:
         counts = " ".join(f"{cls}={n}" for cls, n in site.class_counts.items())
@@ -73,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         spacing = "x".join(f"{s:g}" for s in site.spacing)
         print(f"{site.name:10s} {site.layout:9s} {len(site.cases)} cases, {shape} voxels of {spacing} mm")
     print(
-        f"wrote {len(result.derm)} dermoscopy and {len(result.prostate)} prostate sites to {result.out} "
+        f"wrote {len(result.derm)} dermoscopy and {len(result.prostate)} prostate sites ({args.shift} shift) "
+        f"to {result.out} "
         f"({result.changed} files changed), configs in {result.out / 'site_configs'} "
         f"[{time.perf_counter() - start:.1f} s]"
     )

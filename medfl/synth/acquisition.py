@@ -1,8 +1,11 @@
 """Per-site dermoscopy acquisition: what one hospital's camera and habits do to every image.
 
 Colour cast, illumination gradient, blur, noise, hair, vignetting (up to the black ring of a contact
-dermoscope), resolution and JPEG quality. These differ between sites and not between classes, so they are
-the domain shift that federated learning has to cope with.
+dermoscope), resolution and JPEG quality; for the realistic preset (medfl.synth.realistic) also the camera's
+tone curve (contrast about mid-grey, per-channel black-level offsets), per-image white-balance jitter and
+the dermatoscope's magnification. These differ between sites and not between classes, so they are the
+domain shift that federated learning has to cope with. Their defaults change nothing: the mild preset's
+images stay as they were.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ class Acquisition:
     vignette: float  # radial darkening at the corners
     ring: bool  # black circular field of view of a contact dermoscope
     jpeg_quality: int
+    contrast: float = 1.0  # slope of the camera's tone curve about mid-grey
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)  # per-channel black level added after the tone curve
+    cast_jitter: float = 0.0  # sd of per-image, per-channel log gains (auto white balance, mixed cameras)
+    magnification: float = 1.0  # lesion size in the frame relative to a standard field of view
 
 
 def random_acquisition(rng: np.random.Generator) -> Acquisition:
@@ -73,6 +80,8 @@ def acquire(image: np.ndarray, acq: Acquisition, rng: np.random.Generator) -> np
     light *= 1.0 - acq.vignette * (xx**2 + yy**2) * 2
     light *= rng.uniform(0.92, 1.08)  # exposure jitter
     image = image * light[..., None] * np.asarray(acq.cast)
+    if acq.cast_jitter > 0:
+        image = image * np.exp(rng.normal(0.0, acq.cast_jitter, 3))
     if acq.ring:
         radius = rng.uniform(0.48, 0.56)
         field = 1.0 / (1.0 + np.exp(-(radius - np.hypot(xx, yy)) * size / 1.5))
@@ -80,4 +89,6 @@ def acquire(image: np.ndarray, acq: Acquisition, rng: np.random.Generator) -> np
     if acq.blur > 0:
         image = gaussian(image, sigma=acq.blur * size, channel_axis=-1)
     image = image + rng.normal(0.0, acq.noise, image.shape)
+    if acq.contrast != 1.0 or any(acq.offset):
+        image = 0.5 + acq.contrast * (image - 0.5) + np.asarray(acq.offset)
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

@@ -158,8 +158,11 @@ def _plan_rows(site: DermSite, index: int, seed: int, scale: float, minimums: Mi
 
 def _jpeg(row: Row, site: DermSite, seed: int) -> bytes:
     """Render, acquire and encode one image."""
-    lesion = sample_lesion(row.drawn_as, rng_for(seed, site.name, "lesion", row.lesion_index))
-    view = render_lesion(lesion, row.acquisition.resolution, rng_for(seed, site.name, "view", row.image_id))
+    lesion = sample_lesion(row.drawn_as, rng_for(seed, site.name, "lesion", row.lesion_index), site.skin_tone)
+    view = render_lesion(
+        lesion, row.acquisition.resolution, rng_for(seed, site.name, "view", row.image_id),
+        row.acquisition.magnification,
+    )
     pixels = acquire(view, row.acquisition, rng_for(seed, site.name, "acquire", row.image_id))
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="RGB").save(buffer, format="JPEG", quality=row.acquisition.jpeg_quality)

@@ -10,6 +10,7 @@ from medfl.errors import ConfigError
 from medfl.synth.dermoscopy import MAX_SCALE, DermResult, write_derm_site
 from medfl.synth.files import write_text
 from medfl.synth.prostate import ProstateResult, write_prostate_site
+from medfl.synth.realistic import MINIMUMS, SHIFTS, realistic_derm_sites, realistic_prostate_sites
 from medfl.synth.site_configs import config_yaml, derm_config, prostate_config, relative_root
 from medfl.synth.sites import DEFAULT_SCALE, Minimums, derm_sites, prostate_sites
 
@@ -29,7 +30,9 @@ class SynthResult:
     changed: int = 0  # files created or rewritten; 0 on an identical rerun
 
 
-def _check(scale: float, n_derm: int, n_prostate: int, minimums: Minimums) -> None:
+def _check(scale: float, n_derm: int, n_prostate: int, minimums: Minimums, shift: str) -> None:
+    if shift not in SHIFTS:
+        raise ConfigError(f"--shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
     if not (isinstance(scale, int | float) and math.isfinite(scale) and 0 < scale <= MAX_SCALE):
         raise ConfigError(f"--scale must be a number in (0, {MAX_SCALE:g}], got {scale!r}")
     for option, count in (("--derm-sites", n_derm), ("--prostate-sites", n_prostate)):
@@ -49,25 +52,31 @@ def generate(
     n_derm: int = 4,
     n_prostate: int = 6,
     minimums: Minimums | None = None,
+    shift: str = "mild",
 ) -> SynthResult:
     """Write `n_derm` dermoscopy and `n_prostate` prostate sites under `out`, with configs in out/site_configs.
 
+    `shift`: "mild" (sites differ a little; per-class minimums default to Minimums()) or "realistic"
+    (real-world site shift, medfl.synth.realistic; minimums default to what a 70/10/20 split needs).
     Same arguments, same bytes: every file is seeded from (seed, site name, item). Reruns rewrite only what
     differs and prune stale files inside the site folders that `medfl synth` owns.
     """
-    minimums = minimums or Minimums()
-    _check(scale, n_derm, n_prostate, minimums)
+    realistic = shift == "realistic"
+    minimums = minimums or (MINIMUMS if realistic else Minimums())
+    _check(scale, n_derm, n_prostate, minimums, shift)
     out = Path(out)
     result = SynthResult(out=out)
     derm_config_dir = out / "site_configs" / "dermoscopy"
-    for index, site in enumerate(derm_sites(n_derm, seed)):
+    dermoscopy = realistic_derm_sites(n_derm, seed) if realistic else derm_sites(n_derm, seed)
+    prostate = realistic_prostate_sites(n_prostate, seed) if realistic else prostate_sites(n_prostate, seed)
+    for index, site in enumerate(dermoscopy):
         written = write_derm_site(site, index, out / "dermoscopy", seed, scale, minimums)
         result.derm.append(written)
         config = derm_config(site, relative_root(derm_config_dir, written.folder))
         result.configs.append(derm_config_dir / f"{site.name}.yaml")
         result.changed += written.changed + write_text(result.configs[-1], config_yaml(config))
     prostate_config_dir = out / "site_configs" / "prostate"
-    for site in prostate_sites(n_prostate, seed):
+    for site in prostate:
         written = write_prostate_site(site, out / "prostate", seed, scale, minimums.cases)
         result.prostate.append(written)
         config = prostate_config(site, relative_root(prostate_config_dir, written.folder))

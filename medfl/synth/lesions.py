@@ -64,8 +64,13 @@ def _latents(label: str, rng: np.random.Generator) -> np.ndarray:
     return np.clip(rng.normal(mean, LATENT_SD), 0.0, 1.0)
 
 
-def sample_lesion(label: str, rng: np.random.Generator) -> Lesion:
-    """Draw one lesion of class `label` (nv, bkl or mel) from the overlapping class distributions."""
+def sample_lesion(
+    label: str, rng: np.random.Generator, skin_tone: tuple[float, float] = (0.0, 1.0)
+) -> Lesion:
+    """Draw one lesion of class `label` (nv, bkl or mel) from the overlapping class distributions.
+
+    `skin_tone` is the site's range of skin tones (0 = very light, 1 = brown): a site's population.
+    """
     if label not in _MEANS:
         raise ValueError(f"unknown lesion class {label!r}; expected one of {CLASSES}")
     size, irregular, variegation, fissures, grey = _latents(label, rng)
@@ -77,7 +82,7 @@ def sample_lesion(label: str, rng: np.random.Generator) -> Lesion:
     n_patches = int(round(variegation * 3.4))
     names = rng.choice(list(_PALETTE), size=n_patches, replace=False) if n_patches else []
     patches = tuple((str(name), float(rng.uniform(0.5, 1.0) * variegation)) for name in names)
-    tone = rng.uniform(0.0, 1.0)
+    tone = rng.uniform(*skin_tone)
     skin = (1 - tone) * np.array([0.93, 0.76, 0.66]) + tone * np.array([0.72, 0.50, 0.38])
     return Lesion(
         label=label,
@@ -128,13 +133,18 @@ def _texture(lesion: Lesion) -> np.ndarray:
     return rgb
 
 
-def render_lesion(lesion: Lesion, size: int, view_rng: np.random.Generator) -> np.ndarray:
-    """One float RGB view (size, size, 3) in [0, 1] of `lesion` on skin, before any site acquisition effect."""
+def render_lesion(
+    lesion: Lesion, size: int, view_rng: np.random.Generator, magnification: float = 1.0
+) -> np.ndarray:
+    """One float RGB view (size, size, 3) in [0, 1] of `lesion` on skin, before any site acquisition effect.
+
+    `magnification` scales the lesion in the frame (a dermatoscope's field of view and working distance).
+    """
     coords = (np.arange(size) + 0.5) / size
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     centre = 0.5 + view_rng.normal(0, 0.04, 2)
     angle = view_rng.uniform(0, 2 * np.pi)
-    radius = lesion.radius * view_rng.uniform(0.9, 1.1)
+    radius = lesion.radius * view_rng.uniform(0.9, 1.1) * magnification
     dy, dx = yy - centre[0], xx - centre[1]
     u = (np.cos(angle) * dx + np.sin(angle) * dy) / radius
     v = (-np.sin(angle) * dx + np.cos(angle) * dy) / (radius * lesion.aspect)

@@ -7,7 +7,9 @@ That keeps the written affines honest: the gland is where the affine says it is.
 Tissues (relative T2 signal): fat bright, muscle and pelvic tissue dark-grey, bladder bright, rectum dark,
 peripheral zone bright-ish, central gland darker and heterogeneous. A site's scanner sets the contrast of
 the gland against its surroundings, a smooth multiplicative bias field, Rician noise and the stored
-intensity range and type.
+intensity range and type; for the realistic preset (medfl.synth.realistic) also the tissue signals, the
+near-field brightening of an endorectal or surface coil, and (through `Population` and `site_anatomy`) the
+site's gland sizes and the deformation an endorectal balloon causes. Their defaults change nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ class Scanner:
     bias: float  # strength of the multiplicative bias field
     noise: float  # Rician noise level relative to the brightest tissue
     labels: str  # "zones" (1 central gland, 2 peripheral zone), "binary" (1) or "255"
+    fat: float = 0.85  # T2 signal of fat
+    peripheral: float = 0.30  # peripheral-zone signal above the surrounding tissue, times `contrast`
+    central: float = 0.10  # central-gland signal above the surrounding tissue, times `contrast`
+    endorectal: float = 0.0  # near-field gain of an endorectal coil at its balloon's wall (0: no such coil)
+    surface: float = 0.0  # brightening of the body wall by a phased-array surface coil
+    float_levels: int = 0  # float32 data holding integers times a slope (e.g. 4095 levels); 0: full precision
 
     def zooms(self) -> tuple[float, float, float]:
         """Voxel size (mm) along the array axes (i, j, k)."""
@@ -102,6 +110,16 @@ class Anatomy:
     body_axes: np.ndarray  # semi-axes LR, AP of the pelvis
     bladder_radius: float
     seed: int
+    rectum_radius: float = 11.0  # an endorectal coil's balloon widens it
+
+
+@dataclass(frozen=True)
+class Population:
+    """A site's patients: how large their glands are. The defaults are sample_anatomy's adult ranges alone."""
+
+    gland_scale: float = 1.0  # median linear size factor of the gland
+    gland_spread: float = 0.0  # sd of the per-patient log size factor, on top of sample_anatomy's own spread
+    central_extra: float = 0.0  # added to the central gland's relative size (BPH enlarges the transition zone)
 
 
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
@@ -121,6 +139,30 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         bladder_radius=float(rng.uniform(18, 32)),
         seed=int(rng.integers(2**31)),
     )
+
+
+def site_anatomy(
+    anatomy: Anatomy, population: Population, endorectal: bool, rng: np.random.Generator
+) -> Anatomy:
+    """A patient of a site: the population's gland size and, under an endorectal coil, the balloon's imprint.
+
+    The balloon (radius 15-19 mm instead of the rectum's 11) pushes the gland forward, compresses it front to
+    back by 12-25% (widening it, volume roughly kept) and flattens its posterior surface.
+    """
+    if population == Population() and not endorectal:
+        return anatomy
+    axes = anatomy.gland_axes * population.gland_scale * np.exp(rng.normal(0.0, population.gland_spread))
+    central = float(np.clip(anatomy.central_scale + population.central_extra, 0.4, 0.9))
+    centre, bumps, rectum = anatomy.gland_centre, anatomy.bumps, anatomy.rectum_radius
+    if endorectal:
+        squash = rng.uniform(0.75, 0.88)
+        axes = axes * np.array([squash**-0.6, squash, squash**-0.4])
+        rectum = float(rng.uniform(15.0, 19.0))
+        centre = centre + np.array([0.0, 0.7 * (rectum - anatomy.rectum_radius), 0.0])
+        bumps = bumps.copy()
+        bumps[-1, 3:] = (-rng.uniform(0.25, 0.35), 0.45)  # the posterior flattening, broader and deeper
+    return replace(anatomy, gland_centre=centre, gland_axes=axes, central_scale=central, bumps=bumps,
+                   rectum_radius=rectum)
 
 
 def _gland_distance(anatomy: Anatomy, world: np.ndarray) -> np.ndarray:
@@ -161,7 +203,9 @@ def render_case(
     body = _soft((1.0 - body_r) * 60, edge)
     muscle = _soft((0.78 - body_r) * 60, edge)  # inside the subcutaneous fat layer
     gc = anatomy.gland_centre
-    rectum = _soft(11.0 - np.hypot((x - gc[0]) / 1.3, y - (gc[1] - anatomy.gland_axes[1] - 11)), edge)
+    rectum_r = anatomy.rectum_radius
+    rectum_y = gc[1] - anatomy.gland_axes[1] - rectum_r
+    rectum = _soft(rectum_r - np.hypot((x - gc[0]) / 1.3, y - rectum_y), edge)
     bladder_c = gc + np.array([0.0, 6.0, anatomy.gland_axes[2] + anatomy.bladder_radius * 0.8])
     bladder = _soft(anatomy.bladder_radius - np.sqrt(((world - bladder_c) ** 2).sum(-1)), edge)
     near = ((world - gc) ** 2).sum(-1) < (2.0 * anatomy.gland_axes.max()) ** 2  # the gland lies well inside
@@ -182,14 +226,18 @@ def render_case(
     coarse = _texture(tissue_rng, scanner.shape(), 6.0 / voxel_mm)
     fine = _texture(tissue_rng, scanner.shape(), 2.0 / voxel_mm)
     surrounding = 0.32 + 0.04 * coarse
-    peripheral = surrounding + scanner.contrast * (0.30 + 0.03 * fine)
-    central_gland = surrounding + scanner.contrast * (0.10 + 0.07 * fine)
-    signal = 0.85 * body  # fat
+    peripheral = surrounding + scanner.contrast * (scanner.peripheral + 0.03 * fine)
+    central_gland = surrounding + scanner.contrast * (scanner.central + 0.07 * fine)
+    signal = scanner.fat * body  # fat
     signal = signal * (1 - muscle) + surrounding * muscle
     signal = signal * (1 - bladder * muscle) + 0.95 * bladder * muscle
-    signal = signal * (1 - rectum * muscle) + 0.12 * rectum * muscle
+    rectum_signal = 0.03 if scanner.endorectal else 0.12  # an air-filled balloon gives no signal
+    signal = signal * (1 - rectum * muscle) + rectum_signal * rectum * muscle
     signal = signal * (1 - gland) + peripheral * gland
     signal = signal * (1 - central) + central_gland * central
+    if scanner.endorectal or scanner.surface:
+        signal = signal * _coil_gain(scanner, body_r, np.hypot(x - gc[0], y - rectum_y), world[..., 2] - gc[2],
+                                     rectum_r)
 
     signal = signal * _bias_field((world - centre) / 80.0, scanner.bias, rng)
     noise = rng.normal(0, scanner.noise, (2, *signal.shape))
@@ -198,10 +246,26 @@ def render_case(
     stored = signal * scanner.max_intensity * rng.uniform(0.85, 1.15)
     if scanner.dtype == "int16":
         image = np.clip(np.round(stored), 0, np.iinfo(np.int16).max).astype(np.int16)
+    elif scanner.float_levels:
+        step = scanner.max_intensity / scanner.float_levels
+        image = (np.round(stored / step) * step).astype(np.float32)
     else:
         image = stored.astype(np.float32)
     mask = _labels(gland_rho < 1.0, central_rho < 1.0, scanner.labels)
     return image, mask, matrix
+
+
+def _coil_gain(scanner: Scanner, body_r: np.ndarray, coil_distance: np.ndarray, along: np.ndarray,
+               balloon: float) -> np.ndarray:
+    """Receive-coil sensitivity: an endorectal coil's near field falls off as 1/r^2 from the balloon's wall
+    (and beyond the coil's 5 cm length); a surface array brightens the body wall."""
+    gain = np.ones_like(body_r)
+    if scanner.endorectal:
+        reach = np.exp(-np.clip(np.abs(along) - 25.0, 0.0, None) / 15.0)
+        gain = gain + scanner.endorectal * (balloon / np.maximum(coil_distance, balloon)) ** 2 * reach
+    if scanner.surface:
+        gain = gain + scanner.surface * np.clip(body_r, 0.0, 1.2) ** 4
+    return gain
 
 
 def _texture(rng: np.random.Generator, shape: tuple[int, ...], sigma: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medfl.synth.files import claim_folder, csv_text, prune, write_bytes, write_text
-from medfl.synth.phantom import render_case, sample_anatomy
+from medfl.synth.phantom import render_case, sample_anatomy, site_anatomy
 from medfl.synth.rng import rng_for
 from medfl.synth.sites import SPLIT_FRACTIONS, ProstateSite, case_ids
 
@@ -84,6 +84,8 @@ def write_prostate_site(
     outputs: dict[str, bytes] = {}
     for case in cases:
         anatomy = sample_anatomy(rng_for(seed, site.name, "anatomy", case))
+        anatomy = site_anatomy(anatomy, site.population, site.scanner.endorectal > 0,
+                               rng_for(seed, site.name, "population", case))
         image, mask, affine = render_case(anatomy, site.scanner, rng_for(seed, site.name, "scan", case))
         mask_name = f"{case}{site.mask_suffix}"
         if site.layout == "metaimage":

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medfl.synth.acquisition import Acquisition, random_acquisition
-from medfl.synth.phantom import LPS_AXES, RAS_AXES, Scanner, random_scanner, rotation_x
+from medfl.synth.phantom import LPS_AXES, RAS_AXES, Population, Scanner, random_scanner, rotation_x
 from medfl.synth.rng import rng_for
 
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
@@ -54,6 +54,7 @@ class DermSite:
     foreign: int = 0  # rows of another `dataset` in the same folder, left out by the filter
     dropped: tuple[tuple[str, int], ...] = ()  # rows of source classes the federation leaves out
     downsampled: float = 0.0  # isic2019: share of images named ISIC_xxxxxxx_downsampled
+    skin_tone: tuple[float, float] = (0.0, 1.0)  # range of the patients' skin tones (0 very light, 1 brown)
 
     def totals(self, scale: float) -> tuple[int, int, int]:
         """Per-class image totals (nv, bkl, mel) at `scale`, before the per-class minimum number of lesions."""
@@ -70,6 +71,7 @@ class ProstateSite:
     scanner: Scanner
     mask_suffix: str = "_segmentation"
     split_file: bool = False  # ships an official split.csv
+    population: Population = Population()  # the site's patients: gland sizes (default: no site term)
 
     def num_cases(self, scale: float, minimum: int) -> int:
         """Number of cases at `scale`, at least `minimum`."""

@@ -1,0 +1,209 @@
+"""`medfl synth --shift`: the mild preset is today's data bit for bit; the realistic preset is deterministic,
+readable by medfl's readers, and its sites differ in the documented ways."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medfl.cli import main
+from medfl.config import DataSettings, load_site_config
+from medfl.data import load_site
+from medfl.errors import ConfigError
+from medfl.synth import Minimums, generate
+from medfl.synth.dermoscopy import _plan_rows
+from medfl.synth.lesions import CLASSES, sample_lesion
+from medfl.synth.phantom import Population, render_case, sample_anatomy, site_anatomy
+from medfl.synth.realistic import (
+    MINIMUMS,
+    REALISTIC_DERM,
+    REALISTIC_PROSTATE,
+    T3_NOISE,
+    T15_NOISE,
+    realistic_prostate_sites,
+)
+from medfl.synth.rng import rng_for
+from medfl.synth.sites import REFERENCE_DERM
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+SMALL = {"seed": 3, "scale": 0.01, "n_derm": 6, "n_prostate": 8, "minimums": Minimums(2, 1, 1, 3)}
+# Realistic volumes are 1-3 M voxels: three cases per prostate site (train, val, test; prost_f ships a split file).
+REALISTIC = {"seed": 3, "scale": 0.01, "n_derm": 5, "n_prostate": 6, "minimums": Minimums(2, 1, 1, 3),
+             "shift": "realistic"}
+# Determinism across processes on fewer volumes: one case of each of NIfTI int16, NIfTI float32 and MetaImage.
+DETERMINISM = {"seed": 3, "scale": 0.01, "n_derm": 5, "n_prostate": 4, "minimums": Minimums(2, 1, 1, 1),
+               "shift": "realistic"}
+DETERMINISM_SCRIPT = (
+    "import sys; from medfl.synth import Minimums, generate; generate(sys.argv[1], seed=3, scale=0.01, n_derm=5, "
+    "n_prostate=4, minimums=Minimums(2, 1, 1, 1), shift='realistic')"
+)
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _differences(actual: dict[str, str], expected: dict[str, str]) -> list[str]:
+    return sorted(k for k in actual.keys() | expected.keys() if actual.get(k) != expected.get(k))
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory: pytest.TempPathFactory):
+    return generate(tmp_path_factory.mktemp("realistic"), **REALISTIC)
+
+
+def test_mild_command_writes_todays_default_data_bit_for_bit(tmp_path: Path, capsys) -> None:
+    assert main(["synth", "--out", str(tmp_path), "--shift", "mild"]) == 0
+    assert "(mild shift)" in capsys.readouterr().out
+    expected = json.loads((DATA / "synth_mild_default_sha256.json").read_text())
+    assert _differences(_hashes(tmp_path), expected) == []
+
+
+def test_mild_preset_keeps_todays_extra_sites_bit_for_bit(tmp_path: Path) -> None:
+    generate(tmp_path, **SMALL, shift="mild")
+    expected = json.loads((DATA / "synth_mild_small_sha256.json").read_text())
+    assert len(expected) == 445 and _differences(_hashes(tmp_path), expected) == []
+
+
+def test_realistic_files_are_identical_in_another_process(tmp_path: Path) -> None:
+    here = generate(tmp_path / "here", **DETERMINISM)
+    subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(tmp_path / "there")], check=True, cwd=REPO)
+    first, second = _hashes(here.out), _hashes(tmp_path / "there")
+    assert len(first) > 150 and first == second
+    assert any(name.endswith(".raw") for name in first) and any(name.endswith(".nii.gz") for name in first)
+    mild = generate(tmp_path / "mild", **{**DETERMINISM, "shift": "mild", "n_prostate": 0})
+    image = next(mild.derm[0].folder.rglob("*.jpg"))
+    twin = here.derm[0].folder / image.relative_to(mild.derm[0].folder)
+    assert twin.is_file() and twin.read_bytes() != image.read_bytes()  # same ids and layout, other pixels
+
+
+def test_unknown_shift_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--shift must be one of mild, realistic"):
+        generate(tmp_path, **{**SMALL, "shift": "extreme"})
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(tmp_path), "--shift", "extreme"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_readers_and_check_accept_the_realistic_sites(realistic, capsys) -> None:
+    settings = DataSettings(classes=list(CLASSES), input_size=16, num_workers=1)
+    for path in realistic.configs:
+        site = load_site(load_site_config(path), settings)
+        assert not site.report.errors, site.report.errors
+        assert all(site.splits[split] for split in ("train", "val"))
+    capsys.readouterr()
+    assert main(["check", "--classes", "nv,bkl,mel", "--input-size", "16", *map(str, realistic.configs)]) == 0
+    assert f"{len(realistic.configs)} of {len(realistic.configs)} site(s) ready" in capsys.readouterr().out
+
+
+def test_realistic_sites_keep_names_layouts_and_configs(realistic, tmp_path: Path) -> None:
+    mild = generate(tmp_path, **{**REALISTIC, "shift": "mild", "n_prostate": 0})
+    assert [(s.name, s.layout) for s in realistic.derm] == [(s.name, s.layout) for s in mild.derm]
+    for site in mild.configs:
+        twin = realistic.out / site.relative_to(mild.out)
+        assert twin.read_text() == site.read_text()
+    assert [s.name for s in realistic.prostate] == [f"prost_{c}" for c in "abcdef"]
+
+
+def _chromaticity(folder: Path) -> np.ndarray:
+    """Mean (r, g, b) / (r + g + b) of a site's images at 32 px: colour cast, not brightness (rings, vignettes)."""
+    pixels = [np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BOX), float) for p in folder.rglob("*.jpg")]
+    mean = np.mean([p.reshape(-1, 3).mean(0) for p in pixels], axis=0)
+    return mean / mean.sum()
+
+
+def test_realistic_dermoscopy_sites_differ_in_colour_size_and_resolution(realistic, tmp_path: Path) -> None:
+    mild = generate(tmp_path, **{**REALISTIC, "shift": "mild", "n_derm": 4, "n_prostate": 0})
+    spread = {}
+    for name, result in (("mild", mild), ("realistic", realistic)):
+        colours = np.array([_chromaticity(site.folder) for site in result.derm[:4]])
+        spread[name] = np.abs(colours[:, None] - colours[None]).max()
+    assert spread["realistic"] > 2 * spread["mild"]  # measured: 0.20 against 0.06
+    red_blue = [c[0] / c[2] for c in (_chromaticity(site.folder) for site in realistic.derm[:4])]
+    assert red_blue[2] > 2 * red_blue[1]  # Rosendahl-like red cast against MoleMax-like cool cast
+    with Image.open(next(realistic.derm[1].folder.rglob("*.jpg"))) as image:
+        assert image.size == (48, 48)  # the low-resolution site
+    gains = np.array([site.acquisition.cast for site in REALISTIC_DERM])
+    assert gains.min() >= 0.75 and gains.max() <= 1.25 and gains.max() - gains.min() >= 0.4
+    contrast = [site.acquisition.contrast for site in REALISTIC_DERM]
+    magnification = [site.acquisition.magnification for site in REALISTIC_DERM]
+    assert 0.6 <= min(contrast) < max(contrast) <= 1.3 and 0.6 <= min(magnification) < max(magnification) <= 1.7
+    low = min(REALISTIC_DERM, key=lambda s: s.acquisition.resolution).acquisition
+    assert low.jpeg_quality <= 70 and low.blur > 0.02 and low.noise >= 0.04
+    assert sum(s.acquisition.ring for s in REALISTIC_DERM) >= 2
+    extra = realistic.derm[4]
+    assert extra.name == "derm_e"
+
+
+def test_skin_tone_range_is_a_site_term() -> None:
+    def skin(tone: tuple[float, float]) -> float:
+        return float(np.mean([sample_lesion("nv", rng_for(0, "skin", i), tone).skin[2] for i in range(200)]))
+
+    light, dark = skin((0.0, 0.35)), skin((0.25, 0.75))
+    assert light > dark + 0.05  # darker skin has less blue reflectance
+    tones = {site.name: site.skin_tone for site in REALISTIC_DERM}
+    assert len(set(tones.values())) == 4
+
+
+def test_realistic_class_mix_is_the_reference_mix() -> None:
+    for index, site in enumerate(REALISTIC_DERM):
+        rows = _plan_rows(site, index, 0, 0.6, MINIMUMS)
+        kept = [r for r in rows if r.label and r.dataset == site.dataset]
+        counts = Counter(r.label for r in kept)
+        for cls, train in zip(CLASSES, site.train_counts, strict=True):
+            lesions = len({r.lesion_id for r in kept if r.label == cls})
+            total = round(train / 0.7 * 0.6)
+            # Either exactly the reference share, or (a rare class) exactly the lesions a 70/10/20 split needs.
+            assert counts[cls] == total or (lesions == MINIMUMS.lesions() and counts[cls] > total), (site.name, cls)
+    assert MINIMUMS.lesions() == 12
+    assert REALISTIC_DERM[1].train_counts == REFERENCE_DERM[1].train_counts == (2604, 87, 17)
+
+
+def test_realistic_prostate_protocols_span_the_documented_ranges(realistic) -> None:
+    scanners = [site.scanner for site in REALISTIC_PROSTATE]
+    fov = [s.matrix * s.spacing for s in scanners]
+    assert 1.5 <= max(fov) / min(fov) <= 2.5
+    assert all(0.4 <= s.spacing <= 0.8 and s.matrix <= 320 for s in scanners)
+    assert min(s.thickness for s in scanners) == 1.25 and max(s.thickness for s in scanners) == 4.0
+    assert 2 <= T15_NOISE / T3_NOISE <= 3
+    assert {s.noise >= 0.04 for s in scanners} == {True, False}
+    assert sum(s.endorectal > 0 for s in scanners) >= 2
+    for site in realistic.prostate:  # the files carry the protocol
+        assert max(site.shape[:2]) <= 320 and 0.4 <= site.spacing[0] <= 0.8
+    extra = realistic_prostate_sites(26, 0)[6:]  # randomly drawn sites stay inside the ranges too
+    assert all(0.4 <= s.scanner.spacing <= 0.8 and s.scanner.matrix <= 320 for s in extra)
+    assert all(1.25 <= s.scanner.thickness <= 4 and 120 <= s.scanner.matrix * s.scanner.spacing <= 240 for s in extra)
+
+
+def test_endorectal_coil_brightens_the_gland_behind_and_deforms_it() -> None:
+    """Same patient, same scanner, same noise: the coil's gain and the balloon's imprint, nothing else."""
+    scanner = replace(REALISTIC_PROSTATE[4].scanner, matrix=96, spacing=1.4, slices=12, thickness=5.0, noise=0.0)
+    anatomy = sample_anatomy(rng_for(0, "patient"))
+    with_coil, mask, affine = render_case(anatomy, scanner, rng_for(0, "scan"))
+    without, _, _ = render_case(anatomy, replace(scanner, endorectal=0.0), rng_for(0, "scan"))
+    gain = with_coil.astype(float) / np.maximum(without.astype(float), 1.0)
+    inside = mask > 0
+    y = np.einsum("ij,...j->...i", affine[:3, :3], np.indices(mask.shape).transpose(1, 2, 3, 0))[..., 1][inside]
+    posterior, anterior = gain[inside][y < np.quantile(y, 0.2)], gain[inside][y > np.quantile(y, 0.8)]
+    assert posterior.mean() > 1.6 and anterior.mean() < 1.4 and posterior.mean() > 1.3 * anterior.mean()
+    pressed = site_anatomy(anatomy, Population(), True, rng_for(0, "balloon"))
+    assert 15 <= pressed.rectum_radius <= 19 and pressed.gland_centre[1] > anatomy.gland_centre[1]
+    assert pressed.gland_axes[1] < 0.9 * anatomy.gland_axes[1] and pressed.gland_axes[0] > anatomy.gland_axes[0]
+    assert site_anatomy(anatomy, Population(), False, rng_for(0, "balloon")) is anatomy
+    larger = site_anatomy(anatomy, Population(gland_scale=1.25, central_extra=0.1), False, rng_for(0, "size"))
+    np.testing.assert_allclose(larger.gland_axes, 1.25 * anatomy.gland_axes)
+    assert larger.central_scale > anatomy.central_scale
