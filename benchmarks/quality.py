@@ -57,6 +57,8 @@ VARIANTS = {
     "prr_phi_train": ("prr", {"det": {"phi_source": "train"}}),  # DET's phi from the training data (reference code)
     # The UNet with BatchNorm instead of affine instance norm: FedBN's and the collapse's mechanism is BatchNorm.
     **{label: (label.removesuffix("_bnunet"), {"model": {"options": {"norm": "batch"}}}) for label in BATCHNORM_UNET},
+    # Whether the reference's plain SGD (lr 1e-2, no momentum) learns within the prostate budget.
+    "local_sgd": ("local", {"optimizer": {"name": "sgd", "lr": 1e-2, "momentum": 0.0}}),
 }
 # Single-model methods whose model is the one the server overwrites: scored after local training and selected per
 # site, they are FedAvg or FedBN plus local fine-tuning, and the tables call them so.
@@ -75,6 +77,7 @@ class TaskPlan:
     warmup_rounds: int | None = None  # None: medfl's default, 30% of the rounds
     overrides: dict[str, Any] = field(default_factory=dict)
     ablations: tuple[str, ...] | None = None  # None: the preset's list
+    scale: float | None = None  # this task's synthetic data scale (None: the preset's)
 
     @property
     def warmup(self) -> int:
@@ -94,19 +97,24 @@ class Preset:
     minimums: tuple[int, int, int] | None = None  # synth's per-class minimums (train, val, test); None: its defaults
     shift: str = "mild"  # `medfl synth --shift`: how much the sites differ
 
-    def generate_arguments(self) -> dict[str, Any]:
-        """The arguments of `medfl.synth.generate` for this preset's data."""
+    def scale_of(self, task: str) -> float:
+        return self.tasks[task].scale or self.scale
+
+    def generate_arguments(self, task: str) -> dict[str, Any]:
+        """The arguments of `medfl.synth.generate` for one task's sites (each task is written by its own call
+        into the same folder: sites are independent of each other)."""
         from medfl.synth import Minimums
 
-        arguments = {"scale": self.scale, "n_derm": 4 if "dermoscopy" in self.tasks else 0,
-                     "n_prostate": 6 if "prostate" in self.tasks else 0,
+        arguments = {"scale": self.scale_of(task), "n_derm": 4 if task == "dermoscopy" else 0,
+                     "n_prostate": 6 if task == "prostate" else 0,
                      "minimums": Minimums(*self.minimums) if self.minimums else None}
         return {**arguments, "shift": self.shift} if self.shift != "mild" else arguments
 
     def data_text(self) -> str:
         minimums = f", minimums=Minimums{self.minimums}" if self.minimums else ""
         shift = f", shift={self.shift!r}" if self.shift != "mild" else ""
-        return f"`medfl.synth.generate(scale={self.scale}{minimums}{shift})`"
+        return "; ".join(f"{task}: `medfl.synth.generate(scale={self.scale_of(task)}{minimums}{shift})`"
+                         for task in self.tasks)
 
     def ablations_of(self, task: str) -> tuple[str, ...]:
         listed = self.tasks[task].ablations
@@ -115,23 +123,29 @@ class Preset:
 
 # The realistic federation's plan (issue: every site >= 200 local steps per round, E = 5): sizes set from the
 # synthetic data's training counts at this scale; see benchmarks/README.md for the measured steps and time.
-REALISTIC_DERMOSCOPY = TaskPlan(
-    rounds=10, local_epochs=5, seeds=3,
+REALISTIC_DERMOSCOPY = TaskPlan(  # scale 0.6: the smallest site (derm_c, 686 images) makes 215 steps per round
+    rounds=10, local_epochs=5, seeds=3, scale=0.6,
     overrides={"data": {"input_size": 32}, "batch_size": 16, "diagnostics": {"bn_reestimation": True},
+               # The reference optimizer: plain SGD, reset every round; it learns within this budget (calibration).
                "optimizer": {"name": "sgd", "lr": 1e-2, "momentum": 0.0, "weight_decay": 1e-6, "lr_step_rounds": 5,
-                             "lr_gamma": 0.5}},
+                             "lr_gamma": 0.5, "reset_every_round": True}},
 )
-REALISTIC_PROSTATE = TaskPlan(
-    rounds=8, local_epochs=5, seeds=3, ablations=("prr_ce",) + BATCHNORM_UNET,
+REALISTIC_PROSTATE = TaskPlan(  # scale 3.4: the smallest site (prost_f, 324 slices) makes 200 steps per round
+    rounds=6, local_epochs=5, seeds=3, scale=3.4, ablations=("prr_ce",) + BATCHNORM_UNET + ("local_sgd",),
     overrides={"data": {"input_size": 64}, "model": {"width": 0.25}, "batch_size": 8,
-               "diagnostics": {"bn_reestimation": True}},
+               "diagnostics": {"bn_reestimation": True},
+               # Adam (lr 1e-3, the reference's prostate rate), reset every round; `local_sgd` measures whether the
+               # reference's plain SGD would learn within the same budget.
+               "optimizer": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-6, "lr_step_rounds": 5, "lr_gamma": 0.5,
+                             "reset_every_round": True}},
 )
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(
         "the realistic federation (`medfl synth --shift realistic`), the 2-core CPU plan: every site >= 200 local "
-        "steps per round, 5 local epochs; main methods 3 seeds, ablations 1 seed",
-        scale=0.6, device="cpu", shift="realistic", minimums=(3, 1, 1),
+        "steps per round, 5 local epochs; dermoscopy 32 px slim VGG-16 x0.25, 10 rounds, plain SGD; prostate 64 px "
+        "UNet x0.25, 6 rounds, Adam; main methods 3 seeds, ablations 1 seed",
+        scale=0.6, device="cpu", shift="realistic",
         tasks={"dermoscopy": REALISTIC_DERMOSCOPY, "prostate": REALISTIC_PROSTATE},
     ),
     "mild": Preset(
@@ -159,7 +173,7 @@ PRESETS: dict[str, Preset] = {
         "the reference settings (algorithm.md) for a GPU, on the realistic federation: synthetic scale 1 (reference "
         "counts), dermoscopy 128 px slim VGG-16 x1, SGD lr 1e-2, 50 rounds x 5 epochs, warm-up 15; prostate 256 px "
         "UNet x1, lr 1e-3, 20 x 5, warm-up 1",
-        scale=1.0, device="auto", shift="realistic", minimums=(3, 1, 1),
+        scale=1.0, device="auto", shift="realistic",
         tasks={
             "dermoscopy": TaskPlan(
                 rounds=50, local_epochs=5, seeds=3, warmup_rounds=15,
@@ -298,13 +312,8 @@ def train_counts(run_config: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def label_of(run) -> str:
-    """The method, or the ablation variant its options make it (VARIANTS)."""
-    for label, (method, options) in VARIANTS.items():
-        if run.method == method and all(
-                run.config.get(section, {}).get(key) == value
-                for section, entries in options.items() for key, value in entries.items()):
-            return label
-    return run.method
+    """The method or ablation variant a run was planned as: its folder is named <task>-<label>-seed<seed>."""
+    return run.path.name.partition("-")[2].rsplit("-seed", 1)[0]
 
 
 def communication_dips(run, site: str) -> float:
@@ -799,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(resolve_device(device))
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     start = time.perf_counter()
-    generate(root / "synth", **preset.generate_arguments())
+    for task in preset.tasks:
+        generate(root / "synth", **preset.generate_arguments(task))
     jobs = plan_jobs(preset, root, args.threads, device)
     if args.only:
         return reproduce(args.only, jobs, with_suffix(stem, ".json"), args.workers)
