@@ -331,6 +331,36 @@ class RunFolder:
         rows += [{"round": round_, "site": site, "status": status} for site, status in statuses.items()]
         write_rows(self.participation_file, rows, PARTICIPATION_COLUMNS)
 
+    def site_results(self, site: str) -> dict[str, Any]:
+        """What one site needs to export its own model where it runs: the config and record of the run, the
+        summary with only its own entry, and its own rows of the run's tables (nothing of another site)."""
+        summary = self.summary()
+        own = {key: value for key, value in summary.items() if key not in ("sites", "mean", "reference_protocol")}
+        own["sites"] = {site: summary["sites"][site]} if site in summary["sites"] else {}
+        reference = summary.get("reference_protocol", {})
+        own["reference_protocol"] = {**{k: v for k, v in reference.items() if k not in ("sites", "mean")},
+                                     "sites": {site: reference.get("sites", {}).get(site, {})}}
+        return {"config": self.config_dict(), "record": self.record.model_dump(), "summary": own,
+                "metrics": [r for r in self.metrics() if r["site"] == site],
+                "det_states": [r for r in self.det_states() if r["site"] == site],
+                "retrogress": [r for r in self.retrogress() if r["site"] == site]}
+
+    def keep_site_results(self, results: Mapping[str, Any]) -> bool:
+        """At a site whose part of the run lies on its own machine (NVIDIA FLARE), write what the server sent of
+        the run (`site_results`), so that `medfl export` works there from the site's folder alone. A folder
+        that already holds this run's record (the server's own, or an earlier copy) is left as it is; whether
+        written."""
+        if self.record_file.is_file():
+            if self.record.config_sha256 != results["record"]["config_sha256"]:
+                raise RunFolderError(f"{self.root} holds another run; the run's results were not written")
+            return False
+        _guard(self.root, lambda: self.root.mkdir(parents=True, exist_ok=True))
+        _guard(self.config_file, lambda: atomic_write_text(self.config_file,
+                                                           yaml.safe_dump(dict(results["config"]), sort_keys=False)))
+        self.write_tables(results["metrics"], results["det_states"], results["retrogress"], [], results["summary"])
+        self._write_record(RunRecord.model_validate(results["record"]))
+        return True
+
     def summary(self) -> dict[str, Any]:
         try:
             data = json.loads(self.summary_file.read_text(encoding="utf-8"))

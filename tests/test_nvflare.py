@@ -59,16 +59,18 @@ def table(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(stream))
 
 
-def assert_same_results(reference: Path, run: Path) -> None:
-    """Every site's metrics, DET states, retrogress, selection and saved models are identical."""
+def assert_same_results(reference: Path, run: Path, site_folders: dict[str, Path] | None = None) -> None:
+    """Every site's metrics, DET states, retrogress, selection and saved models are identical (the models where
+    each site keeps its part of the run: the run folder, or its own folder)."""
     for name in COMPARED:
         assert table(run / name) == table(reference / name), name
     assert json.loads((run / "summary.json").read_text())["sites"] == json.loads(
         (reference / "summary.json").read_text())["sites"]
     for site in SITES:
+        kept = (site_folders or {}).get(site, run)
         for saved in sorted((reference / "sites" / site / "models").glob("round_*.pt")):
             expected = torch.load(saved, weights_only=True)["models"]
-            actual = torch.load(run / "sites" / site / "models" / saved.name, weights_only=True)["models"]
+            actual = torch.load(kept / "sites" / site / "models" / saved.name, weights_only=True)["models"]
             for model, state in expected.items():
                 assert all(torch.equal(state[key], actual[model][key]) for key in state), (site, saved.name, model)
 
@@ -282,7 +284,7 @@ def test_a_restarted_job_resumes_after_the_last_completed_round(experiment, in_p
 
     restarted = Loopback(config, run_dir)  # new site processes too: they resume from their saved state
     restarted.run_experiment(config)
-    assert {task for task, _, _ in restarted.sent} == {"data_stats", TASK_TRAIN}
+    assert {task for task, _, _ in restarted.sent} == {"data_stats", TASK_TRAIN, "results"}
     assert {model.current_round for task, _, model in restarted.sent if task == TASK_TRAIN} == {1}
     assert_same_results(in_process, run_dir)
 
@@ -294,11 +296,26 @@ def test_a_restarted_job_resumes_after_the_last_completed_round(experiment, in_p
 # ---------------------------------------------------------------- the exported job in NVFlare's simulator
 @pytest.mark.slow
 def test_exported_job_in_the_simulator_matches_the_in_process_coordinator(experiment, in_process, tmp_path):
+    """Each hospital keeps its part of the run on its own machine (its own run folder); the job ends by sending
+    each its own results, so that it exports its model from its local folder alone."""
+    from medfl.deliver.export import export_run
+
     job = write_job(load_experiment_config(experiment), tmp_path / "job", run_dir=tmp_path / "fl")
+    hospitals = {site: tmp_path / "hospital" / site for site in SITES}
+    for site, folder in hospitals.items():
+        (job / f"app_{site}" / "config" / CONFIG_FOLDER / "job.yaml").write_text(yaml.safe_dump({"run_dir": str(folder)}))
     nvflare = Path(sys.executable).with_name("nvflare")
     result = subprocess.run([str(nvflare), "simulator", str(job), "-w", str(tmp_path / "workspace"), "-t", "2"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "fl" / "summary.json").read_text())
     assert summary["finished"], result.stdout[-3000:]
-    assert_same_results(in_process, tmp_path / "fl")
+    assert not (tmp_path / "fl" / "sites").exists(), "the models stay at the hospitals"
+    assert_same_results(in_process, tmp_path / "fl", hospitals)
+    for site, folder in hospitals.items():
+        kept = json.loads((folder / "summary.json").read_text())
+        assert list(kept["sites"]) == [site], "a hospital receives its own results only"
+        assert {row["site"] for row in table(folder / "metrics.csv")} == {site}
+        (exported,) = export_run(folder)
+        assert exported.site == site
+        assert exported.manifest["round"]["selected"] == summary["sites"][site]["selected_round"]

@@ -75,6 +75,9 @@ class LocalSites:
             replies.replies[name] = SiteReply(report=report, upload=exchange)
         return replies
 
+    def finish(self, folder: RunFolder) -> None:
+        """In process, every site's part lies in the run folder itself: nothing to send."""
+
     def finalize(self) -> None:
         for site in self.by_name.values():
             site.finalize()

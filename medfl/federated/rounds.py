@@ -67,6 +67,9 @@ class Federation(Protocol):
     def train(self, round_: int, deliveries: Mapping[str, Delivery | None], upload: bool) -> RoundReplies:
         """One round at every site, on what the server delivers to each."""
 
+    def finish(self, folder: RunFolder) -> None:
+        """The run is complete: sites whose part lies elsewhere get their own results (see RunFolder)."""
+
 
 def strategy_options(config: ExperimentConfig) -> dict[str, Any]:
     """The strategy's keyword settings from the experiment config."""
@@ -221,5 +224,6 @@ def run_rounds(config: ExperimentConfig, root: str | Path, federation: Federatio
         replies = federation.train(round_, server.deliveries, upload)
         summary = server.complete_round(round_, replies, started)
         progress("round", {"round": round_, "timing": server.timing[-1], "summary": summary})
+    federation.finish(folder)
     progress("end", {"summary": summary})
     return summary

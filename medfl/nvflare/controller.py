@@ -28,7 +28,16 @@ from medfl.experiment import ExperimentConfig, load_experiment_config
 from medfl.federated.payloads import Delivery
 from medfl.federated.rounds import ANSWERED, RoundReplies, Server, SiteReply, run_rounds
 from medfl.nvflare.layout import CONFIG_FOLDER, EXPERIMENT_FILE, resolve_run_dir
-from medfl.nvflare.payloads import TASK_DATA_STATS, TASK_TRAIN, Reply, read_reply, stats_task, train_task
+from medfl.nvflare.payloads import (
+    TASK_DATA_STATS,
+    TASK_RESULTS,
+    TASK_TRAIN,
+    Reply,
+    read_reply,
+    results_task,
+    stats_task,
+    train_task,
+)
 from medfl.runfolder import RunFinished, RunFolder
 
 NO_ANSWER = "no answer"
@@ -111,6 +120,14 @@ class MedflController(ModelController):
         self.info(f"medfl: round {round_}: {len(answered)}/{len(self.sites)} sites answered")
         return RoundReplies(replies={site: SiteReply(report=replies[site].report, upload=replies[site].upload)
                                      for site in answered}, statuses=statuses)
+
+    def finish(self, folder: RunFolder) -> None:
+        """Send each site its own results (config, record, its summary entry and rows), so that `medfl export`
+        works at the site from its local run folder alone; a site that does not answer can still get them from
+        the server's run folder."""
+        tasks = {site: results_task(folder.site_results(site)) for site in self.sites}
+        replies = self.exchange(TASK_RESULTS, tasks, self.round_timeout)
+        self._statuses(replies, "results", "statistics")
 
     def _statuses(self, replies: Mapping[str, Reply], what: str, needs: str) -> dict[str, str]:
         """Each site's part in a task, in the experiment's order: answered, failed (error type) or no answer.

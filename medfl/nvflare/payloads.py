@@ -22,6 +22,7 @@ from medfl.federated.server import SiteUpdate
 
 TASK_DATA_STATS = "data_stats"
 TASK_TRAIN = "train"
+TASK_RESULTS = "results"  # after the last round: each site's own results, so it can export where it runs
 KEY = "medfl"
 
 
@@ -60,6 +61,19 @@ def train_task(delivery: Delivery | None, round_: int, rounds: int, upload: bool
     weights = dict(delivery.weights) if delivery is not None and delivery.weights else {}
     return FLModel(params=weights, current_round=round_, total_rounds=rounds,
                    meta={KEY: {"task": TASK_TRAIN, "round": round_, "upload": upload, "delivery": encoded}})
+
+
+def results_task(results: dict[str, Any]) -> FLModel:
+    """The run's results for one site (RunFolder.site_results: its own entries only)."""
+    return FLModel(params={}, meta={KEY: {"task": TASK_RESULTS, "results": results}})
+
+
+def read_results_task(model: FLModel) -> dict[str, Any]:
+    return dict(_entry(model)["results"])
+
+
+def results_reply(written: bool) -> FLModel:
+    return FLModel(params={}, meta={KEY: {"statistics": {"written": written}}})
 
 
 def task_kind(model: FLModel) -> str:

@@ -25,13 +25,17 @@ from medfl.federated.site import Site
 from medfl.nvflare.layout import EXPERIMENT_FILE, JOB_FILE, resolve_run_dir, site_config_path
 from medfl.nvflare.payloads import (
     TASK_DATA_STATS,
+    TASK_RESULTS,
     TASK_TRAIN,
     failure_reply,
+    read_results_task,
     read_train_task,
+    results_reply,
     stats_reply,
     task_kind,
     train_reply,
 )
+from medfl.runfolder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +73,14 @@ class SiteRunner:
     def handle(self, model: FLModel) -> FLModel:
         """The reply to one task from the controller; never raises, so that the site stays in the job."""
         round_, task = None, task_kind(model)
-        if task not in (TASK_DATA_STATS, TASK_TRAIN):
+        if task not in (TASK_DATA_STATS, TASK_TRAIN, TASK_RESULTS):
             logger.error("site '%s': unknown task '%s'", self.name, task)
             return failure_reply(None, "UnknownTask")
         try:
             if task == TASK_DATA_STATS:
                 return self._data_stats()
+            if task == TASK_RESULTS:
+                return results_reply(RunFolder(self.run_dir).keep_site_results(read_results_task(model)))
             train = read_train_task(model)
             round_ = train.round
             return self._train(train.delivery, train.round, train.upload)
