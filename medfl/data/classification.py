@@ -19,7 +19,7 @@ from medfl.data.images import inspect_images
 from medfl.data.problems import ProblemLog
 from medfl.data.records import SiteContent
 from medfl.data.shift import DERMOSCOPY, SampleStatistics
-from medfl.data.splits import assign_from_file, read_split_file, split_groups
+from medfl.data.splits import assign_splits
 
 
 def site_classes(site: SiteConfig, settings: DataSettings) -> list[str]:
@@ -51,7 +51,12 @@ def read_classification_site(site: SiteConfig, settings: DataSettings, log: Prob
          "lesion_id": row.lesion_id, "site": site.name}
         for row in kept
     ]
-    assignment = _assign(records, site, settings, log)
+    labels: dict[str, Counter[int]] = {}
+    for record in records:
+        labels.setdefault(_group(record), Counter())[record["label"]] += 1
+    assignment = assign_splits({r["id"]: _group(r) for r in records},
+                               {group: str(counts.most_common(1)[0][0]) for group, counts in labels.items()},
+                               site.split_path, settings.split_fractions, settings.split_seed, log)
     lesion_splits: dict[str, set[str]] = {}
     for record in records:
         split = assignment.get(record["id"])
@@ -114,17 +119,3 @@ def _select_rows(rows: list[SourceRow], site: SiteConfig, classes: list[str], dr
 def _group(record: dict) -> str:
     return f"lesion '{record['lesion_id']}'" if record["lesion_id"] else f"image '{record['id']}'"
 
-
-def _assign(records: list[dict], site: SiteConfig, settings: DataSettings, log: ProblemLog) -> dict[str, str]:
-    """image id -> split, from the official split file or by lesion groups stratified by class."""
-    if site.split_path is not None:
-        official = read_split_file(site.split_path, log)
-        if official is None:
-            return {}
-        return assign_from_file([r["id"] for r in records], official, site.split_path, log)
-    labels: dict[str, Counter[int]] = {}
-    for record in records:
-        labels.setdefault(_group(record), Counter())[record["label"]] += 1
-    strata = {group: str(counts.most_common(1)[0][0]) for group, counts in labels.items()}
-    by_group = split_groups(strata, settings.split_fractions, settings.split_seed)
-    return {r["id"]: by_group[_group(r)] for r in records}

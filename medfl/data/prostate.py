@@ -23,7 +23,7 @@ from medfl.data.containment import admitted
 from medfl.data.problems import ProblemLog
 from medfl.data.records import SiteContent
 from medfl.data.shift import PROSTATE, SampleStatistics, grid_statistics, intensity_statistics
-from medfl.data.splits import assign_from_file, read_split_file, split_groups
+from medfl.data.splits import assign_splits
 from medfl.data.volumes import PreparedCase, prepare_case
 
 LAYOUT_EXTENSIONS = {"nifti": (".nii.gz", ".nii"), "metaimage": (".mhd",)}
@@ -180,7 +180,9 @@ def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: Proble
                 log.error(message, path)
             if result is not None:
                 prepared.append(result)
-    assignment = _assign([case.case_id for case in prepared], site, settings, log)
+    cases = {case.case_id: case.case_id.lower() for case in prepared}  # a case is its own group
+    assignment = assign_splits(cases, dict.fromkeys(cases.values(), "case"), site.split_path,
+                               settings.split_fractions, settings.split_seed, log, ignore_case=True)
     statistics = []
     for case in prepared:
         split = assignment.get(case.case_id.lower())
@@ -200,17 +202,3 @@ def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: Proble
     content.statistics = SampleStatistics.from_rows(PROSTATE, statistics)
     return content
 
-
-def _assign(case_ids: list[str], site: SiteConfig, settings: DataSettings, log: ProblemLog) -> dict[str, str]:
-    """Lower-cased case id -> split, from the official split file (ids matched case-insensitively) or random."""
-    keys = [case_id.lower() for case_id in case_ids]
-    if site.split_path is not None:
-        official = read_split_file(site.split_path, log)
-        if official is None:
-            return {}
-        official = {k.lower(): v for k, v in official.items()}
-        for unknown in sorted(official.keys() - set(keys)):
-            log.warning(f"case '{unknown}' is listed but not among the site's usable cases", site.split_path,
-                        kind="split file lists an unknown case")
-        return assign_from_file(keys, official, site.split_path, log)
-    return split_groups(dict.fromkeys(keys, "case"), settings.split_fractions, settings.split_seed)

@@ -87,6 +87,29 @@ def read_split_file(path: Path, log: ProblemLog) -> dict[str, str] | None:
     return splits if ok else None
 
 
+def assign_splits(groups: Mapping[str, str], strata: Mapping[str, str], split_file: Path | None,
+                  fractions: Sequence[float], seed: int, log: ProblemLog, ignore_case: bool = False) -> dict[str, str]:
+    """Each sample id's split: from the site's official split file, or by its group (lesion, case) with the
+    groups stratified (by class; one stratum when not stratifying).
+
+    `groups`: sample id -> group id; `strata`: group id -> stratum. With `ignore_case` the file's ids match in
+    any case (the returned ids are then lower-case) and ids it lists that the site lacks are warned about.
+    """
+    if split_file is not None:
+        official = read_split_file(split_file, log)
+        if official is None:
+            return {}
+        ids = list(groups)
+        if ignore_case:
+            ids, official = [i.lower() for i in ids], {k.lower(): v for k, v in official.items()}
+            for unknown in sorted(official.keys() - set(ids)):
+                log.warning(f"case '{unknown}' is listed but not among the site's usable cases", split_file,
+                            kind="split file lists an unknown case")
+        return assign_from_file(ids, official, split_file, log)
+    by_group = split_groups(strata, fractions, seed)
+    return {(i.lower() if ignore_case else i): by_group[group] for i, group in groups.items()}
+
+
 def assign_from_file(ids: Sequence[str], official: Mapping[str, str], path: Path, log: ProblemLog) -> dict[str, str]:
     """Each id's split per the official file; ids the file does not list are errors (and left out)."""
     assignment = {}
