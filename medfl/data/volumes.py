@@ -37,6 +37,14 @@ class CaseGeometry:
     direction: tuple[float, ...]  # 3x3 direction cosines, row-major, LPS world
     orientation: str  # the file's orientation code (e.g. "LPS", "RAI")
 
+    @classmethod
+    def of(cls, case_id: str, path: str | Path, image: sitk.Image) -> CaseGeometry:
+        """The geometry of a volume as SimpleITK read it from `path` (training, prediction and bundles alike)."""
+        direction = tuple(image.GetDirection())
+        return cls(case_id=case_id, image_file=str(path), size=tuple(image.GetSize()),
+                   spacing=tuple(image.GetSpacing()), origin=tuple(image.GetOrigin()), direction=direction,
+                   orientation=sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction))
+
     @property
     def affine(self) -> np.ndarray:
         """4x4 voxel (i, j, k) = (x, y, z) to RAS world (mm) matrix, as nibabel writes it."""
@@ -232,15 +240,7 @@ def prepare_case(case_id: str, image_path: Path, mask_path: Path,
     problem = mask_value_problem(mask_array)
     if problem:
         return None, [(mask_path, problem)]
-    geometry = CaseGeometry(
-        case_id=case_id,
-        image_file=str(image_path),
-        size=tuple(image.GetSize()),
-        spacing=tuple(image.GetSpacing()),
-        origin=tuple(image.GetOrigin()),
-        direction=tuple(image.GetDirection()),
-        orientation=sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()),
-    )
+    geometry = CaseGeometry.of(case_id, image_path, image)
     volume = sitk.GetArrayFromImage(sitk.DICOMOrient(image, WORKING_ORIENTATION)).astype(np.float32)
     if not np.all(np.isfinite(volume)):
         return None, [(image_path, "image has NaN or infinite values")]

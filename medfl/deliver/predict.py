@@ -154,18 +154,9 @@ def mask_targets(paths: Sequence[Path], out: Path) -> list[Path]:
             for path, folder in zip(paths, folders, strict=True)]
 
 
-def _geometry(case_id: str, path: Path, image: sitk.Image) -> CaseGeometry:
-    direction = tuple(image.GetDirection())
-    return CaseGeometry(
-        case_id=case_id, image_file=str(path), size=tuple(image.GetSize()), spacing=tuple(image.GetSpacing()),
-        origin=tuple(image.GetOrigin()), direction=direction,
-        orientation=sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction),
-    )
-
-
 def _segment(export: ExportedModel, case_id: str, path: Path, image: sitk.Image) -> tuple[sitk.Image | None, str]:
     """The predicted mask on the input's grid and a summary, or None and why not."""
-    geometry = _geometry(case_id, path, image)
+    geometry = CaseGeometry.of(case_id, path, image)
     volume = sitk.GetArrayFromImage(sitk.DICOMOrient(image, WORKING_ORIENTATION)).astype(np.float32)
     if not np.all(np.isfinite(volume)):
         return None, "volume has NaN or infinite values"
