@@ -61,7 +61,8 @@ from aggregation import (  # noqa: E402 - the sibling benchmark script, found th
 
 RESULTS = BENCHMARKS / "results"
 EXPERIMENTS = BENCHMARKS.parent / "site_configs" / "experiments"
-TARGETS = {"det_over_single": 2.2, "loading_share": 0.10, "aggregation_share": 0.01, "growth_slope": 1.1}
+TARGETS = {"det_over_single": 2.2, "loading_share": 0.10, "aggregation_share": 0.01, "growth_slope": 1.1,
+           "evaluation_share": 0.10}
 # Epoch comparisons: (site folder, shipped experiment, site, overrides of the experiment, loader variants too).
 EPOCH_CASES = {
     "dermoscopy": ("dermoscopy", "dermoscopy.yaml", "derm_a", {}, True),
@@ -549,6 +550,49 @@ def measure_device(device: torch.device, args: argparse.Namespace, synth: Path) 
     return section
 
 
+def evaluation_share(root: Path, device: torch.device, threads: int) -> list[dict[str, Any]]:
+    """The shipped demo experiments as `make demo` runs them (their own rounds, epochs and data: the default
+    `medfl synth`), and from each run's own accounting (timing.csv: seconds the sites spent training and
+    scoring, samples scored): the evaluation share of a round and the cost per evaluated sample."""
+    from medfl.federated.coordinator import Coordinator
+    from medfl.runfolder import RunFolder
+    from medfl.synth import generate
+
+    demo = root / "demo"
+    generate(demo / "synth")
+    rows = []
+    for task, shipped in (("dermoscopy", "dermoscopy.yaml"), ("prostate", "prostate.yaml")):
+        sites = sorted(str(p) for p in (demo / "synth" / "site_configs" / task).glob("*.yaml"))
+        base = yaml.safe_load((EXPERIMENTS / shipped).read_text(encoding="utf-8"))
+        config = experiment(f"demo-{task}", shipped, base["method"], sites, device.type, threads, base["rounds"],
+                            base["local_epochs"], demo / "runs")
+        run_dir = demo / "runs" / f"demo-{task}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        wall, cpu = time.perf_counter(), time.process_time()
+        Coordinator(config, run_dir, device).run()
+        timing = RunFolder(run_dir).timing()
+        train, scoring = sum(r["train_s"] for r in timing), sum(r["eval_s"] for r in timing)
+        samples = sum(r["eval_samples"] for r in timing)
+        rows.append({"task": task, "rounds": len(timing), "local_epochs": config.local_epochs, "train_s": train,
+                     "eval_s": scoring, "eval_share": scoring / (train + scoring), "eval_samples": samples,
+                     "eval_ms_per_sample": 1000 * scoring / samples, "run_wall_s": time.perf_counter() - wall,
+                     "run_cpu_s": time.process_time() - cpu})
+        print(f"  evaluation, {task} demo: {100 * rows[-1]['eval_share']:.1f}% of the sites' time, "
+              f"{rows[-1]['eval_ms_per_sample']:.2f} ms per evaluated sample", flush=True)
+    return rows
+
+
+def evaluation_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| demo experiment | rounds x epochs | training (s) | evaluation (s) | evaluation share | target | met "
+             "| samples scored | ms per sample |", "|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['rounds']} x {r['local_epochs']} | {r['train_s']:.1f} | {r['eval_s']:.1f} "
+                     f"| {100 * r['eval_share']:.1f}% | ≤ {100 * TARGETS['evaluation_share']:.0f}% "
+                     f"| {verdict(r['eval_share'], TARGETS['evaluation_share'])} | {r['eval_samples']} "
+                     f"| {r['eval_ms_per_sample']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spawned runs inherit it: medfl.environment says why
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -559,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8, 16], help="values of K")
     parser.add_argument("--root", type=Path, default=RESULTS / "tmp" / "speed", help="data and runs")
     parser.add_argument("--output", type=Path, default=RESULTS / "speed", help="path stem of the results")
+    parser.add_argument("--evaluation-only", action="store_true",
+                        help="only the evaluation share of the demo experiments (results in <output>.evaluation.*)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -566,6 +612,22 @@ def main(argv: list[str] | None = None) -> int:
                "cpu": ["cpu"], "cuda": ["cuda"]}[args.device]
     torch.set_num_threads(args.threads)
     from medfl.synth import generate
+
+    if args.evaluation_only:
+        device = torch.device(devices[0])
+        rows = evaluation_share(args.root.resolve(), device, args.threads)
+        command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        info = machine(device.type)
+        stem = args.output.parent / f"{args.output.name}.evaluation"
+        atomic_write_json(stem.with_suffix(".json"), {"command": command.strip(), "machine": info, "rows": rows})
+        text = (f"# Evaluation share of a round\n\n`{command.strip()}`\n\nThe shipped demo experiments "
+                "(`site_configs/experiments/*.yaml`) on the default `medfl synth` data, as `make demo` runs them; "
+                "seconds from each run's timing.csv (the sites' own accounting of training and scoring). "
+                f"Machine: {info['cpu']}, {info['torch_threads']} torch thread(s), load average "
+                f"{info.get('load_average_1min')} at the start.\n\n{evaluation_markdown(rows)}\n")
+        atomic_write_text(stem.with_suffix(".md"), text)
+        print(text)
+        return 0
 
     synth = args.root.resolve() / "synth"
     generate(synth, scale=0.1, n_derm=max(args.sites), n_prostate=1)

@@ -381,6 +381,9 @@ class RunFolder:
     def retrogress(self) -> list[dict[str, Any]]:
         return read_rows(self.retrogress_file)
 
+    def timing(self) -> list[dict[str, Any]]:
+        return read_rows(self.timing_file)
+
 
 def run_directory(config: Any, out: str | Path | None) -> Path:
     """--out when given, else <output_dir>/<name>-<method>-seed<seed>/, so that methods and seeds sit side by side."""

@@ -149,7 +149,7 @@ def test_only_allowed_objects_leave_a_site(derm_experiment, tmp_path, monkeypatc
         else:
             assert exchange.weights is None and exchange.statistics is None
             assert set(exchange.metrics) == {"round", "rows", "det", "retrogress", "best", "timing"}
-            assert set(exchange.metrics["timing"]) == {"train_s", "eval_s"}
+            assert set(exchange.metrics["timing"]) == {"train_s", "eval_s", "eval_samples"}
             for row in exchange.metrics["rows"]:
                 assert set(row) == {"round", "epoch", "site", "model", "split", "metric", "value"}
                 assert isinstance(row["value"], float)

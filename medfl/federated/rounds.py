@@ -150,10 +150,10 @@ class Server:
 
     def complete_round(self, round_: int, replies: RoundReplies, started: float) -> dict[str, Any]:
         """Log the reports, aggregate, checkpoint (which marks the round complete) and rewrite the run's files."""
-        timing = {"round": round_, "train_s": 0.0, "eval_s": 0.0, "aggregation_s": 0.0}
+        timing = {"round": round_, "train_s": 0.0, "eval_s": 0.0, "eval_samples": 0, "aggregation_s": 0.0}
         for site, reply in replies.replies.items():
-            timing["train_s"] += reply.report.get("timing", {}).get("train_s", 0.0)
-            timing["eval_s"] += reply.report.get("timing", {}).get("eval_s", 0.0)
+            for key in ("train_s", "eval_s", "eval_samples"):
+                timing[key] += reply.report.get("timing", {}).get(key, 0)
             self.log.add(site, reply.report)
         uploads = {site: r.upload for site, r in replies.replies.items() if r.upload is not None}
         timing["aggregation_s"] = self.aggregate(round_, uploads)

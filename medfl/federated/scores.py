@@ -24,9 +24,9 @@ class SiteScores:
 
     def __init__(self, site: str, task: Task, classes: Sequence[str], models: Mapping[ModelRole, nn.Module],
                  device: torch.device, batches: Callable[[str], Iterable[Mapping[str, Any]]],
-                 spacing_of: Callable[[str], Sequence[float] | None]):
+                 spacing_of: Callable[[str], Sequence[float] | None], size_of: Callable[[str], int]):
         self.site, self.task, self.classes, self.models, self.device = site, task, list(classes), models, device
-        self.batches, self.spacing_of = batches, spacing_of
+        self.batches, self.spacing_of, self.size_of = batches, spacing_of, size_of
         self.metric = task.metric
         self.history: list[dict[str, Any]] = []  # metric rows (round, epoch, site, model, split, metric, value)
         self.det_log: list[dict[str, Any]] = []
@@ -34,6 +34,7 @@ class SiteScores:
         self.best: dict[str, Any] = {"round": None, "value": -math.inf}
         self.pending_rows = 0
         self.eval_seconds = 0.0  # time spent scoring (a round's timing splits training from it)
+        self.eval_samples = 0  # samples scored (images, or slices), for the cost per evaluated sample
         self._cache: dict[tuple[ModelRole, str], dict[str, float]] = {}
 
     def forget(self, role: ModelRole) -> None:
@@ -49,6 +50,7 @@ class SiteScores:
             self._cache[key] = evaluate_model(self.models[role], self.batches(split), self.task, self.classes,
                                               self.device, self.spacing_of, distances=split == "test")
             self.eval_seconds += time.perf_counter() - tick
+            self.eval_samples += self.size_of(split)
         return self._cache[key]
 
     def measure(self, role: ModelRole, round_: int, epoch: int, split: str = "val") -> float:

@@ -92,7 +92,7 @@ class Site(ClientAlgo):
         loss = self.task.supervised_loss(self.spec.loss, self.class_counts, self.experiment.cpa.beta)
         self.trainer = LocalTrainer(models, self.experiment, self.task, loss, self.device)
         self.scores = SiteScores(self.name, self.task, self.classes, models, self.device, self._eval_batches,
-                                 self._spacing)
+                                 self._spacing, lambda split: len(self.datasets[split]))
         self.record = SiteRecord(schema_version=SCHEMA_VERSION, site=self.name,
                                  site_config_sha256=site_config_sha256(self.config),
                                  data_fingerprint=data_fingerprint(self.data), training_files=training_files(self.data))
@@ -120,7 +120,7 @@ class Site(ClientAlgo):
         DET's state chosen from both models' scores."""
         round_ = int((extra or {}).get("round", self.round + 1))
         scores, trainer = self.scores, self.trainer
-        started, eval_before = time.perf_counter(), scores.eval_seconds
+        started, eval_before, samples_before = time.perf_counter(), scores.eval_seconds, scores.eval_samples
         trainer.to(self.device)
         try:
             if trainer.receive(Delivery.from_exchange(data)):
@@ -167,7 +167,8 @@ class Site(ClientAlgo):
             "models": {role.value: cpu_state(model) for role, model in self.models.items()}})
         scores.select(round_, self.used)
         inner_eval = scores.eval_seconds - eval_before
-        self._timing = {"train_s": time.perf_counter() - started - inner_eval, "eval_s": inner_eval}
+        self._timing = {"train_s": time.perf_counter() - started - inner_eval, "eval_s": inner_eval,
+                        "eval_samples": scores.eval_samples - samples_before}
 
     def _measure(self, round_: int, epoch: int) -> dict[Any, float]:
         """Every model's validation score at (round, epoch). A model's cached scores hold only where it did not
@@ -238,14 +239,16 @@ class Site(ClientAlgo):
     def evaluate(self, data: ExchangeObject | None = None, extra: dict | None = None) -> ExchangeObject:
         """The round's report: the metric rows not yet reported (test scored where it can be reported), DET
         states, retrogress, the selected round and the round's timing."""
-        tick, last = time.perf_counter(), self.experiment.rounds - 1
+        tick, last, samples_before = time.perf_counter(), self.experiment.rounds - 1, self.scores.eval_samples
         for role in self.models:
             if self.scores.test_needed(role, self.used, self.round, last):
                 self.scores.record(self.round, self.experiment.local_epochs, role, "test",
                                    self.scores.score(role, "test"))
         report = {**self.scores.report(self.round),
                   "timing": {"train_s": self._timing.get("train_s", 0.0),
-                             "eval_s": self._timing.get("eval_s", 0.0) + time.perf_counter() - tick}}
+                             "eval_s": self._timing.get("eval_s", 0.0) + time.perf_counter() - tick,
+                             "eval_samples": self._timing.get("eval_samples", 0) + self.scores.eval_samples
+                             - samples_before}}
         self._departures.append({"what": "report", **report})
         self._flush_audit()
         return ExchangeObject(metrics=report)
