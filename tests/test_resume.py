@@ -80,13 +80,18 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path
 
 
 def test_resume_refuses_a_changed_config_and_a_missing_run(experiment, tmp_path):
+    """The refusals come from the run folder's record and config: no federation needs to run to check them."""
+    from medfl.errors import ConfigError
+    from medfl.experiment import load_experiment_config
+    from medfl.runfolder import RunFolder
+
     missing = medfl("run", str(experiment), "--out", str(tmp_path / "none"), "--resume", "--quiet")
     output, _ = missing.communicate(timeout=300)
-    assert missing.returncode != 0 and "nothing to resume" in output and "Traceback" not in output
+    assert missing.returncode == 1 and "nothing to resume" in output and "Traceback" not in output
 
-    first = medfl("run", str(experiment), "--out", str(tmp_path / "r"), "--rounds", "1", "--quiet")
-    output, _ = first.communicate(timeout=600)
-    assert first.returncode == 0, output
+    folder = RunFolder.create(tmp_path / "r", load_experiment_config(experiment))
+    with pytest.raises(ConfigError, match="differs from the one it started with in method"):
+        folder.resume_from(load_experiment_config(experiment, method="fedavg"))
     changed = medfl("run", str(experiment), "--out", str(tmp_path / "r"), "--resume", "--method", "fedavg", "--quiet")
     output, _ = changed.communicate(timeout=300)
-    assert changed.returncode != 0 and "method" in output and "Traceback" not in output
+    assert changed.returncode == 1 and "method" in output and "Traceback" not in output
