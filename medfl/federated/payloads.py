@@ -9,14 +9,15 @@ class counts and prototypes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from monai.fl.utils.constants import WeightType
-from monai.fl.utils.exchange_object import ExchangeObject
 from torch import Tensor
 
 from medfl.federated.server import Aggregate, SiteUpdate
+
+if TYPE_CHECKING:  # MONAI FL loads only where a payload crosses into an engine
+    from monai.fl.utils.exchange_object import ExchangeObject
 
 _GLOBAL_KEYS = ("global_class_counts", "global_prototypes", "global_prototype_present")
 
@@ -40,6 +41,8 @@ class Delivery:
         return {key: getattr(self, key) for key in _GLOBAL_KEYS}
 
     def to_exchange(self) -> ExchangeObject:
+        from monai.fl.utils.exchange_object import ExchangeObject
+
         return ExchangeObject(weights=self.weights, statistics=self.statistics)
 
     @classmethod
@@ -64,6 +67,9 @@ class Delivery:
 
 def upload_to_exchange(update: SiteUpdate) -> ExchangeObject:
     """A site's upload as MONAI FL's ExchangeObject: weights, and every statistic (None ones left out)."""
+    from monai.fl.utils.constants import WeightType
+    from monai.fl.utils.exchange_object import ExchangeObject
+
     statistics: dict[str, Any] = {"num_samples": update.num_samples, "class_counts": update.class_counts}
     if update.prototypes is not None:
         statistics["prototypes"], statistics["prototype_counts"] = update.prototypes, update.prototype_counts
