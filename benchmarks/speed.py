@@ -588,7 +588,7 @@ def evaluation_markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(f"| {r['task']} | {r['rounds']} x {r['local_epochs']} | {r['train_s']:.1f} | {r['eval_s']:.1f} "
                      f"| {100 * r['eval_share']:.1f}% | ≤ {100 * TARGETS['evaluation_share']:.0f}% "
-                     f"| {verdict(r['eval_share'], TARGETS['evaluation_share'])} | {r['eval_samples']} "
+                     f"| {verdict(r['eval_share'], TARGETS['evaluation_share'])} | {int(r['eval_samples'])} "
                      f"| {r['eval_ms_per_sample']:.2f} |")
     return "\n".join(lines)
 
@@ -619,13 +619,13 @@ def main(argv: list[str] | None = None) -> int:
         command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
         info = machine(device.type)
         stem = args.output.parent / f"{args.output.name}.evaluation"
-        atomic_write_json(stem.with_suffix(".json"), {"command": command.strip(), "machine": info, "rows": rows})
+        atomic_write_json(stem.parent / f"{stem.name}.json", {"command": command.strip(), "machine": info, "rows": rows})
         text = (f"# Evaluation share of a round\n\n`{command.strip()}`\n\nThe shipped demo experiments "
                 "(`site_configs/experiments/*.yaml`) on the default `medfl synth` data, as `make demo` runs them; "
                 "seconds from each run's timing.csv (the sites' own accounting of training and scoring). "
                 f"Machine: {info['cpu']}, {info['torch_threads']} torch thread(s), load average "
                 f"{info.get('load_average_1min')} at the start.\n\n{evaluation_markdown(rows)}\n")
-        atomic_write_text(stem.with_suffix(".md"), text)
+        atomic_write_text(stem.parent / f"{stem.name}.md", text)
         print(text)
         return 0
 
