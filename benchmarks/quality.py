@@ -131,7 +131,9 @@ REALISTIC_DERMOSCOPY = TaskPlan(  # scale 0.6: the smallest site (derm_c, 686 im
                              "lr_gamma": 0.5, "reset_every_round": True}},
 )
 REALISTIC_PROSTATE = TaskPlan(  # scale 3.4: the smallest site (prost_f, 324 slices) makes 200 steps per round
-    rounds=6, local_epochs=5, seeds=3, scale=3.4, ablations=("prr_ce",) + BATCHNORM_UNET + ("local_sgd",),
+    # 4 rounds and no prr_ce: a 6-round plan with every ablation measured ~3.3 h on 2 cores (the budget is 2.5 h);
+    # the issue allows cutting rounds and prostate ablations, never the main methods' seeds.
+    rounds=4, local_epochs=5, seeds=3, scale=3.4, ablations=BATCHNORM_UNET + ("local_sgd",),
     overrides={"data": {"input_size": 64}, "model": {"width": 0.25}, "batch_size": 8,
                "diagnostics": {"bn_reestimation": True},
                # Adam (lr 1e-3, the reference's prostate rate), reset every round; `local_sgd` measures whether the
@@ -144,7 +146,7 @@ PRESETS: dict[str, Preset] = {
     "default": Preset(
         "the realistic federation (`medfl synth --shift realistic`), the 2-core CPU plan: every site >= 200 local "
         "steps per round, 5 local epochs; dermoscopy 32 px slim VGG-16 x0.25, 10 rounds, plain SGD; prostate 64 px "
-        "UNet x0.25, 6 rounds, Adam; main methods 3 seeds, ablations 1 seed",
+        "UNet x0.25, 4 rounds, Adam; main methods 3 seeds, ablations 1 seed",
         scale=0.6, device="cpu", shift="realistic",
         tasks={"dermoscopy": REALISTIC_DERMOSCOPY, "prostate": REALISTIC_PROSTATE},
     ),
