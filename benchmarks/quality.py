@@ -266,7 +266,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
     if record.is_file() and summary_path.is_file() and json.loads(summary_path.read_text())["finished"]:
         return {**job, **json.loads(record.read_text()), "reused": True}
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    resume = (run_dir / "run.json").is_file()  # a started run continues (one that completed no round restarts)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     wall, cpu = time.perf_counter(), time.process_time()
     Coordinator(config, run_dir, resolve_device(config.device)).run(resume=resume)
@@ -287,13 +287,21 @@ def run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
     done = []
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_job, job) for job in jobs]
+        futures = {pool.submit(run_job, job): job for job in jobs}
+        failed = []
         for future in as_completed(futures):
-            result = future.result()
+            try:
+                result = future.result()
+            except Exception as error:  # one failed run must not hide the others' progress: report it, go on
+                failed.append(futures[future]["name"])
+                print(f"[{time.perf_counter() - start:6.0f} s] {futures[future]['name']} failed: {error}", flush=True)
+                continue
             done.append(result)
             state = "reused" if result["reused"] else f"{result['wall_s']:.0f} s wall, {result['cpu_s']:.0f} s CPU"
             print(f"[{time.perf_counter() - start:6.0f} s] {len(done)}/{len(jobs)} {result['name']}: {state}",
                   flush=True)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to retry them")
     return done
 
 
