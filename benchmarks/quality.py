@@ -217,7 +217,7 @@ def experiment_dict(task: str, plan: TaskPlan, label: str, seed: int, synth_root
     nothing else changed."""
     base = yaml.safe_load((EXPERIMENTS / TASKS[task][1]).read_text(encoding="utf-8"))
     method, options = VARIANTS.get(label, (label, {}))
-    return deep_merge(deep_merge(base, options), {
+    planned = deep_merge(base, {
         **plan.overrides,
         "sites": site_configs(synth_root, task),
         "method": method, "seed": seed, "rounds": plan.rounds, "local_epochs": plan.local_epochs,
@@ -225,6 +225,8 @@ def experiment_dict(task: str, plan: TaskPlan, label: str, seed: int, synth_root
         "device": device, "runtime": {"threads": threads},
         "output_dir": str(synth_root.parent / "runs"),
     })
+    # The variant's options last: they are what the variant changes, even where the preset sets the same keys.
+    return deep_merge(planned, options)
 
 
 def plan_jobs(preset: Preset, root: Path, threads: int, device: str) -> list[dict[str, Any]]:
