@@ -123,8 +123,7 @@ class Site(ClientAlgo):
         started, eval_before, samples_before = time.perf_counter(), scores.eval_seconds, scores.eval_samples
         trainer.to(self.device)
         try:
-            if trainer.receive(Delivery.from_exchange(data)):
-                scores.forget(self.receiving)
+            trainer.receive(Delivery.from_exchange(data))  # the receiving model's cached scores: see _measure
         except MedflError as error:
             raise MedflError(f"site '{self.name}': {error}") from None
         trainer.start_round(round_)

@@ -177,11 +177,13 @@ class Segmentation(Task):
         }
 
     def bundle_data_format(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        from medfl.data.volumes import INTENSITY_PERCENTILES, WORKING_ORIENTATION
         from medfl.deliver.monai_bundle import tensor_format
 
         classes = {str(i): name for i, name in enumerate(manifest["classes"])}
-        volume = {"0": "MRI volume in LPS orientation as (slices inferior to superior, rows, columns), clipped to "
-                       "its 0.5-99.5 percentiles and z-scored"}
+        low, high = INTENSITY_PERCENTILES
+        volume = {"0": f"MRI volume in {WORKING_ORIENTATION} orientation as (slices inferior to superior, rows, "
+                       f"columns), clipped to its {low:g}-{high:g} percentiles and z-scored"}
         return {
             "inputs": {"image": tensor_format("image", "magnitude", "MR", 1, ["*", "*", "*"], "float32", [], volume)},
             "outputs": {"pred": tensor_format("image", "labels", "MR", len(classes), ["*", "*", "*"], "float32", [],
