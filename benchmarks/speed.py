@@ -294,8 +294,9 @@ def tensor_bytes(values: Iterable[Any]) -> int:
 
 
 def scale_run(job: dict[str, Any]) -> dict[str, Any]:
-    """One K in a fresh process: the Coordinator's rounds one by one (as Coordinator.run does), so that what
-    it delivers after each aggregation can be measured. Peak RSS is this process's."""
+    """One K in a fresh process: `Coordinator.run` as `medfl run` plays it, observed through its progress events
+    (set-up ends at "start"; after each "round" the deliveries of that round's aggregation are measured).
+    Peak RSS is this process's."""
     torch.set_num_threads(job["threads"])
     from medfl.experiment import load_experiment_config
     from medfl.federated.coordinator import Coordinator
@@ -305,27 +306,32 @@ def scale_run(job: dict[str, Any]) -> dict[str, Any]:
     config = load_experiment_config(job["config"])
     run_dir = Path(job["run_dir"])
     shutil.rmtree(run_dir, ignore_errors=True)
-    coordinator = Coordinator(config, run_dir, device)
-    coordinator.prepare_run_dir(resume=False)
-    tick = time.perf_counter()
-    coordinator.setup()
-    setup_s = time.perf_counter() - tick
-    rss_after_setup = peak_rss_mb()
-    downloads, cpu = [], []
-    for round_ in range(config.rounds):
-        tick = time.process_time()
-        coordinator.run_round(round_)
-        cpu.append(time.process_time() - tick)
-        delivered = [d for d in coordinator.deliveries.values() if d is not None]
-        downloads.append(sum(tensor_bytes((d.weights or {}).values()) + tensor_bytes((d.statistics or {}).values())
-                             for d in delivered))
-    for site in coordinator.sites.values():
-        site.finalize()
+    downloads: list[int] = []
+    cpu: list[float] = []
+    marks = {"wall": time.perf_counter(), "cpu": time.process_time()}
+    measured: dict[str, float] = {}
+
+    def observe(event: str, info: dict[str, Any]) -> None:
+        if event == "start":
+            measured["setup_s"] = time.perf_counter() - marks["wall"]
+            measured["rss_after_setup"] = peak_rss_mb()
+            marks["cpu"] = time.process_time()
+        elif event == "round":
+            cpu.append(time.process_time() - marks["cpu"])
+            delivered = [d for d in coordinator.deliveries.values() if d is not None]
+            downloads.append(sum(tensor_bytes((d.weights or {}).values())
+                                 + tensor_bytes((d.statistics or {}).values()) for d in delivered))
+            marks["cpu"] = time.process_time()
+
+    coordinator = Coordinator(config, run_dir, device, progress=observe)
+    coordinator.run()
+    setup_s, rss_after_setup = measured["setup_s"], measured["rss_after_setup"]
     uploads: dict[int, int] = {}
     for site in coordinator.sites:
         for line in (run_dir / "sites" / site / "audit.jsonl").read_text().splitlines():
             entry = json.loads(line)
-            uploads[entry["round"]] = uploads.get(entry["round"], 0) + entry["bytes"]
+            if "bytes" in entry:
+                uploads[entry["round"]] = uploads.get(entry["round"], 0) + entry["bytes"]
     aggregating = [t for t in coordinator.timing if t["aggregation_s"] > 0]
     cpu_aggregating = [c for c, t in zip(cpu, coordinator.timing, strict=True) if t["aggregation_s"] > 0]
     return {
@@ -350,6 +356,8 @@ def scale_run(job: dict[str, Any]) -> dict[str, Any]:
 
 def slope(xs: list[float], values: list[float]) -> float:
     """Least-squares slope of log(value) against log(x): 1 is linear growth, below 1 better than linear."""
+    if len(set(xs)) < 2:
+        return math.nan  # one K (a smoke run) has no growth to measure
     x = [math.log(k) for k in xs]
     y = [math.log(v) for v in values]
     mx, my = statistics.fmean(x), statistics.fmean(y)
