@@ -79,6 +79,12 @@ def test_mild_preset_keeps_todays_extra_sites_bit_for_bit(tmp_path: Path) -> Non
     assert len(expected) == 445 and _differences(_hashes(tmp_path), expected) == []
 
 
+def test_realistic_preset_keeps_its_files_bit_for_bit(realistic) -> None:
+    """The realistic sites are the benchmarks' development federation: no change may alter their bytes unnoticed."""
+    expected = json.loads((DATA / "synth_realistic_small_sha256.json").read_text())
+    assert len(expected) == 364 and _differences(_hashes(realistic.out), expected) == []
+
+
 def test_realistic_files_are_identical_in_another_process(tmp_path: Path) -> None:
     here = generate(tmp_path / "here", **DETERMINISM)
     subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(tmp_path / "there")], check=True, cwd=REPO)
