@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from medfl.checkpoints import atomic_write_json, atomic_write_text
-from medfl.federated.methods import method_spec
+from medfl.methods import method_spec
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPOSITORY = BENCHMARKS.parent

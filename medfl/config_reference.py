@@ -149,7 +149,7 @@ def model_sections(model: type[BaseModel], prefix: str = "", level: int = 2) -> 
 
 
 def _methods_table() -> list[str]:
-    from medfl.federated.methods import METHODS
+    from medfl.methods import METHODS
 
     lines = ["## Methods (`method`)", "", "| method | what it is | models per site | server | loss |",
              "|---|---|---|---|---|"]

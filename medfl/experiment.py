@@ -30,7 +30,7 @@ from medfl.config import (
     validate_model,
 )
 from medfl.errors import ConfigError
-from medfl.federated.methods import METHODS, MethodSpec, method_spec
+from medfl.methods import METHODS, MethodSpec, method_spec
 from medfl.tasks import TaskKey, task_for
 
 

@@ -14,8 +14,8 @@ from conftest import tiny_experiment
 from medfl.errors import MedflError
 from medfl.experiment import load_experiment_config
 from medfl.federated.coordinator import Coordinator
-from medfl.federated.methods import METHODS
 from medfl.federated.site import Site
+from medfl.methods import METHODS
 from medfl.runfolder import RunFolder
 
 pytestmark = pytest.mark.slow

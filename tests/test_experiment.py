@@ -4,7 +4,7 @@ import pytest
 
 from medfl.errors import ConfigError
 from medfl.experiment import load_experiment_config
-from medfl.federated.methods import METHODS, method_spec
+from medfl.methods import METHODS, method_spec
 
 
 def write(path, text):

@@ -11,9 +11,9 @@ from torch import nn
 from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig
 from medfl.federated.det import DetState
-from medfl.federated.methods import ModelRole
 from medfl.federated.payloads import Delivery
 from medfl.federated.trainer import LocalTrainer
+from medfl.methods import ModelRole
 from medfl.tasks import task_for
 
 P, D, M = ModelRole.PERSONALIZED, ModelRole.DEPUTY, ModelRole.SINGLE

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medfl.federated.evaluation import evaluate_model, reestimate_batchnorm
-from medfl.federated.methods import ModelRole
+from medfl.methods import ModelRole
 from medfl.metrics import running_best
 from medfl.tasks import Task
 

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from medfl.errors import ConfigError
 from medfl.federated.averaging import average_states, normalise_site_weights
 from medfl.federated.cpa import global_prototypes
-from medfl.federated.methods import method_spec
 from medfl.federated.params import Role, classifier_keys, norm_statistics_keys, parameter_roles
 from medfl.federated.pfa import pfa_aggregate, pfa_ratio
+from medfl.methods import method_spec
 
 WEIGHTINGS = ("samples", "uniform")
 
@@ -312,7 +312,7 @@ _SUPPLIED = {"roles", "rounds", "local_keys"}
 
 
 def build_strategy(method: str, model: nn.Module, rounds: int, **options: Any) -> Strategy | None:
-    """The server strategy of ``method`` (see medfl.federated.methods) for ``model``; None for "local".
+    """The server strategy of ``method`` (see medfl.methods) for ``model``; None for "local".
 
     ``options`` are the strategy's keyword settings (weighting, start, end, share_phase, prototype_mode,
     seed); one the strategy does not take raises ConfigError naming it.

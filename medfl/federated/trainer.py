@@ -19,11 +19,11 @@ from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig
 from medfl.federated.cpa import PrototypeAccumulator, refinement_weights
 from medfl.federated.det import DetState, next_state
-from medfl.federated.methods import ModelRole
 from medfl.federated.params import classifier_keys
 from medfl.federated.payloads import Delivery
 from medfl.federated.server import SiteUpdate
 from medfl.federated.training import EpochPlan, train_epoch
+from medfl.methods import ModelRole
 from medfl.tasks import Task
 
 

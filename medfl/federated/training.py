@@ -19,7 +19,7 @@ from medfl.data.tensors import plain_tensors
 from medfl.errors import MedflError
 from medfl.federated.cpa import PrototypeAccumulator
 from medfl.federated.det import DetState, det_losses
-from medfl.federated.methods import ModelRole
+from medfl.methods import ModelRole
 from medfl.tasks import Task, task_for
 
 

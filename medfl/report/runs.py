@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medfl.errors import ConfigError
-from medfl.federated.methods import method_spec
+from medfl.methods import method_spec
 from medfl.runfolder import RunFolder
 
 # Settings that cannot change a run's numbers: runs differing only in these (and the seed) are seeds of one group.
