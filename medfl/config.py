@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from medfl.errors import ConfigError
-from medfl.tasks import TASKS, TaskKey, task_for
+from medfl.task_facts import FACTS, TaskKey, facts_for
 
 DEFAULT_TABLES = {
     "ham10000": "HAM10000_metadata.csv",
@@ -238,10 +238,10 @@ class SiteConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_task_fields(self, info: ValidationInfo) -> SiteConfig:
-        task = task_for(self.task)
+        task = facts_for(self.task)
         if self.layout not in task.layouts:
             raise ValueError(f"layout '{self.layout}' is not a {self.task} layout (use one of: {', '.join(task.layouts)})")
-        foreign = [key for other in TASKS.values() if other is not task for key in other.site_fields]
+        foreign = [key for other in FACTS.values() if other is not task for key in other.site_fields]
         given = [key for key in foreign if getattr(self, key) is not None]
         if given:
             raise ValueError(f"key '{given[0]}' does not apply to a {self.task} site")
@@ -305,7 +305,7 @@ class SiteConfig(BaseModel):
 
     def label_targets(self) -> list[str]:
         """The federation classes this site's labels map to, in first-seen order, without nulls."""
-        return task_for(self.task).label_targets(self)
+        return facts_for(self.task).label_targets(self)
 
     def describe(self) -> str:
         """`site 'name': <config file>` for messages."""
@@ -397,4 +397,4 @@ class DataSettings(BaseModel):
         chosen = self.train_recipe if stage == "train" else self.eval_recipe
         if chosen:
             return chosen
-        return f"{task_for(task).modality}_{stage}"
+        return f"{facts_for(task).modality}_{stage}"

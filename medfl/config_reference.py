@@ -21,6 +21,12 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from medfl.config import SiteConfig
+from medfl.experiment import ExperimentConfig
+from medfl.methods import METHODS
+from medfl.models.registry import _BASE_ARGUMENTS, NETWORKS
+from medfl.task_facts import FACTS
+
 REGENERATE = "medfl config-reference --out docs"
 FILES = {"site-config.md": "site", "experiment-config.md": "experiment"}
 _BULLET = re.compile(r"^-\s+(?P<head>[^:]*`\w+`[^:]*):\s*(?P<text>.*)$", re.S)
@@ -149,8 +155,6 @@ def model_sections(model: type[BaseModel], prefix: str = "", level: int = 2) -> 
 
 
 def _methods_table() -> list[str]:
-    from medfl.methods import METHODS
-
     lines = ["## Methods (`method`)", "", "| method | what it is | models per site | server | loss |",
              "|---|---|---|---|---|"]
     for name, spec in METHODS.items():
@@ -161,13 +165,11 @@ def _methods_table() -> list[str]:
 
 
 def _networks_table() -> list[str]:
-    from medfl.models.registry import _BASE_ARGUMENTS
-    from medfl.tasks import TASKS
-
     lines = ["## Networks (`model.name`) and their options (`model.options`)", "",
              "| task | `model.name` | network | `model.options` (default) |", "|---|---|---|---|"]
-    for task in TASKS.values():
-        for name, network in task.networks().items():
+    for task in FACTS.values():
+        for name in task.networks:
+            network = NETWORKS[name]
             summary = " ".join(inspect.cleandoc(network.__doc__ or "").split("\n\n")[0].split())
             options = [f"`{p.name}` ({_literal(p.default)})"
                        for p in inspect.signature(network).parameters.values() if p.name not in _BASE_ARGUMENTS]
@@ -190,8 +192,6 @@ def _header(title: str, intro: str) -> list[str]:
 
 def site_config_reference() -> str:
     """docs/site-config.md: every key of a site config."""
-    from medfl.config import SiteConfig
-
     intro = ("A site config is a YAML file of facts about one site's data. Unknown or misspelt keys are errors "
              "naming the key and the file; `${VAR}` environment variables are expanded in paths; `data_root` "
              "and `split_file` resolve against the config file's folder, `table` and `metadata_table` against "
@@ -203,8 +203,6 @@ def site_config_reference() -> str:
 
 def experiment_config_reference() -> str:
     """docs/experiment-config.md: every key of an experiment config, the methods and the networks."""
-    from medfl.experiment import ExperimentConfig
-
     intro = ("An experiment config is a YAML file of choices: sites, classes, model, method, budget, runtime. "
              "Unknown or misspelt keys are errors naming the key and the file; relative paths (`sites`, "
              "`output_dir`) resolve against the experiment file's folder. `medfl run`, `medfl nvflare-job` and "

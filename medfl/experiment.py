@@ -31,7 +31,7 @@ from medfl.config import (
 )
 from medfl.errors import ConfigError
 from medfl.methods import METHODS, MethodSpec, method_spec
-from medfl.tasks import TaskKey, task_for
+from medfl.task_facts import TaskKey, facts_for
 
 
 class _Section(BaseModel):
@@ -253,7 +253,7 @@ class ExperimentConfig(_Section):
                 self.output_dir = (base / self.output_dir).resolve()
         if len(set(self.sites)) != len(self.sites):
             raise ValueError("a site config is listed twice")
-        task_for(self.task).check_experiment_classes(self.data.classes)
+        facts_for(self.task).check_experiment_classes(self.data.classes)
         return self
 
     @property
@@ -267,14 +267,14 @@ class ExperimentConfig(_Section):
     @property
     def classes(self) -> list[str]:
         """The federation's classes in order (segmentation: background, prostate)."""
-        return task_for(self.task).classes(self.data.classes)
+        return facts_for(self.task).classes(self.data.classes)
 
     @property
     def cpa_tau(self) -> float:
         """CPA's tau: the config's, else the task's default (3 for classification, 1 for segmentation)."""
         if self.cpa.tau is not None:
             return self.cpa.tau
-        return task_for(self.task).default_cpa_tau
+        return facts_for(self.task).default_cpa_tau
 
     @property
     def cpa_warmup_rounds(self) -> int:
@@ -293,7 +293,7 @@ class ExperimentConfig(_Section):
                 raise ConfigError(
                     f"site '{site.name}' ({site.source_path}): its task is {site.task}, the experiment's is {self.task}"
                 )
-            missing = task_for(self.task).missing_classes(site, self.classes)
+            missing = facts_for(self.task).missing_classes(site, self.classes)
             if missing:
                 raise ConfigError(
                     f"site '{site.name}' ({site.source_path}): its label_map does not cover class(es) "

@@ -7,10 +7,17 @@ from typing import Any
 
 from medfl.errors import ConfigError
 from medfl.models.base import FeatureNet, network_config
-from medfl.tasks import TASKS, TaskKey, task_for
+from medfl.models.classifiers import DenseNet121Net, EfficientNetB0Net, ResNet18Net
+from medfl.models.segmentation import BasicUNetNet, UNetNet
+from medfl.models.vgg import SlimVGG16
+from medfl.task_facts import FACTS, TaskKey, facts_for
 
-# The networks each task trains, by name (each task says which: Task.networks).
-MODEL_NAMES: dict[TaskKey, tuple[str, ...]] = {key: tuple(task.networks()) for key, task in TASKS.items()}
+# Every network, by the name configs use; each task's facts say which of them it trains (TaskFacts.networks).
+NETWORKS: dict[str, type[FeatureNet]] = {
+    "slim_vgg16": SlimVGG16, "densenet121": DenseNet121Net, "efficientnet-b0": EfficientNetB0Net,
+    "resnet18": ResNet18Net, "unet": UNetNet, "basicunet": BasicUNetNet,
+}
+MODEL_NAMES: dict[TaskKey, tuple[str, ...]] = {key: facts.networks for key, facts in FACTS.items()}
 
 _BASE_ARGUMENTS = ("num_classes", "in_channels", "width", "spatial_dims")
 
@@ -30,11 +37,10 @@ def build_model(
     Bad names, numbers or options raise ConfigError.
     """
     try:
-        task = task_for(task).key
+        task = facts_for(task).key
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    networks = task_for(task).networks()
-    if name not in networks:
+    if name not in MODEL_NAMES[task]:
         raise ConfigError(f"unknown {task} model '{name}'; valid names: {', '.join(MODEL_NAMES[task])}")
     for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -43,7 +49,7 @@ def build_model(
         raise ConfigError(f"model '{name}': width must be a positive number, got {width!r}")
     if spatial_dims not in (2, 3):
         raise ConfigError(f"model '{name}': spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    network = networks[name]
+    network = NETWORKS[name]
     options = [p for p in inspect.signature(network).parameters if p not in _BASE_ARGUMENTS]
     unknown = sorted(set(kwargs) - set(options))
     if unknown:

@@ -1,15 +1,17 @@
 """Tasks: what a federation learns, one object each (dermoscopy classification, prostate MRI segmentation).
 
-A task owns what differs between tasks: its site layouts and reader, its class list and label handling, the
-supervised loss, the metrics and evaluation, the recipes, and what `medfl check`, reports and exports say
-about it. Code outside this package never compares a task's name: it asks the task (`task_for(key)`).
-Adding a task means writing one module with a `Task` subclass and registering it in `registry.py`; see
-docs/architecture.md for what a task must provide.
+The composition layer. A task's facts (medfl.task_facts: its key, layouts, classes, metric, networks by
+name) are what configs validate with; its behaviour composes the layers below: its site reader (medfl.data),
+its supervised loss and scorer (medfl.federated), its report columns (medfl.report) and its part of an export
+(medfl.deliver). Only this package and the entry points (medfl.commands, medfl.nvflare) turn a key into a
+Task (`task_for`); they hand it down as an argument, and nothing below compares a task's name. Adding a task
+means a facts class in medfl/task_facts.py, one module here with its `Task` subclass, and a line in
+`registry.py`; see docs/architecture.md.
 
-Importing this package loads neither torch nor MONAI: configs are validated before they load.
+Importing this package loads neither torch nor MONAI: `medfl check` reads sites through it.
 """
 
-from medfl.tasks.base import Task, TaskKey
+from medfl.tasks.base import Task
 from medfl.tasks.registry import TASKS, task_for
 
-__all__ = ["TASKS", "Task", "TaskKey", "task_for"]
+__all__ = ["TASKS", "Task", "task_for"]

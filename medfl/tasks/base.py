@@ -1,11 +1,12 @@
-"""The contract of a task: every question whose answer depends on what the federation learns."""
+"""The contract of a task's behaviour: every question whose answer needs the layers below the tasks."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from enum import Enum
 from typing import TYPE_CHECKING, Any
+
+from medfl.task_facts import TaskFacts
 
 if TYPE_CHECKING:
     import torch
@@ -18,56 +19,17 @@ if TYPE_CHECKING:
     from medfl.report.tables import Column
 
 
-class TaskKey(str, Enum):
-    """The key naming a task in configs, run folders and exports (its value is what files hold)."""
+class Task(TaskFacts, ABC):
+    """One task: its facts (medfl.task_facts) and its behaviour, which composes the layers below.
 
-    CLASSIFICATION = "classification"
-    SEGMENTATION = "segmentation"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Task(ABC):
-    """One task. Class attributes describe it; methods answer what code elsewhere used to branch on."""
-
-    key: TaskKey
-    modality: str  # names the default recipes (<modality>_train / _eval) and the synthetic data's folder
-    metric: str  # the validation metric DET's phi and model selection read
-    layouts: tuple[str, ...]  # site-config layouts this task reads
-    site_fields: tuple[str, ...]  # site-config keys that apply to this task only
-    default_cpa_tau: float  # CPA's tau when the experiment does not set it
-    sample_noun: str  # what one training sample is ("image", "slice"), for messages
-
-    # ------------------------------------------------------------------ configs (no torch, no MONAI)
-    @abstractmethod
-    def classes(self, configured: Sequence[str] | None) -> list[str]:
-        """The federation's classes in order, from the experiment's `data.classes` (None: not given)."""
-
-    def check_experiment_classes(self, configured: Sequence[str] | None) -> None:
-        """ValueError when the experiment's class list does not suit the task (any list suits by default)."""
-        return None
-
-    def check_site_fields(self, site: SiteConfig) -> None:
-        """ValueError when a site config's task-specific keys are wrong (beyond layout and foreign keys)."""
-        return None
-
-    @abstractmethod
-    def label_targets(self, site: SiteConfig) -> list[str]:
-        """The federation classes a site's labels map to, in first-seen order."""
-
-    def missing_classes(self, site: SiteConfig, classes: Sequence[str]) -> list[str]:
-        """Experiment classes a site cannot provide (none by default)."""
-        return []
+    Code below this layer never looks a task up by its key: the entry points (medfl.commands, medfl.nvflare)
+    call `task_for` and hand the Task (or the part needed: a reader, a loss, a scorer) down as an argument.
+    """
 
     # ------------------------------------------------------------------ data
     @abstractmethod
     def read_site(self, site: SiteConfig, settings: DataSettings, log: ProblemLog) -> SiteContent:
         """The site's split records (errors and warnings go to `log`)."""
-
-    def empty_classes(self, site: SiteConfig, settings: DataSettings) -> list[str]:
-        """The classes a site reports when its data could not be read at all."""
-        return self.label_targets(site)
 
     @abstractmethod
     def split_counts(self, classes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> tuple[list[int], int | None]:
@@ -85,19 +47,7 @@ class Task(ABC):
     def check_table(self, report: SiteReport) -> Any:
         """The rich Table `medfl check` prints for one site: per split, the task's counts."""
 
-    @abstractmethod
-    def check_classes(self, settings: DataSettings) -> str:
-        """What `medfl check` says about the task's classes under these data settings."""
-
-    def check_settings(self, settings: DataSettings) -> list[str]:
-        """Further settings `medfl check` states for this task's sites."""
-        return []
-
     # ------------------------------------------------------------------ learning (torch)
-    @abstractmethod
-    def networks(self) -> dict[str, Any]:
-        """The networks this task trains, by the name configs use (classes returning (logits, features))."""
-
     @abstractmethod
     def batch_labels(self, batch: Mapping[str, Any], device: torch.device) -> Tensor:
         """A batch's targets as class indices on `device`."""
@@ -117,17 +67,10 @@ class Task(ABC):
         """The test columns of a report's results table, then the last round's selection metric."""
 
     @abstractmethod
-    def logits_shape(self, classes: Sequence[str], size: int) -> list[Any]:
-        """The exported program's output shape ("batch" for the free axis)."""
-
-    @abstractmethod
     def preprocessing(self, data: DataSettings, in_channels: int, recipe: Mapping[str, Any]) -> dict[str, Any]:
         """How an input becomes the network's input, in words and numbers (an export's manifest)."""
 
     # ------------------------------------------------------------------ MONAI bundles (medfl.deliver.monai_bundle)
-    bundle_packages: dict[str, str]  # pip name -> lowest version the bundle runner needs to read the inputs
-    bundle_batch_size: int
-
     @abstractmethod
     def bundle_program(self, traced: Any, eager: nn.Module, in_channels: int, input_size: int, context_slices: int,
                        generator: torch.Generator) -> tuple[Any, nn.Module, Tensor]:
@@ -140,15 +83,3 @@ class Task(ABC):
     @abstractmethod
     def bundle_data_format(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """metadata.json's network_data_format: inputs, outputs and post-processed outputs."""
-
-    @abstractmethod
-    def bundle_texts(self, manifest: Mapping[str, Any]) -> dict[str, str]:
-        """Words for the bundle's metadata and README: what, data_type, io, formats, program."""
-
-    def export_data_settings(self, saved: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
-        """An export's data settings as `medfl evaluate` reads a site with them."""
-        return saved
-
-    predicts_volumes: bool = False  # `medfl predict` takes volumes (one mask each) rather than 2-D images
-    confusion_matrices: bool = False  # reports rescore the selected models into confusion matrices
-    example_slices: bool = False  # reports draw test slices with truth and prediction

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from medfl.tasks.base import Task, TaskKey
+from medfl.task_facts import TaskKey
+from medfl.tasks.base import Task
 from medfl.tasks.classification import Classification
 from medfl.tasks.segmentation import Segmentation
 

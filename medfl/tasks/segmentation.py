@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from medfl.tasks.base import Task, TaskKey
+import numpy as np
+from rich.table import Table
+
+from medfl.data.fingerprint import relative_paths
+from medfl.data.prostate import read_segmentation_site
+from medfl.data.volumes import INTENSITY_PERCENTILES, WORKING_ORIENTATION
+from medfl.report.tables import Column
+from medfl.task_facts import SegmentationFacts
+from medfl.tasks.base import Task
 
 if TYPE_CHECKING:
     import torch
@@ -15,58 +23,26 @@ if TYPE_CHECKING:
     from medfl.data.problems import ProblemLog
     from medfl.data.records import SiteContent
     from medfl.data.site import SiteData, SiteReport
-    from medfl.report.tables import Column
-
-CLASSES = ("background", "prostate")  # mask value 0, and every value > 0 (zones merged)
 
 
-class Segmentation(Task):
-    key = TaskKey.SEGMENTATION
-    modality = "prostate"
-    metric = "dice"
-    layouts = ("nifti", "metaimage")
-    site_fields = ("mask_suffix",)
-    default_cpa_tau = 1.0
-    sample_noun = "slice"
-    bundle_packages = {"itk-io": "5.3.0", "nibabel": "5.0"}
-    bundle_batch_size = 1
-    example_slices = True
-    predicts_volumes = True  # medfl predict: volumes, one mask each, slice by slice
-
-    # ------------------------------------------------------------------ configs
-    def classes(self, configured: Sequence[str] | None) -> list[str]:
-        return list(CLASSES)
-
-    def label_targets(self, site: SiteConfig) -> list[str]:
-        return list(CLASSES)
-
+class Segmentation(SegmentationFacts, Task):
     # ------------------------------------------------------------------ data
     def read_site(self, site: SiteConfig, settings: DataSettings, log: ProblemLog) -> SiteContent:
-        from medfl.data.prostate import read_segmentation_site
-
         return read_segmentation_site(site, settings, log)
 
     def split_counts(self, classes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> tuple[list[int], int | None]:
-        import numpy as np
-
         foreground = sum(int(np.count_nonzero(r["label"])) for r in records)
         total = sum(int(r["label"].size) for r in records)
         with_foreground = sum(bool(np.any(r["label"])) for r in records)
         return [total - foreground, foreground], with_foreground
 
     def training_files(self, data: SiteData) -> list[str]:
-        from medfl.data.fingerprint import relative_paths
-
         return relative_paths({data.geometry[r["case_id"]].image_file for r in data.splits["train"]}, data)
 
     def input_channels(self, record: Mapping[str, Any]) -> int:
-        import numpy as np
-
         return int(np.asarray(record["image"]).shape[0])  # 1 + 2 x context slices
 
     def check_table(self, report: SiteReport) -> Any:
-        from rich.table import Table
-
         table = Table(title=f"site '{report.site}' ({report.task})", title_justify="left")
         table.add_column("split")
         for name in ("cases", "slices", "slices with prostate", "prostate pixels"):
@@ -77,20 +53,9 @@ class Segmentation(Task):
                           str(report.foreground_slices[split]), share)
         return table
 
-    def check_classes(self, settings: DataSettings) -> str:
-        background, foreground = CLASSES
-        return f"{background} (mask value 0), {foreground} (any value > 0)"
-
-    def check_settings(self, settings: DataSettings) -> list[str]:
-        return [f"training slices: {settings.slices}"]
-
     # ------------------------------------------------------------------ learning
-    def networks(self) -> dict[str, Any]:
-        from medfl.models.segmentation import BasicUNetNet, UNetNet
-
-        return {"unet": UNetNet, "basicunet": BasicUNetNet}
-
     def batch_labels(self, batch: Mapping[str, Any], device: torch.device) -> Tensor:
+        # start-up: torch and MONAI load when a model trains, not when `medfl check` reads a site
         import torch
 
         from medfl.federated.cpa import foreground_target
@@ -101,6 +66,7 @@ class Segmentation(Task):
         return foreground_target(label)
 
     def supervised_loss(self, kind: str, class_counts: Tensor, beta: float) -> nn.Module:
+        # start-up: torch and MONAI, as in batch_labels
         from medfl.federated.cpa import SegmentationCPALoss
         from medfl.federated.losses import CrossEntropyDice
 
@@ -108,24 +74,18 @@ class Segmentation(Task):
 
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
                  spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool) -> dict[str, float]:
+        # start-up: torch and MONAI, as above
         from medfl.federated.evaluation import score_segmenter
 
         return score_segmenter(model, batches, device, spacing_of, distances)
 
     # ------------------------------------------------------------------ reports and exports
     def result_columns(self, classes: Sequence[str], metric: str) -> list[Column]:
-        from medfl.report.tables import Column
-
         return [Column("Dice", ("test", "dice")), Column("HD95 (mm)", ("test", "hd95"), 2),
                 Column("cases w/o HD95", ("test", "hd95_missing"), 1),
                 Column("Dice last round", ("test_last_round", metric))]
 
-    def logits_shape(self, classes: Sequence[str], size: int) -> list[Any]:
-        return ["batch", len(classes), size, size]
-
     def preprocessing(self, data: DataSettings, in_channels: int, recipe: Mapping[str, Any]) -> dict[str, Any]:
-        from medfl.data.volumes import INTENSITY_PERCENTILES, WORKING_ORIENTATION
-
         size = data.input_size
         return {
             "kind": "MRI volume, predicted slice by slice",
@@ -147,6 +107,7 @@ class Segmentation(Task):
     def bundle_program(self, traced: Any, eager: nn.Module, in_channels: int, input_size: int, context_slices: int,
                        generator: torch.Generator) -> tuple[Any, nn.Module, Tensor]:
         """SliceWiseProgram around the network: the slices and their context exist only inside the program."""
+        # start-up: torch and MONAI load only when exporting
         import torch
 
         from medfl.deliver.monai_bundle import quiet_jit
@@ -157,6 +118,7 @@ class Segmentation(Task):
         return program, SliceWiseProgram(eager, input_size, context_slices).eval(), probe
 
     def bundle_inference(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
+        # start-up: torch and MONAI, only when exporting
         from medfl.deliver.monai_bundle import volume_transforms
 
         return {
@@ -177,7 +139,7 @@ class Segmentation(Task):
         }
 
     def bundle_data_format(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        from medfl.data.volumes import INTENSITY_PERCENTILES, WORKING_ORIENTATION
+        # start-up: torch and MONAI, only when exporting
         from medfl.deliver.monai_bundle import tensor_format
 
         classes = {str(i): name for i, name in enumerate(manifest["classes"])}
@@ -191,20 +153,4 @@ class Segmentation(Task):
             "post_processed_outputs": {
                 "pred": tensor_format("image", "segmentation", "MR", 1, ["*", "*", "*"], "uint8",
                                       [0, len(classes) - 1], classes)},
-        }
-
-    def bundle_texts(self, manifest: Mapping[str, Any]) -> dict[str, str]:
-        size = manifest["input"]["size"][0]
-        return {
-            "what": "prostate segmentation of T2-weighted MRI volumes, slice by slice (2.5-D)",
-            "data_type": "nifti or metaimage volumes",
-            "io": ("Input: the MRI volumes (one 3-D T2-weighted volume per file) directly inside `--input_dir`. "
-                   "Output: one mask per volume in `--output_dir`, named `<name>_mask<extension>`, in the input's "
-                   "format and on its voxel grid (same affine), 0 = background, 1 = prostate."),
-            "formats": ("\nNIfTI (`.nii.gz`) is read by default; for MetaImage volumes add `--input_ext .mhd` (or "
-                        "`.nii`, `.mha`): masks are written in the same format.\n"),
-            "program": (f"models/model.ts resizes every axial slice to {size} x {size} (bilinear, anti-aliased as "
-                        f"torch does), stacks it with {manifest['preprocessing']['context_slices']} neighbouring "
-                        "slice(s) on each side, runs the network and resizes the logits back to the slice; then "
-                        "argmax, and the mask is put back in the input's orientation"),
         }
