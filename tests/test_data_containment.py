@@ -13,8 +13,9 @@ import pytest
 from conftest import phantom_case, write_jpeg, write_volume
 
 from medfl.config import load_site_config
-from medfl.data import load_site, validate_site
+from medfl.data import SiteData, load_site, validate_site
 from medfl.errors import ConfigError, DataError
+from medfl.tasks import task_for
 
 SECRET = "SECRET-FIRST-LINE-must-never-be-printed"
 
@@ -32,7 +33,13 @@ def _secret(tmp_path: Path) -> Path:
 
 
 def _errors(config: Path) -> list[str]:
-    return [str(p) for p in validate_site(load_site_config(config)) if p.severity == "error"]
+    site = load_site_config(config)
+    return [str(p) for p in validate_site(site, task=task_for(site.task)) if p.severity == "error"]
+
+
+def _load(config: Path) -> SiteData:
+    site = load_site_config(config)
+    return load_site(site, task=task_for(site.task))
 
 
 def _append_rows(table: Path, rows: list[list[str]]) -> None:
@@ -56,7 +63,7 @@ def test_a_table_outside_the_site_is_refused_unread(csv_site, tmp_path, table):
     assert "site 'derm_csv'" in errors[0] and "secret.txt" in errors[0]
     assert "table lies outside data_root and the site config's folder" in errors[0]
     with pytest.raises(DataError) as caught:
-        load_site(load_site_config(config))
+        _load(config)
     assert SECRET not in str(caught.value) and "private" not in str(caught.value)
 
 
@@ -92,7 +99,7 @@ def test_data_root_itself_may_be_anywhere_even_behind_a_symlink(csv_site, tmp_pa
     real = load_site_config(config).data_root
     link = _outside(tmp_path) / "root_link"
     link.symlink_to(real, target_is_directory=True)
-    data = load_site(load_site_config(csv_site(data_root=str(link))))
+    data = _load(csv_site(data_root=str(link)))
     assert sum(len(records) for records in data.splits.values()) > 0
 
 

@@ -24,6 +24,7 @@ from medfl.errors import ConfigError
 from medfl.synth import DEFAULT_OUT, DEFAULT_SCALE, Minimums, generate
 from medfl.synth.site_configs import config_yaml, derm_config, prostate_config
 from medfl.synth.sites import REFERENCE_DERM, REFERENCE_PROSTATE, site_name
+from medfl.tasks import task_for
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Minimums(train=2, val=1, test=1, cases=3)  # 12 lesions per class, 3 cases per prostate site
@@ -270,7 +271,8 @@ def test_configs_point_at_the_data(synth) -> None:
 def test_medfl_reader_loads_every_site_with_the_class_minimums(synth) -> None:
     settings = DataSettings(classes=["nv", "bkl", "mel"], input_size=16, num_workers=1)
     for path in synth.configs:
-        site = load_site(load_site_config(path), settings)
+        config = load_site_config(path)
+        site = load_site(config, settings, task=task_for(config.task))
         assert not site.report.errors, site.report.errors
         if site.task == "classification":
             for split, minimum in (("train", TINY.train), ("val", TINY.val), ("test", TINY.test)):

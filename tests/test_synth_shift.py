@@ -33,6 +33,7 @@ from medfl.synth.realistic import (
 )
 from medfl.synth.rng import rng_for
 from medfl.synth.sites import REFERENCE_DERM
+from medfl.tasks import task_for
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -108,7 +109,8 @@ def test_unknown_shift_is_a_config_error(tmp_path: Path) -> None:
 def test_readers_and_check_accept_the_realistic_sites(realistic, capsys) -> None:
     settings = DataSettings(classes=list(CLASSES), input_size=16, num_workers=1)
     for path in realistic.configs:
-        site = load_site(load_site_config(path), settings)
+        config = load_site_config(path)
+        site = load_site(config, settings, task=task_for(config.task))
         assert not site.report.errors, site.report.errors
         assert all(site.splits[split] for split in ("train", "val"))
     capsys.readouterr()

@@ -17,14 +17,6 @@ import numpy as np
 from medfl.data.site import SiteData
 
 
-def training_files(data: SiteData) -> list[str]:
-    """The site's training files as the run saw them (the task says which: images, or the training cases'
-    volumes), as sorted paths relative to the site's data_root (absolute when outside it)."""
-    from medfl.tasks import task_for
-
-    return task_for(data.task).training_files(data)
-
-
 def relative_paths(paths: set[str], data: SiteData) -> list[str]:
     """Sorted paths relative to the site's data_root (absolute when outside it)."""
     root = Path(data.config.data_root).resolve() if data.config is not None else None

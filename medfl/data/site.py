@@ -14,8 +14,9 @@ produces, a split file that lists unknown cases.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from medfl.config import DataSettings, SiteConfig
 from medfl.data.containment import named_files_admitted
@@ -25,7 +26,17 @@ from medfl.data.shift import SampleStatistics
 from medfl.data.splits import SPLITS
 from medfl.data.volumes import CaseGeometry
 from medfl.errors import DataError
-from medfl.tasks import task_for
+
+
+class SiteReader(Protocol):
+    """What reading a site needs of its task (a medfl.tasks.Task is one): the caller hands it in."""
+
+    def read_site(self, site: SiteConfig, settings: DataSettings, log: ProblemLog) -> SiteContent: ...
+
+    def empty_classes(self, site: SiteConfig, settings: DataSettings) -> list[str]: ...
+
+    def split_counts(self, classes: Sequence[str], records: Sequence[Mapping[str, Any]]
+                     ) -> tuple[list[int], int | None]: ...
 
 
 @dataclass
@@ -98,10 +109,10 @@ def _check_splits(site: SiteConfig, settings: DataSettings, report: SiteReport, 
                             kind=f"class absent from {split}")
 
 
-def inspect_site(site: SiteConfig, settings: DataSettings | None = None) -> SiteData:
-    """Find, validate and split one site; data problems are collected in `report.problems`, not raised."""
+def inspect_site(site: SiteConfig, settings: DataSettings | None = None, *, task: SiteReader) -> SiteData:
+    """Find, validate and split one site with its task (the caller hands it in); data problems are collected in
+    `report.problems`, not raised."""
     settings = settings or DataSettings()
-    task = task_for(site.task)
     log = ProblemLog(site.name)
     if not site.data_root.is_dir():
         log.error("data_root folder not found", site.data_root)
@@ -130,14 +141,14 @@ def inspect_site(site: SiteConfig, settings: DataSettings | None = None) -> Site
     return SiteData(site.name, site.task, content.classes, content.splits, report, content.geometry, site)
 
 
-def validate_site(site: SiteConfig, settings: DataSettings | None = None) -> list[Problem]:
+def validate_site(site: SiteConfig, settings: DataSettings | None = None, *, task: SiteReader) -> list[Problem]:
     """Every problem (errors and warnings) of one site."""
-    return inspect_site(site, settings).report.problems
+    return inspect_site(site, settings, task=task).report.problems
 
 
-def load_site(site: SiteConfig, settings: DataSettings | None = None) -> SiteData:
+def load_site(site: SiteConfig, settings: DataSettings | None = None, *, task: SiteReader) -> SiteData:
     """A site's data for training; raises one DataError listing every error (one line each)."""
-    data = inspect_site(site, settings)
+    data = inspect_site(site, settings, task=task)
     errors = data.report.errors
     if errors:
         lines = "\n".join(f"  {problem}" for problem in errors)
