@@ -42,11 +42,12 @@ def run_reference(name: str, federation: Path, folder: Path) -> dict[str, Any]:
 
     from medfl.experiment import load_experiment_config
     from medfl.federated.coordinator import Coordinator
+    from medfl.tasks import task_for
 
     spec = dict(RUNS[name])
     task = spec.pop("task")
     config = load_experiment_config(tiny_experiment(folder / f"{name}.yaml", federation, task, **spec))
-    Coordinator(config, folder / name, torch.device("cpu")).run()
+    Coordinator(config, folder / name, torch.device("cpu"), task=task_for(config.task)).run()
     summary = json.loads((folder / name / "summary.json").read_text())
     return {
         **{file: _read(folder / name / file) for file in RUN_FILES},

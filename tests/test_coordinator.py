@@ -17,6 +17,7 @@ from medfl.federated.coordinator import Coordinator
 from medfl.federated.site import Site
 from medfl.methods import METHODS
 from medfl.runfolder import RunFolder
+from medfl.tasks import task_for
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ ALLOWED_STATISTICS = {"num_samples", "class_counts", "prototypes", "prototype_co
 
 
 def run(config, tmp_path, name="run", **kwargs):
-    coordinator = Coordinator(config, tmp_path / name, torch.device("cpu"), **kwargs)
+    coordinator = Coordinator(config, tmp_path / name, torch.device("cpu"), task=task_for(config.task), **kwargs)
     return coordinator, coordinator.run()
 
 
@@ -180,7 +181,7 @@ def test_an_earlier_run_is_never_overwritten(derm_experiment, tmp_path):
 
 def test_diverging_loss_names_site_round_and_epoch_and_keeps_checkpoint(derm_experiment, tmp_path, monkeypatch):
     config = load_experiment_config(derm_experiment, rounds=2)
-    coordinator = Coordinator(config, tmp_path / "run", torch.device("cpu"))
+    coordinator = Coordinator(config, tmp_path / "run", torch.device("cpu"), task=task_for(config.task))
     original = Site.train
 
     def poisoned(self, data, extra=None):

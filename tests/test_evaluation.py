@@ -6,6 +6,7 @@ from torch import nn
 
 from medfl.federated.evaluation import evaluate_model
 from medfl.metrics import classification_metrics
+from medfl.tasks import task_for
 
 
 class Fixed(nn.Module):
@@ -19,7 +20,7 @@ def test_classification_matches_the_metrics_of_the_same_predictions():
     logits = torch.tensor([[2.0, 0.1, 0.0], [0.0, 3.0, 0.1], [0.0, 0.1, 1.0], [1.0, 0.0, 0.2], [0.0, 0.2, 0.1]])
     labels = torch.tensor([0, 1, 2, 2, 1])
     loader = [{"image": logits[:3], "label": labels[:3]}, {"image": logits[3:], "label": labels[3:]}]
-    result = evaluate_model(Fixed(), loader, "classification", ["a", "b", "c"], torch.device("cpu"))
+    result = evaluate_model(Fixed(), loader, task_for("classification"), ["a", "b", "c"], torch.device("cpu"))
     expected = classification_metrics(labels, torch.softmax(logits, 1), ["a", "b", "c"])
     assert result == pytest.approx(expected, nan_ok=True)
 
@@ -37,7 +38,7 @@ def test_segmentation_reassembles_cases_and_scores_them_with_spacing():
         label = torch.zeros(1, 1, 4, 4)
         label[0, 0, 1:3, 1:3] = truth[(case, index)]
         batches.append({"image": logits, "label": label, "case_id": [case], "slice_index": torch.tensor([index])})
-    result = evaluate_model(Fixed(), batches, "segmentation", ["background", "prostate"], torch.device("cpu"),
+    result = evaluate_model(Fixed(), batches, task_for("segmentation"), ["background", "prostate"], torch.device("cpu"),
                             spacing_of=lambda case: (1.0, 1.0, 2.0))
     assert result["num_cases"] == 2
     assert result["dice"] == pytest.approx((2 * 4 / (8 + 4) + 1.0) / 2)

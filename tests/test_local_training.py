@@ -15,6 +15,7 @@ from medfl.experiment import load_experiment_config
 from medfl.federated.coordinator import Coordinator
 from medfl.metrics import reference_window_start
 from medfl.runlog import det_state_changes
+from medfl.tasks import task_for
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ def _rows(path):
 
 def _run(tmp_path, federation, task="classification", name="run", **changes):
     config = load_experiment_config(tiny_experiment(tmp_path / f"{name}.yaml", federation, task, **changes))
-    coordinator = Coordinator(config, tmp_path / name, torch.device("cpu"))
+    coordinator = Coordinator(config, tmp_path / name, torch.device("cpu"), task=task_for(config.task))
     return coordinator, coordinator.run()
 
 

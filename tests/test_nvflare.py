@@ -43,6 +43,7 @@ from medfl.nvflare.payloads import (  # noqa: E402
     train_task,
 )
 from medfl.nvflare.site_runner import SiteRunner, load_job_configs  # noqa: E402
+from medfl.tasks import task_for  # noqa: E402
 
 SITES = ("derm_a", "derm_b")
 COMPARED = ("metrics.csv", "det_states.csv", "retrogress.csv")
@@ -90,7 +91,8 @@ def in_process(experiment, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     try:
         run_dir = tmp_path_factory.mktemp("reference") / "run"
-        Coordinator(load_experiment_config(experiment), run_dir, torch.device("cpu")).run()
+        config = load_experiment_config(experiment)
+        Coordinator(config, run_dir, torch.device("cpu"), task=task_for(config.task)).run()
     finally:
         torch.set_num_threads(threads)
     return run_dir
@@ -316,6 +318,6 @@ def test_exported_job_in_the_simulator_matches_the_in_process_coordinator(experi
         kept = json.loads((folder / "summary.json").read_text())
         assert list(kept["sites"]) == [site], "a hospital receives its own results only"
         assert {row["site"] for row in table(folder / "metrics.csv")} == {site}
-        (exported,) = export_run(folder)
+        (exported,) = export_run(folder, task=task_for("classification"))
         assert exported.site == site
         assert exported.manifest["round"]["selected"] == summary["sites"][site]["selected_round"]

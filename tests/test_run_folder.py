@@ -20,6 +20,7 @@ from medfl.errors import ConfigError, DataError, MedflError
 from medfl.experiment import load_experiment_config
 from medfl.federated.coordinator import Coordinator
 from medfl.runfolder import RunFinished, RunFolder
+from medfl.tasks import task_for
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,8 @@ def experiment(tiny_federation, tmp_path_factory):
 
 def _run(experiment, run_dir, resume=False, progress=None, **overrides):
     config = load_experiment_config(experiment, **overrides)
-    return Coordinator(config, run_dir, torch.device("cpu"), progress=progress).run(resume=resume)
+    return Coordinator(config, run_dir, torch.device("cpu"), progress=progress, task=task_for(config.task)).run(
+        resume=resume)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +222,7 @@ def test_prototypes_of_rare_classes_can_be_withheld(tiny_federation, tmp_path, o
         sites.append(str(configs / f"{name}.yaml"))
     experiment = tiny_experiment(tmp_path / "exp.yaml", tiny_federation, "classification", rounds=1)
     config = load_experiment_config(experiment).model_copy(update={"sites": [pathlib.Path(s) for s in sites]})
-    coordinator = Coordinator(config, tmp_path / "run", torch.device("cpu"))
+    coordinator = Coordinator(config, tmp_path / "run", torch.device("cpu"), task=task_for(config.task))
     coordinator.run()
     uploads = {name: site.get_weights().statistics for name, site in coordinator.sites.items()}
     assert int(uploads["derm_b"]["prototype_counts"].sum()) == 0 and float(uploads["derm_b"]["prototypes"].abs().sum()) == 0

@@ -76,7 +76,7 @@ def test_two_models_step_on_their_own_losses_and_feed_prototypes():
     accumulator = PrototypeAccumulator(3)
     plan = EpochPlan(state=DetState.RECOVER, accumulator=accumulator)
     losses = train_epoch(models, optimizers, batches(), SupervisedLoss("classification", "ce", torch.ones(3)),
-                         plan, "classification", torch.device("cpu"))
+                         plan, task_for("classification"), torch.device("cpu"))
     assert set(losses) == {"P", "D"} and all(v > 0 for v in losses.values())
     for name, model in models.items():
         assert any(not torch.equal(before[name][k], v) for k, v in model.state_dict().items())
@@ -89,7 +89,7 @@ def test_fedrep_freezes_what_is_not_trainable_and_restores_it():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     plan = EpochPlan(trainable=["body.weight", "body.bias"])
     train_epoch({"M": model}, {"M": optimizer}, batches(), SupervisedLoss("classification", "ce", torch.ones(3)),
-                plan, "classification", torch.device("cpu"))
+                plan, task_for("classification"), torch.device("cpu"))
     assert all(torch.equal(head[k], v) for k, v in model.final_classifier.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
 
@@ -100,13 +100,14 @@ def test_a_nan_loss_stops_the_epoch():
     data[1]["image"][0, 0] = float("nan")
     with pytest.raises(TrainingDiverged, match="model M loss is nan"):
         train_epoch({"M": model}, {"M": torch.optim.SGD(model.parameters(), lr=0.1)}, data,
-                    SupervisedLoss("classification", "ce", torch.ones(3)), EpochPlan(), "classification",
+                    SupervisedLoss("classification", "ce", torch.ones(3)), EpochPlan(), task_for("classification"),
                     torch.device("cpu"))
 
 
 def test_uncached_dermoscopy_records_load_without_metadata(ham10000_site):
     site = load_site_config(ham10000_site())
-    data = load_site(site, DataSettings(classes=["nv", "bkl", "mel"], input_size=32, num_workers=0))
+    data = load_site(site, DataSettings(classes=["nv", "bkl", "mel"], input_size=32, num_workers=0),
+                     task=task_for(site.task))
     for recipe in ("dermoscopy_train", "dermoscopy_eval"):
         dataset = build_dataset(data.splits["train"][:4], load_recipe(recipe, input_size=32), cache_rate=0.0)
         with plain_tensors():

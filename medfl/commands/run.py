@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from medfl.devices import resolve_device
     from medfl.federated.coordinator import Coordinator
     from medfl.progress import ProgressDisplay, print_summary
+    from medfl.tasks import task_for
 
     device = resolve_device(config.device)
     if config.runtime.threads:
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(config.runtime.threads)
     with ProgressDisplay(quiet=args.quiet) as display:
-        coordinator = Coordinator(config, run_dir, device, progress=display.event)
+        coordinator = Coordinator(config, run_dir, device, progress=display.event, task=task_for(config.task))
         try:
             summary = coordinator.run(resume=args.resume)
         except KeyboardInterrupt:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.fl.utils.exchange_object import ExchangeObject
@@ -23,12 +23,17 @@ from medfl.federated.rounds import Progress, RoundReplies, Server, SiteReply, ru
 from medfl.federated.site import Site
 from medfl.runfolder import RunFolder
 
+if TYPE_CHECKING:
+    from medfl.tasks import Task
+
 
 class LocalSites:
     """The sites of an experiment, in this process, in the experiment's order."""
 
-    def __init__(self, config: ExperimentConfig, run_dir: Path, device: torch.device, progress: Progress):
+    def __init__(self, config: ExperimentConfig, run_dir: Path, device: torch.device, progress: Progress, *,
+                 task: Task):
         self.config = config
+        self.task = task
         self.run_dir = run_dir
         self.device = device
         self.progress = progress
@@ -42,7 +47,7 @@ class LocalSites:
         """Read and check every site's data and build its models; every data problem is reported together."""
         problems: list[str] = []
         for site_config in self.config.load_sites():
-            site = Site(site_config, self.config, self.run_dir, self.device)
+            site = Site(site_config, self.config, self.run_dir, self.device, task=self.task)
             site.on_epoch = lambda info: self.progress("epoch", info)
             try:
                 site.initialize()
@@ -92,12 +97,14 @@ class Coordinator:
         run_dir: str | Path,
         device: torch.device | None = None,
         progress: Callable[[str, dict[str, Any]], None] | None = None,
+        *,
+        task: Task,
     ):
         self.config = config
         self.run_dir = Path(run_dir)
         self.device = device or resolve_device(config.device)
         self.progress = progress or (lambda event, info: None)
-        self.federation = LocalSites(config, self.run_dir, self.device, self.progress)
+        self.federation = LocalSites(config, self.run_dir, self.device, self.progress, task=task)
         self.server = Server(config, self.device, [])
 
     @property

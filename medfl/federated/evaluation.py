@@ -4,6 +4,7 @@ BatchNorm re-estimation diagnostic."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,7 +17,9 @@ from medfl.metrics import (
     segmentation_case_metrics,
     summarize_cases,
 )
-from medfl.tasks import Task, task_for
+
+if TYPE_CHECKING:
+    from medfl.tasks import Task
 
 
 def _as_list(values: object) -> list:
@@ -29,7 +32,7 @@ def _as_list(values: object) -> list:
 def evaluate_model(
     model: nn.Module,
     loader: Iterable[Mapping[str, object]],
-    task: Task | str,
+    task: Task,
     classes: Sequence[str],
     device: torch.device,
     spacing_of: Callable[[str], Sequence[float] | None] | None = None,
@@ -40,7 +43,7 @@ def evaluate_model(
     model.eval()
     try:
         with plain_tensors():
-            return task_for(task).evaluate(model, loader, classes, device, spacing_of, distances)
+            return task.evaluate(model, loader, classes, device, spacing_of, distances)
     finally:
         model.train(was_training)
 

@@ -29,7 +29,7 @@ from medfl.federated.server import SiteUpdate, Strategy, build_strategy
 from medfl.models import build_model
 from medfl.runfolder import RunFolder
 from medfl.runlog import RunLog
-from medfl.tasks import task_for
+from medfl.task_facts import facts_for
 from medfl.tensorboard import write_round_scalars
 
 ANSWERED = "answered"
@@ -180,7 +180,7 @@ class Server:
             "experiment": self.config.name,
             "method": self.config.method,
             "task": self.config.task,
-            "metric": task_for(self.config.task).metric,
+            "metric": facts_for(self.config.task).metric,
             "completed_rounds": round_ + 1,
             "rounds": self.config.rounds,
             "finished": round_ + 1 == self.config.rounds,

@@ -8,7 +8,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,7 +16,9 @@ from torch import nn
 from medfl.federated.evaluation import evaluate_model, reestimate_batchnorm
 from medfl.methods import ModelRole
 from medfl.metrics import running_best
-from medfl.tasks import Task
+
+if TYPE_CHECKING:
+    from medfl.tasks import Task
 
 
 class SiteScores:

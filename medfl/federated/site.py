@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.data import MetaTensor
@@ -26,7 +26,9 @@ from monai.utils import set_determinism
 from torch import Tensor
 
 from medfl.config import SiteConfig
-from medfl.data.fingerprint import data_fingerprint, site_config_sha256, training_files
+from medfl.data.fingerprint import data_fingerprint, site_config_sha256
+from medfl.data.recipes import build_dataset, load_recipe
+from medfl.data.site import load_site
 from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig
 from medfl.federated.audit import describe_tensors, describe_values
@@ -38,7 +40,9 @@ from medfl.federated.training import TrainingDiverged
 from medfl.metrics import reference_window_start, retrogress
 from medfl.models import build_model
 from medfl.runfolder import SCHEMA_VERSION, RunFolder, SiteRecord
-from medfl.tasks import task_for
+
+if TYPE_CHECKING:
+    from medfl.tasks import Task
 
 PREFETCH_BATCHES = 2  # batches the training loader prepares ahead of the step that needs them
 EVAL_BATCH_CACHE_BYTES = 512 * 2**20  # validation and test batches kept collated per site, at most
@@ -54,9 +58,11 @@ class Site(ClientAlgo):
     """One site of a federation: its data, its models and what leaves it."""
 
     def __init__(self, site_config: SiteConfig, experiment: ExperimentConfig, run_dir: str | Path,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", *, task: Task):
+        if task.key != experiment.task:
+            raise ValueError(f"a {task.key} task cannot run the {experiment.task} experiment '{experiment.name}'")
         self.config, self.experiment, self.name = site_config, experiment, site_config.name
-        self.spec, self.task, self.classes = experiment.spec, task_for(experiment.task), experiment.classes
+        self.spec, self.task, self.classes = experiment.spec, task, experiment.classes
         self.used, self.receiving = self.spec.used_role, self.spec.receiving_role
         self.device = torch.device(device)
         self.folder = RunFolder(run_dir).site(self.name)
@@ -69,10 +75,8 @@ class Site(ClientAlgo):
     # ----------------------------------------------------------------- set-up
     def initialize(self, extra: dict | None = None) -> None:
         """Read and check the site's data, build the datasets, and the models from the common initialisation."""
-        from medfl.data import build_dataset, load_recipe, load_site
-
         settings = self.experiment.data
-        self.data = load_site(self.config, settings)
+        self.data = load_site(self.config, settings, task=self.task)
         self.in_channels = self.task.input_channels(self.data.splits["train"][0])
         recipes = {stage: load_recipe(settings.recipe(self.task.key, stage), input_size=settings.input_size)
                    for stage in ("train", "eval")}
@@ -95,7 +99,7 @@ class Site(ClientAlgo):
                                  self._spacing, lambda split: len(self.datasets[split]))
         self.record = SiteRecord(schema_version=SCHEMA_VERSION, site=self.name,
                                  site_config_sha256=site_config_sha256(self.config),
-                                 data_fingerprint=data_fingerprint(self.data), training_files=training_files(self.data))
+                                 data_fingerprint=data_fingerprint(self.data), training_files=self.task.training_files(self.data))
 
     @property
     def models(self) -> dict[Any, torch.nn.Module]:
@@ -210,8 +214,6 @@ class Site(ClientAlgo):
         if split in self._collated:
             return self._collated[split]
         if split not in self.datasets:
-            from medfl.data import build_dataset
-
             settings = self.experiment.data
             self.datasets[split] = build_dataset(self.data.splits["train"], self.eval_transform,
                                                  cache_rate=settings.cache_rate, num_workers=settings.num_workers)

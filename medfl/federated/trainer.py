@@ -10,7 +10,7 @@ MONAI FL or NVFlare drive the Site.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,9 @@ from medfl.federated.payloads import Delivery
 from medfl.federated.server import SiteUpdate
 from medfl.federated.training import EpochPlan, train_epoch
 from medfl.methods import ModelRole
-from medfl.tasks import Task
+
+if TYPE_CHECKING:
+    from medfl.tasks import Task
 
 
 class LocalTrainer:

@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,9 @@ from medfl.errors import MedflError
 from medfl.federated.cpa import PrototypeAccumulator
 from medfl.federated.det import DetState, det_losses
 from medfl.methods import ModelRole
-from medfl.tasks import Task, task_for
+
+if TYPE_CHECKING:
+    from medfl.tasks import Task
 
 
 class TrainingDiverged(MedflError):
@@ -108,7 +111,7 @@ def train_epoch(
     loader: Iterable[Mapping[str, Tensor]],
     loss_fn: nn.Module,
     plan: EpochPlan,
-    task: Task | str,
+    task: Task,
     device: torch.device,
     mixed_precision: bool = False,
 ) -> dict[str, float]:
@@ -119,7 +122,6 @@ def train_epoch(
     The used model (P, or M) feeds ``plan.accumulator`` with detached features for CPA's prototypes.
     """
     used = ModelRole.PERSONALIZED if ModelRole.PERSONALIZED in models else ModelRole.SINGLE
-    task = task_for(task)
     for model in models.values():
         model.train()
     trainable = set(plan.trainable) if plan.trainable is not None else None

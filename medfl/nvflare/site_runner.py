@@ -36,6 +36,7 @@ from medfl.nvflare.payloads import (
     train_reply,
 )
 from medfl.runfolder import RunFolder
+from medfl.tasks import task_for
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ class SiteRunner:
         """The Site, its data read and checked (nothing written yet: the server creates the run folder once
         every site has reported)."""
         if self.site is None:
-            site = Site(self.site_config, self.experiment, self.run_dir, self.device)
+            site = Site(self.site_config, self.experiment, self.run_dir, self.device,
+                        task=task_for(self.experiment.task))
             site.initialize()
             self.site = site
         return self.site
