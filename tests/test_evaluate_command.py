@@ -14,6 +14,7 @@ from medfl.data import load_site
 from medfl.deliver import evaluate_export, export_run, load_export
 from medfl.errors import ConfigError
 from medfl.experiment import load_experiment_config
+from medfl.tasks import task_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +23,8 @@ pytestmark = pytest.mark.slow
 def setup(tmp_path_factory):
     runs = tiny_runs(tmp_path_factory)
     out = tmp_path_factory.mktemp("evaluate_exports")
-    export_run(runs["classification"], out=out / "derm", sites=["derm_a"])
-    export_run(runs["segmentation"], out=out / "prostate")
+    export_run(runs["classification"], out=out / "derm", sites=["derm_a"], task=task_for("classification"))
+    export_run(runs["segmentation"], out=out / "prostate", task=task_for("segmentation"))
     configs = runs["federation"] / "site_configs"
     return {
         "derm": out / "derm" / "derm_a", "prostate": out / "prostate" / "prost_a",
@@ -36,7 +37,7 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize(("export", "site"), [("derm", "derm_a"), ("prostate", "prost_a")])
 def test_own_test_split_reproduces_the_runs_test_metrics(setup, export, site):
     exported = load_export(setup[export])
-    result = evaluate_export(exported, setup[site], "test")
+    result = evaluate_export(exported, setup[site], "test", task=task_for(exported.task))
     assert result["site"] == site and result["split"] == "test"
     assert result["metrics"] == pytest.approx(exported.manifest["metrics"]["test"], rel=1e-6, nan_ok=True)
 
@@ -45,9 +46,10 @@ def test_own_test_split_reproduces_the_runs_test_metrics(setup, export, site):
                                                       ("prostate", "prost_b", "segmentation")])
 def test_another_site_is_scored_on_all_its_data(setup, export, site, task):
     exported = load_export(setup[export])
-    result = evaluate_export(exported, setup[site], "all")
+    result = evaluate_export(exported, setup[site], "all", task=task_for(exported.task))
     config = load_experiment_config(setup["runs"][task] / "config.yaml")
-    data = load_site(load_site_config(setup[site]), config.data.model_copy(update={"slices": "all"}))
+    data = load_site(load_site_config(setup[site]), config.data.model_copy(update={"slices": "all"}),
+                     task=task_for(config.task))
     assert result["samples"] == sum(len(records) for records in data.splits.values())
     metric = "macro_f1" if task == "classification" else "dice"
     assert result["metric"] == metric and 0.0 <= result["metrics"][metric] <= 1.0
@@ -75,4 +77,4 @@ def test_mistakes_are_one_line_errors(setup, capsys):
     error = capsys.readouterr().err
     assert "a segmentation site cannot score the classification model" in error and len(error.splitlines()) == 1
     with pytest.raises(ConfigError, match="--split must be one of"):
-        evaluate_export(load_export(setup["derm"]), setup["derm_a"], "holdout")
+        evaluate_export(load_export(setup["derm"]), setup["derm_a"], "holdout", task=task_for("classification"))

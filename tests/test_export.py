@@ -23,6 +23,9 @@ from medfl.data import load_site
 from medfl.deliver import export_run, find_export, load_export, read_manifest
 from medfl.errors import ConfigError, DataError, MedflError
 from medfl.experiment import load_experiment_config
+from medfl.tasks import task_for
+
+CLASSIFICATION = task_for("classification")
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +55,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.set_num_threads(1)  # two cores shared by many: one thread each is fastest
     try:
         for task, path in experiments.items():
-            Coordinator(load_experiment_config(path), runs[task], torch.device("cpu")).run()
+            Coordinator(load_experiment_config(path), runs[task], torch.device("cpu"), task=task_for(task)).run()
     finally:
         torch.set_num_threads(threads)
     (base / "done").touch()
@@ -67,13 +70,13 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def derm_export(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("derm_export")
-    return out, export_run(runs["classification"], out=out)
+    return out, export_run(runs["classification"], out=out, task=task_for("classification"))
 
 
 @pytest.fixture(scope="module")
 def prostate_export(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("prostate_export")
-    return out, export_run(runs["segmentation"], out=out)
+    return out, export_run(runs["segmentation"], out=out, task=task_for("segmentation"))
 
 
 def _sha256(path: Path) -> str:
@@ -133,7 +136,7 @@ def test_training_file_hash_covers_the_sites_training_images(runs, derm_export):
     config = load_experiment_config(runs["classification"] / "config.yaml")
     out, _ = derm_export
     for site in config.load_sites():
-        data = load_site(site, config.data)
+        data = load_site(site, config.data, task=task_for(config.task))
         files = sorted(str(Path(r["image"]).resolve().relative_to(site.data_root.resolve()))
                        for r in data.splits["train"])
         expected = hashlib.sha256("".join(f + "\n" for f in files).encode()).hexdigest()
@@ -150,7 +153,7 @@ def test_segmentation_manifest_records_volume_preprocessing(runs, prostate_expor
     assert preprocessing["orientation"] == "LPS" and preprocessing["context_slices"] == 1
     assert preprocessing["intensity_percentiles"] == [0.5, 99.5] and preprocessing["in_plane_size"] == [32, 32]
     config = load_experiment_config(runs["segmentation"] / "config.yaml")
-    data = load_site(config.load_sites()[0], config.data)
+    data = load_site(config.load_sites()[0], config.data, task=task_for(config.task))
     train_cases = {r["case_id"] for r in data.splits["train"]}
     assert manifest["training_files"]["count"] == len(train_cases)
     assert manifest["output"]["logits"] == ["batch", 2, 32, 32]
@@ -189,26 +192,26 @@ def test_an_export_is_never_overwritten(runs, derm_export):
     out, _ = derm_export
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(ConfigError, match="never overwritten.*--out"):
-        export_run(runs["classification"], out=out, round_="last")
+        export_run(runs["classification"], out=out, round_="last", task=task_for("classification"))
     with pytest.raises(ConfigError, match="derm_b"):
-        export_run(runs["classification"], out=out, sites=["derm_b"])
+        export_run(runs["classification"], out=out, sites=["derm_b"], task=task_for("classification"))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written, no temporary left
 
 
 def test_round_and_model_choices(runs, tmp_path):
     run = runs["classification"]
-    (last,) = export_run(run, out=tmp_path / "last", round_="last", sites=["derm_b"])
+    (last,) = export_run(run, out=tmp_path / "last", round_="last", sites=["derm_b"], task=CLASSIFICATION)
     assert last.manifest["round"]["selected"] == 1 and last.manifest["round"]["requested"] == "last"
-    (deputy,) = export_run(run, out=tmp_path / "deputy", round_="0", role="deputy", sites=["derm_a"])
+    (deputy,) = export_run(run, out=tmp_path / "deputy", round_="0", role="deputy", sites=["derm_a"], task=CLASSIFICATION)
     assert deputy.manifest["model"]["name"] == "D" and deputy.manifest["round"]["selected"] == 0
     state = torch.load(deputy.folder / "model.pt", weights_only=True)
     expected = _checkpoint(run, "derm_a", 0)["models"]["D"]
     assert all(torch.equal(state[k], expected[k]) for k in expected)
     for bad in ("2", "latest", "-1"):
         with pytest.raises(ConfigError, match="round"):
-            export_run(run, out=tmp_path / bad, round_=bad)
+            export_run(run, out=tmp_path / bad, round_=bad, task=CLASSIFICATION)
     with pytest.raises(ConfigError, match="no site 'elsewhere'"):
-        export_run(run, out=tmp_path / "x", sites=["elsewhere"])
+        export_run(run, out=tmp_path / "x", sites=["elsewhere"], task=CLASSIFICATION)
 
 
 def test_a_method_without_federation_has_no_deputy(runs, tmp_path):
@@ -219,9 +222,9 @@ def test_a_method_without_federation_has_no_deputy(runs, tmp_path):
     config = yaml.safe_load((runs["classification"] / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "method": "local"}))
     with pytest.raises(ConfigError, match="no deputy"):
-        export_run(run, role="deputy")
+        export_run(run, role="deputy", task=CLASSIFICATION)
     with pytest.raises(MedflError, match="no such run folder"):
-        export_run(tmp_path / "nothing")
+        export_run(tmp_path / "nothing", task=CLASSIFICATION)
 
 
 def test_cli_export_prints_each_site_and_refuses_a_second_time(runs, tmp_path, capsys):

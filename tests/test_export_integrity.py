@@ -18,6 +18,7 @@ from test_export import tiny_runs
 from medfl.cli import main
 from medfl.deliver import export_run, load_export
 from medfl.errors import ConfigError, DataError
+from medfl.tasks import task_for
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 def setup(tmp_path_factory):
     runs = tiny_runs(tmp_path_factory)
     out = tmp_path_factory.mktemp("integrity_exports")
-    export_run(runs["classification"], out=out, sites=["derm_a"])
+    export_run(runs["classification"], out=out, sites=["derm_a"], task=task_for("classification"))
     configs = runs["federation"] / "site_configs" / "dermoscopy"
     images = sorted((runs["federation"] / "dermoscopy" / "derm_b").rglob("*.jpg"))[:2]
     return {"export": out / "derm_a", "runs": runs, "site_config": configs / "derm_b.yaml", "images": images}
@@ -161,7 +162,7 @@ def test_a_run_folders_recipe_is_checked_under_report_and_export(setup, tmp_path
     from medfl.report.writer import write_report
 
     run, evil = _evil_run(setup, tmp_path)
-    report = write_report([run], out=tmp_path / "report")
+    report = write_report([run], out=tmp_path / "report", task=task_for("classification"))
     assert any(f"{evil}: transform 2 (SaveImaged)" in note for note in report.notes), report.notes
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 1
     assert f"{evil}: transform 2 (SaveImaged)" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from medfl.cli import main
 from medfl.deliver import export_run, load_export, predict
 from medfl.deliver.monai_bundle import image_transforms, volume_transforms
 from medfl.errors import ConfigError
+from medfl.tasks import task_for
 
 pytestmark = pytest.mark.slow
 for runner_package in ("ignite", "fire", "itk"):  # medfl's [bundle] extra, which `make install` installs
@@ -109,12 +110,15 @@ def delivered(tmp_path_factory):
     runs = tiny_runs(tmp_path_factory)
     base = tmp_path_factory.mktemp("monai_bundle")
     bundles = {
-        "derm": export_run(runs["classification"], out=base / "bundles", sites=["derm_a"], export_format="bundle")[0],
-        "prostate": export_run(runs["segmentation"], out=base / "bundles", export_format="bundle")[0],
+        "derm": export_run(runs["classification"], out=base / "bundles", sites=["derm_a"], export_format="bundle",
+                           task=task_for("classification"))[0],
+        "prostate": export_run(runs["segmentation"], out=base / "bundles", export_format="bundle",
+                               task=task_for("segmentation"))[0],
     }
     exports = {
-        "derm": load_export(export_run(runs["classification"], out=base / "exports", sites=["derm_a"])[0].folder),
-        "prostate": load_export(export_run(runs["segmentation"], out=base / "exports")[0].folder),
+        "derm": load_export(export_run(runs["classification"], out=base / "exports", sites=["derm_a"],
+                                         task=task_for("classification"))[0].folder),
+        "prostate": load_export(export_run(runs["segmentation"], out=base / "exports", task=task_for("segmentation"))[0].folder),
     }
     federation = runs["federation"]
     inputs = {"images": base / "in" / "images"}

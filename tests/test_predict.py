@@ -22,6 +22,7 @@ from medfl.data import load_recipe
 from medfl.deliver import ExportedModel, export_run, load_export, predict
 from medfl.deliver.predict import mask_name
 from medfl.errors import ConfigError
+from medfl.tasks import task_for
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +35,8 @@ OBLIQUE = (-_C, -_S, 0.0, -_S, _C, 0.0, 0.0, 0.0, -1.0)
 def exports(tmp_path_factory):
     runs = tiny_runs(tmp_path_factory)
     out = tmp_path_factory.mktemp("predict_exports")
-    export_run(runs["classification"], out=out / "derm")
-    export_run(runs["segmentation"], out=out / "prostate")
+    export_run(runs["classification"], out=out / "derm", task=task_for("classification"))
+    export_run(runs["segmentation"], out=out / "prostate", task=task_for("segmentation"))
     return {"derm": out / "derm", "prostate": out / "prostate", "federation": runs["federation"]}
 
 

@@ -27,9 +27,10 @@ def run(args: argparse.Namespace) -> int:
     from medfl.deliver import evaluate_export, load_export
     from medfl.deliver.evaluate import default_output
     from medfl.devices import resolve_device
+    from medfl.tasks import task_for
 
     export = load_export(args.export_dir, args.site, resolve_device(args.device))
-    result = evaluate_export(export, args.site_config, args.split)
+    result = evaluate_export(export, args.site_config, args.split, task=task_for(export.task))
     split = "all splits" if args.split == "all" else f"{args.split} split"
     print(f"{export.describe()} on site '{result['site']}', {split} ({result['samples']} samples):")
     for name, value in result["metrics"].items():

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     existing_folder(args.run_dir, "run folder")
 
     from medfl.deliver import export_run
+    from medfl.runfolder import RunFolder
+    from medfl.tasks import task_for
 
     def report(export) -> None:
         manifest = export.manifest
@@ -37,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
               f"{manifest['round']['selected']} (val {metric} {_number(scores['validation'].get(metric))}, "
               f"test {metric} {_number(scores['test'].get(metric))}) -> {export.folder}")
 
+    task = task_for(RunFolder.open(args.run_dir).config().task)  # the run's own task exports it
     export_run(args.run_dir, out=args.out, round_=args.round, role=args.model, sites=args.sites, on_site=report,
-               export_format=args.format)
+               export_format=args.format, task=task)
     return 0
 
 

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from medfl.checkpoints import load_torch_file
+from medfl.data.recipes import resolve_recipe
 from medfl.errors import ConfigError, DataError
+from medfl.models import build_model
 
 FORMAT = "medfl-export/1"
 MANIFEST = "manifest.json"
@@ -145,9 +147,6 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
 def load_export(path: str | Path, site: str | None = None, device: torch.device | str = "cpu") -> ExportedModel:
     """Find a site's export, verify all its files against the manifest's sha256, check its recipe against the
     allow-list, and rebuild its network; nothing of the export is used before all of this has passed."""
-    from medfl.data.recipes import resolve_recipe
-    from medfl.models import build_model
-
     folder = find_export(path, site)
     manifest = read_manifest(folder)
     verify_files(folder, manifest)

@@ -9,38 +9,44 @@ function the run scored with; a site that did not take part can be scored on all
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medfl.config import DataSettings, load_site_config
+from medfl.data.recipes import build_dataset, load_recipe
+from medfl.data.site import load_site
 from medfl.deliver.bundle import WEIGHTS, ExportedModel
 from medfl.errors import ConfigError, DataError
-from medfl.tasks import task_for
+from medfl.federated.evaluation import evaluate_model
+
+if TYPE_CHECKING:
+    from medfl.tasks import Task
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
 
 
-def _settings(export: ExportedModel) -> DataSettings:
+def _settings(export: ExportedModel, task: Task) -> DataSettings:
     """The run's data settings with the export's own recipe; every slice kept, so volumes reassemble whole."""
     saved = dict(export.manifest["data_settings"])
     saved.update(eval_recipe=str(export.recipe_path), slices="all")
-    return DataSettings.model_validate(task_for(export.task).export_data_settings(saved, export.classes))
+    return DataSettings.model_validate(task.export_data_settings(saved, export.classes))
 
 
-def evaluate_export(export: ExportedModel, site_config: str | Path, split: str = "test") -> dict[str, Any]:
-    """Metrics of the exported model on one split (or `all`) of a site, with what was scored on what."""
+def evaluate_export(export: ExportedModel, site_config: str | Path, split: str = "test", *,
+                    task: Task) -> dict[str, Any]:
+    """Metrics of the exported model on one split (or `all`) of a site, with what was scored on what; `task` is
+    the export's (the caller turns the manifest's key into it)."""
     from monai.data import DataLoader
 
-    from medfl.data import build_dataset, load_recipe, load_site
-    from medfl.federated.evaluation import evaluate_model
-
+    if task.key != export.task:
+        raise ConfigError(f"{export.describe()} is a {export.task} model, not a {task.key} one")
     if split not in SPLIT_CHOICES:
         raise ConfigError(f"--split must be one of {', '.join(SPLIT_CHOICES)}, not '{split}'")
     site = load_site_config(site_config)
     if site.task != export.task:
         raise ConfigError(f"{site.describe()}: a {site.task} site cannot score the {export.task} model of "
                           f"{export.describe()}")
-    settings = _settings(export)
-    data = load_site(site, settings)
+    settings = _settings(export, task)
+    data = load_site(site, settings, task=task)
     records = [r for name in ("train", "val", "test") if split in (name, "all") for r in data.splits[name]]
     if not records:
         raise DataError(f"the {split} split is empty", site=site.name, path=str(site.source_path))
@@ -53,7 +59,7 @@ def evaluate_export(export: ExportedModel, site_config: str | Path, split: str =
         geometry = data.geometry.get(case_id)
         return geometry.slice_volume_spacing(settings.input_size) if geometry else None
 
-    metrics = evaluate_model(export.network, loader, export.task, export.classes, export.device, spacing_of)
+    metrics = evaluate_model(export.network, loader, task, export.classes, export.device, spacing_of)
     return {
         "export": {"site": export.site, "folder": str(export.folder.resolve()), "model": export.manifest["model"],
                    "round": export.manifest["round"]["selected"], "weights_sha256": export.manifest["files"][WEIGHTS]},
@@ -61,7 +67,7 @@ def evaluate_export(export: ExportedModel, site_config: str | Path, split: str =
         "site_config": str(site.source_path),
         "split": split,
         "samples": len(records),
-        "metric": task_for(export.task).metric,
+        "metric": task.metric,
         "metrics": metrics,
     }
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from medfl import __version__
 from medfl.checkpoints import atomic_write_bytes, atomic_write_json
 from medfl.config import SiteConfig
 from medfl.deliver.bundle import FORMAT, MANIFEST, PROGRAM, RECIPE, WEIGHTS
+from medfl.deliver.monai_bundle import write_bundle
 from medfl.deliver.programs import LogitsOnly
 from medfl.deliver.provenance import (
     ROLES,
@@ -45,7 +46,10 @@ from medfl.deliver.provenance import (
     round_metrics,
 )
 from medfl.errors import ConfigError
-from medfl.tasks import task_for
+from medfl.models import build_model
+
+if TYPE_CHECKING:
+    from medfl.tasks import Task
 
 FORMATS = ("medfl", "bundle")
 DEFAULT_OUT = {"medfl": "export", "bundle": "bundle"}  # default export folder inside the run folder
@@ -83,12 +87,12 @@ def _versions() -> dict[str, str]:
 
 
 def _site_manifest(run: RunRecord, site: SiteConfig, checkpoint: dict[str, Any], role: str, key: str,
-                   request: str | int, round_: int, recipe: dict[str, Any]) -> dict[str, Any]:
+                   request: str | int, round_: int, recipe: dict[str, Any], task: Task) -> dict[str, Any]:
     """Everything but the file hashes: the manifest's description of one site's model."""
     config, network = run.config, checkpoint["network"]
     size, channels = config.data.input_size, int(network["in_channels"])
     files = run.files.site(site.name).record.training_files
-    logits = task_for(config.task).logits_shape(config.classes, size)
+    logits = task.logits_shape(config.classes, size)
     return {
         "format": FORMAT,
         "site": site.name,
@@ -98,7 +102,7 @@ def _site_manifest(run: RunRecord, site: SiteConfig, checkpoint: dict[str, Any],
         "network": network,
         "input": {"channels": channels, "size": [size, size], "dtype": "float32", "shape": ["batch", channels, size, size]},
         "output": {"logits": logits, "probabilities": "softmax over axis 1"},
-        "preprocessing": task_for(config.task).preprocessing(config.data, channels, recipe),
+        "preprocessing": task.preprocessing(config.data, channels, recipe),
         "round": {"requested": request, "selected": round_, "completed_rounds": run.completed_rounds,
                   "rounds": config.rounds, "run_finished": bool(run.summary.get("finished"))},
         "metrics": {"metric": run.summary["metric"], **round_metrics(run, site.name, key, round_)},
@@ -128,10 +132,8 @@ def _write_site(staging: Path, network: nn.Module, manifest: dict[str, Any], rec
 
 
 def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request: str | int,
-                export_format: str = "medfl") -> SiteExport:
+                export_format: str = "medfl", *, task: Task) -> SiteExport:
     """Export one site's model of the requested round into `out/<site>` (which must not exist), in `export_format`."""
-    from medfl.models import build_model
-
     used = run.config.spec.used_role.value
     key = used if role == "personalized" else run.config.spec.receiving_role.value
     round_ = choose_round(run, site.name, key, used, request)
@@ -140,14 +142,12 @@ def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request:
     network.load_state_dict(checkpoint["models"][key])
     network.eval()
     recipe = resolved_eval_recipe(run.config)
-    manifest = _site_manifest(run, site, checkpoint, role, key, request, round_, recipe)
+    manifest = _site_manifest(run, site, checkpoint, role, key, request, round_, recipe, task)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{site.name}.", suffix=".tmp", dir=out))
     try:
         if export_format == "bundle":
-            from medfl.deliver.monai_bundle import write_bundle
-
-            manifest["files"] = write_bundle(staging, network, manifest, recipe)
+            manifest["files"] = write_bundle(staging, network, manifest, recipe, task)
         else:
             _write_site(staging, network, manifest, recipe)
         target = out / site.name
@@ -168,6 +168,8 @@ def export_run(
     sites: Sequence[str] | None = None,
     on_site: Callable[[SiteExport], None] | None = None,
     export_format: str = "medfl",
+    *,
+    task: Task,
 ) -> list[SiteExport]:
     """Export every site (or `sites`) of a run into `out` (default RUN_DIR/export, or RUN_DIR/bundle for
     bundles), one folder per site.
@@ -175,6 +177,7 @@ def export_run(
     `round_`: "best" (the run's selection), "last" or a round number. `role`: "personalized" (the model the
     site uses: P, or M for one-model methods) or "deputy" (the model shared with the federation: D, or M).
     `export_format`: "medfl" (the files `medfl predict` reads) or "bundle" (a MONAI bundle per site).
+    `task`: the run's task (the caller turns the run's key into it).
     Refuses, before writing anything, when a site's folder already exists.
     """
     if export_format not in FORMATS:
@@ -183,6 +186,8 @@ def export_run(
         raise ConfigError(f"--model must be one of {', '.join(ROLES)}, not '{role}'")
     request = parse_round(round_)
     run = read_run(run_dir)
+    if run.config.task != task.key:
+        raise ConfigError(f"{run.folder}: a {run.config.task} run cannot be exported as a {task.key} one")
     if role == "deputy" and not run.config.spec.communicates:
         raise ConfigError(f"{run.folder}: method '{run.config.method}' shares no model with a federation: "
                           "there is no deputy to export")
@@ -199,7 +204,7 @@ def export_run(
                           "choose another folder with --out, or remove the old export")
     exports = []
     for name in names:
-        exports.append(export_site(run, configs[name], out, role, request, export_format))
+        exports.append(export_site(run, configs[name], out, role, request, export_format, task=task))
         if on_site is not None:
             on_site(exports[-1])
     return exports

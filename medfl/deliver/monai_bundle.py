@@ -22,16 +22,19 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from medfl.checkpoints import atomic_write_bytes, atomic_write_text
 from medfl.data.safe_transforms import ALLOWED_TRANSFORMS
+from medfl.data.volumes import WORKING_ORIENTATION
 from medfl.deliver.programs import INTENSITY_STEPS, LogitsOnly
 from medfl.errors import ConfigError
-from medfl.tasks import task_for
+
+if TYPE_CHECKING:
+    from medfl.tasks import Task
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 # The keys MONAI's bundle specification (docs/source/mb_specification.rst) makes mandatory in metadata.json,
@@ -70,7 +73,7 @@ def quiet_jit(function, *args, **kwargs):
         return function(*args, **kwargs)
 
 
-def bundle_program(network: nn.Module, task: str, in_channels: int, input_size: int,
+def bundle_program(network: nn.Module, task: Task, in_channels: int, input_size: int,
                    context_slices: int = 0) -> torch.jit.ScriptModule:
     """The bundle's TorchScript network: the traced logits network (B, C, S, S) -> logits, which the task may
     wrap (segmentation: SliceWiseProgram, (1, 1, Z, Y, X) preprocessed volume -> (1, K, Z, Y, X) logits).
@@ -79,8 +82,7 @@ def bundle_program(network: nn.Module, task: str, in_channels: int, input_size: 
     logits = LogitsOnly(network).eval()
     example = torch.rand(2, in_channels, input_size, input_size, generator=generator)
     traced = quiet_jit(torch.jit.trace, logits, example)
-    program, eager, probe = task_for(task).bundle_program(traced, logits, in_channels, input_size, context_slices,
-                                                          generator)
+    program, eager, probe = task.bundle_program(traced, logits, in_channels, input_size, context_slices, generator)
     program.eval()
     with torch.no_grad():
         expected, got = eager(probe), program(probe)
@@ -153,8 +155,6 @@ def volume_transforms(recipe: dict[str, Any]) -> list[dict[str, Any]]:
     The run's slice recipe is applied by medfl after this preprocessing; a bundle can carry it only when it
     sets types alone and leaves images float32 (as the shipped prostate recipe does): the slices exist only
     inside the program, whose input is float32."""
-    from medfl.data.volumes import WORKING_ORIENTATION
-
     for entry in recipe["transforms"]:
         name, arguments = next(iter(entry.items()))
         if name not in _TYPE_ONLY or _image_dtype(arguments) not in (None, "float32"):
@@ -171,9 +171,8 @@ def volume_transforms(recipe: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def inference_config(manifest: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+def inference_config(manifest: dict[str, Any], recipe: dict[str, Any], task: Task) -> dict[str, Any]:
     """configs/inference.json: a SupervisedEvaluator over the files of `input_dir`, writing into `output_dir`."""
-    task = task_for(manifest["task"])
     config: dict[str, Any] = {
         "imports": ["$import glob", "$import os"],
         "bundle_root": ".",
@@ -210,9 +209,9 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def required_packages(task: str) -> dict[str, str]:
+def required_packages(task: Task) -> dict[str, str]:
     """What the bundle runner needs beyond MONAI and torch, at the installed version (else the lowest allowed)."""
-    packages = {**RUNNER_PACKAGES, **task_for(task).bundle_packages}
+    packages = {**RUNNER_PACKAGES, **task.bundle_packages}
     versions = {}
     for name, lowest in packages.items():
         try:
@@ -228,19 +227,19 @@ def tensor_format(kind: str, fmt: str, modality: str, channels: int, shape: list
             "dtype": dtype, "value_range": value_range, "is_patch_data": False, "channel_def": channel_def}
 
 
-def network_data_format(manifest: dict[str, Any]) -> dict[str, Any]:
+def network_data_format(manifest: dict[str, Any], task: Task) -> dict[str, Any]:
     """Inputs and outputs of models/model.ts, and the outputs after the config's postprocessing."""
-    return task_for(manifest["task"]).bundle_data_format(manifest)
+    return task.bundle_data_format(manifest)
 
 
-def metadata(manifest: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]:
+def metadata(manifest: dict[str, Any], hashes: dict[str, str], task: Task) -> dict[str, Any]:
     """configs/metadata.json from the export manifest (everything medfl knows about the model)."""
     import monai
     import numpy
 
-    task, site, versions = manifest["task"], manifest["site"], manifest["versions"]
+    key, site, versions = manifest["task"], manifest["site"], manifest["versions"]
     experiment, round_ = manifest["experiment"], manifest["round"]
-    texts = task_for(task).bundle_texts(manifest)
+    texts = task.bundle_texts(manifest)
     what = texts["what"]
     return {
         "schema": SCHEMA,
@@ -251,7 +250,7 @@ def metadata(manifest: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": numpy.__version__,
         "required_packages_version": required_packages(task),
-        "name": f"medfl {task} model of site {site}",
+        "name": f"medfl {key} model of site {site}",
         "task": what[0].upper() + what[1:],
         "description": (f"The {manifest['model']['role']} model ({manifest['model']['name']}) of site '{site}', "
                         f"trained by federated learning with method '{manifest['model']['method']}' in experiment "
@@ -264,9 +263,9 @@ def metadata(manifest: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]
                        f"(sha256 of their list {manifest['training_files']['sha256']})",
         "data_type": texts["data_type"],
         "references": REFERENCES,
-        "network_data_format": network_data_format(manifest),
+        "network_data_format": network_data_format(manifest, task),
         "site": site,
-        "medfl_task": task,
+        "medfl_task": key,
         "class_names": manifest["classes"],
         "method": manifest["model"]["method"],
         "model": manifest["model"],
@@ -289,15 +288,15 @@ def _score(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
-def readme(manifest: dict[str, Any], meta: dict[str, Any], config: dict[str, Any]) -> str:
+def readme(manifest: dict[str, Any], meta: dict[str, Any], config: dict[str, Any], task: Task) -> str:
     """docs/README.md: what the model is, how it was trained and scored, its use, the exact commands."""
-    task, site, round_ = manifest["task"], manifest["site"], manifest["round"]
+    site, round_ = manifest["site"], manifest["round"]
     scores = manifest["metrics"]
     names = sorted(set(scores["validation"]) | set(scores["test"]))
     table = "\n".join(f"| {name} | {_score(scores['validation'].get(name))} | {_score(scores['test'].get(name))} |"
                       for name in names)
     packages = " ".join(f"{name}=={version}" for name, version in meta["required_packages_version"].items())
-    texts = task_for(task).bundle_texts(manifest)
+    texts = task.bundle_texts(manifest)
     io_text, formats = texts["io"], texts["formats"]
     steps = "\n".join(f"- {step['_target_']}" + "".join(
         f", {key}={json.dumps(value)}" for key, value in step.items() if key not in ("_target_", "keys"))
@@ -352,20 +351,21 @@ Then {program}.
 
 # ------------------------------------------------------------------------------------------------------ write
 
-def write_bundle(folder: Path, network: nn.Module, manifest: dict[str, Any], recipe: dict[str, Any]) -> dict[str, str]:
-    """Write one site's bundle into `folder` (empty); returns the sha256 of every file but metadata.json."""
+def write_bundle(folder: Path, network: nn.Module, manifest: dict[str, Any], recipe: dict[str, Any],
+                 task: Task) -> dict[str, str]:
+    """Write one site's bundle into `folder` (empty) for the site's task; returns the sha256 of every file but
+    metadata.json."""
     context = int(manifest["preprocessing"].get("context_slices", 0))
-    config = inference_config(manifest, recipe)
-    program = bundle_program(network, manifest["task"], manifest["input"]["channels"], manifest["input"]["size"][0],
-                             context)
+    config = inference_config(manifest, recipe, task)
+    program = bundle_program(network, task, manifest["input"]["channels"], manifest["input"]["size"][0], context)
     contents = {
         PROGRAM: quiet_jit(_saved, torch.jit.save, program),
         WEIGHTS: _saved(torch.save, network.state_dict()),
         INFERENCE: (json.dumps(config, indent=2) + "\n").encode("utf-8"),
     }
     hashes = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
-    meta = metadata(manifest, hashes)
-    contents[README] = readme(manifest, meta, config).encode("utf-8")
+    meta = metadata(manifest, hashes, task)
+    contents[README] = readme(manifest, meta, config, task).encode("utf-8")
     meta["sha256"][README] = hashlib.sha256(contents[README]).hexdigest()
     for name, data in contents.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from medfl.data.volumes import WORKING_ORIENTATION, read_volume, write_like
 from medfl.deliver.bundle import ExportedModel
 from medfl.deliver.programs import LogitsOnly, SliceWiseProgram, normalise_volume
 from medfl.errors import ConfigError
-from medfl.tasks import task_for
+from medfl.task_facts import facts_for
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha")
 PREDICTIONS_CSV = "predictions.csv"
@@ -64,7 +64,7 @@ def input_problem(path: Path, task: str) -> str | None:
     if not path.exists():
         return "file not found"
     extension = _extension(path)
-    takes_volumes = task_for(task).predicts_volumes
+    takes_volumes = facts_for(task).predicts_volumes
     if extension is None:
         known = ", ".join(VOLUME_EXTENSIONS if takes_volumes else IMAGE_EXTENSIONS)
         return f"unknown file type (this model takes {known})"
@@ -224,7 +224,7 @@ def predict(export: ExportedModel, inputs: Sequence[str | Path], out: str | Path
             on_file: Callable[[Prediction], None] | None = None) -> list[Prediction]:
     """Predict every input with an exported model; results in input order, failures with their reason."""
     paths, out = [Path(p) for p in inputs], Path(out)
-    if not task_for(export.task).predicts_volumes:
+    if not facts_for(export.task).predicts_volumes:
         results = predict_images(export, paths, out)
         for result in results:
             if on_file is not None:
