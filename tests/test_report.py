@@ -32,6 +32,7 @@ from medfl.report.runs import RunGroup, group_runs, load_run
 from medfl.report.tables import format_values, result_columns, results_table
 from medfl.report.writer import default_out, write_report
 from medfl.runfolder import METRIC_COLUMNS
+from medfl.tasks import task_for
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["nv", "bkl", "mel"]
@@ -143,7 +144,7 @@ def test_results_table_aggregates_seeds_per_site_and_mean(tmp_path):
     runs = [load_run(fake_run(tmp_path, "prr", 0, f1=(0.5, 0.7))), load_run(fake_run(tmp_path, "prr", 1, f1=(0.7, 0.9))),
             load_run(fake_run(tmp_path, "fedavg", 0, f1=(0.2, 0.4)))]
     groups = group_runs(runs)
-    columns = result_columns("classification", CLASSES, "macro_f1")
+    columns = result_columns(task_for("classification"), CLASSES, "macro_f1")
     mean_table = results_table(groups, columns).splitlines()
     assert mean_table[0].startswith("| method | seeds | macro-F1 | F1 nv | F1 bkl | F1 mel | AUC |")
     assert mean_table[2].startswith(f"| prr | 2 | 0.700 ± {np.std([0.6, 0.8], ddof=1):.3f} |")
@@ -154,10 +155,10 @@ def test_results_table_aggregates_seeds_per_site_and_mean(tmp_path):
 
 
 def test_result_columns_per_task():
-    headers = [c.header for c in result_columns("classification", CLASSES, "macro_f1")]
+    headers = [c.header for c in result_columns(task_for("classification"), CLASSES, "macro_f1")]
     assert headers[:4] == ["macro-F1", "F1 nv", "F1 bkl", "F1 mel"]
     assert {"AUC", "accuracy", "balanced acc.", "retrogress", "recovery", "curve dips"} <= set(headers)
-    headers = [c.header for c in result_columns("segmentation", [], "dice")]
+    headers = [c.header for c in result_columns(task_for("segmentation"), [], "dice")]
     assert headers[:2] == ["Dice", "HD95 (mm)"] and "F1 nv" not in headers
 
 
@@ -189,7 +190,7 @@ def test_retrogress_plot_ticks_are_whole_rounds_even_with_one_communication(tmp_
 def test_report_of_hand_made_runs_without_predictions(tmp_path):
     folders = [fake_run(tmp_path / "runs", "prr", 0), fake_run(tmp_path / "runs", "prr", 1),
                fake_run(tmp_path / "runs", "fedavg", 0)]
-    report = write_report(folders, tmp_path / "report", predictions=False)
+    report = write_report(folders, tmp_path / "report", predictions=False, task=task_for("classification"))
     text = report.path.read_text()
     assert "## Test results, mean over sites" in text and "### a" in text and "### b" in text
     assert "Confusion matrices" not in text
@@ -197,7 +198,7 @@ def test_report_of_hand_made_runs_without_predictions(tmp_path):
     for figure in report.figures:
         assert figure.read_bytes().startswith(PNG_SIGNATURE)
         assert f"]({figure.name})" in text
-    again = write_report(folders, tmp_path / "report", predictions=False)  # a report is derived: replaced
+    again = write_report(folders, tmp_path / "report", predictions=False, task=task_for("classification"))  # a report is derived: replaced
     assert again.path.read_text() == text
     assert default_out([folders[0]]) == folders[0] / "report"
     assert str(default_out(folders)) == "report"
@@ -205,9 +206,9 @@ def test_report_of_hand_made_runs_without_predictions(tmp_path):
 
 def test_report_refuses_no_runs_and_negative_examples(tmp_path):
     with pytest.raises(Exception, match="no run folder"):
-        write_report([], tmp_path)
+        write_report([], tmp_path, task=task_for("classification"))
     with pytest.raises(ConfigError, match="negative"):
-        write_report([fake_run(tmp_path)], tmp_path / "r", examples=-1)
+        write_report([fake_run(tmp_path)], tmp_path / "r", examples=-1, task=task_for("classification"))
 
 
 # ----------------------------------------------------------------------------- TensorBoard
@@ -274,7 +275,7 @@ def tiny_runs(tiny_federation, tmp_path_factory, one_thread):
                                ("prostate", "prr", 0)]:
         config = load_experiment_config(experiments[task], method=method, seed=seed)
         folder = root / "runs" / f"{task}-{method}-seed{seed}"
-        Coordinator(config, folder, torch.device("cpu")).run()
+        Coordinator(config, folder, torch.device("cpu"), task=task_for(config.task)).run()
         runs[(task, method, seed)] = folder
     return runs
 
@@ -295,7 +296,7 @@ def test_coordinator_writes_tensorboard_scalars_matching_metrics_csv(tiny_runs):
 
 @pytest.mark.slow
 def test_confusion_matrices_agree_with_the_runs_test_metrics(tiny_runs):
-    splits = SplitCache()
+    splits = SplitCache(task_for("classification"))
     for key in [("derm", "prr", 0), ("derm", "prr", 1), ("derm", "fedavg", 0)]:
         run = load_run(tiny_runs[key])
         matrices = confusion_matrices(RunGroup(run.method, [run]), splits, torch.device("cpu"))
@@ -322,13 +323,13 @@ def test_report_command_compares_methods_and_seeds(tiny_runs, tmp_path):
 @pytest.mark.slow
 def test_segmentation_report_draws_example_slices(tiny_runs):
     folder = tiny_runs[("prostate", "prr", 0)]
-    report = write_report([folder], examples=1)
+    report = write_report([folder], examples=1, task=task_for("segmentation"))
     text = report.path.read_text()
     assert "| Dice | HD95 (mm) |" in text and "Confusion" not in text and not report.notes
     assert "![Segmentation examples](segmentation_examples.png)" in text
     assert (folder / "report" / "segmentation_examples.png").read_bytes().startswith(PNG_SIGNATURE)
     run = load_run(folder)
-    splits = SplitCache()
+    splits = SplitCache(task_for("segmentation"))
     examples = choose_examples(splits.records(run), 2)
     for site, site_examples in examples.items():
         assert len(site_examples) == 2 and site_examples[0].case_id != site_examples[1].case_id
@@ -344,7 +345,7 @@ def test_report_without_the_sites_data_still_writes_tables_and_says_why(tiny_run
     config = yaml.safe_load((copy / "config.yaml").read_text())
     config["sites"] = [str(tmp_path / "gone" / "derm_a.yaml"), str(tmp_path / "gone" / "derm_b.yaml")]
     (copy / "config.yaml").write_text(yaml.safe_dump(config))
-    report = write_report([copy])
+    report = write_report([copy], task=task_for("classification"))
     assert report.path == copy / "report" / "report.md"
     assert len(report.notes) == 1 and "confusion matrices of fedavg were not computed" in report.notes[0]
     assert "## Notes" in report.path.read_text() and "## Test results per site" in report.path.read_text()

@@ -196,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medfl.data import inspect_site
     from medfl.errors import MedflError
+    from medfl.tasks import task_for
 
     console = Console(highlight=False)
     settings = _settings(args)
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             if isinstance(config, Exception):
                 raise config  # a config that did not load: reported in the order given
-            report = inspect_site(config, settings).report
+            report = inspect_site(config, settings, task=task_for(config.task)).report
         except (MedflError, OSError) as error:
             console.print(Text(f"error: {error}", style="red"), soft_wrap=True)
             failed += 1

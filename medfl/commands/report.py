@@ -32,10 +32,12 @@ def run(args: argparse.Namespace) -> int:
         existing_folder(run_dir, "run folder")
 
     from medfl.devices import resolve_device
+    from medfl.report.runs import load_run
     from medfl.report.writer import write_report
+    from medfl.tasks import task_for
 
     report = write_report(args.runs, args.out, predictions=not args.no_predictions, examples=args.examples,
-                          device=resolve_device(args.device))
+                          device=resolve_device(args.device), task=task_for(load_run(args.runs[0]).task))
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"report written to {report.path} ({len(report.figures)} figures)")

@@ -19,7 +19,8 @@ import torch
 from monai.data import DataLoader, Dataset
 from torch import nn
 
-from medfl.data import build_dataset, load_recipe, load_site
+from medfl.data.recipes import build_dataset, load_recipe
+from medfl.data.site import SiteReader, load_site
 from medfl.errors import DataError
 from medfl.federated.training import plain_tensors
 from medfl.metrics import confusion_matrix
@@ -54,7 +55,8 @@ def load_selected_model(run: Run, site: str, device: torch.device) -> nn.Module:
 class SplitCache:
     """Each site's test records and eval recipe, read once per (sites, data settings) and shared by runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, task: SiteReader) -> None:
+        self._task = task  # the runs' task: its reader splits each site as the run did
         self._splits: dict[str, tuple[dict[str, list[dict[str, Any]]], Any]] = {}
         self._datasets: dict[tuple[str, str], Dataset] = {}
 
@@ -69,7 +71,8 @@ class SplitCache:
         key = self._key(run)
         if key not in self._splits:
             config = RunFolder.open(run.path).config()
-            records = {site.name: load_site(site, config.data).splits["test"] for site in config.load_sites()}
+            records = {site.name: load_site(site, config.data, task=self._task).splits["test"]
+                       for site in config.load_sites()}
             recipe = load_recipe(config.data.recipe(config.task, "eval"), input_size=config.data.input_size)
             self._splits[key] = (records, recipe)
         return self._splits[key]

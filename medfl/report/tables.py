@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medfl.report.runs import RunGroup
-from medfl.tasks import task_for
+
+if TYPE_CHECKING:
+    from medfl.tasks import Task
 
 MISSING = "–"
 
@@ -29,10 +31,10 @@ class Column:
     digits: int = 3
 
 
-def result_columns(task: str, classes: Sequence[str], metric: str) -> list[Column]:
+def result_columns(task: Task, classes: Sequence[str], metric: str) -> list[Column]:
     """The task's test metrics and the last round's selection metric, then retrogress, recovery and curve
     dips."""
-    return task_for(task).result_columns(classes, metric) + [
+    return task.result_columns(classes, metric) + [
         Column("retrogress", ("retrogress",)),
         Column("recovery", ("recovery",)),
         Column("curve dips", ("curve_dips",)),

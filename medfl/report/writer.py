@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,7 +21,9 @@ from medfl.report import plots
 from medfl.report.predictions import SplitCache, choose_examples, confusion_matrices, predict_examples
 from medfl.report.runs import RunGroup, group_runs, load_run, site_names
 from medfl.report.tables import confusion_table, result_columns, results_table, runs_table
-from medfl.tasks import task_for
+
+if TYPE_CHECKING:
+    from medfl.tasks import Task
 
 REPORT_FILE = "report.md"
 FIGURES = {
@@ -45,9 +48,9 @@ def default_out(run_dirs: Sequence[str | Path]) -> Path:
     return Path(run_dirs[0]) / "report" if len(run_dirs) == 1 else Path("report")
 
 
-def _results_section(groups: list[RunGroup], sites: list[str]) -> list[str]:
+def _results_section(groups: list[RunGroup], sites: list[str], task: Task) -> list[str]:
     first = groups[0].first
-    columns = result_columns(first.task, first.config["data"].get("classes") or [], first.metric)
+    columns = result_columns(task, first.config["data"].get("classes") or [], first.metric)
     lines = [
         "## Test results, mean over sites", "",
         results_table(groups, columns), "",
@@ -101,14 +104,14 @@ def _overlay_figure(groups: list[RunGroup], splits: SplitCache, count: int, devi
 
 
 def _figures(groups: list[RunGroup], sites: list[str], out: Path, predictions: bool, examples: int,
-             splits: SplitCache, device: torch.device, notes: list[str]) -> list[Path]:
+             splits: SplitCache, device: torch.device, notes: list[str], task: Task) -> list[Path]:
     first = groups[0].first
     figures = {
         "validation_curves.png": plots.validation_curves(groups, sites, first.metric),
         "retrogress.png": plots.retrogress_by_round(groups),
         "det_states.png": plots.det_states(groups),
     }
-    if task_for(first.task).example_slices and predictions and examples > 0:
+    if task.example_slices and predictions and examples > 0:
         figures["segmentation_examples.png"] = _overlay_figure(groups, splits, examples, device, notes)
     return [plots.save_png(figure, out / name) for name, figure in figures.items() if figure is not None]
 
@@ -132,31 +135,35 @@ def write_report(
     predictions: bool = True,
     examples: int = 2,
     device: str | torch.device = "cpu",
+    task: Task,
 ) -> Report:
     """Write report.md and PNG figures for ``run_dirs`` into ``out`` (default: `default_out`).
 
     ``predictions``: rescore each site's selected-round model on its test split (needs the sites' data) for
-    confusion matrices and segmentation examples; ``examples``: slices per site in the overlays.
+    confusion matrices and segmentation examples; ``examples``: slices per site in the overlays; ``task``: the
+    runs' task (the caller turns their key into it).
     """
     if not run_dirs:
         raise MedflError("no run folder given")
     if examples < 0:
         raise ConfigError(f"the number of segmentation examples must not be negative, got {examples}")
     groups = group_runs([load_run(path) for path in run_dirs])
+    if groups[0].first.task != task.key:
+        raise ConfigError(f"{groups[0].first.path}: a {groups[0].first.task} run, not a {task.key} one")
     sites = site_names(groups)
     out = Path(out) if out is not None else default_out(run_dirs)
     device = torch.device(device)
     notes: list[str] = []
-    splits = SplitCache()
+    splits = SplitCache(task)
     first = groups[0].first
     lines = [f"# medfl report: {first.config.get('name', '')} ({first.task})", "", "## Runs", "",
              runs_table(groups), "",
              "Runs whose configs differ only by seed form one row: mean ± sample standard deviation across seeds.",
              ""]
-    lines += _results_section(groups, sites)
-    if task_for(first.task).confusion_matrices and predictions:
+    lines += _results_section(groups, sites, task)
+    if task.confusion_matrices and predictions:
         lines += _confusion_section(groups, sites, splits, device, notes)
-    figures = _figures(groups, sites, out, predictions, examples, splits, device, notes)
+    figures = _figures(groups, sites, out, predictions, examples, splits, device, notes, task)
     if figures:
         lines += ["## Figures", ""]
         for figure in figures:
