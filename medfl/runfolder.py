@@ -31,6 +31,7 @@ from medfl.checkpoints import (
     load_torch_file,
 )
 from medfl.errors import ConfigError, MedflError
+from medfl.experiment import load_experiment_config
 
 SCHEMA_VERSION = 1
 RECORD_FILE = "run.json"
@@ -249,8 +250,6 @@ class RunFolder:
 
     def config(self) -> Any:
         """The run's ExperimentConfig."""
-        from medfl.experiment import load_experiment_config
-
         return load_experiment_config(self.config_file)
 
     def config_sha256(self) -> str:

@@ -65,6 +65,7 @@ def write_job(
     by default); the timeouts are in seconds, 0 for none.
     """
     require_nvflare()
+    # start-up: the [nvflare] extra and torch load only here, once the config was validated
     from nvflare.client.config import ExchangeFormat
     from nvflare.job_config.api import FedJob
     from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
