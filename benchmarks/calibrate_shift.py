@@ -60,6 +60,7 @@ from medfl.synth import generate
 from medfl.synth.lesions import CLASSES
 from medfl.synth.realistic import REALISTIC_DERM, REALISTIC_PROSTATE, SHIFTS
 from medfl.synth.sites import REFERENCE_DERM, REFERENCE_PROSTATE
+from medfl.tasks import task_for
 
 BENCHMARKS = Path(__file__).resolve().parent
 RESULTS = BENCHMARKS / "results"
@@ -116,7 +117,7 @@ class Site:
             slices=spec.get("slices", "all"), empty_slice_fraction=spec.get("empty_slice_fraction", 0.1),
             num_workers=1,
         )  # fmt: skip
-        self.data = load_site(load_site_config(config), settings)
+        self.data = load_site(load_site_config(config), settings, task=task_for(spec["task"]))
         self.name = self.data.name
         modality = "dermoscopy" if spec["task"] == "classification" else "prostate"
         self.train_recipe = load_recipe(f"{modality}_train", input_size=spec["input_size"])
@@ -162,7 +163,7 @@ def local_round(model: nn.Module, site: Site, spec: dict[str, Any], optimizer: d
         torch.manual_seed(derive_seed(seed, site.name, round_, epoch))
         loader = train_loader(site, spec["batch"], seed, round_, epoch)
         steps += len(loader)
-        losses.append(train_epoch({"M": model}, {"M": opt}, loader, loss_fn, EpochPlan(), spec["task"],
+        losses.append(train_epoch({"M": model}, {"M": opt}, loader, loss_fn, EpochPlan(), task_for(spec["task"]),
                                   torch.device("cpu"))["M"])
     return {"steps": steps, "first_epoch_loss": losses[0], "last_epoch_loss": losses[-1]}
 

@@ -29,6 +29,7 @@ from medfl.config import DataSettings, load_site_config  # noqa: E402
 from medfl.data import build_dataset, load_recipe, load_site  # noqa: E402
 from medfl.synth import generate  # noqa: E402
 from medfl.synth.lesions import CLASSES  # noqa: E402
+from medfl.tasks import task_for  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = ("mild", "realistic")
@@ -39,7 +40,8 @@ Z_WINDOW = (-2.0, 4.0)  # z-scores shown black to white, the same for every site
 
 def dermoscopy_row(config: Path, size: int, per_class: int) -> list[tuple[np.ndarray, str]]:
     """`per_class` training images of each class, as the evaluation recipe gives them, back in [0, 1] RGB."""
-    site = load_site(load_site_config(config), DataSettings(classes=list(CLASSES), input_size=size, num_workers=1))
+    site = load_site(load_site_config(config), DataSettings(classes=list(CLASSES), input_size=size, num_workers=1),
+                     task=task_for("classification"))
     records = sorted(site.splits["train"], key=lambda r: r["id"])
     chosen = [r for c in range(len(CLASSES)) for r in [r for r in records if r["label"] == c][:per_class]]
     dataset = build_dataset(chosen, load_recipe("dermoscopy_eval", input_size=size), cache_rate=0)
@@ -52,7 +54,8 @@ def dermoscopy_row(config: Path, size: int, per_class: int) -> list[tuple[np.nda
 
 def prostate_row(config: Path, size: int, count: int) -> list[tuple[np.ndarray, str]]:
     """The slice through the middle of the gland of `count` cases (all splits), as medfl preprocesses them."""
-    site = load_site(load_site_config(config), DataSettings(input_size=size, num_workers=1))
+    site = load_site(load_site_config(config), DataSettings(input_size=size, num_workers=1),
+                     task=task_for("segmentation"))
     by_case: dict[str, list[dict]] = {}
     for records in site.splits.values():
         for record in records:

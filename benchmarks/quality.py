@@ -257,6 +257,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from medfl.devices import resolve_device
     from medfl.experiment import load_experiment_config
     from medfl.federated.coordinator import Coordinator
+    from medfl.tasks import task_for
 
     torch.set_num_threads(job["threads"])
     config = load_experiment_config(job["config"])
@@ -271,7 +272,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     resume = (run_dir / "run.json").is_file()  # a started run continues (one that completed no round restarts)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     wall, cpu = time.perf_counter(), time.process_time()
-    Coordinator(config, run_dir, resolve_device(config.device)).run(resume=resume)
+    Coordinator(config, run_dir, resolve_device(config.device), task=task_for(config.task)).run(resume=resume)
     timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "resumed": resume,
               "load_average_1min": load}
     atomic_write_json(record, timing)
@@ -314,12 +315,13 @@ def train_counts(run_config: dict[str, Any]) -> dict[str, list[int]]:
     """Per-site training class counts, read with medfl's own reader and the run's data settings."""
     from medfl.config import DataSettings, load_site_config
     from medfl.data import load_site
+    from medfl.tasks import task_for
 
     settings = DataSettings(**run_config["data"])
     counts = {}
     for path in run_config["sites"]:
         site = load_site_config(path)
-        counts[site.name] = load_site(site, settings).class_counts("train")
+        counts[site.name] = load_site(site, settings, task=task_for(site.task)).class_counts("train")
     return counts
 
 
@@ -508,11 +510,12 @@ def aggregation_probe(run, scratch: Path) -> dict[str, Any]:
     from medfl.federated.rounds import strategy_options
     from medfl.federated.server import SiteUpdate, build_strategy
     from medfl.federated.site import Site
+    from medfl.tasks import task_for
 
     config = ExperimentConfig.model_validate(run.config)
     sites = {}
     for site_config in config.load_sites():
-        site = Site(site_config, config, scratch, torch.device("cpu"))
+        site = Site(site_config, config, scratch, torch.device("cpu"), task=task_for(config.task))
         site.initialize()
         sites[site.name] = site
     model = next(iter(sites.values())).models["D"]

@@ -171,6 +171,7 @@ def epoch_comparison(case: str, synth: Path, device: torch.device, threads: int,
     from medfl.federated.evaluation import evaluate_model
     from medfl.federated.site import PREFETCH_BATCHES, Site
     from medfl.federated.training import EpochPlan, train_epoch
+    from medfl.tasks import task_for
 
     folder, shipped, site_name, overrides, loader_variants = EPOCH_CASES[case]
     config_path = str(synth / "site_configs" / folder / f"{site_name}.yaml")
@@ -179,7 +180,8 @@ def epoch_comparison(case: str, synth: Path, device: torch.device, threads: int,
     # fedavg (one model, cross-entropy).
     for method in ("prr", "pfa_only", "fedavg"):
         config = experiment(case, shipped, method, [config_path], device.type, threads, 1, 1, run_root, overrides)
-        site = Site(load_site_config(config_path), config, run_root / "epochs" / f"{case}-{method}", device)
+        site = Site(load_site_config(config_path), config, run_root / "epochs" / f"{case}-{method}", device,
+                    task=task_for(config.task))
         site.initialize()
         sites[method] = site
     batch_size = sites["prr"].experiment.batch_size
@@ -252,9 +254,11 @@ def loading_breakdown(synth: Path, repeats: int) -> dict[str, float]:
     from medfl.data import build_dataset, load_recipe, load_site
     from medfl.experiment import load_experiment_config
     from medfl.federated.training import plain_tensors
+    from medfl.tasks import task_for
 
     config = load_experiment_config(EXPERIMENTS / "dermoscopy.yaml")
-    site = load_site(load_site_config(synth / "site_configs" / "dermoscopy" / "derm_a.yaml"), config.data)
+    site = load_site(load_site_config(synth / "site_configs" / "dermoscopy" / "derm_a.yaml"), config.data,
+                     task=task_for(config.task))
     recipe = load_recipe(config.data.recipe(config.task, "train"), input_size=config.data.input_size)
     records = site.splits["train"]
     datasets = {
@@ -300,6 +304,7 @@ def scale_run(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     from medfl.experiment import load_experiment_config
     from medfl.federated.coordinator import Coordinator
+    from medfl.tasks import task_for
 
     rss_after_imports = peak_rss_mb()
     device = torch.device(job["device"])
@@ -323,7 +328,7 @@ def scale_run(job: dict[str, Any]) -> dict[str, Any]:
                                  + tensor_bytes((d.statistics or {}).values()) for d in delivered))
             marks["cpu"] = time.process_time()
 
-    coordinator = Coordinator(config, run_dir, device, progress=observe)
+    coordinator = Coordinator(config, run_dir, device, progress=observe, task=task_for(config.task))
     coordinator.run()
     setup_s, rss_after_setup = measured["setup_s"], measured["rss_after_setup"]
     uploads: dict[int, int] = {}
@@ -565,6 +570,7 @@ def evaluation_share(root: Path, device: torch.device, threads: int) -> list[dic
     from medfl.federated.coordinator import Coordinator
     from medfl.runfolder import RunFolder
     from medfl.synth import generate
+    from medfl.tasks import task_for
 
     demo = root / "demo"
     generate(demo / "synth")
@@ -577,7 +583,7 @@ def evaluation_share(root: Path, device: torch.device, threads: int) -> list[dic
         run_dir = demo / "runs" / f"demo-{task}"
         shutil.rmtree(run_dir, ignore_errors=True)
         wall, cpu = time.perf_counter(), time.process_time()
-        Coordinator(config, run_dir, device).run()
+        Coordinator(config, run_dir, device, task=task_for(config.task)).run()
         timing = RunFolder(run_dir).timing()
         train, scoring = sum(r["train_s"] for r in timing), sum(r["eval_s"] for r in timing)
         samples = sum(r["eval_samples"] for r in timing)

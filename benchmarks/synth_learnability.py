@@ -31,13 +31,15 @@ from medfl.data import load_site
 from medfl.models import build_model
 from medfl.synth import generate
 from medfl.synth.lesions import CLASSES
+from medfl.tasks import task_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load_images(config: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A site's images resized to `size`, and labels, per split, as medfl's reader splits them."""
-    site = load_site(load_site_config(config), DataSettings(classes=list(CLASSES), input_size=size))
+    site = load_site(load_site_config(config), DataSettings(classes=list(CLASSES), input_size=size),
+                     task=task_for("classification"))
     splits = {}
     for name, records in site.splits.items():
         images = []
