@@ -26,8 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
+# The import layers of docs/architecture.md (contracts in pyproject.toml; tests/test_layers.py runs them too).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medfl tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 # The config references in docs/ are generated from the pydantic models; a test fails while they are stale.
 docs: $(STAMP)
