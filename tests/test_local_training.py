@@ -171,3 +171,23 @@ def test_det_state_changes_count_changes_and_fallbacks():
     counted = det_state_changes(rows)
     assert counted == {"det_changes_per_round": (4 + 1) / 2, "det_fallbacks_per_round": 2 / 2}
     assert all(math.isnan(v) for v in det_state_changes([{"site": "a", "round": 0, "epoch": 1, "state": ""}]).values())
+
+
+def test_batchnorm_reestimation_counts_its_samples_with_its_time():
+    """The diagnostic's validation pass is scoring like any other: its samples join eval_samples, as its
+    seconds join eval_seconds (the cost per evaluated sample divides one by the other)."""
+    from medfl.federated.scores import SiteScores
+    from medfl.methods import ModelRole
+    from medfl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("slim_vgg16", "classification", 3, 3, width=0.125)
+    splits = {split: [{"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])}
+                      for _ in range(2)] for split in ("train_eval", "val")}
+    scores = SiteScores("a", task_for("classification"), ["nv", "bkl", "mel"], {ModelRole.SINGLE: model},
+                        torch.device("cpu"), splits.__getitem__, lambda case: None,
+                        lambda split: sum(len(batch["label"]) for batch in splits[split]))
+    scores.score(ModelRole.SINGLE, "val")
+    assert scores.eval_samples == 8
+    assert not math.isnan(scores.bn_reestimated(ModelRole.SINGLE))
+    assert scores.eval_samples == 16

@@ -72,6 +72,7 @@ class SiteScores:
         metrics = evaluate_model(model, self.batches("val"), self.task, self.classes, self.device, self.spacing_of,
                                  distances=False)
         self.eval_seconds += time.perf_counter() - tick
+        self.eval_samples += self.size_of("val")
         return _phi(metrics.get(self.metric, math.nan))
 
     def record(self, round_: int, epoch: int, role: ModelRole, split: str, metrics: Mapping[str, float]) -> None:
