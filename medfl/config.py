@@ -349,7 +349,7 @@ class DataSettings(BaseModel):
     - `slices` ("all" | "foreground") and `empty_slice_fraction`: which training slices are kept; with
       "foreground", slices with prostate plus that share of the empty ones. Val and test keep every slice.
     - `context_slices`: 2.5-D input; k neighbouring slices on each side become extra channels.
-    - `train_recipe` / `eval_recipe`: names of recipes shipped with medfl (medfl/recipes/) or YAML paths; None = the task default.
+    - `train_recipe` / `eval_recipe`: names of recipes shipped with medfl (the transforms/ folder) or YAML paths; None = the task default.
     - `cache_rate`, `num_workers`: share of records cached by CacheDataset, and threads used to read and
       validate images and to fill the cache (2 suits a 2-core machine).
     """

@@ -108,6 +108,11 @@ def test_configs_are_validated_without_torch_or_monai(ham10000_site, tmp_path: P
             f"load_site_config({str(site)!r})\nload_experiment_config({str(experiment)!r}).load_sites()\n"
             "from medfl.data import inspect_site\nstatus = 0")
     assert _after(code)[0] == {"status": 0, "torch": False, "monai": False}
+    # `medfl check` reads a dermoscopy site through its task (the composition layer) without either
+    code = (f"from medfl.config import load_site_config\nfrom medfl.data import inspect_site\n"
+            f"from medfl.tasks import task_for\nsite = load_site_config({str(site)!r})\n"
+            "status = len(inspect_site(site, task=task_for(site.task)).report.errors)")
+    assert _after(code)[0] == {"status": 0, "torch": False, "monai": False}
 
 
 @pytest.mark.parametrize("command", ["check", "run", "evaluate", "nvflare-job", "predict", "export", "report"])
@@ -130,3 +135,23 @@ def test_a_misspelt_key_or_a_missing_folder_is_reported_before_torch_loads(comma
     assert outcome == {"status": 1, "torch": False, "monai": False}
     assert ("unknown key 'layuot'" if command in ("check", "run", "evaluate", "nvflare-job")
             else f"{missing}: ") in printed
+
+
+@pytest.mark.parametrize(("command", "misspelt"), [("check", "site"), ("run", "site"), ("run", "experiment"),
+                                                   ("run", "method")])
+def test_a_misspelt_task_or_method_is_reported_before_torch_or_monai_loads(command: str, misspelt: str,
+                                                                          tmp_path: Path) -> None:
+    """The task keys and the method table are config-level facts: no task behaviour, torch or MONAI needed."""
+    site = tmp_path / "site.yaml"
+    task = "clasification" if misspelt == "site" else "classification"
+    site.write_text(f"name: a\ntask: {task}\ndata_root: .\nlayout: csv\nlabel_map: {{x: x}}\n", encoding="utf-8")
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(f"task: {'segmentaton' if misspelt == 'experiment' else 'classification'}\n"
+                          f"method: {'fedprx' if misspelt == 'method' else 'prr'}\nsites: [site.yaml]\n"
+                          "data: {classes: [x, y]}\n", encoding="utf-8")
+    arguments = [str(site)] if command == "check" else [str(experiment)]
+    outcome, printed = _after(f"import medfl.cli\nstatus = medfl.cli.main({[command, *arguments]!r})")
+    assert outcome == {"status": 1, "torch": False, "monai": False}
+    expected = ("unknown method 'fedprx'" if misspelt == "method"
+                else "key 'task': Input should be 'classification' or 'segmentation'")
+    assert expected in printed

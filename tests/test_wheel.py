@@ -1,5 +1,7 @@
 """The wheel a hospital installs: built offline, installed into a fresh virtual environment outside the
-checkout, and used from a temporary folder (`synth`, `check`, a one-round `run`).
+checkout, and used from a temporary folder (`synth`, `check`, a one-round `run`). The transform recipes live
+in the top-level transforms/ folder, installed as the package medfl.recipes: the wheel carries them, and an
+editable install (what `make` does) reads them from that folder.
 
 The fresh environment has only medfl of its own; its other packages (torch, MONAI, ...) come from the test
 environment through a .pth file that lists that environment's site-packages folders. A .pth line only
@@ -39,16 +41,68 @@ def _test_environment_folders() -> list[str]:
     return list(dict.fromkeys(f for f in folders if Path(f).is_dir()))
 
 
+def _source_copy(tmp_path: Path) -> Path:
+    """What the wheel is made of, copied: the package, the recipes' folder, pyproject.toml and the README."""
+    source = tmp_path / "source"
+    for folder in ("medfl", "transforms"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    return source
+
+
+def _fresh_venv(tmp_path: Path, env: dict[str, str]) -> Path:
+    """A virtual environment without pip or medfl; the test environment's packages reach it through a .pth
+    file (added after the environment's own .pth files, whose names sort first)."""
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, env)
+    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   tmp_path, env).stdout.strip()
+    (Path(purelib) / "_test_environment.pth").write_text("\n".join(_test_environment_folders()) + "\n")
+    return python
+
+
+def test_the_package_list_names_every_package_and_the_recipes() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "medfl").rglob("__init__.py")}
+    mapped = setuptools["package-dir"]
+    assert setuptools["packages"] and sorted(setuptools["packages"]) == sorted(found | set(mapped))
+    assert mapped["medfl.recipes"] == "transforms"
+    assert all((ROOT / folder / "__init__.py").is_file() for folder in mapped.values())
+    assert {path.stem for path in (ROOT / "transforms").glob("*.yaml")} >= RECIPES
+
+
+@pytest.mark.slow
+def test_an_editable_install_reads_the_recipes_from_transforms(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env["OMP_NUM_THREADS"] = "1"
+    source = _source_copy(tmp_path)
+    python = _fresh_venv(tmp_path, env)  # the test environment's setuptools builds the editable install
+    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
+          "--no-build-isolation", "--disable-pip-version-check", "-q", "-e", str(source)], tmp_path, env)
+    work = tmp_path / "work"
+    work.mkdir()
+    code = ("import medfl, medfl.data.recipes as r\nprint(medfl.__file__)\nprint(r.RECIPES_DIR)\n"
+            f"print(all(r.resolve_recipe(name, input_size=32)['transforms'] for name in {sorted(RECIPES)!r}))")
+    lines = _run([str(python), "-c", code], work, env).stdout.splitlines()
+    assert Path(lines[0]).resolve() == (source / "medfl" / "__init__.py").resolve()
+    assert Path(lines[1]).resolve() == (source / "transforms").resolve() and lines[2] == "True"
+    recipe = source / "transforms" / "dermoscopy_eval.yaml"
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "description": "edited"}))
+    edited = _run([str(python), "-c", "from medfl.data.recipes import resolve_recipe; "
+                   "print(resolve_recipe('dermoscopy_eval')['description'])"], work, env).stdout.strip()
+    assert edited == "edited"  # the folder itself, not a copy of it
+
+
 @pytest.mark.slow
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env["OMP_NUM_THREADS"] = "1"
 
     # Build from a copy of what the wheel is made of, so that the checkout gets no build/ folder.
-    source = tmp_path / "source"
-    shutil.copytree(ROOT / "medfl", source / "medfl", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, source / name)
+    source = _source_copy(tmp_path)
     wheels = tmp_path / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
           "--disable-pip-version-check", "-q", "-w", str(wheels), str(source)], tmp_path, env)

@@ -1,6 +1,7 @@
 """Transform recipes: YAML lists of MONAI transforms, and the cached datasets built from them.
 
-A recipe file (a shipped one is package data, medfl/recipes/<name>.yaml) is a mapping:
+A recipe file (a shipped one is package data: the repository's transforms/<name>.yaml, installed as the
+package medfl.recipes) is a mapping:
 
     description: one line
     variables: {input_size: 64}          # defaults, overridden by load_recipe(..., input_size=128)
@@ -16,7 +17,7 @@ exactly "@name" is replaced by the variable `name`; nothing else is evaluated, n
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ from medfl.config import load_yaml_mapping
 from medfl.data.safe_transforms import check_transform
 from medfl.errors import ConfigError
 
-# The shipped recipes are package data, found through importlib.resources so that an installed wheel has
+# The shipped recipes are the data package medfl.recipes, which pyproject.toml maps from the repository's
+# transforms/ folder: found through the import system, so that a wheel and an editable install both have
 # them. medfl is always installed unpacked (torch and MONAI are never imported from a zip): this is a folder.
-RECIPES_DIR = Path(str(importlib.resources.files("medfl") / "recipes"))
+RECIPES_DIR = Path(importlib.util.find_spec("medfl.recipes").submodule_search_locations[0])
 _RECIPE_KEYS = {"description", "variables", "transforms"}
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
