@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import grimp
+import pytest
 from importlinter.cli import EXIT_STATUS_SUCCESS, lint_imports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,3 +162,13 @@ def test_command_modules_import_only_the_standard_library_at_module_level() -> N
             foreign += [f"{path.name}: {name}" for name in names
                         if name.split(".")[0] not in allowed and name != "medfl.commands"]
     assert foreign == []
+
+
+def test_docs_draw_every_layer_of_the_contract() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]["contracts"]
+    (layers,) = [contract["layers"] for contract in contracts if contract["type"] == "layers"]
+    drawing = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8").split("## The layers")[1].split("\n## ")[0]
+    missing = [f"medfl.{name.strip()}" for layer in layers for name in layer.split("|")
+               if f"medfl.{name.strip()}" not in drawing]
+    assert missing == []
