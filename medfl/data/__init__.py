@@ -1,7 +1,8 @@
 """Site data: find records in a site folder, validate them, split them, and build MONAI datasets.
 
-`load_site(site, settings)` is the entry point for experiments; `inspect_site` and `validate_site` serve
-`medfl check`. `load_recipe` and `build_dataset` turn records into cached MONAI datasets.
+`load_site(site, settings, task=...)` is the entry point for experiments (the caller hands in the site's task);
+`inspect_site` and `validate_site` serve `medfl check`. `load_recipe` and `build_dataset` turn records into cached
+MONAI datasets.
 
 The names below are imported on first use (PEP 562), so that `from medfl.data import inspect_site` does
 not load MONAI: `medfl check` reports a misspelt config key before torch or MONAI is imported.
