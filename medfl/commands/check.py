@@ -83,9 +83,9 @@ def _print_report(console: Console, report: SiteReport) -> None:
 def _header(settings: DataSettings, tasks: set[str]) -> str:
     """The settings line: the classes of each task present (prefixed by the task when there are several),
     input size, split, and what else each task states (segmentation: the training slices)."""
-    from medfl.tasks import TASKS
+    from medfl.task_facts import FACTS
 
-    present = [task for key, task in TASKS.items() if key in tasks]
+    present = [task for key, task in FACTS.items() if key in tasks]
     parts = [f"{task.key.value + ' ' if len(present) > 1 else ''}classes: {task.check_classes(settings)}"
              for task in present]
     fractions = "/".join(f"{f:g}" for f in settings.split_fractions)
@@ -196,7 +196,6 @@ def run(args: argparse.Namespace) -> int:
 
     from medfl.data import inspect_site
     from medfl.errors import MedflError
-    from medfl.tasks import task_for
 
     console = Console(highlight=False)
     settings = _settings(args)
@@ -209,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             if isinstance(config, Exception):
                 raise config  # a config that did not load: reported in the order given
+            from medfl.tasks import task_for  # the readers load once a config is valid
+
             report = inspect_site(config, settings, task=task_for(config.task)).report
         except (MedflError, OSError) as error:
             console.print(Text(f"error: {error}", style="red"), soft_wrap=True)
