@@ -372,6 +372,11 @@ From elsewhere, give the paths and add `--bundle_root THIS_FOLDER`.
 {io_text} The configs read nothing but the input folder and this bundle's files, and write nothing outside the
 output folder (files of the same name there are replaced).
 
+Before `models/model.ts` is loaded, the run checks it against the sha256 that `configs/metadata.json` records
+(MONAI's `check_hash`) and stops with one line if it differs: the file was damaged or replaced. `medfl verify
+THIS_FOLDER`, where medfl is installed, checks every file the metadata lists. This catches accidents, not
+someone who rewrites the metadata too.
+
 ## Preprocessing (the site's evaluation preprocessing, as in training)
 {steps}
 

@@ -207,7 +207,9 @@ class Classification(Task):
             "data_type": "jpeg or png images",
             "io": ("Input: the JPEG or PNG images (RGB, one lesion each) directly inside `--input_dir`. Output: "
                    "`predictions.csv` in `--output_dir`, one row per image without a header: the image's path, then "
-                   f"the softmax probability of each class in this order: {classes}."),
+                   f"the softmax probability of each class in this order: {classes}. A file that is not an RGB JPEG "
+                   "or PNG (a grey or RGBA image, say) stops the run with one line naming it, before anything is "
+                   "predicted or written."),
             "formats": "",
             "program": "the network on each image (logits), then softmax",
         }

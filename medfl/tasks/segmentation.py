@@ -214,7 +214,10 @@ class Segmentation(Task):
             "data_type": "nifti or metaimage volumes",
             "io": ("Input: the MRI volumes (one 3-D T2-weighted volume per file) directly inside `--input_dir`. "
                    "Output: one mask per volume in `--output_dir`, named `<name>_mask<extension>`, in the input's "
-                   "format and on its voxel grid (same affine), 0 = background, 1 = prostate."),
+                   "format and on its voxel grid (same affine; a NIfTI mask's qform and sform codes are 1, MONAI's "
+                   "writer sets them so), 0 = background, 1 = prostate. Files whose name ends in "
+                   f"the site's mask suffix '{manifest['preprocessing']['mask_suffix']}' (masks beside their volumes) "
+                   "are left out, and the run lists them; `--mask_suffix` names another."),
             "formats": ("\nNIfTI (`.nii.gz`) is read by default; for MetaImage volumes add `--input_ext .mhd` (or "
                         "`.nii`, `.mha`): masks are written in the same format.\n"),
             "program": (f"models/model.ts resizes every axial slice to {size} x {size} (bilinear, anti-aliased as "
