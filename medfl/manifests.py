@@ -20,11 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medfl.config import DataSettings, format_validation_error
 from medfl.errors import ConfigError, DataError
-from medfl.tasks import TASKS
+from medfl.tasks import TASKS, task_for
 
 FORMAT = "medfl-export/1"
 MANIFEST = "manifest.json"
@@ -131,6 +140,13 @@ class ExportManifest(_Part):
         if value not in {str(key) for key in TASKS}:
             raise ValueError(f"unknown task '{value}' (known: {', '.join(str(key) for key in TASKS)})")
         return value
+
+    @model_validator(mode="after")
+    def _task_preprocessing(self) -> ExportManifest:
+        missing = [key for key in task_for(self.task).manifest_preprocessing_keys if key not in self.preprocessing]
+        if missing:
+            raise ValueError(f"key 'preprocessing.{missing[0]}': Field required")
+        return self
 
 
 def check_manifest(manifest: Any, source: str | Path) -> dict[str, Any]:

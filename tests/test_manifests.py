@@ -74,6 +74,10 @@ def test_values_of_the_wrong_kind_and_foreign_manifests_are_refused(setup):
                              ({"format": "other/1"}, "not a medfl export manifest")]:
         with pytest.raises(ConfigError, match=expected):
             check_manifest({**manifest, **change}, "manifest.json")
+    volumes = json.loads((setup["prostate"] / "manifest.json").read_text())
+    del volumes["preprocessing"]["context_slices"]  # what medfl predict reads to build the slice-wise program
+    with pytest.raises(ConfigError, match=r"manifest.json: key 'preprocessing.context_slices': Field required"):
+        check_manifest(volumes, "manifest.json")
 
 
 def test_predict_refuses_an_output_that_is_one_of_its_inputs_before_torch_loads(setup, tmp_path):

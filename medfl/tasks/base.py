@@ -158,5 +158,7 @@ class Task(ABC):
         return saved
 
     predicts_volumes: bool = False  # `medfl predict` takes volumes (one mask each) rather than 2-D images
+    # Keys of an export manifest's `preprocessing` that `medfl predict` reads (medfl.manifests requires them).
+    manifest_preprocessing_keys: tuple[str, ...] = ()
     confusion_matrices: bool = False  # reports rescore the selected models into confusion matrices
     example_slices: bool = False  # reports draw test slices with truth and prediction

@@ -32,6 +32,7 @@ class Segmentation(Task):
     bundle_batch_size = 1
     example_slices = True
     predicts_volumes = True  # medfl predict: volumes, one mask each, slice by slice
+    manifest_preprocessing_keys = ("context_slices",)
 
     # ------------------------------------------------------------------ configs
     def classes(self, configured: Sequence[str] | None) -> list[str]:
