@@ -2,6 +2,7 @@
 
 One site's export holds `manifest.json`, `model.pt` (a state dict), `model.pt2` (a torch.export program
 returning logits) and `eval_transforms.yaml` (the resolved evaluation recipe). Before any of them is used,
+the manifest is checked (medfl.manifests: every key the commands read, one line naming the file and key) and
 every file the manifest lists is checked against its sha256 (and each of those three must be listed), so a
 changed, truncated or swapped file is refused with one line naming it. The recipe must also pass the recipe
 allow-list, and the weights load with weights_only=True, so even an export whose manifest was rewritten to
