@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("export", "export", "turn a run folder into per-site deliverables: weights, torch.export program, manifest"),
     ("predict", "predict", "apply a site's exported model to dermoscopy images or MRI volumes"),
     ("evaluate", "evaluate", "score a site's exported model on a site's labelled data with the run's metrics"),
+    ("verify", "verify", "check every file of an export or a MONAI bundle against the sha256 it records"),
     ("report", "report", "compare run folders: markdown tables per site and mean, PNG curves and plots"),
     ("nvflare-job", "nvflare_job", "write an NVIDIA FLARE job folder for an experiment (simulator, POC, production)"),
     ("config-reference", "config_reference", "print or write the site-config and experiment-config references"),

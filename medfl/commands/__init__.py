@@ -21,3 +21,18 @@ def existing_folder(path: str | Path, what: str) -> Path:
     if not folder.is_dir():
         raise ConfigError(f"{path}: {what} must be a folder")
     return folder
+
+
+def output_folder(path: str | Path, what: str) -> Path:
+    """`path` as a folder to write into: an existing folder, or a new one whose nearest existing parent is a
+    folder; a ConfigError naming the file that stands in the way, before anything is written."""
+    from medfl.errors import ConfigError
+
+    folder = Path(path)
+    for place in (folder, *folder.parents):
+        if place.exists():
+            if not place.is_dir():
+                where = "it" if place == folder else f"{place}"
+                raise ConfigError(f"{path}: {what} must be a folder, but {where} is a file; nothing was written")
+            break
+    return folder

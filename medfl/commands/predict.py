@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medfl.commands import DEVICE_CHOICES, DEVICE_HELP, existing_folder
+from medfl.commands import DEVICE_CHOICES, DEVICE_HELP, existing_folder, output_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     existing_folder(args.export_dir, "export folder")
+    output_folder(args.out, "--out (where predictions.csv or the masks go)")
 
     from medfl.deliver import load_export, predict
     from medfl.devices import resolve_device

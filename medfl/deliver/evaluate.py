@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medfl.config import DataSettings, load_site_config
-from medfl.deliver.bundle import WEIGHTS, ExportedModel
+from medfl.config import DataSettings, load_site_config, validate_model
+from medfl.deliver.bundle import MANIFEST, WEIGHTS, ExportedModel
 from medfl.errors import ConfigError, DataError
 from medfl.tasks import task_for
 
@@ -23,7 +23,8 @@ def _settings(export: ExportedModel) -> DataSettings:
     """The run's data settings with the export's own recipe; every slice kept, so volumes reassemble whole."""
     saved = dict(export.manifest["data_settings"])
     saved.update(eval_recipe=str(export.recipe_path), slices="all")
-    return DataSettings.model_validate(task_for(export.task).export_data_settings(saved, export.classes))
+    settings = task_for(export.task).export_data_settings(saved, export.classes)
+    return validate_model(DataSettings, settings, export.folder / MANIFEST)
 
 
 def evaluate_export(export: ExportedModel, site_config: str | Path, split: str = "test") -> dict[str, Any]:

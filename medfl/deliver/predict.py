@@ -6,7 +6,10 @@ orientation, then go through the very pipeline of the MONAI bundle (medfl.delive
 percentile clip and z-score, then the slice-wise program: in-plane resize, context slices, network, logits
 back to the slice size), so that both give the same masks and both reproduce the data layer's
 preprocessing; they come back as a mask on the input's voxel grid, in the input's format.
-Each input stands alone: a bad one gets a one-line reason and the others are still predicted.
+Each input stands alone: a bad one gets a one-line reason and the others are still predicted. An RGBA image
+whose alpha is 255 everywhere is an RGB image with an unused channel: it is read without the alpha channel
+(PIL's RGBA to RGB conversion drops alpha and leaves the colours as they are); one with transparent pixels is
+refused, since what lies behind them is unknown.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
+from monai.data import PILReader
+from monai.transforms import Compose, LoadImaged
+from PIL import Image
 
 from medfl.checkpoints import atomic_write_csv as write_csv
 from medfl.data import CaseGeometry, load_recipe
 from medfl.data.images import IMAGE_EXTENSIONS, check_image
+from medfl.data.recipes import resolve_recipe
 from medfl.data.volumes import WORKING_ORIENTATION, read_volume, write_like
 from medfl.deliver.bundle import ExportedModel
 from medfl.deliver.programs import LogitsOnly, SliceWiseProgram, normalise_volume
@@ -98,17 +105,60 @@ def _channel_problem(image: Any, export: ExportedModel) -> str | None:
     return None
 
 
+def opaque_alpha(path: Path) -> bool | None:
+    """For an RGBA image: whether its alpha is 255 everywhere. None for any other file (or one PIL cannot
+    decode), which `check_image` then judges."""
+    try:
+        with Image.open(path) as image:
+            if image.mode != "RGBA":
+                return None
+            return image.getchannel("A").getextrema() == (255, 255)
+    except Exception:  # noqa: BLE001 - an unreadable file is check_image's to describe
+        return None
+
+
+def _without_alpha(image: Any) -> Any:
+    return image.convert("RGB")
+
+
+def alpha_dropping_recipe(export: ExportedModel) -> Compose | None:
+    """The export's recipe with its first step, LoadImaged with PILReader, reading RGBA images as RGB; None
+    when the recipe does not start that way (then RGBA images are refused)."""
+    recipe = load_recipe(export.recipe_path)
+    name, arguments = next(iter(resolve_recipe(export.recipe_path)["transforms"][0].items()))
+    if name != "LoadImaged" or arguments.get("reader") != "PILReader":
+        return None
+    load = LoadImaged(**{**arguments, "reader": PILReader(converter=_without_alpha)})
+    return Compose([load, *recipe.transforms[1:]])
+
+
+def _image_recipe(export: ExportedModel, path: Path, recipes: dict[str, Compose | None]) -> tuple[Any, str | None]:
+    """The recipe that reads `path` (alpha dropped for an opaque RGBA image), or None and why not."""
+    problem = input_problem(path, export.task)
+    opaque = None if problem else opaque_alpha(path)
+    if opaque is None:
+        return recipes["plain"], problem or check_image(path)
+    if not opaque:
+        return None, ("image has transparent pixels (RGBA with alpha below 255), and the model takes RGB colour "
+                      "images: flatten it onto its background first")
+    if "opaque" not in recipes:
+        recipes["opaque"] = alpha_dropping_recipe(export)
+    if recipes["opaque"] is None:
+        return None, "image mode is RGBA, expected RGB colour (this export's recipe cannot drop the alpha channel)"
+    return recipes["opaque"], None
+
+
 def predict_images(export: ExportedModel, inputs: Sequence[Path], out: Path) -> list[Prediction]:
     """Classify dermoscopy images into `out/predictions.csv` (image, prob_<class>..., predicted)."""
     csv_path = out / PREDICTIONS_CSV
     if csv_path.exists():
         raise ConfigError(f"{csv_path} already exists: predictions are never overwritten; choose another --out")
-    recipe = load_recipe(export.recipe_path)
+    recipes: dict[str, Compose | None] = {"plain": load_recipe(export.recipe_path)}
     results, images = [], []
     for path in inputs:
         result = Prediction(path)
         results.append(result)
-        result.error = input_problem(path, export.task) or check_image(path)
+        recipe, result.error = _image_recipe(export, path, recipes)
         if result.error is None:
             try:
                 image = recipe({"image": str(path), "label": -1, "id": path.stem, "site": export.site})["image"]
@@ -224,6 +274,8 @@ def predict(export: ExportedModel, inputs: Sequence[str | Path], out: str | Path
             on_file: Callable[[Prediction], None] | None = None) -> list[Prediction]:
     """Predict every input with an exported model; results in input order, failures with their reason."""
     paths, out = [Path(p) for p in inputs], Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: the output must be a folder, but it is a file; nothing was written")
     if not task_for(export.task).predicts_volumes:
         results = predict_images(export, paths, out)
         for result in results:

@@ -124,6 +124,11 @@ class Task(ABC):
     def preprocessing(self, data: DataSettings, in_channels: int, recipe: Mapping[str, Any]) -> dict[str, Any]:
         """How an input becomes the network's input, in words and numbers (an export's manifest)."""
 
+    def site_inputs(self, site: SiteConfig) -> dict[str, Any]:
+        """What an export's manifest records (under `preprocessing`) about how the site names files that are
+        not inputs, so that a bundle pointed at a folder of the site's layout can leave them out."""
+        return {}
+
     # ------------------------------------------------------------------ MONAI bundles (medfl.deliver.monai_bundle)
     bundle_packages: dict[str, str]  # pip name -> lowest version the bundle runner needs to read the inputs
     bundle_batch_size: int
@@ -134,8 +139,11 @@ class Task(ABC):
         """(TorchScript program, the eager module it must equal, a probe input) around the traced logits network."""
 
     @abstractmethod
-    def bundle_inference(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
-        """The task's part of configs/inference.json: inputs, preprocessing, dataset, postprocessing, handlers."""
+    def bundle_inference(self, recipe: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """The task's part of configs/inference.json: `imports` (beyond glob, os and sys), the inputs
+        (`datalist`), `input_report` (an expression run before the evaluator: it says which files of the input
+        folder are left out, or stops the run on one that cannot be predicted), preprocessing, dataset,
+        postprocessing, handlers."""
 
     @abstractmethod
     def bundle_data_format(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -150,5 +158,7 @@ class Task(ABC):
         return saved
 
     predicts_volumes: bool = False  # `medfl predict` takes volumes (one mask each) rather than 2-D images
+    # Keys of an export manifest's `preprocessing` that `medfl predict` reads (medfl.manifests requires them).
+    manifest_preprocessing_keys: tuple[str, ...] = ()
     confusion_matrices: bool = False  # reports rescore the selected models into confusion matrices
     example_slices: bool = False  # reports draw test slices with truth and prediction

@@ -32,6 +32,7 @@ class Segmentation(Task):
     bundle_batch_size = 1
     example_slices = True
     predicts_volumes = True  # medfl predict: volumes, one mask each, slice by slice
+    manifest_preprocessing_keys = ("context_slices",)
 
     # ------------------------------------------------------------------ configs
     def classes(self, configured: Sequence[str] | None) -> list[str]:
@@ -156,12 +157,26 @@ class Segmentation(Task):
         probe = torch.randn(1, 1, 3, input_size + 5, input_size - 3, generator=generator)
         return program, SliceWiseProgram(eager, input_size, context_slices).eval(), probe
 
-    def bundle_inference(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
+    def site_inputs(self, site: SiteConfig) -> dict[str, Any]:
+        return {"mask_suffix": site.effective_mask_suffix}
+
+    def bundle_inference(self, recipe: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Volumes of one extension; files whose name (before the extension) ends in the site's mask suffix, as
+        medfl's reader matches it, are the site's masks and are left out, and the run says so."""
         from medfl.deliver.monai_bundle import volume_transforms
 
         return {
+            "imports": [],
             "input_ext": ".nii.gz",
-            "datalist": "$sorted(glob.glob(os.path.join(glob.escape(@input_dir), '*' + @input_ext)))",
+            "mask_suffix": manifest["preprocessing"]["mask_suffix"],
+            "input_files": "$sorted(glob.glob(os.path.join(glob.escape(@input_dir), '*' + @input_ext)))",
+            "left_out": "$[path for path in @input_files if os.path.basename(path)[:-len(@input_ext)].lower()"
+                        ".endswith(@mask_suffix.lower()) and len(os.path.basename(path)) > len(@input_ext) + "
+                        "len(@mask_suffix)]",
+            "datalist": "$[path for path in @input_files if path not in @left_out]",
+            "input_report": "$print('Left out ' + str(len(@left_out)) + ' file(s) whose name ends in the mask "
+                            "suffix ' + repr(@mask_suffix) + ' (masks, not volumes; --mask_suffix sets another): ' "
+                            "+ ', '.join(os.path.basename(path) for path in @left_out)) if @left_out else None",
             "preprocessing": {"_target_": "Compose", "transforms": volume_transforms(recipe)},
             "dataset": {"_target_": "Dataset", "data": "$[{'image': path} for path in @datalist]",
                         "transform": "@preprocessing"},
@@ -200,7 +215,10 @@ class Segmentation(Task):
             "data_type": "nifti or metaimage volumes",
             "io": ("Input: the MRI volumes (one 3-D T2-weighted volume per file) directly inside `--input_dir`. "
                    "Output: one mask per volume in `--output_dir`, named `<name>_mask<extension>`, in the input's "
-                   "format and on its voxel grid (same affine), 0 = background, 1 = prostate."),
+                   "format and on its voxel grid (same affine; a NIfTI mask's qform and sform codes are 1, MONAI's "
+                   "writer sets them so), 0 = background, 1 = prostate. Files whose name ends in "
+                   f"the site's mask suffix '{manifest['preprocessing']['mask_suffix']}' (masks beside their volumes) "
+                   "are left out, and the run lists them; `--mask_suffix` names another."),
             "formats": ("\nNIfTI (`.nii.gz`) is read by default; for MetaImage volumes add `--input_ext .mhd` (or "
                         "`.nii`, `.mha`): masks are written in the same format.\n"),
             "program": (f"models/model.ts resizes every axial slice to {size} x {size} (bilinear, anti-aliased as "
