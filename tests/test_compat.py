@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from medfl.cli import main
 
@@ -72,3 +73,20 @@ def test_an_old_run_folder_reports_the_same_tables(old, tmp_path):
     expected = (old / "expected" / "report" / "report.md").read_text(encoding="utf-8")
     got = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     assert "### derm_b" in _results(expected) and _results(got) == _results(expected)
+    notes = [line for line in got.splitlines() if line.startswith("- confusion matrix of site")]
+    assert [note.split(" skipped: ")[0] for note in notes] == [
+        "- confusion matrix of site 'derm_a'", "- confusion matrix of site 'derm_b'"]  # their data is not here
+
+
+def test_an_old_run_folder_exports_what_it_exported(old, tmp_path):
+    assert main(["export", str(old / "run"), "--out", str(tmp_path / "new")]) == 0
+    assert sorted(path.name for path in (tmp_path / "new").iterdir()) == ["derm_a", "derm_b"]
+    new, before = tmp_path / "new" / "derm_a", old / "export" / "derm_a"
+    weights = torch.load(new / "model.pt", weights_only=True)
+    expected = torch.load(before / "model.pt", weights_only=True)
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], v) for k, v in expected.items())
+    manifest, old_manifest = (json.loads((folder / "manifest.json").read_text()) for folder in (new, before))
+    assert manifest["files"]["eval_transforms.yaml"] == old_manifest["files"]["eval_transforms.yaml"]
+    assert manifest["experiment"] == {**old_manifest["experiment"], "run_dir": str((old / "run").resolve())}
+    for key in set(old_manifest) - {"experiment", "files", "versions", "exported_at"}:
+        assert manifest[key] == old_manifest[key], key
