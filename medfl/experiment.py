@@ -314,8 +314,11 @@ class ExperimentConfig(_Section):
             raise ConfigError(f"site '{name}' appears twice ({found[1]}): site names must be unique")
         if not found:
             listed = f"the {len(self.sites)} site configs" + (f" of {self._source}" if self._source else "")
-            reason = f"; {len(unreadable)} cannot be read here, e.g. {unreadable[0]}" if unreadable else ""
-            raise ConfigError(f"site '{name}': none of {listed} is this site's{reason}")
+            if not unreadable:
+                raise ConfigError(f"site '{name}': none of {listed} is this site's")
+            shown = "; ".join(unreadable[:3]) + ("; ..." if len(unreadable) > 3 else "")
+            raise ConfigError(f"site '{name}': its config is not among those of {listed} that can be read here "
+                              f"({len(unreadable)} cannot: {shown})")
         site = load_site_config(found[0])
         self._check_site(site)
         return site

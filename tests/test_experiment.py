@@ -105,11 +105,16 @@ def test_one_site_is_loaded_without_reading_the_others(folder, monkeypatch):
     assert site.name == "one" and site.data_root == folder / "sites" / "data"
     with pytest.raises(ConfigError, match="environment variable 'MEDFL_TEST_UNSET_ROOT' is not set"):
         config.load_site("two")  # its own problems are its own
-    with pytest.raises(ConfigError, match=r"^site 'three': none of the 3 site configs of .*a\.yaml is this site's; "
-                                          r"1 cannot be read here, e\.g\. .*gone\.yaml: config file not found$"):
+    with pytest.raises(ConfigError, match=r"^site 'three': its config is not among those of the 3 site configs of "
+                                          r".*a\.yaml that can be read here \(1 cannot: .*gone\.yaml: config file "
+                                          r"not found\)$"):
         config.load_site("three")
     with pytest.raises(ConfigError, match="config file not found"):
         config.load_sites()
+    config = load_experiment_config(write(folder / "b.yaml", "task: classification\ndata: {classes: [a, b]}\n"
+                                          "sites: [sites/one.yaml]\n"))
+    with pytest.raises(ConfigError, match=r"^site 'two': none of the 1 site configs of .*b\.yaml is this site's$"):
+        config.load_site("two")
 
 
 def test_one_site_is_checked_as_every_site_is(folder):
