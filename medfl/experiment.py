@@ -289,17 +289,51 @@ class ExperimentConfig(_Section):
         for site in sites:
             if names.count(site.name) > 1:
                 raise ConfigError(f"site '{site.name}' appears twice ({site.source_path}): site names must be unique")
-            if site.task != self.task:
-                raise ConfigError(
-                    f"site '{site.name}' ({site.source_path}): its task is {site.task}, the experiment's is {self.task}"
-                )
-            missing = task_for(self.task).missing_classes(site, self.classes)
-            if missing:
-                raise ConfigError(
-                    f"site '{site.name}' ({site.source_path}): its label_map does not cover class(es) "
-                    f"{', '.join(missing)} of the experiment"
-                )
+            self._check_site(site)
         return sites
+
+    def load_site(self, name: str) -> SiteConfig:
+        """The config of site `name` alone, checked as `load_sites` checks it.
+
+        A command that serves one site must not stop on another site's config: the listed files are read as
+        plain YAML only to find the one named `name` (another site's missing file, or its unset `${VAR}`, is
+        never expanded), and only that one is validated."""
+        found, unreadable = [], []
+        for path in self.sites:
+            try:
+                data = load_yaml_mapping(path)
+            except ConfigError as error:
+                unreadable.append(str(error))
+                continue
+            except OSError as error:  # another hospital's file this account may not read
+                unreadable.append(f"{path}: {error.strerror or error}")
+                continue
+            if data.get("name") == name:
+                found.append(path)
+        if len(found) > 1:
+            raise ConfigError(f"site '{name}' appears twice ({found[1]}): site names must be unique")
+        if not found:
+            listed = f"the {len(self.sites)} site configs" + (f" of {self._source}" if self._source else "")
+            if not unreadable:
+                raise ConfigError(f"site '{name}': none of {listed} is this site's")
+            shown = "; ".join(unreadable[:3]) + ("; ..." if len(unreadable) > 3 else "")
+            raise ConfigError(f"site '{name}': its config is not among those of {listed} that can be read here "
+                              f"({len(unreadable)} cannot: {shown})")
+        site = load_site_config(found[0])
+        self._check_site(site)
+        return site
+
+    def _check_site(self, site: SiteConfig) -> None:
+        if site.task != self.task:
+            raise ConfigError(
+                f"site '{site.name}' ({site.source_path}): its task is {site.task}, the experiment's is {self.task}"
+            )
+        missing = task_for(self.task).missing_classes(site, self.classes)
+        if missing:
+            raise ConfigError(
+                f"site '{site.name}' ({site.source_path}): its label_map does not cover class(es) "
+                f"{', '.join(missing)} of the experiment"
+            )
 
     def resolved(self) -> dict[str, Any]:
         """The config as plain data with absolute paths, as written to the run folder's config.yaml."""

@@ -248,10 +248,21 @@ class RunFolder:
         return data
 
     def config(self) -> Any:
-        """The run's ExperimentConfig."""
+        """The run's ExperimentConfig (refused when config.yaml was edited after the run: `check_config`)."""
         from medfl.experiment import load_experiment_config
 
+        self.check_config()
         return load_experiment_config(self.config_file)
+
+    def check_config(self) -> dict[str, Any]:
+        """config.yaml as the run wrote it, refused in one line when it was edited afterwards: its digest
+        (`config_digest`, `rounds` left out) must be the one run.json records. A run's results are read only
+        under the config they came from; a site under NVFlare keeps the config the job sent, which passes."""
+        data = self.config_dict()
+        if config_digest(data) != self.record.config_sha256:
+            raise RunFolderError(f"{self.config_file}: changed after the run (it is not the config whose sha256 "
+                                 f"{RECORD_FILE} records); put back the config.yaml the run wrote")
+        return data
 
     def config_sha256(self) -> str:
         """sha256 of config.yaml's bytes (what an export records as its provenance)."""
@@ -270,7 +281,7 @@ class RunFolder:
         only for methods whose result then equals a fresh longer run (see `extension_blockers`). A finished
         run raises RunFinished; a run that never completed a round starts again at round 0.
         """
-        saved, current = self.config_dict(), config.resolved()
+        saved, current = self.check_config(), config.resolved()
         changed = sorted(k for k in set(saved) | set(current) if k != "rounds" and saved.get(k) != current.get(k))
         if changed:
             raise ConfigError(f"cannot resume {self.root}: the config differs from the one it started with in "

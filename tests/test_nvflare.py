@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -319,3 +320,47 @@ def test_exported_job_in_the_simulator_matches_the_in_process_coordinator(experi
         (exported,) = export_run(folder)
         assert exported.site == site
         assert exported.manifest["round"]["selected"] == summary["sites"][site]["selected_round"]
+
+
+@pytest.mark.slow
+def test_a_hospital_exports_after_the_job_with_only_its_own_files(tiny_federation, tmp_path, capsys):
+    """Each hospital keeps its data and its part of the run in a folder of its own. After the job, the job
+    writer's site configs (named in every run folder's config.yaml) and the other hospital's files are gone:
+    the hospital still exports, and reports, from its own run folder, whose config.yaml is the one the job sent."""
+    writer = tmp_path / "writer"
+    hospitals = {site: tmp_path / "hospital" / site for site in SITES}
+    for site, folder in hospitals.items():
+        shutil.copytree(tiny_federation / "dermoscopy" / site, folder / "data")
+        config = yaml.safe_load((tiny_federation / "site_configs" / "dermoscopy" / f"{site}.yaml").read_text())
+        path = writer / "site_configs" / "dermoscopy" / f"{site}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({**config, "data_root": str(folder / "data")}))
+    experiment = tiny_experiment(writer / "exp.yaml", writer, "classification", sites=SITES, name="hospitals",
+                                 rounds=1, runtime={"threads": 1}, device="cpu", output_dir=str(writer / "runs"))
+    job = write_job(load_experiment_config(experiment), tmp_path / "job", run_dir=tmp_path / "fl")
+    for site, folder in hospitals.items():
+        (job / f"app_{site}" / "config" / CONFIG_FOLDER / "job.yaml").write_text(
+            yaml.safe_dump({"run_dir": str(folder / "run")}))
+    nvflare = Path(sys.executable).with_name("nvflare")
+    result = subprocess.run([str(nvflare), "simulator", str(job), "-w", str(tmp_path / "workspace"), "-t", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((tmp_path / "fl" / "summary.json").read_text())["finished"], result.stdout[-3000:]
+    sent = (tmp_path / "fl" / "config.yaml").read_bytes()
+    assert all((folder / "run" / "config.yaml").read_bytes() == sent for folder in hospitals.values())
+
+    for gone in (writer, job, tmp_path / "workspace", tmp_path / "fl", hospitals["derm_b"]):
+        shutil.rmtree(gone)
+    run = hospitals["derm_a"] / "run"
+    assert medfl_main(["export", str(run)]) == 0, capsys.readouterr().err
+    manifest = json.loads((run / "export" / "derm_a" / "manifest.json").read_text())
+    selected = json.loads((run / "summary.json").read_text())["sites"]["derm_a"]["selected_round"]
+    assert manifest["site"] == "derm_a" and manifest["round"]["selected"] == selected
+    weights = torch.load(run / "export" / "derm_a" / "model.pt", weights_only=True)
+    saved = torch.load(run / "sites" / "derm_a" / "models" / f"round_{selected:04d}.pt", weights_only=True)
+    assert all(torch.equal(weights[k], v) for k, v in saved["models"]["P"].items())
+    capsys.readouterr()
+    assert medfl_main(["report", str(run), "--device", "cpu"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: confusion matrix of site 'derm_a' skipped:")
+    assert (run / "report" / "report.md").is_file()

@@ -158,6 +158,20 @@ def test_resume_refuses_fewer_rounds_and_says_a_finished_run_is_finished(experim
     assert "finished all 3 rounds; nothing to do" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_config_yaml_changed_after_the_run(experiment, unfinished, tmp_path, capsys):
+    """Editing the run's config.yaml to match a changed experiment does not sneak the change into the run."""
+    run_dir = _copy(unfinished, tmp_path)
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump({**yaml.safe_load(experiment.read_text()), "optimizer": {"lr": 0.5}}))
+    resolved = load_experiment_config(changed).resolved()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    before = sorted(path.name for path in run_dir.rglob("*"))
+    assert main(["run", str(changed), "--out", str(run_dir), "--resume", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert f"{run_dir / 'config.yaml'}: changed after the run" in error and len(error.splitlines()) == 1
+    assert sorted(path.name for path in run_dir.rglob("*")) == before
+
+
 def test_resume_refuses_a_site_whose_data_changed(tiny_federation, tmp_path, one_thread):
     data = tmp_path / "data"
     shutil.copytree(tiny_federation / "dermoscopy", data / "dermoscopy")

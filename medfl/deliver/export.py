@@ -30,7 +30,6 @@ from torch import nn
 
 from medfl import __version__
 from medfl.checkpoints import atomic_write_bytes, atomic_write_json
-from medfl.config import SiteConfig
 from medfl.deliver.bundle import FORMAT, MANIFEST, PROGRAM, RECIPE, WEIGHTS
 from medfl.deliver.programs import LogitsOnly
 from medfl.deliver.provenance import (
@@ -82,16 +81,16 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _site_manifest(run: RunRecord, site: SiteConfig, checkpoint: dict[str, Any], role: str, key: str,
+def _site_manifest(run: RunRecord, site: str, checkpoint: dict[str, Any], role: str, key: str,
                    request: str | int, round_: int, recipe: dict[str, Any]) -> dict[str, Any]:
     """Everything but the file hashes: the manifest's description of one site's model."""
     config, network = run.config, checkpoint["network"]
     size, channels = config.data.input_size, int(network["in_channels"])
-    files = run.files.site(site.name).record.training_files
+    files = run.files.site(site).record.training_files
     logits = task_for(config.task).logits_shape(config.classes, size)
     return {
         "format": FORMAT,
-        "site": site.name,
+        "site": site,
         "task": config.task,
         "classes": config.classes,
         "model": {"role": role, "name": key, "method": config.method},
@@ -102,7 +101,7 @@ def _site_manifest(run: RunRecord, site: SiteConfig, checkpoint: dict[str, Any],
                           **task_for(config.task).site_inputs(site)},
         "round": {"requested": request, "selected": round_, "completed_rounds": run.completed_rounds,
                   "rounds": config.rounds, "run_finished": bool(run.summary.get("finished"))},
-        "metrics": {"metric": run.summary["metric"], **round_metrics(run, site.name, key, round_)},
+        "metrics": {"metric": run.summary["metric"], **round_metrics(run, site, key, round_)},
         "experiment": {"name": config.name, "method": config.method, "seed": config.seed,
                        "config_sha256": run.config_sha256, "run_dir": str(run.folder.resolve())},
         "training_files": {"count": len(files), "sha256": files_sha256(files), "rule": FILES_RULE},
@@ -128,22 +127,24 @@ def _write_site(staging: Path, network: nn.Module, manifest: dict[str, Any], rec
     atomic_write_json(staging / MANIFEST, manifest)
 
 
-def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request: str | int,
+def export_site(run: RunRecord, site: str, out: Path, role: str, request: str | int,
                 export_format: str = "medfl") -> SiteExport:
-    """Export one site's model of the requested round into `out/<site>` (which must not exist), in `export_format`."""
+    """Export one site's model of the requested round into `out/<site>` (which must not exist), in `export_format`.
+
+    Reads the run folder only: the run's record and this site's own part, never a site config or data."""
     from medfl.models import build_model
 
     used = run.config.spec.used_role.value
     key = used if role == "personalized" else run.config.spec.receiving_role.value
-    round_ = choose_round(run, site.name, key, used, request)
-    checkpoint = run.files.site(site.name).load_round_models(round_)
+    round_ = choose_round(run, site, key, used, request)
+    checkpoint = run.files.site(site).load_round_models(round_)
     network = build_model(**checkpoint["network"])
     network.load_state_dict(checkpoint["models"][key])
     network.eval()
     recipe = resolved_eval_recipe(run.config)
     manifest = _site_manifest(run, site, checkpoint, role, key, request, round_, recipe)
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{site.name}.", suffix=".tmp", dir=out))
+    staging = Path(tempfile.mkdtemp(prefix=f".{site}.", suffix=".tmp", dir=out))
     try:
         if export_format == "bundle":
             from medfl.deliver.monai_bundle import write_bundle
@@ -151,14 +152,23 @@ def export_site(run: RunRecord, site: SiteConfig, out: Path, role: str, request:
             manifest["files"] = write_bundle(staging, network, manifest, recipe)
         else:
             _write_site(staging, network, manifest, recipe)
-        target = out / site.name
+        target = out / site
         if target.exists():
             raise ConfigError(f"{target} appeared while exporting: an export is never overwritten")
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return SiteExport(site.name, target, manifest)
+    return SiteExport(site, target, manifest)
+
+
+def _check_site_part(run: RunRecord, site: str) -> None:
+    """Refuse, before anything is written, a site whose own part of the run is not in this folder."""
+    folder = run.files.site(site)
+    if not folder.root.is_dir():
+        raise ConfigError(f"{run.folder}: site '{site}' keeps its part of the run elsewhere (no {folder.root}); "
+                          "export it where its models are (under NVFlare: at the site, from its own run folder)")
+    folder.record  # noqa: B018 - a folder without the site's record is refused in one line
 
 
 def export_run(
@@ -187,11 +197,13 @@ def export_run(
     if role == "deputy" and not run.config.spec.communicates:
         raise ConfigError(f"{run.folder}: method '{run.config.method}' shares no model with a federation: "
                           "there is no deputy to export")
-    configs = {site.name: site for site in run.config.load_sites()}
-    names = list(dict.fromkeys(sites)) if sites else list(run.summary["sites"])
-    unknown = [name for name in names if name not in configs]
+    recorded = list(run.summary["sites"])  # the run's record: a hospital's folder holds its own site only
+    names = list(dict.fromkeys(sites)) if sites else recorded
+    unknown = [name for name in names if name not in recorded]
     if unknown:
-        raise ConfigError(f"{run.folder}: no site '{unknown[0]}' in this run (sites: {', '.join(configs)})")
+        raise ConfigError(f"{run.folder}: no site '{unknown[0]}' in this run (sites: {', '.join(recorded)})")
+    for name in names:
+        _check_site_part(run, name)
     out = Path(out) if out is not None else run.folder / DEFAULT_OUT[export_format]
     taken = [str(out / name) for name in names if (out / name).exists()]
     if taken:
@@ -200,7 +212,7 @@ def export_run(
                           "choose another folder with --out, or remove the old export")
     exports = []
     for name in names:
-        exports.append(export_site(run, configs[name], out, role, request, export_format))
+        exports.append(export_site(run, name, out, role, request, export_format))
         if on_site is not None:
             on_site(exports[-1])
     return exports

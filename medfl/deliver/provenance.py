@@ -44,7 +44,8 @@ class RunRecord:
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
-    """Read a run folder; refused in one line unless it carries a run record and a completed round."""
+    """Read a run folder; refused in one line unless it carries a run record, a completed round and the
+    config.yaml the run wrote (RunFolder.check_config)."""
     files = RunFolder.open(run_dir)
     return RunRecord(files, files.config(), files.config_sha256(), files.summary(), files.metrics())
 
