@@ -80,6 +80,10 @@ class SiteRecord(BaseModel):
     site_config_sha256: str
     data_fingerprint: str
     training_files: list[str]
+    # How the site names files that are not inputs (segmentation: its mask suffix), from its task, so that an
+    # export made where the site config is out of reach can tell a bundle what to leave out. Empty in records
+    # written before medfl recorded it.
+    inputs: dict[str, str] = {}
 
 
 def config_digest(resolved: Mapping[str, Any]) -> str:

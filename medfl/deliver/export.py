@@ -86,7 +86,8 @@ def _site_manifest(run: RunRecord, site: str, checkpoint: dict[str, Any], role: 
     """Everything but the file hashes: the manifest's description of one site's model."""
     config, network = run.config, checkpoint["network"]
     size, channels = config.data.input_size, int(network["in_channels"])
-    files = run.files.site(site).record.training_files
+    record = run.files.site(site).record
+    files = record.training_files
     logits = task_for(config.task).logits_shape(config.classes, size)
     return {
         "format": FORMAT,
@@ -98,7 +99,7 @@ def _site_manifest(run: RunRecord, site: str, checkpoint: dict[str, Any], role: 
         "input": {"channels": channels, "size": [size, size], "dtype": "float32", "shape": ["batch", channels, size, size]},
         "output": {"logits": logits, "probabilities": "softmax over axis 1"},
         "preprocessing": {**task_for(config.task).preprocessing(config.data, channels, recipe),
-                          **task_for(config.task).site_inputs(site)},
+                          **record.inputs},
         "round": {"requested": request, "selected": round_, "completed_rounds": run.completed_rounds,
                   "rounds": config.rounds, "run_finished": bool(run.summary.get("finished"))},
         "metrics": {"metric": run.summary["metric"], **round_metrics(run, site, key, round_)},

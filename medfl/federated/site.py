@@ -95,7 +95,8 @@ class Site(ClientAlgo):
                                  self._spacing, lambda split: len(self.datasets[split]))
         self.record = SiteRecord(schema_version=SCHEMA_VERSION, site=self.name,
                                  site_config_sha256=site_config_sha256(self.config),
-                                 data_fingerprint=data_fingerprint(self.data), training_files=training_files(self.data))
+                                 data_fingerprint=data_fingerprint(self.data), training_files=training_files(self.data),
+                                 inputs=self.task.site_inputs(self.config))
 
     @property
     def models(self) -> dict[Any, torch.nn.Module]:

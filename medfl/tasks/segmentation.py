@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 CLASSES = ("background", "prostate")  # mask value 0, and every value > 0 (zones merged)
 
 
+DEFAULT_MASK_SUFFIX = "_segmentation"  # the multi-site prostate layout's mask suffix
+
 class Segmentation(Task):
     key = TaskKey.SEGMENTATION
     modality = "prostate"
@@ -168,7 +170,8 @@ class Segmentation(Task):
         return {
             "imports": [],
             "input_ext": ".nii.gz",
-            "mask_suffix": manifest["preprocessing"]["mask_suffix"],
+            # exports of runs from before sites recorded their suffix: medfl's default one
+            "mask_suffix": manifest["preprocessing"].get("mask_suffix", DEFAULT_MASK_SUFFIX),
             "input_files": "$sorted(glob.glob(os.path.join(glob.escape(@input_dir), '*' + @input_ext)))",
             "left_out": "$[path for path in @input_files if os.path.basename(path)[:-len(@input_ext)].lower()"
                         ".endswith(@mask_suffix.lower()) and len(os.path.basename(path)) > len(@input_ext) + "
@@ -217,7 +220,7 @@ class Segmentation(Task):
                    "Output: one mask per volume in `--output_dir`, named `<name>_mask<extension>`, in the input's "
                    "format and on its voxel grid (same affine; a NIfTI mask's qform and sform codes are 1, MONAI's "
                    "writer sets them so), 0 = background, 1 = prostate. Files whose name ends in "
-                   f"the site's mask suffix '{manifest['preprocessing']['mask_suffix']}' (masks beside their volumes) "
+                   f"the site's mask suffix '{manifest['preprocessing'].get('mask_suffix', DEFAULT_MASK_SUFFIX)}' (masks beside their volumes) "
                    "are left out, and the run lists them; `--mask_suffix` names another."),
             "formats": ("\nNIfTI (`.nii.gz`) is read by default; for MetaImage volumes add `--input_ext .mhd` (or "
                         "`.nii`, `.mha`): masks are written in the same format.\n"),
