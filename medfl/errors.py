@@ -19,3 +19,8 @@ class DataError(MedflError):
         self.path = path
         parts = [f"site '{site}'" if site else None, str(path) if path else None, message]
         super().__init__(": ".join(p for p in parts if p))
+
+
+class WriteError(MedflError):
+    """A file or folder cannot be written (a full disk, a read-only folder, no permission): one line naming it
+    and the system's reason."""

@@ -3,8 +3,9 @@
 `SiteRunner` answers the controller's tasks with one `Site` (a MONAI ClientAlgo): `data_stats` ->
 initialize and get_data_stats; `train` -> train, evaluate, get_weights, save_state, in the coordinator's
 order, so that a site computes over NVFlare exactly what it computes in process. The site keeps its state
-in `<run dir>/sites/<name>/` as in process: after a failure, a missed round or a restarted job it resumes
-from the newest saved round before the one asked for. Any failure is answered with a failure reply naming
+in `<run dir>/sites/<name>/` as in process, and holds that folder's lock from its first task that reads or
+writes it until its process ends: after a failure, a missed round or a restarted job it resumes from the
+newest saved round before the one asked for. Any failure is answered with a failure reply naming
 only the error's type (details go to the site's log), and the site rejoins at the next round.
 """
 
@@ -35,7 +36,7 @@ from medfl.nvflare.payloads import (
     task_kind,
     train_reply,
 )
-from medfl.runfolder import RunFolder
+from medfl.runfolder import FolderLock, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class SiteRunner:
         self.device = torch.device(device)
         self.site: Site | None = None
         self.opened = False
+        self.lock: FolderLock | None = None  # the site's part of the run folder, held until the process ends
 
     @property
     def name(self) -> str:
@@ -79,6 +81,8 @@ class SiteRunner:
         try:
             if task == TASK_DATA_STATS:
                 return self._data_stats()
+            if self.lock is None:  # before the site's part of the run folder is read or written
+                self.lock = RunFolder(self.run_dir).site(self.name).lock().acquire()
             if task == TASK_RESULTS:
                 return results_reply(RunFolder(self.run_dir).keep_site_results(read_results_task(model)))
             train = read_train_task(model)
