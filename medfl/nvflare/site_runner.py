@@ -81,17 +81,23 @@ class SiteRunner:
         try:
             if task == TASK_DATA_STATS:
                 return self._data_stats()
-            if self.lock is None:  # before the site's part of the run folder is read or written
-                self.lock = RunFolder(self.run_dir).site(self.name).lock().acquire()
             if task == TASK_RESULTS:
+                self._hold_folder()
                 return results_reply(RunFolder(self.run_dir).keep_site_results(read_results_task(model)))
             train = read_train_task(model)
             round_ = train.round
+            self._hold_folder()
             return self._train(train.delivery, train.round, train.upload)
         except Exception as error:  # reported to the server by type only; the site rejoins next round
             logger.exception("site '%s': task '%s' (round %s) failed: %s", self.name, task, round_, error)
             self.site, self.opened = None, False  # drop half-trained models: the next task resumes from the last saved round
             return failure_reply(round_, type(error).__name__)
+
+    def _hold_folder(self) -> None:
+        """Take the site's part of the run folder before it is read or written, and keep it until the process
+        ends (FolderInUse while another process, e.g. another job's site, drives it)."""
+        if self.lock is None:
+            self.lock = RunFolder(self.run_dir).site(self.name).lock().acquire()
 
     def _ready_site(self) -> Site:
         """The Site, its data read and checked (nothing written yet: the server creates the run folder once
