@@ -141,18 +141,19 @@ class FolderLock:
     no lock (see docs/run-folder.md).
 
     `create`: make the folder when it is missing (a new run), so that two new runs on one folder contend for
-    one lock before either looks at the folder. When the holder lets the folder go and it holds nothing but
-    the lock file, the lock file and the folders made for it are removed: a run that never started leaves
-    nothing behind.
+    one lock before either looks at the folder. `record`: the file that makes the folder a started run (or
+    site part); when the holder lets go of a folder without it, the lock file and the (then empty) folders
+    made for it are removed again: a run that never started, or was refused, leaves nothing behind.
     """
 
     _held: ClassVar[dict[str, _Hold]] = {}
     _registry: ClassVar[threading.Lock] = threading.Lock()
     _warned: ClassVar[bool] = False
 
-    def __init__(self, folder: str | Path, file_name: str, create: bool = False):
+    def __init__(self, folder: str | Path, file_name: str, record: str, create: bool = False):
         self.folder = Path(folder)
         self.path = self.folder / file_name
+        self.record = self.folder / record
         self.create = create
         self._key: str | None = None
 
@@ -248,12 +249,12 @@ class FolderLock:
         if hold.fd is None:
             return
         try:
-            if [path.name for path in self.folder.iterdir()] == [self.path.name]:
-                self.path.unlink()  # still locked: a process waiting on this file sees it gone and retries
+            if not self.record.exists():
+                self.path.unlink()  # still locked: a process that opened this file sees it gone and takes a new one
                 for folder in hold.created:
                     folder.rmdir()
         except OSError:
-            pass  # something else appeared: leave it
+            pass  # not empty (another process started there meanwhile, or a folder of other files): leave it
         finally:
             os.close(hold.fd)
 
@@ -417,7 +418,7 @@ class RunFolder:
         folder does not exist."""
         if not create and not self.root.is_dir():
             raise RunFolderError(f"nothing to resume in {self.root}: no such run folder")
-        return FolderLock(self.root, LOCK_FILE, create)
+        return FolderLock(self.root, LOCK_FILE, RECORD_FILE, create)
 
     @classmethod
     def open(cls, root: str | Path) -> RunFolder:
@@ -631,7 +632,7 @@ class SiteFolder:
         """The site's hold on its part of the run (`with site_folder.lock()`, see FolderLock), made when
         missing: taken by whoever drives the site (the in-process run, or the site's NVFlare process) before
         it reads its part."""
-        return FolderLock(self.root, SITE_LOCK_FILE, create=True)
+        return FolderLock(self.root, SITE_LOCK_FILE, SITE_RECORD_FILE, create=True)
 
     # ------------------------------------------------------------------ record
     def start(self, record: SiteRecord) -> None:

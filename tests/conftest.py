@@ -254,7 +254,7 @@ def held_by_another_process(folder: Path, lock_file: str, signals: Path) -> Iter
     signals.mkdir(parents=True, exist_ok=True)
     holding, done = signals / f"holding-{lock_file}", signals / f"done-{lock_file}"
     code = ("import pathlib, time\nfrom medfl.runfolder import FolderLock\n"
-            f"FolderLock({str(folder)!r}, {lock_file!r}, create=True).acquire()\n"
+            f"FolderLock({str(folder)!r}, {lock_file!r}, 'none', create=True).acquire()\n"
             f"pathlib.Path({str(holding)!r}).touch()\n"
             f"while not pathlib.Path({str(done)!r}).exists():\n    time.sleep(0.01)\n")
     process = subprocess.Popen([sys.executable, "-c", code])

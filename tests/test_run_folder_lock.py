@@ -134,6 +134,7 @@ def test_a_lock_file_left_behind_neither_blocks_nor_makes_a_folder_foreign(tmp_p
     (run_dir / "notes.txt").write_text("mine")
     with RunFolder(run_dir).lock(create=True), pytest.raises(Exception, match="is not a medfl run folder"):
         RunFolder(run_dir).refuse_to_start()  # other files still make it foreign
+    assert sorted(path.name for path in run_dir.iterdir()) == ["notes.txt", "sites"], "left as it was found"
 
 
 def test_a_run_that_never_started_leaves_no_folder_and_no_lock(tmp_path):
