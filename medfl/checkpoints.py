@@ -126,7 +126,10 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     never replaced). On an error, nothing is left."""
     target = Path(target)
     with staging_folder(target.parent, target.name) as staging:
-        yield staging
+        try:
+            yield staging
+        except WriteError as error:  # name the file where the user will look for it, not the staging copy
+            raise WriteError(str(error).replace(str(staging), str(target))) from None
         if target.exists():
             raise WriteError(f"{target}: appeared while it was being written; it is left as it is")
         try:

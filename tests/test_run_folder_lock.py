@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,30 @@ def test_the_lock_of_a_site_is_taken_by_another_process_too(tmp_path):
             SiteFolder(site, "derm_a").lock().acquire()
     with SiteFolder(site, "derm_a").lock() as lock:  # let go when that process ended
         assert lock.held
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this system")
+def test_a_forked_worker_keeps_the_folder_held_until_it_ends(tmp_path):
+    """The lock belongs to the open lock file, which a forked worker inherits: a folder counts as free only once
+    every worker of its holder is gone (POSIX record locks, fcntl.lockf, would be dropped with the parent)."""
+    run_dir, worker_may_end, forked = tmp_path / "run", tmp_path / "worker_may_end", tmp_path / "forked"
+    code = ("import os, pathlib, time\nfrom medfl.runfolder import RunFolder\n"
+            f"RunFolder({str(run_dir)!r}).lock(create=True).acquire()\n"
+            "if os.fork() == 0:\n"
+            f"    while not pathlib.Path({str(worker_may_end)!r}).exists():\n        time.sleep(0.01)\n"
+            "    os._exit(0)\n"
+            f"pathlib.Path({str(forked)!r}).touch()\n"
+            "os._exit(0)  # the holder ends first, without letting go\n")
+    holder = subprocess.run([sys.executable, "-c", code], timeout=120)
+    assert holder.returncode == 0 and forked.exists()
+    with pytest.raises(FolderInUse, match="is in use by process "):
+        RunFolder(run_dir).lock(create=True).acquire()
+    worker_may_end.touch()
+    deadline = time.monotonic() + 60
+    while True:  # the worker ends on its own once it sees the file: then the folder is free
+        try:
+            with RunFolder(run_dir).lock(create=True):
+                break
+        except FolderInUse:
+            assert time.monotonic() < deadline, "the worker kept the folder"
+            time.sleep(0.01)
