@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class MedflError(Exception):
     """Base of every error medfl reports to a user without a traceback."""
@@ -26,12 +28,10 @@ class WriteError(MedflError):
     and the system's reason."""
 
 
-def storage_failure(error: BaseException) -> WriteError | None:
+def storage_failure(error: BaseException | None) -> WriteError | None:
     """The WriteError a full, over-quota or read-only disk amounts to, when one caused `error` however it was
     carried (torch turns a failed write into a RuntimeError whose context is the OSError), else None: the
     last line of defence for writes that do not go through medfl.checkpoints."""
-    import errno
-
     storage = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
     seen: set[int] = set()
     while error is not None and id(error) not in seen:

@@ -418,6 +418,8 @@ class RunFolder:
         folder does not exist."""
         if not create and not self.root.is_dir():
             raise RunFolderError(f"nothing to resume in {self.root}: no such run folder")
+        if self.root.exists() and not self.root.is_dir():
+            self.refuse_to_start()  # a file where the folder should be: the message names --out
         return FolderLock(self.root, LOCK_FILE, RECORD_FILE, create)
 
     @classmethod
