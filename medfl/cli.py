@@ -17,7 +17,7 @@ import sys
 
 from medfl import __version__
 from medfl.environment import prefer_passive_openmp_waiting
-from medfl.errors import MedflError
+from medfl.errors import MedflError, storage_failure
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medfl {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:
+        full = storage_failure(error)  # a full or read-only disk is the user's to fix, whatever carried it
+        if full is None:
+            raise
+        print(f"medfl {args.command}: error: {full}", file=sys.stderr)
+        return EXIT_PROBLEM
 
 
 if __name__ == "__main__":

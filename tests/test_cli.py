@@ -130,3 +130,22 @@ def test_a_misspelt_key_or_a_missing_folder_is_reported_before_torch_loads(comma
     assert outcome == {"status": 1, "torch": False, "monai": False}
     assert ("unknown key 'layuot'" if command in ("check", "run", "evaluate", "nvflare-job")
             else f"{missing}: ") in printed
+
+
+def test_a_full_disk_that_escapes_the_writers_is_still_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """As torch.save reports it: a RuntimeError raised while the OSError of the full disk was handled."""
+    import errno
+
+    import medfl.commands.report
+
+    def full(args):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/report/figure.png")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 62976 vs 62872") from None
+
+    monkeypatch.setattr(medfl.commands.report, "run", full)
+    assert main(["report", "run"]) == 1
+    assert capsys.readouterr().err == ("medfl report: error: /data/report/figure.png: cannot write "
+                                       "(No space left on device)\n")

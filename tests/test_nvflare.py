@@ -19,7 +19,7 @@ import yaml
 
 pytest.importorskip("nvflare")
 
-from conftest import tiny_experiment  # noqa: E402
+from conftest import held_by_another_process, tiny_experiment  # noqa: E402
 from monai.fl.utils.exchange_object import ExchangeObject  # noqa: E402
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils  # noqa: E402
 from nvflare.app_opt.pt.decomposers import TensorDecomposer  # noqa: E402
@@ -40,10 +40,12 @@ from medfl.nvflare.payloads import (  # noqa: E402
     TASK_TRAIN,
     read_reply,
     read_train_task,
+    results_task,
     train_reply,
     train_task,
 )
 from medfl.nvflare.site_runner import SiteRunner, load_job_configs  # noqa: E402
+from medfl.runfolder import LOCK_FILE, SITE_LOCK_FILE, FolderInUse  # noqa: E402
 
 SITES = ("derm_a", "derm_b")
 COMPARED = ("metrics.csv", "det_states.csv", "retrogress.csv")
@@ -230,6 +232,24 @@ def test_core_package_imports_and_explains_without_nvflare(experiment, tmp_path)
     assert result.returncode == 1, result.stderr
     assert "pip install 'medfl[nvflare]'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "job").exists()
+
+
+def test_the_controller_and_each_site_hold_their_folders(experiment, tmp_path):
+    """The server's workflow holds the run folder and each site's process its own part, as `medfl run` does: a
+    folder another process holds is refused before anything in it is read."""
+    config = load_experiment_config(experiment)
+    run_dir = tmp_path / "fl"
+    site = run_dir / "sites" / "derm_a"
+    with held_by_another_process(site, SITE_LOCK_FILE, tmp_path / "signals"):
+        runner = SiteRunner(config.load_sites()[0], config, run_dir, "cpu")
+        for task in (train_task(None, 0, 2, True), results_task({})):
+            reply = runner.handle(task)
+            assert reply.meta[KEY]["failed"] == "FolderInUse", reply.meta
+        assert sorted(path.name for path in run_dir.rglob("*")) == ["derm_a", SITE_LOCK_FILE, "sites"]
+    with held_by_another_process(run_dir, LOCK_FILE, tmp_path / "signals") as pid:
+        with pytest.raises(FolderInUse, match=f"{run_dir} is in use by process {pid} "):
+            MedflController(sites=list(SITES), run_dir=str(run_dir)).run_experiment(config)
+    assert not (run_dir / "run.json").exists()
 
 
 # ---------------------------------------------------------------- controller and site adapter (loopback)

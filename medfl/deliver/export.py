@@ -7,18 +7,15 @@ evaluation recipe (`eval_transforms.yaml`) and `manifest.json` (what it is, how 
 how to feed it, sha256 of every file).
 "bundle": `<out>/<site>/` is a MONAI bundle that `python -m monai.bundle run` runs without medfl
 (medfl.deliver.monai_bundle).
-A site's folder is assembled in a hidden temporary folder and renamed into place; an existing export is
-never overwritten.
+A site's folder is assembled in a hidden temporary folder and renamed into place (medfl.checkpoints.atomic_folder;
+files and folders get the umask's permissions); an existing export is never overwritten.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import platform
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,7 +26,7 @@ import torch
 from torch import nn
 
 from medfl import __version__
-from medfl.checkpoints import atomic_write_bytes, atomic_write_json
+from medfl.checkpoints import atomic_folder, atomic_write_bytes, atomic_write_json
 from medfl.deliver.bundle import FORMAT, MANIFEST, PROGRAM, RECIPE, WEIGHTS
 from medfl.deliver.programs import LogitsOnly
 from medfl.deliver.provenance import (
@@ -144,22 +141,16 @@ def export_site(run: RunRecord, site: str, out: Path, role: str, request: str | 
     network.eval()
     recipe = resolved_eval_recipe(run.config)
     manifest = _site_manifest(run, site, checkpoint, role, key, request, round_, recipe)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{site}.", suffix=".tmp", dir=out))
-    try:
+    target = out / site
+    with atomic_folder(target) as staging:
         if export_format == "bundle":
             from medfl.deliver.monai_bundle import write_bundle
 
             manifest["files"] = write_bundle(staging, network, manifest, recipe)
         else:
             _write_site(staging, network, manifest, recipe)
-        target = out / site
         if target.exists():
             raise ConfigError(f"{target} appeared while exporting: an export is never overwritten")
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return SiteExport(site, target, manifest)
 
 

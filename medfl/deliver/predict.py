@@ -15,8 +15,6 @@ refused, since what lies behind them is unknown.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +28,14 @@ from monai.transforms import Compose, LoadImaged
 from PIL import Image
 
 from medfl.checkpoints import atomic_write_csv as write_csv
+from medfl.checkpoints import staging_folder
 from medfl.data import CaseGeometry, load_recipe
 from medfl.data.images import IMAGE_EXTENSIONS, check_image
 from medfl.data.recipes import resolve_recipe
 from medfl.data.volumes import WORKING_ORIENTATION, read_volume, write_like
 from medfl.deliver.bundle import ExportedModel
 from medfl.deliver.programs import LogitsOnly, SliceWiseProgram, normalise_volume
-from medfl.errors import ConfigError
+from medfl.errors import ConfigError, WriteError
 from medfl.tasks import task_for
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha")
@@ -227,8 +226,7 @@ def _write_image(image: sitk.Image, target: Path, source: Path) -> None:
     """Write (like `source`: a NIfTI keeps its header) into a temporary folder beside `target`, then move every
     file written into place (a MetaImage header last, after its data file), so that no half-written mask is
     ever visible."""
-    staging = Path(tempfile.mkdtemp(prefix=".predict.", suffix=".tmp", dir=target.parent))
-    try:
+    with staging_folder(target.parent, target.name) as staging:
         write_like(image, staging / target.name, source)
         written = sorted(staging.iterdir(), key=lambda p: p.name == target.name)
         clashes = [target.parent / p.name for p in written if (target.parent / p.name).exists()]
@@ -236,8 +234,6 @@ def _write_image(image: sitk.Image, target: Path, source: Path) -> None:
             raise FileExistsError(f"{clashes[0]} already exists")
         for path in written:
             os.replace(path, target.parent / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def predict_volume(export: ExportedModel, path: Path, target: Path) -> Prediction:
@@ -263,7 +259,7 @@ def predict_volume(export: ExportedModel, path: Path, target: Path) -> Predictio
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         _write_image(mask, target, path)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, WriteError) as error:
         result.error = f"could not write {target} ({_one_line(error)})"
         return result
     result.output = target

@@ -21,7 +21,7 @@ from medfl.experiment import ExperimentConfig
 from medfl.federated.payloads import Delivery, upload_from_exchange
 from medfl.federated.rounds import Progress, RoundReplies, Server, SiteReply, run_rounds
 from medfl.federated.site import Site
-from medfl.runfolder import RunFolder
+from medfl.runfolder import FolderLock, RunFolder
 
 
 class LocalSites:
@@ -33,6 +33,7 @@ class LocalSites:
         self.device = device
         self.progress = progress
         self.by_name: dict[str, Site] = {}
+        self.locks: list[FolderLock] = []  # each site's part of the run folder, held from open to finalize
 
     @property
     def sites(self) -> list[str]:
@@ -56,6 +57,7 @@ class LocalSites:
 
     def open(self, folder: RunFolder, resume_round: int | None) -> None:
         for site in self.by_name.values():
+            self.locks.append(site.folder.lock().acquire())  # refused while a site's own process (NVFlare) uses it
             site.open_folder()
             if resume_round is not None:
                 site.restart_after(resume_round)
@@ -81,6 +83,8 @@ class LocalSites:
     def finalize(self) -> None:
         for site in self.by_name.values():
             site.finalize()
+        while self.locks:
+            self.locks.pop().release()
 
 
 class Coordinator:

@@ -89,16 +89,18 @@ class MedflController(ModelController):
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
         root = resolve_run_dir(self.run_dir)
-        resume = RunFolder(root).record_file.is_file()
-        self.rounds_planned = config.rounds
-        self.info(f"medfl: {'resuming' if resume else 'starting'} {config.name} ({config.method}) in {root}, "
-                  f"sites {', '.join(self.sites)}")
-        server = Server(config, resolve_device(config.device), self.sites)
-        try:
-            run_rounds(config, root, self, server, resume,
-                       lambda event, info: self.info(f"medfl: round {info['round']} done") if event == "round" else None)
-        except RunFinished as finished:
-            self.info(f"medfl: {finished}")
+        with RunFolder(root).lock(create=True):  # one process per run folder, held before it is read
+            resume = RunFolder(root).record_file.is_file()
+            self.rounds_planned = config.rounds
+            self.info(f"medfl: {'resuming' if resume else 'starting'} {config.name} ({config.method}) in {root}, "
+                      f"sites {', '.join(self.sites)}")
+            server = Server(config, resolve_device(config.device), self.sites)
+            try:
+                run_rounds(config, root, self, server, resume,
+                           lambda event, info: self.info(f"medfl: round {info['round']} done") if event == "round"
+                           else None)
+            except RunFinished as finished:
+                self.info(f"medfl: {finished}")
 
     # ------------------------------------------------------------------ the Federation of the shared loop
     def start(self) -> dict[str, ExchangeObject]:
