@@ -148,7 +148,7 @@ class Site(ClientAlgo):
             phis = self._measure(round_, epoch)
             det_phis = self._det_phis(round_, epoch, phis)
             scores.det_log.append({"round": round_, "epoch": epoch, "site": self.name,
-                                   "state": state.value if self.spec.two_models else "",
+                                   "state": state.value if self.spec.distillation else "",
                                    **{f"phi_{role}": value for role, value in det_phis.items()},
                                    **{f"loss_{role}": value for role, value in losses.items()}})
             if self.on_epoch is not None:
