@@ -242,6 +242,16 @@ def test_controller_and_site_runners_reproduce_the_in_process_run(experiment, in
 
 
 @pytest.mark.slow
+def test_ditto_through_the_controller_and_site_runners_equals_in_process(experiment, tmp_path, one_thread):
+    """Ditto's P, its start and its w_r live at the site: the NVFlare path computes what the in-process one does."""
+    config = load_experiment_config(experiment, method="ditto")
+    Coordinator(config, tmp_path / "in_process", torch.device("cpu")).run()
+    Loopback(config, tmp_path / "fl").run_experiment(config)
+    assert_same_results(tmp_path / "in_process", tmp_path / "fl")
+    assert json.loads((tmp_path / "fl" / "summary.json").read_text())["method"] == "ditto"
+
+
+@pytest.mark.slow
 def test_failed_and_silent_sites_keep_their_model_and_rejoin(experiment, tmp_path, monkeypatch, one_thread):
     config = load_experiment_config(experiment, rounds=3)
     train = Site.train

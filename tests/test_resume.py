@@ -39,14 +39,15 @@ def experiment(tiny_federation, tmp_path_factory):
                            rounds=3, local_epochs=2, runtime={"threads": 1})
 
 
-def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path):
+@pytest.mark.parametrize("method", ["prr", "ditto"])  # ditto: P's start and w_r travel in the restart state
+def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path, method):
     whole = tmp_path / "whole"
-    process = medfl("run", str(experiment), "--out", str(whole), "--quiet")
+    process = medfl("run", str(experiment), "--out", str(whole), "--method", method, "--quiet")
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output
 
     killed = tmp_path / "killed"
-    process = medfl("run", str(experiment), "--out", str(killed), "--quiet")
+    process = medfl("run", str(experiment), "--out", str(killed), "--method", method, "--quiet")
     # Kill inside round 1, once derm_a has finished it (its state and audit entries written) and derm_b trains.
     first_site_done = killed / "sites" / "derm_a" / "state_round_0001.pt"
     deadline = time.monotonic() + 600
@@ -61,7 +62,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path
     audit = killed / "sites" / "derm_a" / "audit.jsonl"
     assert any(json.loads(line)["round"] == 1 for line in audit.read_text().splitlines()), "round 1 had left"
 
-    resumed = medfl("run", str(experiment), "--out", str(killed), "--resume", "--quiet")
+    resumed = medfl("run", str(experiment), "--out", str(killed), "--resume", "--method", method, "--quiet")
     output, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, output
     assert f"rounds {interrupted_at}..2" in output
