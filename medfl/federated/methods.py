@@ -87,6 +87,9 @@ METHODS: dict[str, MethodSpec] = {
                    description="FedProto: only class prototypes travel"),
         MethodSpec("ditto", True, None, "fedavg", "ce", personal_proximal=True,
                    description="Ditto: D is FedAvg's model; P learns with lambda/2 ||P - D_received||^2"),
+        MethodSpec("pooled", False, None, None, "ce", pools_data=True,
+                   description="centralised reference: one model on the union of the sites' training data "
+                               "(in process only)"),
     )
 }
 

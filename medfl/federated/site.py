@@ -116,6 +116,15 @@ class Site(ClientAlgo):
         self._departures.append({"what": "data_statistics", **describe_values(statistics)})
         return ExchangeObject(statistics=statistics)
 
+    def pool_training_data(self, trainer: LocalTrainer) -> None:
+        """Pooled training (medfl.federated.pooled): the site's training split goes to `trainer`, whose one model
+        learns from every site's, and the site holds that model instead of its own. The training data leave the
+        site: its audit log says so."""
+        self.trainer = trainer
+        self.scores.models = trainer.models
+        self._departures.append({"what": "training_data", "to": "pooled training in one process",
+                                 "samples": len(self.datasets["train"]), "files": len(self.record.training_files)})
+
     # ----------------------------------------------------------------- a round
     def train(self, data: ExchangeObject | None, extra: dict | None = None) -> None:
         """One round: load what the server delivered into the receiving model, then E local epochs, each with
