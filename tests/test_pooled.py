@@ -100,6 +100,7 @@ def test_one_model_learns_from_every_sites_training_split_and_each_site_scores_i
     for export in export_run(run_dir, out=tmp_path / "export"):  # each site: the pooled model, its own selection
         selected = summary["sites"][export.site]["selected_round"]
         assert export.manifest["round"]["selected"] == selected
+        assert export.manifest["training_files"]["count"] == len(union), "it learnt from every site's files"
         expected = torch.load(run_dir / "sites" / export.site / "models" / f"round_{selected:04d}.pt",
                               weights_only=True)["models"]["M"]
         state = torch.load(export.folder / "model.pt", weights_only=True)
