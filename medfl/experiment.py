@@ -139,15 +139,19 @@ class CPASettings(_Section):
 
 
 class BaselineSettings(_Section):
-    """Hyper-parameters of the comparison methods: FedProx's mu and FedProto's prototype-loss weight.
+    """Hyper-parameters of the comparison methods: FedProx's mu, Ditto's lambda and FedProto's prototype-loss
+    weight.
 
     - `fedprox_mu`: FedProx's proximal weight, mu/2 ||w - w_received||^2.
+    - `ditto_lambda`: Ditto's weight lambda of lambda/2 ||v - w_received||^2, which ties the personalised model v
+      (P) to the global model received this round (1.0: NVIDIA FLARE's prostate example; 0 trains P alone).
     - `fedproto_weight`: FedProto's weight of the distance between features and global prototypes.
     - `fedavg_weighting`: site weights of FedAvg-style averaging (fedavg, fedprox, fedbn, fml, ...):
       by training `samples` (FedAvg's rule) or `uniform`.
     """
 
     fedprox_mu: float = Field(default=0.01, ge=0)
+    ditto_lambda: float = Field(default=1.0, ge=0)
     fedproto_weight: float = Field(default=1.0, ge=0)
     fedavg_weighting: Literal["samples", "uniform"] = "samples"
 

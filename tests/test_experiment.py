@@ -88,8 +88,9 @@ def test_method_table_is_consistent():
     assert method_spec("prr").distillation == "det" and method_spec("prr").loss == "cpa"
     assert not method_spec("local").communicates
     assert not method_spec("fedproto").sends_weights and method_spec("fedproto").communicates
-    for spec in METHODS.values():
-        assert spec.two_models == (spec.distillation is not None)
+    for spec in METHODS.values():  # two models teach each other, or P is pulled towards D's received weights (Ditto)
+        assert spec.two_models == (spec.distillation is not None or spec.personal_proximal)
+        assert not (spec.pools_data and spec.communicates), "a pooled model has no federation to talk to"
     with pytest.raises(ValueError, match="unknown method"):
         method_spec("nope")
 

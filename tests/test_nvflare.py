@@ -44,7 +44,7 @@ from medfl.nvflare.payloads import (  # noqa: E402
     train_reply,
     train_task,
 )
-from medfl.nvflare.site_runner import SiteRunner, load_job_configs  # noqa: E402
+from medfl.nvflare.site_runner import SiteRunner, build_runner, load_job_configs  # noqa: E402
 from medfl.runfolder import LOCK_FILE, SITE_LOCK_FILE, FolderInUse  # noqa: E402
 
 SITES = ("derm_a", "derm_b")
@@ -260,6 +260,29 @@ def test_controller_and_site_runners_reproduce_the_in_process_run(experiment, in
     assert_same_results(in_process, tmp_path / "fl")
     assert {(r["round"], r["status"]) for r in table(tmp_path / "fl" / "participation.csv")} == {
         ("0", "answered"), ("1", "answered")}
+
+
+@pytest.mark.slow
+def test_ditto_through_the_controller_and_site_runners_equals_in_process(experiment, tmp_path, one_thread):
+    """Ditto's P, its start and its w_r live at the site: the NVFlare path computes what the in-process one does."""
+    config = load_experiment_config(experiment, method="ditto")
+    Coordinator(config, tmp_path / "in_process", torch.device("cpu")).run()
+    Loopback(config, tmp_path / "fl").run_experiment(config)
+    assert_same_results(tmp_path / "in_process", tmp_path / "fl")
+    assert json.loads((tmp_path / "fl" / "summary.json").read_text())["method"] == "ditto"
+
+
+def test_controller_and_site_refuse_pooled_training_before_anything_starts(experiment, tmp_path):
+    """A pooled job (not written by `medfl nvflare-job`, which refuses it too): no task is sent, nothing written."""
+    config = load_experiment_config(experiment, method="pooled")
+    server = Loopback(config, tmp_path / "fl")
+    with pytest.raises(ConfigError, match="never under NVIDIA FLARE"):
+        server.run_experiment(config)
+    assert server.sent == [] and not (tmp_path / "fl").exists()
+    carried = write_job(load_experiment_config(experiment), tmp_path / "job") / "app_derm_a" / "config" / CONFIG_FOLDER
+    (carried / "experiment.yaml").write_text(yaml.safe_dump({**config.resolved(), "method": "pooled"}))
+    with pytest.raises(ConfigError, match="never under NVIDIA FLARE"):
+        build_runner(carried, "derm_a")
 
 
 @pytest.mark.slow

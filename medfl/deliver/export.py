@@ -78,13 +78,19 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _trained_on(run: RunRecord, site: str) -> list[str]:
+    """The training files a site's model learnt from: its own; for pooled training every site's, in run order."""
+    sites = list(run.summary["sites"]) if run.config.spec.pools_data else [site]
+    return [name for each in sites for name in run.files.site(each).record.training_files]
+
+
 def _site_manifest(run: RunRecord, site: str, checkpoint: dict[str, Any], role: str, key: str,
                    request: str | int, round_: int, recipe: dict[str, Any]) -> dict[str, Any]:
     """Everything but the file hashes: the manifest's description of one site's model."""
     config, network = run.config, checkpoint["network"]
     size, channels = config.data.input_size, int(network["in_channels"])
     record = run.files.site(site).record
-    files = record.training_files
+    files = _trained_on(run, site)
     logits = task_for(config.task).logits_shape(config.classes, size)
     return {
         "format": FORMAT,

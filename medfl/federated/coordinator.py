@@ -101,8 +101,16 @@ class Coordinator:
         self.run_dir = Path(run_dir)
         self.device = device or resolve_device(config.device)
         self.progress = progress or (lambda event, info: None)
-        self.federation = LocalSites(config, self.run_dir, self.device, self.progress)
+        self.federation = self._federation()
         self.server = Server(config, self.device, [])
+
+    def _federation(self) -> LocalSites:
+        """The sites, each training its own models; or, for pooled training, one model on all their data."""
+        if self.config.spec.pools_data:
+            from medfl.federated.pooled import PooledSites  # it builds on LocalSites
+
+            return PooledSites(self.config, self.run_dir, self.device, self.progress)
+        return LocalSites(self.config, self.run_dir, self.device, self.progress)
 
     @property
     def sites(self) -> dict[str, Site]:

@@ -27,6 +27,7 @@ from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig, load_experiment_config
 from medfl.federated.payloads import Delivery
 from medfl.federated.rounds import ANSWERED, RoundReplies, Server, SiteReply, run_rounds
+from medfl.nvflare import refuse_in_process_only
 from medfl.nvflare.layout import CONFIG_FOLDER, EXPERIMENT_FILE, resolve_run_dir
 from medfl.nvflare.payloads import (
     TASK_DATA_STATS,
@@ -86,6 +87,7 @@ class MedflController(ModelController):
 
     def run_experiment(self, config: ExperimentConfig) -> None:
         """Start or resume the run of `config` in the run folder and play its remaining rounds."""
+        refuse_in_process_only(config)  # a job not written by `medfl nvflare-job`
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
         root = resolve_run_dir(self.run_dir)

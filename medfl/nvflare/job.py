@@ -21,7 +21,7 @@ import yaml
 from medfl.checkpoints import atomic_write_text
 from medfl.errors import ConfigError
 from medfl.experiment import ExperimentConfig
-from medfl.nvflare import require_nvflare
+from medfl.nvflare import refuse_in_process_only, require_nvflare
 from medfl.nvflare.layout import CONFIG_FOLDER, EXPERIMENT_FILE, JOB_FILE, SITE_FILE, SITE_SCRIPT
 from medfl.runfolder import run_directory
 
@@ -64,6 +64,7 @@ def write_job(
     part with `MEDFL_RUN_DIR`). `min_sites` is how many sites must be connected for the job to start (all
     by default); the timeouts are in seconds, 0 for none.
     """
+    refuse_in_process_only(config)
     require_nvflare()
     from nvflare.client.config import ExchangeFormat
     from nvflare.job_config.api import FedJob

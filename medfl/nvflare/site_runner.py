@@ -23,6 +23,7 @@ from medfl.errors import ConfigError, MedflError
 from medfl.experiment import ExperimentConfig, load_experiment_config
 from medfl.federated.payloads import Delivery
 from medfl.federated.site import Site
+from medfl.nvflare import refuse_in_process_only
 from medfl.nvflare.layout import EXPERIMENT_FILE, JOB_FILE, resolve_run_dir, site_config_path
 from medfl.nvflare.payloads import (
     TASK_DATA_STATS,
@@ -142,6 +143,7 @@ class SiteRunner:
 def build_runner(config_dir: Path, site_name: str) -> SiteRunner:
     """The runner of this site from the job's config folder (and `MEDFL_SITE_CONFIG` / `MEDFL_RUN_DIR`)."""
     experiment, site_config = load_job_configs(config_dir, site_name)
+    refuse_in_process_only(experiment)  # its training data would have to leave the site
     run_dir = load_yaml_mapping(config_dir / JOB_FILE).get("run_dir")
     if not run_dir:
         raise ConfigError(f"{config_dir / JOB_FILE}: no 'run_dir'")
