@@ -103,12 +103,18 @@ class DETSettings(_Section):
     - `phi_source`: where phi (the task metric that picks DET's state) is measured: the validation split
       (`val`, the paper) or the training split with the evaluation preprocessing, both models in eval mode
       (`train`, the reference code).
+    - `reestimate_bn_on_receive`: right after the model that receives the server's weights (D; the single model
+      of one-model methods) has loaded them, replace its BatchNorm running statistics by those of the site's own
+      training data (evaluation preprocessing, no weight change) before it is scored and trained. Averaged
+      statistics of other sites are what most of the received model's drop is made of (the retrogress
+      diagnostic); a no-op for networks without BatchNorm.
     """
 
     lambda1: float = Field(default=0.7, gt=0, lt=1)
     lambda2: float = Field(default=0.9, gt=0, lt=1)
     temperature: float = Field(default=1.0, gt=0)
     phi_source: Literal["val", "train"] = "val"
+    reestimate_bn_on_receive: bool = False
 
     @model_validator(mode="after")
     def _ordered(self) -> DETSettings:

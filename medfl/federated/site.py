@@ -148,9 +148,11 @@ class Site(ClientAlgo):
         self._clock = (time.perf_counter(), scores.eval_seconds, scores.eval_samples)
         trainer.to(self.device)
         try:
-            trainer.receive(Delivery.from_exchange(data))  # the receiving model's cached scores: see _measure
+            loaded = trainer.receive(Delivery.from_exchange(data))  # the receiving model's cached scores: see _measure
         except MedflError as error:
             raise MedflError(f"site '{self.name}': {error}") from None
+        if loaded and self.experiment.det.reestimate_bn_on_receive:
+            scores.reestimate_batchnorm(self.receiving)
         trainer.start_round(round_)
         previous = scores.phi(self.receiving, round_ - 1) if round_ > 0 else math.nan
         phis = self._measure(round_, 0)
