@@ -284,12 +284,13 @@ def load_range(done: list[dict[str, Any]]) -> str:
     return f", {min(loads):.1f}-{max(loads):.1f} when its runs started" if loads else ""
 
 
-def run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
-    """Run the jobs on `workers` processes; one line per finished run."""
+def run_all(jobs: list[dict[str, Any]], workers: int, runner=run_job) -> list[dict[str, Any]]:
+    """Run the jobs on `workers` processes with `runner` (a module-level function: it is pickled); one line per
+    finished run."""
     done = []
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_job, job): job for job in jobs}
+        futures = {pool.submit(runner, job): job for job in jobs}
         failed = []
         for future in as_completed(futures):
             try:
