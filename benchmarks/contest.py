@@ -15,8 +15,10 @@ start until the picks are committed in benchmarks/results/contest.choice.json.
     python benchmarks/contest.py --stage select --choose   # write contest.choice.json from the finished grid
     python benchmarks/contest.py --stage confirm
 
-Runs go to benchmarks/results/tmp/contest/<stage>/ (finished runs are reused, interrupted ones resumed); every
-run records the commit it ran on and when it started (records/<run>.json, copied into the results).
+Runs go to benchmarks/results/tmp/contest/<stage>/ (interrupted ones are resumed). A finished run's config,
+summary and record (the commit it ran on, when it started, its wall and CPU time) are kept in
+benchmarks/results/contest/<stage>/<run>/ and committed: a later session reuses a kept run whose config is the
+one planned instead of running it again.
 """
 
 from __future__ import annotations
@@ -132,16 +134,35 @@ def selection_jobs(root: Path, threads: int, grid: dict[str, tuple[Trial, ...]],
 
 
 def recorded_job(job: dict[str, Any]) -> dict[str, Any]:
-    """run_job, with the commit the run's code is at and when it started kept beside its timing."""
+    """run_job, with the commit the run's code is at and when it started kept beside its timing; a finished run's
+    config, summary and record are kept under `job["kept"]` (committed: a later session reuses them)."""
     record = Path(job["run_dir"]).parent.parent / "records" / f"{job['name']}.json"  # not in the run folder
     if not record.is_file():
         atomic_write_json(record, {"commit": job["commit"], "started": datetime.now(timezone.utc).isoformat()})
-    return {**run_job(job), **json.loads(record.read_text())}
+    result = {**run_job(job), **json.loads(record.read_text())}
+    kept, run_dir = Path(job["kept"]), Path(job["run_dir"])
+    atomic_write_text(kept / "config.yaml", (run_dir / "config.yaml").read_text(encoding="utf-8"))
+    atomic_write_text(kept / "summary.json", (run_dir / "summary.json").read_text(encoding="utf-8"))
+    atomic_write_json(kept / "job.json", {k: result.get(k) for k in ("commit", "started", "wall_s", "cpu_s")})
+    return result
 
 
-def site_scores(run_dir: Path) -> dict[str, float]:
+def kept_result(job: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished run of an earlier session, kept with the same experiment config: reused, not rerun."""
+    from medfl.experiment import load_experiment_config
+
+    kept = Path(job["kept"])
+    if not (kept / "summary.json").is_file() or not json.loads((kept / "summary.json").read_text())["finished"]:
+        return None
+    planned = load_experiment_config(job["config"]).resolved()
+    if yaml.safe_load((kept / "config.yaml").read_text(encoding="utf-8")) != planned:
+        return None
+    return {**job, **json.loads((kept / "job.json").read_text()), "reused": True}
+
+
+def site_scores(kept: Path) -> dict[str, float]:
     """Each site's fine-tuned-protocol validation score at its selected round."""
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((kept / "summary.json").read_text())
     metric = summary["metric"]
     return {site: values[f"val_{metric}"] for site, values in summary["sites"].items()}
 
@@ -153,7 +174,7 @@ def choose(jobs: list[dict[str, Any]], grid: dict[str, tuple[Trial, ...]]) -> di
         scored = []
         for trial in trials:
             job = next(j for j in jobs if j["method"] == method and j["label"] == trial.label)
-            scores = site_scores(Path(job["run_dir"]))
+            scores = site_scores(Path(job["kept"]))
             scored.append({"trial": trial.label, "options": trial.options, "val_mean": statistics.fmean(scores.values()),
                            "val_by_site": scores})
         best = max(range(len(scored)), key=lambda i: (scored[i]["val_mean"], -i))
@@ -197,10 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         preset = Preset("smoke", scale=0.01, device="cpu", shift="realistic", tasks={"dermoscopy": plan})
     generate(root / "synth", **preset.generate_arguments("dermoscopy"))
     grid = {"local": GRID["local"][:2], "ditto": GRID["ditto"][:1]} if args.smoke else GRID
-    jobs = [{**job, "commit": commit} for job in selection_jobs(root, args.threads, grid, plan)]
+    kept_root = (root / "kept") if args.smoke else RESULTS / "contest" / "select"
+    jobs = [{**job, "commit": commit, "kept": str(kept_root / job["name"])}
+            for job in selection_jobs(root, args.threads, grid, plan)]
     print(f"contest, select stage: {len(jobs)} runs on {args.workers} workers, commit {commit}", flush=True)
     start = time.perf_counter()
-    done = run_all(jobs, args.workers, runner=recorded_job)
+    reused = [result for result in map(kept_result, jobs) if result is not None]
+    pending = [job for job in jobs if job["name"] not in {r["name"] for r in reused}]
+    print(f"  {len(reused)} finished run(s) reused from {kept_root}", flush=True)
+    done = reused + run_all(pending, args.workers, runner=recorded_job)
     picks = choose(jobs, grid)
     text = selection_markdown(picks)
     print(text)
