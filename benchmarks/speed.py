@@ -461,7 +461,7 @@ def device_markdown(section: dict[str, Any]) -> str:
         lines.append(f"| growth of {text} with K (log-log slope; 1 = linear) | {growth[key]:.2f} "
                      f"| ≤ {TARGETS['growth_slope']} | {verdict(growth[key], TARGETS['growth_slope'])} |")
     lines += ["", f"### Aggregation (K = {section['aggregation'][0]['sites']}, "
-              f"{'full-width' if section['plan'] == 'full' else 'narrow'} networks, median)", "",
+              f"{'full-width' if section.get('plan', 'full') == 'full' else 'narrow'} networks, median)", "",
               "| network | parameters | FedAvg (ms) | PFA (ms) | reference-style PFA (ms) | reference / PFA "
               "| PFA / FedAvg | max abs diff |", "|:---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in section["aggregation"]:
