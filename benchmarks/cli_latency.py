@@ -15,7 +15,8 @@ average is recorded before and after: on a busy machine every number grows.
     python benchmarks/cli_latency.py [--repeats 5] [--medfl PATH] [--output benchmarks/results/cli_latency]
 
 `--medfl` times another installation's `medfl` executable (e.g. an older checkout's, for a before/after
-comparison); by default the one beside this interpreter. Writes <output>.json and <output>.md.
+comparison); by default the one beside this interpreter. Writes <output>.json and <output>.md. `--smoke`: one
+call per case, results in a temporary folder that is removed (the suite runs it).
 """
 
 from __future__ import annotations
@@ -86,7 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="calls per case (default 5)")
     parser.add_argument("--medfl", default=default_medfl(), help="the medfl executable to time")
     parser.add_argument("--output", type=Path, default=RESULTS / "cli_latency", help="path stem of the results")
+    parser.add_argument("--smoke", action="store_true", help="one call per case; results to a removed temporary folder")
     args = parser.parse_args(argv)
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            return measure(argparse.Namespace(**{**vars(args), "repeats": 1, "output": Path(tmp) / "cli_latency"}))
+    return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
+    """Time every case, write <output>.json and .md; 1 when an exit status differs from the expected."""
     load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory() as tmp:
         plan = cases(Path(tmp))
