@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     text = selection_markdown(picks)
     print(text)
     if args.smoke:
+        import shutil
+
+        shutil.rmtree(root)
         return 0
     runs = {d["name"]: {k: d.get(k) for k in ("commit", "started", "wall_s", "cpu_s", "reused")} for d in done}
     result = {"stage": "select", "grid": {m: [t.__dict__ for t in ts] for m, ts in GRID.items()},
