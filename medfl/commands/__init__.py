@@ -6,6 +6,10 @@ The checks here run before torch or MONAI is imported, so that a wrong path is r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DEVICE_HELP = "where to run the model: auto (a CUDA GPU when there is one, else the CPU; the default), cpu or cuda"
@@ -21,3 +25,18 @@ def existing_folder(path: str | Path, what: str) -> Path:
     if not folder.is_dir():
         raise ConfigError(f"{path}: {what} must be a folder")
     return folder
+
+
+def output_console(stderr: bool = False) -> Console:
+    """A rich console for a command's tables (stdout) or messages (stderr).
+
+    In a terminal it is the terminal's width. Redirected to a file or a pipe, rich would assume 80 columns and
+    cut wide tables' cells (site names included) with an ellipsis; there it is as wide as what it prints.
+    """
+    from rich.console import Console
+
+    console = Console(highlight=False, stderr=stderr)
+    return console if console.is_terminal else Console(highlight=False, stderr=stderr, width=UNBOUNDED_WIDTH)
+
+
+UNBOUNDED_WIDTH = 10_000  # columns of a redirected console: wider than any table medfl prints
