@@ -27,6 +27,26 @@ def existing_folder(path: str | Path, what: str) -> Path:
     return folder
 
 
+def folder_to_write(path: str | Path, what: str) -> Path:
+    """`path` as a folder a command may create or write into: a ConfigError when a file is there."""
+    from medfl.errors import ConfigError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{path}: {what} must be a folder, and this is a file")
+    return folder
+
+
+def file_to_write(path: str | Path, what: str) -> Path:
+    """`path` as a file a command may write: a ConfigError when a folder is there."""
+    from medfl.errors import ConfigError
+
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"{path}: {what} must be a file, and this is a folder")
+    return file
+
+
 def output_console(stderr: bool = False) -> Console:
     """A rich console for a command's tables (stdout) or messages (stderr).
 

@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medfl.devices import check_device
     from medfl.experiment import load_experiment_config
     from medfl.runfolder import RunFinished, RunFolder, run_directory
 
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     except RunFinished as finished:
         print(f"medfl run: {finished}", file=sys.stderr)
         return 0
+    check_device(config.device)
 
     from medfl.devices import resolve_device
     from medfl.federated.coordinator import Coordinator

@@ -14,13 +14,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from medfl.checkpoints import load_torch_file
 from medfl.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FORMAT = "medfl-export/1"
 MANIFEST = "manifest.json"
@@ -116,8 +116,7 @@ class ExportedModel:
 
     def describe(self) -> str:
         """`site 'a' (personalized model P, round 3)` for messages."""
-        model = self.manifest["model"]
-        return f"site '{self.site}' ({model['role']} model {model['name']}, round {self.manifest['round']['selected']})"
+        return describe_export(self.manifest)
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
@@ -142,15 +141,31 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
                             site=site, path=str(path))
 
 
-def load_export(path: str | Path, site: str | None = None, device: torch.device | str = "cpu") -> ExportedModel:
-    """Find a site's export, verify all its files against the manifest's sha256, check its recipe against the
-    allow-list, and rebuild its network; nothing of the export is used before all of this has passed."""
-    from medfl.data.recipes import resolve_recipe
-    from medfl.models import build_model
-
+def open_export(path: str | Path, site: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """A site's export folder and its manifest, every listed file checked against its sha256; no torch needed,
+    so commands call it before torch loads."""
     folder = find_export(path, site)
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
+    return folder, manifest
+
+
+def describe_export(manifest: dict[str, Any]) -> str:
+    """`site 'a' (personalized model P, round 3)` for messages."""
+    model = manifest["model"]
+    return f"site '{manifest['site']}' ({model['role']} model {model['name']}, round {manifest['round']['selected']})"
+
+
+def load_export(path: str | Path, site: str | None = None, device: torch.device | str = "cpu") -> ExportedModel:
+    """Find a site's export, verify all its files against the manifest's sha256, check its recipe against the
+    allow-list, and rebuild its network; nothing of the export is used before all of this has passed."""
+    import torch
+
+    from medfl.checkpoints import load_torch_file
+    from medfl.data.recipes import resolve_recipe
+    from medfl.models import build_model
+
+    folder, manifest = open_export(path, site)
     resolve_recipe(folder / RECIPE)
     state = load_torch_file(folder / WEIGHTS, site=str(manifest["site"]))
     network = build_model(**manifest["network"])
