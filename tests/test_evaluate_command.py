@@ -12,6 +12,7 @@ from medfl.cli import main
 from medfl.config import load_site_config
 from medfl.data import load_site
 from medfl.deliver import evaluate_export, export_run, load_export
+from medfl.deliver.evaluate import split_note
 from medfl.errors import ConfigError
 from medfl.experiment import load_experiment_config
 
@@ -97,3 +98,13 @@ def test_a_site_that_was_not_in_the_run_is_told_that_split_all_scores_all_its_da
         assert "--split all" not in capsys.readouterr().err
     assert main(["evaluate", str(setup["derm"]), str(setup["derm_b"]), "--out", out]) == 0  # derm_b was in the run
     assert "--split all" not in capsys.readouterr().err
+
+
+def test_an_export_without_its_runs_sites_gives_the_advice_conditionally(setup):
+    manifest = json.loads((setup["prostate"] / "manifest.json").read_text())
+    assert manifest["experiment"]["sites"] == ["prost_a"]
+    del manifest["experiment"]["sites"]  # as exports made before the list was recorded
+    note = split_note(manifest, load_site_config(setup["prost_b"]), "test")
+    assert note.startswith("this export does not list its run's sites: if site 'prost_b' did not take part")
+    assert "`--split all` scores all of it" in note
+    assert split_note(manifest, load_site_config(setup["prost_a"]), "test") is None
