@@ -195,7 +195,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from medfl.commands import output_console
-    from medfl.data import inspect_site
     from medfl.errors import MedflError
 
     console, messages = output_console(), output_console(stderr=True)
@@ -209,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             if isinstance(config, Exception):
                 raise config  # a config that did not load: reported in the order given
+            from medfl.data import inspect_site  # the readers (SimpleITK, nibabel): once a config is good
+
             report = inspect_site(config, settings).report
         except (MedflError, OSError) as error:
             messages.print(Text(f"error: {error}", style="red"), soft_wrap=True)
