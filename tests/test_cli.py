@@ -150,6 +150,8 @@ def delivered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (odd / "job" / "kept.txt").write_text("a job folder that is not empty")
     (odd / "predicted").mkdir()
     (odd / "predicted" / "predictions.csv").write_text("image\n")
+    (odd / "dermoscopy").mkdir()
+    (odd / "dermoscopy" / "site.yaml").write_text("name: mine\n")
     configs = runs["federation"] / "site_configs"
     return {"run": runs["classification"], "exports": exports, "odd": odd,
             "derm_a": configs / "dermoscopy" / "derm_a.yaml", "prost_a": configs / "prostate" / "prost_a.yaml",
@@ -191,6 +193,8 @@ FAST_ANSWERS = {  # case -> (arguments with placeholders, a fragment of the one 
     "nvflare-job --min-sites": (["nvflare-job", "{run}/config.yaml", "--out", "{odd}/j", "--min-sites", "5"],
                                 "min_sites must be between 1 and"),
     "synth --out file": (["synth", "--out", "{odd}/a_file.txt"], "must be a folder"),
+    "init existing": (["init", "{odd}", "--task", "classification"], "never overwrites"),
+    "docs nosuch": (["docs", "nosuch"], "no page 'nosuch'"),
 }
 
 
