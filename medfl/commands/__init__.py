@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DEVICE_HELP = "where to run the model: auto (a CUDA GPU when there is one, else the CPU; the default), cpu or cuda"
+UNBOUNDED_WIDTH = 10_000  # columns of a redirected console: wider than any table medfl prints
 
 
 def existing_folder(path: str | Path, what: str) -> Path:
@@ -57,6 +58,3 @@ def output_console(stderr: bool = False) -> Console:
 
     console = Console(highlight=False, stderr=stderr)
     return console if console.is_terminal else Console(highlight=False, stderr=stderr, width=UNBOUNDED_WIDTH)
-
-
-UNBOUNDED_WIDTH = 10_000  # columns of a redirected console: wider than any table medfl prints
