@@ -33,6 +33,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("report", "report", "compare run folders: markdown tables per site and mean, PNG curves and plots"),
     ("nvflare-job", "nvflare_job", "write an NVIDIA FLARE job folder for an experiment (simulator, POC, production)"),
     ("config-reference", "config_reference", "print or write the site-config and experiment-config references"),
+    ("init", "init", "write a commented site config and experiment config per task to start from"),
+    ("docs", "docs", "list, print or write medfl's documentation (shipped with the package)"),
 ]
 
 

@@ -161,17 +161,16 @@ def _methods_table() -> list[str]:
 
 
 def _networks_table() -> list[str]:
-    from medfl.models.registry import _BASE_ARGUMENTS
     from medfl.tasks import TASKS
+    from medfl.tasks.networks import task_networks
 
     lines = ["## Networks (`model.name`) and their options (`model.options`)", "",
              "| task | `model.name` | network | `model.options` (default) |", "|---|---|---|---|"]
     for task in TASKS.values():
-        for name, network in task.networks().items():
-            summary = " ".join(inspect.cleandoc(network.__doc__ or "").split("\n\n")[0].split())
-            options = [f"`{p.name}` ({_literal(p.default)})"
-                       for p in inspect.signature(network).parameters.values() if p.name not in _BASE_ARGUMENTS]
-            lines.append(f"| {task.key.value} | `{name}` | {_cell(summary)} | {_cell(', '.join(options) or 'none')} |")
+        for name, network in task_networks(task).items():
+            options = [f"`{option}` ({_literal(default)})" for option, default in network.options.items()]
+            lines.append(f"| {task.key.value} | `{name}` | {_cell(network.summary)} | "
+                         f"{_cell(', '.join(options) or 'none')} |")
     return [*lines, ""]
 
 

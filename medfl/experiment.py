@@ -32,6 +32,7 @@ from medfl.config import (
 from medfl.errors import ConfigError
 from medfl.federated.methods import METHODS, MethodSpec, method_spec
 from medfl.tasks import TaskKey, task_for
+from medfl.tasks.networks import check_network
 
 
 class _Section(BaseModel):
@@ -264,6 +265,7 @@ class ExperimentConfig(_Section):
         if len(set(self.sites)) != len(self.sites):
             raise ValueError("a site config is listed twice")
         task_for(self.task).check_experiment_classes(self.data.classes)
+        check_network(task_for(self.task), self.model.name, self.model.options)  # before torch loads
         return self
 
     @property

@@ -20,7 +20,7 @@ from torch import nn
 from medfl.cli import main
 from medfl.data import load_recipe
 from medfl.deliver import ExportedModel, export_run, load_export, predict
-from medfl.deliver.predict import mask_name
+from medfl.deliver.inputs import mask_name
 from medfl.errors import ConfigError
 
 pytestmark = pytest.mark.slow

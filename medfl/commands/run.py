@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, config, run_dir) -> int:
+    from medfl.devices import check_device
     from medfl.runfolder import RunFinished, RunFolder
 
     try:  # the run folder's checks too: a wrong --out or --resume fails before anything heavy loads
@@ -48,6 +49,7 @@ def _run(args: argparse.Namespace, config, run_dir) -> int:
     except RunFinished as finished:
         print(f"medfl run: {finished}", file=sys.stderr)
         return 0
+    check_device(config.device)
 
     from medfl.devices import resolve_device
     from medfl.federated.coordinator import Coordinator

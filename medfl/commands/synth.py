@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the data set and print one line per site."""
+    from medfl.commands import folder_to_write
+
+    folder_to_write(args.out, "--out")
     from medfl.synth import Minimums, generate
 
     start = time.perf_counter()

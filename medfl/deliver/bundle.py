@@ -13,12 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from medfl.checkpoints import load_torch_file
 from medfl.manifests import (
     EXPORT_FILES,
     FORMAT,
@@ -32,8 +28,12 @@ from medfl.manifests import (
     verify_files,
 )
 
-__all__ = ["EXPORT_FILES", "FORMAT", "MANIFEST", "PROGRAM", "RECIPE", "WEIGHTS", "ExportedModel", "find_export",
-           "load_export", "read_manifest", "sha256_file", "verify_files"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["EXPORT_FILES", "FORMAT", "MANIFEST", "PROGRAM", "RECIPE", "WEIGHTS", "ExportedModel", "describe_export",
+           "find_export", "load_export", "open_export", "read_manifest", "sha256_file", "verify_files"]
 
 
 @dataclass
@@ -72,19 +72,34 @@ class ExportedModel:
 
     def describe(self) -> str:
         """`site 'a' (personalized model P, round 3)` for messages."""
-        model = self.manifest["model"]
-        return f"site '{self.site}' ({model['role']} model {model['name']}, round {self.manifest['round']['selected']})"
+        return describe_export(self.manifest)
+
+
+def open_export(path: str | Path, site: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """A site's export folder and its manifest (checked by its pydantic model), every listed file checked against
+    its sha256; no torch needed, so commands call it before torch loads."""
+    folder = find_export(path, site)
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    return folder, manifest
+
+
+def describe_export(manifest: dict[str, Any]) -> str:
+    """`site 'a' (personalized model P, round 3)` for messages."""
+    model = manifest["model"]
+    return f"site '{manifest['site']}' ({model['role']} model {model['name']}, round {manifest['round']['selected']})"
 
 
 def load_export(path: str | Path, site: str | None = None, device: torch.device | str = "cpu") -> ExportedModel:
     """Find a site's export, verify all its files against the manifest's sha256, check its recipe against the
     allow-list, and rebuild its network; nothing of the export is used before all of this has passed."""
+    import torch
+
+    from medfl.checkpoints import load_torch_file
     from medfl.data.recipes import resolve_recipe
     from medfl.models import build_model
 
-    folder = find_export(path, site)
-    manifest = read_manifest(folder)
-    verify_files(folder, manifest)
+    folder, manifest = open_export(path, site)
     resolve_recipe(folder / RECIPE)
     state = load_torch_file(folder / WEIGHTS, site=str(manifest["site"]))
     network = build_model(**manifest["network"])

@@ -20,15 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from medfl import __version__
 from medfl.checkpoints import atomic_folder, atomic_write_bytes, atomic_write_json
 from medfl.deliver.bundle import FORMAT, MANIFEST, PROGRAM, RECIPE, WEIGHTS
-from medfl.deliver.programs import LogitsOnly
 from medfl.deliver.provenance import (
     ROLES,
     RunRecord,
@@ -43,6 +39,10 @@ from medfl.deliver.provenance import (
 from medfl.errors import ConfigError
 from medfl.tasks import task_for
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 FORMATS = ("medfl", "bundle")
 DEFAULT_OUT = {"medfl": "export", "bundle": "bundle"}  # default export folder inside the run folder
 FILES_RULE = "sha256 of the sorted training file paths (relative to data_root), UTF-8, one per line, each ending in \\n"
@@ -50,6 +50,10 @@ FILES_RULE = "sha256 of the sorted training file paths (relative to data_root), 
 
 def export_program(network: nn.Module, in_channels: int, input_size: int) -> torch.export.ExportedProgram:
     """torch.export of the network in eval mode: (batch, C, S, S) float32 -> logits, any batch size."""
+    import torch
+
+    from medfl.deliver.programs import LogitsOnly
+
     wrapper = LogitsOnly(network).eval()
     example = torch.zeros(2, in_channels, input_size, input_size)
     batch = torch.export.Dim("batch", min=1)
@@ -73,6 +77,7 @@ class SiteExport:
 
 def _versions() -> dict[str, str]:
     import monai
+    import torch
 
     return {"medfl": __version__, "monai": monai.__version__, "torch": torch.__version__,
             "python": platform.python_version()}
@@ -107,7 +112,8 @@ def _site_manifest(run: RunRecord, site: str, checkpoint: dict[str, Any], role: 
                   "rounds": config.rounds, "run_finished": bool(run.summary.get("finished"))},
         "metrics": {"metric": run.summary["metric"], **round_metrics(run, site, key, round_)},
         "experiment": {"name": config.name, "method": config.method, "seed": config.seed,
-                       "config_sha256": run.config_sha256, "run_dir": str(run.folder.resolve())},
+                       "config_sha256": run.config_sha256, "run_dir": str(run.folder.resolve()),
+                       "sites": list(run.summary["sites"])},
         "training_files": {"count": len(files), "sha256": files_sha256(files), "rule": FILES_RULE},
         "data_settings": config.data.model_dump(mode="json"),
         "program": {"file": PROGRAM, "dynamic_batch": True,
@@ -119,6 +125,8 @@ def _site_manifest(run: RunRecord, site: str, checkpoint: dict[str, Any], role: 
 
 def _write_site(staging: Path, network: nn.Module, manifest: dict[str, Any], recipe: dict[str, Any]) -> None:
     """Write the four files of one site's export into `staging`; the manifest last, with every file's sha256."""
+    import torch
+
     program = export_program(network, manifest["input"]["channels"], manifest["input"]["size"][0])
     contents = {
         WEIGHTS: _saved_bytes(torch.save, network.state_dict()),
@@ -136,11 +144,11 @@ def export_site(run: RunRecord, site: str, out: Path, role: str, request: str | 
     """Export one site's model of the requested round into `out/<site>` (which must not exist), in `export_format`.
 
     Reads the run folder only: the run's record and this site's own part, never a site config or data."""
-    from medfl.models import build_model
-
     used = run.config.spec.used_role.value
     key = used if role == "personalized" else run.config.spec.receiving_role.value
-    round_ = choose_round(run, site, key, used, request)
+    round_ = choose_round(run, site, key, used, request)  # a round that does not exist: before torch loads
+    from medfl.models import build_model
+
     checkpoint = run.files.site(site).load_round_models(round_)
     network = build_model(**checkpoint["network"])
     network.load_state_dict(checkpoint["models"][key])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,56 +29,23 @@ from PIL import Image
 from medfl.checkpoints import atomic_write_csv as write_csv
 from medfl.checkpoints import staging_folder
 from medfl.data import CaseGeometry, load_recipe
-from medfl.data.images import IMAGE_EXTENSIONS, check_image
+from medfl.data.images import check_image
 from medfl.data.recipes import resolve_recipe
 from medfl.data.volumes import WORKING_ORIENTATION, read_volume, write_like
 from medfl.deliver.bundle import ExportedModel
+from medfl.deliver.inputs import (
+    Prediction,
+    input_problem,
+    mask_targets,
+    predictions_csv,
+    stem,
+)
 from medfl.deliver.programs import LogitsOnly, SliceWiseProgram, normalise_volume
 from medfl.errors import ConfigError, WriteError
 from medfl.tasks import task_for
 
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha")
-PREDICTIONS_CSV = "predictions.csv"
 BATCH_SIZE = 32
 MASK_VALUES = 4  # a volume with this many distinct integer values or fewer is a mask (0/1, 0/255, zones), not MRI
-
-
-@dataclass
-class Prediction:
-    """The outcome for one input: where its result went and a short summary, or why it failed."""
-
-    input: Path
-    output: Path | None = None
-    summary: str = ""
-    error: str | None = None
-
-
-def _extension(path: Path) -> str | None:
-    """The file's volume or image extension as written (".nii.gz", ".JPG", ...), or None."""
-    lower = path.name.lower()
-    for extension in VOLUME_EXTENSIONS + IMAGE_EXTENSIONS:
-        if lower.endswith(extension) and len(lower) > len(extension):
-            return path.name[-len(extension):]
-    return None
-
-
-def input_problem(path: Path, task: str) -> str | None:
-    """Why `path` cannot go to a model of `task` (missing, a folder, unknown type, wrong modality), or None."""
-    if path.is_dir():
-        return "is a folder; give the files themselves"
-    if not path.exists():
-        return "file not found"
-    extension = _extension(path)
-    takes_volumes = task_for(task).predicts_volumes
-    if extension is None:
-        known = ", ".join(VOLUME_EXTENSIONS if takes_volumes else IMAGE_EXTENSIONS)
-        return f"unknown file type (this model takes {known})"
-    is_volume = extension.lower() in VOLUME_EXTENSIONS
-    if is_volume and not takes_volumes:
-        return "is an MRI volume, but this model classifies dermoscopy images"
-    if takes_volumes and not is_volume:
-        return "is a 2-D image, but this model segments MRI volumes (NIfTI or MetaImage)"
-    return None
 
 
 def _one_line(error: Exception) -> str:
@@ -149,9 +115,7 @@ def _image_recipe(export: ExportedModel, path: Path, recipes: dict[str, Compose 
 
 def predict_images(export: ExportedModel, inputs: Sequence[Path], out: Path) -> list[Prediction]:
     """Classify dermoscopy images into `out/predictions.csv` (image, prob_<class>..., predicted)."""
-    csv_path = out / PREDICTIONS_CSV
-    if csv_path.exists():
-        raise ConfigError(f"{csv_path} already exists: predictions are never overwritten; choose another --out")
+    csv_path = predictions_csv(out)
     recipes: dict[str, Compose | None] = {"plain": load_recipe(export.recipe_path)}
     results, images = [], []
     for path in inputs:
@@ -178,29 +142,6 @@ def predict_images(export: ExportedModel, inputs: Sequence[Path], out: Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     write_csv(csv_path, rows, ["image", *(f"prob_{c}" for c in export.classes), "predicted"])
     return results
-
-
-def _stem(path: Path) -> str:
-    """The file name without its (possibly double, as in .nii.gz) extension."""
-    extension = _extension(path) or path.suffix
-    return path.name[: len(path.name) - len(extension)]
-
-
-def mask_name(path: Path) -> str:
-    """`<name>_mask<extension>`, the extension as the input's (".nii.gz", ".mhd", ...)."""
-    return f"{_stem(path)}_mask{path.name[len(_stem(path)):]}"
-
-
-def mask_targets(paths: Sequence[Path], out: Path) -> list[Path]:
-    """Where each input's mask goes: `out/<folder>/<name>_mask<extension>`, <folder> being the input's
-    folder below the deepest folder common to all volume inputs. Inputs of one folder go straight into
-    `out`; inputs of one name from different folders (ISBI/Case00.nii.gz, ISBI_1.5/Case00.nii.gz) keep their
-    folders apart (out/ISBI/Case00_mask.nii.gz, out/ISBI_1.5/Case00_mask.nii.gz)."""
-    folders = [path.resolve().parent for path in paths]
-    volumes = [f for f, p in zip(folders, paths, strict=True) if (_extension(p) or "").lower() in VOLUME_EXTENSIONS]
-    common = Path(os.path.commonpath(volumes)) if volumes else None
-    return [out / (folder.relative_to(common) if common and folder.is_relative_to(common) else "") / mask_name(path)
-            for path, folder in zip(paths, folders, strict=True)]
 
 
 def _segment(export: ExportedModel, case_id: str, path: Path, image: sitk.Image) -> tuple[sitk.Image | None, str]:
@@ -249,7 +190,7 @@ def predict_volume(export: ExportedModel, path: Path, target: Path) -> Predictio
     if image is None:
         return result
     try:
-        mask, result.summary = _segment(export, _stem(path), path, image)
+        mask, result.summary = _segment(export, stem(path), path, image)
     except Exception as error:  # noqa: BLE001 - any failure here is this file's problem, reported per file
         result.error = f"could not be predicted ({_one_line(error)})"
         return result

@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from medfl.data.recipes import resolve_recipe
 from medfl.errors import ConfigError
 from medfl.experiment import ExperimentConfig
 from medfl.runfolder import RunFolder
@@ -104,6 +103,8 @@ def files_sha256(files: list[str]) -> str:
 def resolved_eval_recipe(config: ExperimentConfig) -> dict[str, Any]:
     """The run's evaluation recipe with its variables (input size included) substituted: a recipe mapping
     that `medfl.data.load_recipe` builds into the very transforms the run evaluated with."""
+    from medfl.data.recipes import resolve_recipe
+
     recipe = resolve_recipe(config.data.recipe(config.task, "eval"), input_size=config.data.input_size)
     path, transforms = recipe["path"], recipe["transforms"]
     description = f"{recipe['description']} (from {path.name}, input size {config.data.input_size})"

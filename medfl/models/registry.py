@@ -8,11 +8,10 @@ from typing import Any
 from medfl.errors import ConfigError
 from medfl.models.base import FeatureNet, network_config
 from medfl.tasks import TASKS, TaskKey, task_for
+from medfl.tasks.networks import BASE_ARGUMENTS, check_network
 
-# The networks each task trains, by name (each task says which: Task.networks).
-MODEL_NAMES: dict[TaskKey, tuple[str, ...]] = {key: tuple(task.networks()) for key, task in TASKS.items()}
-
-_BASE_ARGUMENTS = ("num_classes", "in_channels", "width", "spatial_dims")
+# The networks each task trains, by name (each task says which: Task.network_classes).
+MODEL_NAMES: dict[TaskKey, tuple[str, ...]] = {key: tuple(task.network_classes) for key, task in TASKS.items()}
 
 
 def build_model(
@@ -33,9 +32,10 @@ def build_model(
         task = task_for(task).key
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    networks = task_for(task).networks()
-    if name not in networks:
-        raise ConfigError(f"unknown {task} model '{name}'; valid names: {', '.join(MODEL_NAMES[task])}")
+    try:
+        check_network(task_for(task), name, kwargs)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"model '{name}': {label} must be a positive integer, got {value!r}")
@@ -43,17 +43,12 @@ def build_model(
         raise ConfigError(f"model '{name}': width must be a positive number, got {width!r}")
     if spatial_dims not in (2, 3):
         raise ConfigError(f"model '{name}': spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    network = networks[name]
-    options = [p for p in inspect.signature(network).parameters if p not in _BASE_ARGUMENTS]
-    unknown = sorted(set(kwargs) - set(options))
-    if unknown:
-        valid = ", ".join(options) or "none"
-        raise ConfigError(f"model '{name}': unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    network = task_for(task).networks()[name]
     model = network(
         num_classes=num_classes, in_channels=in_channels, width=width, spatial_dims=spatial_dims, **kwargs
     )
     chosen = inspect.signature(network).bind(num_classes, in_channels, width, spatial_dims, **kwargs)
     chosen.apply_defaults()
-    options = {key: value for key, value in chosen.arguments.items() if key not in _BASE_ARGUMENTS}
+    options = {key: value for key, value in chosen.arguments.items() if key not in BASE_ARGUMENTS}
     model.config = network_config(name, task, num_classes, in_channels, width, spatial_dims, **options)
     return model

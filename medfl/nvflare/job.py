@@ -66,12 +66,6 @@ def write_job(
     """
     refuse_in_process_only(config)
     require_nvflare()
-    from nvflare.client.config import ExchangeFormat
-    from nvflare.job_config.api import FedJob
-    from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
-
-    from medfl.nvflare.controller import MedflController
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: already exists and is not empty; choose a new job folder")
@@ -84,6 +78,12 @@ def write_job(
         if value < 0:
             raise ConfigError(f"{label} must be >= 0 seconds (0: no limit), got {value}")
     run_dir = Path(run_dir).expanduser().resolve() if run_dir is not None else default_run_dir(config)
+
+    from nvflare.client.config import ExchangeFormat  # NVFlare, torch and MONAI load once all is checked
+    from nvflare.job_config.api import FedJob
+    from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
+
+    from medfl.nvflare.controller import MedflController
 
     job = FedJob(name=job_name(config), min_clients=min_sites)
     job.set_app_packages(["medfl"])

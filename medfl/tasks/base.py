@@ -38,6 +38,7 @@ class Task(ABC):
     site_fields: tuple[str, ...]  # site-config keys that apply to this task only
     default_cpa_tau: float  # CPA's tau when the experiment does not set it
     sample_noun: str  # what one training sample is ("image", "slice"), for messages
+    network_classes: dict[str, str]  # the networks it trains: config name -> "module:Class"
 
     # ------------------------------------------------------------------ configs (no torch, no MONAI)
     @abstractmethod
@@ -93,10 +94,17 @@ class Task(ABC):
         """Further settings `medfl check` states for this task's sites."""
         return []
 
+    def scored_counts(self, records: Sequence[Mapping[str, Any]]) -> str:
+        """What `medfl evaluate` scored, for people: "30 images" (metrics per sample by default)."""
+        return f"{len(records)} {self.sample_noun}s"
+
     # ------------------------------------------------------------------ learning (torch)
-    @abstractmethod
     def networks(self) -> dict[str, Any]:
-        """The networks this task trains, by the name configs use (classes returning (logits, features))."""
+        """The networks this task trains, by the name configs use (classes returning (logits, features));
+        importing them loads torch and MONAI (medfl.tasks.networks describes them without)."""
+        from medfl.tasks.networks import import_network
+
+        return {name: import_network(target) for name, target in self.network_classes.items()}
 
     @abstractmethod
     def batch_labels(self, batch: Mapping[str, Any], device: torch.device) -> Tensor:

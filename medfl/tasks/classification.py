@@ -31,6 +31,10 @@ class Classification(Task):
     site_fields = ("table", "metadata_table", "filter", "label_map")
     default_cpa_tau = 3.0
     sample_noun = "image"
+    network_classes = {"slim_vgg16": "medfl.models.vgg:SlimVGG16",
+                       "densenet121": "medfl.models.classifiers:DenseNet121Net",
+                       "efficientnet-b0": "medfl.models.classifiers:EfficientNetB0Net",
+                       "resnet18": "medfl.models.classifiers:ResNet18Net"}
     bundle_packages = {"pillow": "10.0"}
     bundle_batch_size = 32
     confusion_matrices = True
@@ -99,13 +103,6 @@ class Classification(Task):
         return ", ".join(settings.classes) if settings.classes else "each site's label-map targets"
 
     # ------------------------------------------------------------------ learning
-    def networks(self) -> dict[str, Any]:
-        from medfl.models.classifiers import DenseNet121Net, EfficientNetB0Net, ResNet18Net
-        from medfl.models.vgg import SlimVGG16
-
-        return {"slim_vgg16": SlimVGG16, "densenet121": DenseNet121Net, "efficientnet-b0": EfficientNetB0Net,
-                "resnet18": ResNet18Net}
-
     def batch_labels(self, batch: Mapping[str, Any], device: torch.device) -> Tensor:
         import torch
 

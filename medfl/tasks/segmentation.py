@@ -30,6 +30,8 @@ class Segmentation(Task):
     site_fields = ("mask_suffix",)
     default_cpa_tau = 1.0
     sample_noun = "slice"
+    network_classes = {"unet": "medfl.models.segmentation:UNetNet",
+                       "basicunet": "medfl.models.segmentation:BasicUNetNet"}
     bundle_packages = {"itk-io": "5.3.0", "nibabel": "5.0"}
     bundle_batch_size = 1
     example_slices = True
@@ -87,12 +89,11 @@ class Segmentation(Task):
     def check_settings(self, settings: DataSettings) -> list[str]:
         return [f"training slices: {settings.slices}"]
 
+    def scored_counts(self, records: Sequence[Mapping[str, Any]]) -> str:
+        cases = len({record["case_id"] for record in records})
+        return f"{cases} cases, {len(records)} slices; metrics per case"
+
     # ------------------------------------------------------------------ learning
-    def networks(self) -> dict[str, Any]:
-        from medfl.models.segmentation import BasicUNetNet, UNetNet
-
-        return {"unet": UNetNet, "basicunet": BasicUNetNet}
-
     def batch_labels(self, batch: Mapping[str, Any], device: torch.device) -> Tensor:
         import torch
 
