@@ -6,6 +6,7 @@ float64, one site and one tensor at a time, the forward FFT of every site comput
 spectrum and again for the replacement. medfl's PFA must equal it within 1e-5 (checked here).
 
     python benchmarks/aggregation.py [--device cpu|cuda|auto] [--sites 4] [--repeats 5]
+    python benchmarks/aggregation.py --smoke    # narrow networks, K = 2, one repeat, nothing kept (the suite runs it)
 
 Writes benchmarks/results/aggregation.json, .md and .png.
 """
@@ -18,6 +19,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -37,6 +39,12 @@ NETWORKS = [
     ("slim_vgg16", "classification", 3, 3, {"width": 1.0}),
     ("unet", "segmentation", 2, 1, {}),
     ("efficientnet-b0", "classification", 3, 3, {"width": 1.0}),
+]
+# --smoke: the same networks, narrow (every code path, the PFA check included, in seconds).
+SMOKE_NETWORKS = [
+    ("slim_vgg16", "classification", 3, 3, {"width": 0.125}),
+    ("unet", "segmentation", 2, 1, {"width": 0.25}),
+    ("efficientnet-b0", "classification", 3, 3, {"width": 0.25}),
 ]
 METHODS = ("fedavg", "pfa", "reference_pfa")
 States = Mapping[str, Mapping[str, Tensor]]
@@ -270,7 +278,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", type=Path, default=RESULTS / "aggregation", help="path stem of the results"
     )
+    parser.add_argument("--smoke", action="store_true",
+                        help="narrow networks, K = 2, one repeat; results go to a temporary folder that is removed")
     args = parser.parse_args(argv)
+    if not args.smoke:
+        return measure(args, NETWORKS, argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.sites, args.repeats, args.output = 2, 1, Path(tmp) / "aggregation"
+        return measure(args, SMOKE_NETWORKS, argv)
+
+
+def measure(args: argparse.Namespace, networks: list, argv: list[str] | None) -> int:
+    """Time every network's aggregations, write <output>.json, .md and .png; 1 when PFA differs from the reference."""
     device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -278,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
 
     rows = []
-    for name, task, classes, channels, options in NETWORKS:
+    for name, task, classes, channels, options in networks:
         states, roles, parameters = site_states(name, task, classes, channels, options, args.sites, device)
         counts = {site: 100 + 50 * index for index, site in enumerate(states)}
         weights = normalise_site_weights(list(states), counts)

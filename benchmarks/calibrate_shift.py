@@ -28,6 +28,7 @@ prostate sites at scale 3.3 take 1.3 GB and about 4.5 minutes to write).
     python benchmarks/calibrate_shift.py --task dermoscopy                  # both presets, SGD and Adam, 3 seeds
     python benchmarks/calibrate_shift.py --task dermoscopy --warm-rounds 3  # probe round 3
     python benchmarks/calibrate_shift.py --task prostate --norms instance,batch
+    python benchmarks/calibrate_shift.py --smoke    # both tasks on tiny data, nothing kept (the suite runs it)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import math
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,33 +53,55 @@ from torch import nn
 
 from medfl.config import DataSettings, load_site_config
 from medfl.data import build_dataset, load_recipe, load_site
+from medfl.data.tensors import plain_tensors
+from medfl.experiment import CPASettings
 from medfl.federated.averaging import average_states, normalise_site_weights
 from medfl.federated.site import derive_seed
-from medfl.federated.training import EpochPlan, SupervisedLoss, plain_tensors, train_epoch
+from medfl.federated.training import EpochPlan, train_epoch
 from medfl.metrics import classification_metrics, reassemble_volumes, segmentation_case_metrics
 from medfl.models import build_model
-from medfl.synth import generate
+from medfl.synth import Minimums, generate
 from medfl.synth.lesions import CLASSES
 from medfl.synth.realistic import REALISTIC_DERM, REALISTIC_PROSTATE, SHIFTS
 from medfl.synth.sites import REFERENCE_DERM, REFERENCE_PROSTATE
-from medfl.tasks import task_for
+from medfl.tasks import Task, task_for
 
 BENCHMARKS = Path(__file__).resolve().parent
 RESULTS = BENCHMARKS / "results"
 DATA = RESULTS / "tmp" / "calibration"
-SITE_TABLES = {"mild": (REFERENCE_DERM, REFERENCE_PROSTATE), "realistic": (REALISTIC_DERM, REALISTIC_PROSTATE)}
+SITE_TABLES = {"mild": {"dermoscopy": REFERENCE_DERM, "prostate": REFERENCE_PROSTATE},
+               "realistic": {"dermoscopy": REALISTIC_DERM, "prostate": REALISTIC_PROSTATE}}
 OPTIMIZERS = {
     "sgd": {"name": "sgd", "lr": 1e-2, "momentum": 0.0, "weight_decay": 1e-6},
     "adam": {"name": "adam", "lr": 2e-3, "weight_decay": 1e-6},
 }
 PROSTATE_OPTIMIZER = {"name": "adam", "lr": 1e-3, "weight_decay": 1e-6}
+
+
+def optimizer_variants(args: argparse.Namespace) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Dermoscopy's variants: the optimizers named by --optimizers, default network options."""
+    return {name: (OPTIMIZERS[name], {}) for name in args.optimizers.split(",")}
+
+
+def norm_variants(args: argparse.Namespace) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Prostate's variants: Adam, the UNet with each norm named by --norms."""
+    return {f"adam, {norm} norm": (PROSTATE_OPTIMIZER, {} if norm == "instance" else {"norm": norm})
+            for norm in args.norms.split(",")}
+
+
+# The benchmark's tasks (--task): medfl's task, the data settings, network, batch, default data scale, the synthetic
+# sites to write and the variants probed.
 TASKS = {
-    "dermoscopy": {"task": "classification", "input_size": 32, "batch": 16, "model": "slim_vgg16", "width": 0.25,
-                   "metric": "macro_f1"},
-    "prostate": {"task": "segmentation", "input_size": 64, "batch": 8, "model": "unet", "width": 0.5,
-                 "metric": "dice", "slices": "foreground", "empty_slice_fraction": 0.2},
+    "dermoscopy": {"task": task_for("classification"), "input_size": 32, "batch": 16, "model": "slim_vgg16",
+                   "width": 0.25, "data": {"classes": list(CLASSES)}, "scale": 0.6,
+                   "sites": {"n_derm": 4, "n_prostate": 0}, "variants": optimizer_variants},
+    "prostate": {"task": task_for("segmentation"), "input_size": 64, "batch": 8, "model": "unet", "width": 0.5,
+                 "data": {"slices": "foreground", "empty_slice_fraction": 0.2}, "scale": 3.3,
+                 "sites": {"n_derm": 0, "n_prostate": 6}, "variants": norm_variants},
 }  # fmt: skip
 MIN_STEPS = 200
+# --smoke: every code path on tiny data (two sites per task, the fewest images and cases synth allows), nothing kept.
+SMOKE = {"scale": 0.01, "minimums": Minimums(train=1, val=1, test=1, cases=3), "sites": 2}
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -85,7 +109,7 @@ MIN_STEPS = 200
 
 def site_parameters(preset: str, task: str) -> list[dict[str, Any]]:
     """The preset's site table for a task, as plain data (what an attempt records as its parameter set)."""
-    table = SITE_TABLES[preset][0 if task == "dermoscopy" else 1]
+    table = SITE_TABLES[preset][task]
     return [json.loads(json.dumps(dataclasses.asdict(site), default=list)) for site in table]
 
 
@@ -93,41 +117,39 @@ def parameters_digest(parameters: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def synthetic_data(root: Path, preset: str, task: str, scale: float) -> tuple[Path, float]:
+def synthetic_data(root: Path, preset: str, task: str, scale: float, smoke: bool = False) -> tuple[Path, float]:
     """Site configs of `preset` for `task` at `scale`, generated once per parameter set (seconds spent)."""
+    spec = TASKS[task]
     digest = parameters_digest(site_parameters(preset, task))
     folder = root / f"{preset}-{task}-{scale:g}-{digest}"
+    configs = folder / "site_configs" / spec["task"].modality
     stamp = folder / "generated.json"
     if stamp.is_file():
-        return folder / "site_configs" / task, 0.0
+        return configs, 0.0
     start = time.perf_counter()
-    derm = task == "dermoscopy"
-    generate(folder, scale=scale, n_derm=4 if derm else 0, n_prostate=0 if derm else 6, shift=preset)
+    sites = {key: min(count, SMOKE["sites"]) for key, count in spec["sites"].items()} if smoke else spec["sites"]
+    generate(folder, scale=scale, shift=preset, minimums=SMOKE["minimums"] if smoke else None, **sites)
     seconds = time.perf_counter() - start
     stamp.write_text(json.dumps({"preset": preset, "task": task, "scale": scale, "seconds": seconds}) + "\n")
-    return folder / "site_configs" / task, seconds
+    return configs, seconds
 
 
 class Site:
     """One site's cached train (augmenting and plain) and validation datasets."""
 
     def __init__(self, config: Path, spec: dict[str, Any]):
-        settings = DataSettings(
-            classes=list(CLASSES) if spec["task"] == "classification" else None, input_size=spec["input_size"],
-            slices=spec.get("slices", "all"), empty_slice_fraction=spec.get("empty_slice_fraction", 0.1),
-            num_workers=1,
-        )  # fmt: skip
-        self.data = load_site(load_site_config(config), settings, task=task_for(spec["task"]))
+        task: Task = spec["task"]
+        settings = DataSettings(input_size=spec["input_size"], num_workers=1, **spec["data"])
+        self.data = load_site(load_site_config(config), settings, task=task)
         self.name = self.data.name
-        modality = "dermoscopy" if spec["task"] == "classification" else "prostate"
-        self.train_recipe = load_recipe(f"{modality}_train", input_size=spec["input_size"])
-        eval_recipe = load_recipe(f"{modality}_eval", input_size=spec["input_size"])
+        self.train_recipe = load_recipe(settings.recipe(task.key, "train"), input_size=spec["input_size"])
+        eval_recipe = load_recipe(settings.recipe(task.key, "eval"), input_size=spec["input_size"])
         records = self.data.splits
         self.train = build_dataset(records["train"], self.train_recipe, num_workers=1)
         self.train_plain = build_dataset(records["train"], eval_recipe, num_workers=1)
         self.val = build_dataset(records["val"], eval_recipe, num_workers=1)
         self.num_train = len(records["train"])
-        self.in_channels = 3 if spec["task"] == "classification" else int(np.asarray(records["train"][0]["image"]).shape[0])
+        self.in_channels = task.input_channels(records["train"][0])
 
 
 # ---- training and scoring -----------------------------------------------------------------------------------
@@ -155,7 +177,7 @@ def local_round(model: nn.Module, site: Site, spec: dict[str, Any], optimizer: d
                 epochs: int, round_: int = 0) -> dict[str, float]:
     """One round of `epochs` local epochs with a fresh optimizer (medfl's train_epoch, supervised loss only)."""
     counts = torch.tensor(site.data.class_counts("train"), dtype=torch.float64)
-    loss_fn = SupervisedLoss(spec["task"], "ce", counts)
+    loss_fn = spec["task"].supervised_loss("ce", counts, CPASettings().beta)  # cross-entropy: beta unused
     opt = make_optimizer(model, optimizer)
     losses, steps = [], 0
     for epoch in range(epochs):
@@ -163,7 +185,7 @@ def local_round(model: nn.Module, site: Site, spec: dict[str, Any], optimizer: d
         torch.manual_seed(derive_seed(seed, site.name, round_, epoch))
         loader = train_loader(site, spec["batch"], seed, round_, epoch)
         steps += len(loader)
-        losses.append(train_epoch({"M": model}, {"M": opt}, loader, loss_fn, EpochPlan(), task_for(spec["task"]),
+        losses.append(train_epoch({"M": model}, {"M": opt}, loader, loss_fn, EpochPlan(), spec["task"],
                                   torch.device("cpu"))["M"])
     return {"steps": steps, "first_epoch_loss": losses[0], "last_epoch_loss": losses[-1]}
 
@@ -174,28 +196,43 @@ def _batches(dataset, batch: int):
     return DataLoader(dataset, batch_size=max(batch, 32), shuffle=False, num_workers=0)
 
 
-@torch.no_grad()
-def score(model: nn.Module, site: Site, spec: dict[str, Any]) -> dict[str, Any]:
-    """The task metric on the site's validation split, and (classification) the raw predictions for pooling."""
-    model.eval()
+def macro_f1(model: nn.Module, site: Site, spec: dict[str, Any]) -> dict[str, Any]:
+    """Macro-F1 on the site's validation split, and the raw predictions and labels for pooling."""
+    outputs, labels = [], []
+    with plain_tensors():
+        for batch in _batches(site.val, spec["batch"]):
+            logits, _ = model(torch.as_tensor(batch["image"]))
+            outputs.append(logits.softmax(1))
+            labels.append(torch.as_tensor(batch["label"]))
+    probabilities, truth = torch.cat(outputs).numpy(), torch.cat(labels).reshape(-1).numpy()
+    result = classification_metrics(truth, probabilities, CLASSES)
+    return {"macro_f1": result["macro_f1"], "predictions": probabilities.argmax(1).tolist(), "labels": truth.tolist()}
+
+
+def dice(model: nn.Module, site: Site, spec: dict[str, Any]) -> dict[str, Any]:
+    """Mean foreground Dice over the validation cases, slices reassembled into volumes."""
     outputs, labels, cases, indices = [], [], [], []
     with plain_tensors():
         for batch in _batches(site.val, spec["batch"]):
             logits, _ = model(torch.as_tensor(batch["image"]))
-            outputs.append(logits.argmax(1) if spec["task"] == "segmentation" else logits.softmax(1))
+            outputs.append(logits.argmax(1))
             labels.append(torch.as_tensor(batch["label"]))
-            if spec["task"] == "segmentation":
-                cases += list(batch["case_id"])
-                indices += [int(i) for i in batch["slice_index"]]
-    if spec["task"] == "classification":
-        probabilities, truth = torch.cat(outputs).numpy(), torch.cat(labels).reshape(-1).numpy()
-        result = classification_metrics(truth, probabilities, CLASSES)
-        return {"macro_f1": result["macro_f1"], "predictions": probabilities.argmax(1).tolist(),
-                "labels": truth.tolist()}
+            cases += list(batch["case_id"])
+            indices += [int(i) for i in batch["slice_index"]]
     predicted = reassemble_volumes(cases, indices, list(torch.cat(outputs).numpy()))
     truth = reassemble_volumes(cases, indices, [m[0] for m in torch.cat(labels).numpy()])
-    dice = [segmentation_case_metrics(predicted[c], truth[c])["dice"] for c in sorted(predicted)]
-    return {"dice": float(np.mean(dice)), "cases": len(dice)}
+    scores = [segmentation_case_metrics(predicted[c], truth[c])["dice"] for c in sorted(predicted)]
+    return {"dice": float(np.mean(scores)), "cases": len(scores)}
+
+
+SCORES = {"macro_f1": macro_f1, "dice": dice}  # by the validation metric each task names (Task.metric)
+
+
+@torch.no_grad()
+def score(model: nn.Module, site: Site, spec: dict[str, Any]) -> dict[str, Any]:
+    """The task's validation metric on the site's validation split (and what pooling needs, if anything)."""
+    model.eval()
+    return SCORES[spec["task"].metric](model, site, spec)
 
 
 def fedavg(models: dict[str, nn.Module], sizes: dict[str, int]) -> nn.Module:
@@ -237,7 +274,8 @@ def probe(sites: list[Site], spec: dict[str, Any], optimizer: dict[str, Any], se
     `warm_rounds` of a FedAvg federation.
     """
     torch.manual_seed(seed)
-    common = build_model(spec["model"], spec["task"], len(CLASSES) if spec["task"] == "classification" else 2,
+    task: Task = spec["task"]
+    common = build_model(spec["model"], task.key, len(task.classes(spec["data"].get("classes"))),
                          sites[0].in_channels, width=spec["width"], **model_options)
     sizes = {site.name: site.num_train for site in sites}
     warm = []
@@ -246,7 +284,7 @@ def probe(sites: list[Site], spec: dict[str, Any], optimizer: dict[str, Any], se
         for site in sites:
             local_round(models[site.name], site, spec, optimizer, seed, warm_epochs, round_)
         common = fedavg(models, sizes)
-        warm.append(float(np.mean([score(common, site, spec)[spec["metric"]] for site in sites])))
+        warm.append(float(np.mean([score(common, site, spec)[task.metric] for site in sites])))
     models, training = {}, {}
     for site in sites:
         models[site.name] = copy.deepcopy(common)
@@ -266,14 +304,14 @@ def probe(sites: list[Site], spec: dict[str, Any], optimizer: dict[str, Any], se
 
 def summarise(per_site: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """Mean over sites of the metric for each model (and, classification, macro-F1 of the pooled predictions)."""
-    metric = spec["metric"]
+    metric = spec["task"].metric
     summary: dict[str, Any] = {"sites": {}}
     for model in ("local", "local_bn", "fedavg", "fedavg_bn"):
         values = {name: s[model][metric] for name, s in per_site.items() if s[model] is not None}
         if not values:
             continue
         summary[model] = float(np.mean(list(values.values())))
-        if spec["task"] == "classification":
+        if all("predictions" in per_site[name][model] for name in values):  # pooled macro-F1 where scores pool
             predictions = sum((per_site[name][model]["predictions"] for name in values), [])
             labels = sum((per_site[name][model]["labels"] for name in values), [])
             onehot = np.eye(len(CLASSES))[predictions]
@@ -418,20 +456,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA, help="where generated data are kept between runs")
     parser.add_argument("--label", default="", help="a note recorded with the attempts")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="every task and variant on tiny data (2 sites, one seed, 1 epoch after a 1-epoch warm-up "
+                             "round); data and record go to a temporary folder that is removed")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    spec = TASKS[args.task]
-    scale = args.scale or (0.6 if args.task == "dermoscopy" else 3.3)
+    if not args.smoke:
+        return calibrate(args, args.task)
+    with tempfile.TemporaryDirectory() as tmp:
+        smoke = argparse.Namespace(**{**vars(args), "seeds": "0", "epochs": 1, "warm_rounds": 1, "warm_epochs": 1,
+                                      "scale": SMOKE["scale"], "data": Path(tmp) / "data", "out": Path(tmp) / "results",
+                                      "label": "smoke"})
+        for task in TASKS:
+            calibrate(smoke, task)
+    return 0
+
+
+def calibrate(args: argparse.Namespace, task: str) -> int:
+    """Probe every preset and variant of one task; append the attempts to <out>/calibration.json, rewrite the md."""
+    spec = TASKS[task]
+    scale = args.scale or spec["scale"]
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.task == "dermoscopy":
-        variants = {name: (OPTIMIZERS[name], {}) for name in args.optimizers.split(",")}
-    else:
-        variants = {f"adam, {norm} norm": (PROSTATE_OPTIMIZER, {} if norm == "instance" else {"norm": norm})
-                    for norm in args.norms.split(",")}
+    variants = spec["variants"](args)
     record_path = args.out / "calibration.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"attempts": []}
     for preset in args.presets.split(","):
-        configs, synth_seconds = synthetic_data(args.data, preset, args.task, scale)
+        configs, synth_seconds = synthetic_data(args.data, preset, task, scale, smoke=args.smoke)
         sites = [Site(config, spec) for config in sorted(configs.glob("*.yaml"))]
         for variant, (optimizer, options) in variants.items():
             start = time.process_time()
@@ -440,16 +490,16 @@ def main(argv: list[str] | None = None) -> int:
                 result = probe(sites, spec, optimizer, seed, args.epochs, options, args.warm_rounds,
                                args.warm_epochs)
                 runs.append({"seed": seed, **result})
-                print(f"{preset} {args.task} {variant} seed {seed} warm {result['warm_fedavg']}: local "
+                print(f"{preset} {task} {variant} seed {seed} warm {result['warm_fedavg']}: local "
                       f"{result['local']:.3f} local+bn {result.get('local_bn', float('nan')):.3f} fedavg "
                       f"{result['fedavg']:.3f} +bn {result.get('fedavg_bn', float('nan')):.3f} "
                       f"(steps min {min(s['steps'] for s in result['sites'].values())})", flush=True)
             if min(s["steps"] for r in runs for s in r["sites"].values()) < MIN_STEPS:
                 print(f"warning: a site made fewer than {MIN_STEPS} local steps", file=sys.stderr)
-            parameters = site_parameters(preset, args.task)
+            parameters = site_parameters(preset, task)
             record["attempts"].append({
                 "label": args.label, "date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
-                "preset": preset, "task": args.task, "variant": variant, "scale": scale, "epochs": args.epochs,
+                "preset": preset, "task": task, "variant": variant, "scale": scale, "epochs": args.epochs,
                 "warm_rounds": args.warm_rounds, "warm_epochs": args.warm_epochs,
                 "optimizer": optimizer, "model": {"name": spec["model"], "width": spec["width"], **options},
                 "input_size": spec["input_size"], "batch": spec["batch"],

@@ -9,6 +9,7 @@ training.
 
     python benchmarks/montage.py                      # 32 px dermoscopy, 64 px prostate
     python benchmarks/montage.py --size 48            # another dermoscopy input size
+    python benchmarks/montage.py --smoke              # 2 tiny sites per task and preset, nothing kept (the suite)
 
 Writes benchmarks/results/montage.dermoscopy.<size>px.png and montage.prostate.<size>px.png.
 """
@@ -27,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from medfl.config import DataSettings, load_site_config  # noqa: E402
 from medfl.data import build_dataset, load_recipe, load_site  # noqa: E402
-from medfl.synth import generate  # noqa: E402
+from medfl.synth import Minimums, generate  # noqa: E402
 from medfl.synth.lesions import CLASSES  # noqa: E402
 from medfl.tasks import task_for  # noqa: E402
 
@@ -36,6 +37,8 @@ PRESETS = ("mild", "realistic")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_SD = np.array([0.229, 0.224, 0.225])
 Z_WINDOW = (-2.0, 4.0)  # z-scores shown black to white, the same for every site
+# --smoke: two sites per task and preset with the fewest images and cases synth allows; montages to a removed folder.
+SMOKE = {"scale": 0.01, "n_derm": 2, "n_prostate": 2, "minimums": Minimums(train=1, val=1, test=1, cases=3)}
 
 
 def dermoscopy_row(config: Path, size: int, per_class: int) -> list[tuple[np.ndarray, str]]:
@@ -111,12 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=8, help="prostate cases per site")
     parser.add_argument("--data", type=Path, help="folder holding mild/ and realistic/ written earlier")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 tiny sites per task and preset, 1 image per class, 2 cases; montages to a removed folder")
     args = parser.parse_args(argv)
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.per_class, args.cases, args.data, args.out = 1, 2, None, Path(tmp) / "results"
+            return montages(args, SMOKE)
+    return montages(args, {"scale": args.scale})
+
+
+def montages(args: argparse.Namespace, synth: dict) -> int:
+    """Generate (unless --data) and draw both montages into args.out; `synth`: medfl.synth.generate's arguments."""
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or Path(tmp)
         for preset in PRESETS:
             if args.data is None:
-                generate(data / preset, scale=args.scale, shift=preset)
+                generate(data / preset, shift=preset, **synth)
         derm = {preset: {config.stem: dermoscopy_row(config, args.size, args.per_class)
                          for config in sorted((data / preset / "site_configs/dermoscopy").glob("*.yaml"))}
                 for preset in PRESETS}

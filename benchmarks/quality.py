@@ -16,6 +16,7 @@ against fedavg and fedbn answer the benchmark's question.
     python benchmarks/quality.py             # both tasks, the 2-core CPU plan (see PRESETS)
     python benchmarks/quality.py --imbalanced   # dermoscopy with rare classes kept rare, 2 seeds
     python benchmarks/quality.py --full      # the reference settings, for a GPU machine
+    python benchmarks/quality.py --smoke     # every step on tiny data, one worker, nothing kept (the suite runs it)
 
 Runs go to benchmarks/results/tmp/quality/<preset>/ (finished runs are reused, interrupted ones resumed);
 results to benchmarks/results/quality[.quick|.full].{json,md,png} and quality[...].<task>.curves.png.
@@ -31,6 +32,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -94,8 +96,9 @@ class Preset:
     tasks: dict[str, TaskPlan]
     ablation_seeds: int = 1
     ablations: tuple[str, ...] = ABLATIONS
-    minimums: tuple[int, int, int] | None = None  # synth's per-class minimums (train, val, test); None: its defaults
+    minimums: tuple[int, ...] | None = None  # synth's minimums (train, val, test[, prostate cases]); None: its defaults
     shift: str = "mild"  # `medfl synth --shift`: how much the sites differ
+    sites: dict[str, int] = field(default_factory=lambda: {"dermoscopy": 4, "prostate": 6})  # sites per task
 
     def scale_of(self, task: str) -> float:
         return self.tasks[task].scale or self.scale
@@ -105,8 +108,8 @@ class Preset:
         into the same folder: sites are independent of each other)."""
         from medfl.synth import Minimums
 
-        arguments = {"scale": self.scale_of(task), "n_derm": 4 if task == "dermoscopy" else 0,
-                     "n_prostate": 6 if task == "prostate" else 0,
+        arguments = {"scale": self.scale_of(task), "n_derm": self.sites["dermoscopy"] if task == "dermoscopy" else 0,
+                     "n_prostate": self.sites["prostate"] if task == "prostate" else 0,
                      "minimums": Minimums(*self.minimums) if self.minimums else None}
         return {**arguments, "shift": self.shift} if self.shift != "mild" else arguments
 
@@ -190,6 +193,19 @@ PRESETS: dict[str, Preset] = {
         },
     ),
 }  # fmt: skip
+# --smoke: every step of the benchmark (runs of every main method, a variant per task, summaries, the aggregation
+# probe, tables and figures) on the fewest images and cases synth allows, narrow networks, 2 rounds of 1 epoch.
+SMOKE = Preset(
+    "smoke test: tiny mild federation, narrow networks, 2 rounds x 1 epoch, one seed", scale=0.01, device="cpu",
+    minimums=(1, 1, 1, 3), sites={"dermoscopy": 2, "prostate": 2},
+    tasks={
+        "dermoscopy": TaskPlan(rounds=2, local_epochs=1, seeds=1, ablations=("prr_amplitude",),
+                               overrides={"model": {"width": 0.125}, "diagnostics": {"bn_reestimation": True}}),
+        "prostate": TaskPlan(rounds=2, local_epochs=1, seeds=1, ablations=("prr_bnunet",),
+                             overrides={"data": {"input_size": 32}, "model": {"width": 0.125},
+                                        "diagnostics": {"bn_reestimation": True}}),
+    },
+)  # fmt: skip
 
 
 # ---- planning ----------------------------------------------------------------------------------------------
@@ -285,12 +301,13 @@ def load_range(done: list[dict[str, Any]]) -> str:
     return f", {min(loads):.1f}-{max(loads):.1f} when its runs started" if loads else ""
 
 
-def run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
-    """Run the jobs on `workers` processes; one line per finished run."""
+def run_all(jobs: list[dict[str, Any]], workers: int, runner=run_job) -> list[dict[str, Any]]:
+    """Run the jobs on `workers` processes with `runner` (a module-level function: it is pickled); one line per
+    finished run."""
     done = []
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_job, job): job for job in jobs}
+        futures = {pool.submit(runner, job): job for job in jobs}
         failed = []
         for future in as_completed(futures):
             try:
@@ -800,6 +817,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="dermoscopy with the reference's rare classes kept rare, 2 seeds (~20 min)")
     group.add_argument("--full", action="store_true", help="the reference settings, for a GPU machine")
     group.add_argument("--mild", action="store_true", help="the earlier plan on the mild federation")
+    group.add_argument("--smoke", action="store_true",
+                       help="every step on tiny data, one worker; runs and results go to a temporary folder that is "
+                            "removed")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (default 2: one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the preset's device")
@@ -809,8 +829,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="rerun only these runs (e.g. dermoscopy-prr-seed0) and compare every per-site value "
                              "with the committed results; exit 1 on any difference")
     args = parser.parse_args(argv)
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.root, args.output, args.workers = Path(tmp) / "runs", Path(tmp) / "quality.smoke", 1
+            return benchmark(args, "smoke", SMOKE, argv)
     preset_name = next((name for name in ("quick", "imbalanced", "full", "mild") if getattr(args, name)), "default")
-    preset = PRESETS[preset_name]
+    return benchmark(args, preset_name, PRESETS[preset_name], argv)
+
+
+def benchmark(args: argparse.Namespace, preset_name: str, preset: Preset, argv: list[str] | None) -> int:
+    """Generate the data, run (or reuse) every run of the preset, write the results (or, --only, compare)."""
     device = args.device or preset.device
     root = args.root.resolve() / preset_name
     stem = args.output or RESULTS / ("quality" if preset_name == "default" else f"quality.{preset_name}")

@@ -17,6 +17,7 @@
    what the coordinator delivers).
 
     python benchmarks/speed.py [--device auto|cpu|cuda] [--threads 1] [--repeats 3]
+    python benchmarks/speed.py --smoke    # every section (evaluation share too) on tiny data, nothing kept
 
 `--device auto` measures the CPU and, when a GPU is present, the same again on CUDA, reported separately with
 the card's name. Writes benchmarks/results/speed.{json,md,png} (speed.cuda.png for the GPU). Runs and data go
@@ -33,9 +34,11 @@ import resource
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -46,12 +49,14 @@ import yaml
 from torch import Tensor
 
 from medfl.checkpoints import atomic_write_json, atomic_write_text
+from medfl.synth import Minimums
 
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
 
 from aggregation import (  # noqa: E402 - the sibling benchmark script, found through the line above
     NETWORKS,
+    SMOKE_NETWORKS,
     interleaved_times,
     machine,
     max_difference,
@@ -70,19 +75,50 @@ EPOCH_CASES = {
     "dermoscopy-128px-x1": ("dermoscopy", "dermoscopy.yaml", "derm_a",
                             {"data": {"input_size": 128}, "model": {"width": 1.0}}, False),
 }
+NARROW = {"model": {"width": 0.125}}
+TINY_MINIMUMS = Minimums(train=1, val=1, test=1, cases=3)  # the fewest images and cases synth allows
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one invocation measures: the benchmark, or --smoke (every section and code path on tiny data)."""
+
+    networks: list[tuple[str, str, int, int, dict[str, Any]]]  # aggregation.py's networks
+    aggregation_sites: int
+    epoch_cases: dict[str, tuple[str, str, str, dict[str, Any], bool]]
+    scale_rounds: int  # prr rounds (of 1 epoch) for each K
+    synth: dict[str, Any]  # medfl.synth.generate's arguments besides n_derm (the largest K)
+    demo_synth: dict[str, Any] = field(default_factory=dict)  # the demo experiments' data ({}: `medfl synth`'s)
+    demo_budget: dict[str, Any] = field(default_factory=dict)  # overrides of the shipped demos ({}: as shipped)
+
+
+PLANS = {
+    "full": Plan(NETWORKS, 4, EPOCH_CASES, 3, {"scale": 0.1, "n_prostate": 1}),
+    "smoke": Plan(
+        SMOKE_NETWORKS, 2,
+        {"dermoscopy": ("dermoscopy", "dermoscopy.yaml", "derm_a", NARROW, True),
+         "prostate": ("prostate", "prostate.yaml", "prost_a", {**NARROW, "data": {"input_size": 32}}, True),
+         "dermoscopy-no-loader-variants": ("dermoscopy", "dermoscopy.yaml", "derm_a", NARROW, False)},
+        2, {"scale": 0.01, "n_prostate": 1, "minimums": TINY_MINIMUMS},
+        demo_synth={"scale": 0.01, "n_derm": 2, "n_prostate": 2, "minimums": TINY_MINIMUMS},
+        demo_budget={"rounds": 2, "local_epochs": 1, **NARROW, "data": {"input_size": 32}},
+    ),
+}  # fmt: skip
+SMOKE_SITES = [2, 3]  # the values of K of --smoke
 
 
 # ---- 1. aggregation ----------------------------------------------------------------------------------------
 
 
-def aggregation_rows(device: str, sites: int, repeats: int, ratio: float) -> list[dict[str, Any]]:
+def aggregation_rows(device: str, sites: int, repeats: int, ratio: float,
+                     networks: list[tuple[str, str, int, int, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Median wall and CPU time of FedAvg, PFA and the reference-style PFA per network, as aggregation.py."""
     from medfl.federated.averaging import average_states, normalise_site_weights
     from medfl.federated.params import Role
     from medfl.federated.pfa import pfa_aggregate
 
     rows = []
-    for name, task, classes, channels, options in NETWORKS:
+    for name, task, classes, channels, options in networks:
         states, roles, parameters = site_states(name, task, classes, channels, options, sites, device)
         counts = {site: 100 + 50 * index for index, site in enumerate(states)}
         weights = normalise_site_weights(list(states), counts)
@@ -161,8 +197,8 @@ def timed(function: Callable[[], Any], device: torch.device) -> tuple[float, flo
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def epoch_comparison(case: str, synth: Path, device: torch.device, threads: int, repeats: int,
-                     run_root: Path) -> dict[str, Any]:
+def epoch_comparison(case: str, spec: tuple[str, str, str, dict[str, Any], bool], synth: Path, device: torch.device,
+                     threads: int, repeats: int, run_root: Path) -> dict[str, Any]:
     """DET epoch (training + two validation passes) against a single-model epoch on one site, taking turns."""
     from monai.data import DataLoader, ThreadDataLoader
 
@@ -173,7 +209,7 @@ def epoch_comparison(case: str, synth: Path, device: torch.device, threads: int,
     from medfl.federated.training import EpochPlan, train_epoch
     from medfl.tasks import task_for
 
-    folder, shipped, site_name, overrides, loader_variants = EPOCH_CASES[case]
+    folder, shipped, site_name, overrides, loader_variants = spec
     config_path = str(synth / "site_configs" / folder / f"{site_name}.yaml")
     sites = {}
     # The same site, data and network: prr (P and D, CPA), pfa_only (one model, CPA: DET's cost alone) and
@@ -369,13 +405,14 @@ def slope(xs: list[float], values: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sum((a - mx) ** 2 for a in x)
 
 
-def scale_rows(synth: Path, ks: list[int], device: torch.device, threads: int, run_root: Path) -> dict[str, Any]:
+def scale_rows(synth: Path, ks: list[int], device: torch.device, threads: int, run_root: Path,
+               rounds: int) -> dict[str, Any]:
     """Round time, aggregation share, peak memory and bytes per round for every K, each K in its own process."""
     configs = sorted((synth / "site_configs" / "dermoscopy").glob("*.yaml"))
     rows = []
     for k in ks:
         config = experiment("scale", "dermoscopy.yaml", "prr", [str(p) for p in configs[:k]], device.type, threads,
-                            3, 1, run_root)
+                            rounds, 1, run_root)
         job = {"config": str(config.source_path), "run_dir": str(run_root / "scale" / f"{device.type}-k{k}"),
                "device": str(device), "threads": threads}
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
@@ -393,7 +430,7 @@ def scale_rows(synth: Path, ks: list[int], device: torch.device, threads: int, r
               }
     if device.type == "cuda":
         growth["peak_cuda_mb"] = slope(ks_done, [r["peak_cuda_mb"] for r in rows])
-    return {"rows": rows, "loglog_slope": growth}
+    return {"rows": rows, "rounds": rounds, "loglog_slope": growth}
 
 
 # ---- output ----------------------------------------------------------------------------------------------
@@ -428,7 +465,8 @@ def device_markdown(section: dict[str, Any]) -> str:
     for key, text in (("round_s", "round wall time"), ("round_cpu_s", "round CPU time"), ("peak_rss_mb", "peak RSS")):
         lines.append(f"| growth of {text} with K (log-log slope; 1 = linear) | {growth[key]:.2f} "
                      f"| ≤ {TARGETS['growth_slope']} | {verdict(growth[key], TARGETS['growth_slope'])} |")
-    lines += ["", "### Aggregation (K = 4, full-width networks, median)", "",
+    lines += ["", f"### Aggregation (K = {section['aggregation'][0]['sites']}, "
+              f"{'full-width' if section.get('plan', 'full') == 'full' else 'narrow'} networks, median)", "",
               "| network | parameters | FedAvg (ms) | PFA (ms) | reference-style PFA (ms) | reference / PFA "
               "| PFA / FedAvg | max abs diff |", "|:---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in section["aggregation"]:
@@ -461,8 +499,8 @@ def device_markdown(section: dict[str, Any]) -> str:
         lines += ["", "Where the loading time goes (derm_a, 32 px, CPU ms per image for one pass over the cached "
                   "training split): " + ", ".join(f"{name} {value:.2f}" for name, value in
                                                    section["loading_ms_per_image"].items()) + "."]
-    lines += ["", "### Sites K through the coordinator (prr, dermoscopy, 3 rounds x 1 epoch; means of the "
-              "rounds that aggregate)", "",
+    lines += ["", f"### Sites K through the coordinator (prr, dermoscopy, {scale['rounds']} rounds x 1 epoch; means of "
+              "the rounds that aggregate)", "",
               "| K | train samples | round (s) | round CPU (s) | per 1000 samples (s) | aggregation (ms) | share "
               "| peak RSS (MB) "
               "| RSS after imports (MB) | up / round (MiB) | down / round (MiB) |",
@@ -493,7 +531,7 @@ def figure(section: dict[str, Any], path: Path) -> None:
     a.set_xticks(range(len(rows)), [r["network"] for r in rows])
     a.set_yscale("log")
     a.set_ylabel("ms per aggregation (log)")
-    a.set_title("aggregation, K = 4", fontsize=10)
+    a.set_title(f"aggregation, K = {rows[0]['sites']}", fontsize=10)
     a.legend(fontsize=7)
     names, bottoms = [], []
     for epoch in section["epochs"]:  # in units of the single-model training time of the same case
@@ -544,26 +582,27 @@ def figure(section: dict[str, Any], path: Path) -> None:
     save_png(fig, path)
 
 
-def measure_device(device: torch.device, args: argparse.Namespace, synth: Path) -> dict[str, Any]:
+def measure_device(device: torch.device, args: argparse.Namespace, synth: Path, plan_name: str) -> dict[str, Any]:
+    plan = PLANS[plan_name]
     info = machine(device.type)
     print(f"{device}: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     run_root = args.root.resolve()
-    section: dict[str, Any] = {"device": device.type, "machine": info}
-    section["aggregation"] = aggregation_rows(device.type, 4, args.repeats, 0.7)
+    section: dict[str, Any] = {"device": device.type, "machine": info, "plan": plan_name}
+    section["aggregation"] = aggregation_rows(device.type, plan.aggregation_sites, args.repeats, 0.7, plan.networks)
     section["epochs"] = []
-    for case in EPOCH_CASES:
-        section["epochs"].append(epoch_comparison(case, synth, device, args.threads, args.repeats, run_root))
+    for case, spec in plan.epoch_cases.items():
+        section["epochs"].append(epoch_comparison(case, spec, synth, device, args.threads, args.repeats, run_root))
         e = section["epochs"][-1]
         print(f"  epoch {case}: DET/single {e['det_over_single']:.2f}x, loading "
               f"{100 * e['loading_share_single']:.1f}% / {100 * e['loading_share_det']:.1f}%", flush=True)
     if device.type == "cpu":
         section["loading_ms_per_image"] = loading_breakdown(synth, args.repeats)
-    section["scale"] = scale_rows(synth, args.sites, device, args.threads, run_root)
+    section["scale"] = scale_rows(synth, args.sites, device, args.threads, run_root, plan.scale_rounds)
     info["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     return section
 
 
-def evaluation_share(root: Path, device: torch.device, threads: int) -> list[dict[str, Any]]:
+def evaluation_share(root: Path, device: torch.device, threads: int, plan: Plan) -> list[dict[str, Any]]:
     """The shipped demo experiments as `make demo` runs them (their own rounds, epochs and data: the default
     `medfl synth`), and from each run's own accounting (timing.csv: seconds the sites spent training and
     scoring, samples scored): the evaluation share of a round and the cost per evaluated sample."""
@@ -573,13 +612,15 @@ def evaluation_share(root: Path, device: torch.device, threads: int) -> list[dic
     from medfl.tasks import task_for
 
     demo = root / "demo"
-    generate(demo / "synth")
+    generate(demo / "synth", **plan.demo_synth)
     rows = []
     for task, shipped in (("dermoscopy", "dermoscopy.yaml"), ("prostate", "prostate.yaml")):
         sites = sorted(str(p) for p in (demo / "synth" / "site_configs" / task).glob("*.yaml"))
         base = yaml.safe_load((EXPERIMENTS / shipped).read_text(encoding="utf-8"))
-        config = experiment(f"demo-{task}", shipped, base["method"], sites, device.type, threads, base["rounds"],
-                            base["local_epochs"], demo / "runs")
+        budget = {**base, **plan.demo_budget}
+        overrides = {k: v for k, v in plan.demo_budget.items() if k not in ("rounds", "local_epochs")}
+        config = experiment(f"demo-{task}", shipped, base["method"], sites, device.type, threads, budget["rounds"],
+                            budget["local_epochs"], demo / "runs", overrides)
         run_dir = demo / "runs" / f"demo-{task}"
         shutil.rmtree(run_dir, ignore_errors=True)
         wall, cpu = time.perf_counter(), time.process_time()
@@ -619,40 +660,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS / "speed", help="path stem of the results")
     parser.add_argument("--evaluation-only", action="store_true",
                         help="only the evaluation share of the demo experiments (results in <output>.evaluation.*)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"every section, the evaluation share too, on tiny data: narrow networks, K = "
+                             f"{', '.join(map(str, SMOKE_SITES))}, one repeat; data, runs and results go to a temporary "
+                             "folder that is removed")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     devices = {"auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
                "cpu": ["cpu"], "cuda": ["cuda"]}[args.device]
     torch.set_num_threads(args.threads)
+    command = ("python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.root, args.output = Path(tmp) / "root", Path(tmp) / "speed"
+            args.repeats, args.sites = 1, SMOKE_SITES
+            status = 0 if args.evaluation_only else measure(args, devices, command, "smoke")
+            return status or evaluation(args, devices, command, "smoke")
+    if args.evaluation_only:
+        return evaluation(args, devices, command, "full")
+    return measure(args, devices, command, "full")
+
+
+def evaluation(args: argparse.Namespace, devices: list[str], command: str, plan_name: str) -> int:
+    """The evaluation share of the demo experiments on the first device; <output>.evaluation.json and .md."""
+    device = torch.device(devices[0])
+    rows = evaluation_share(args.root.resolve(), device, args.threads, PLANS[plan_name])
+    info = machine(device.type)
+    stem = args.output.parent / f"{args.output.name}.evaluation"
+    atomic_write_json(stem.parent / f"{stem.name}.json", {"command": command, "machine": info, "rows": rows})
+    text = (f"# Evaluation share of a round\n\n`{command}`\n\nThe shipped demo experiments "
+            "(`site_configs/experiments/*.yaml`) on the default `medfl synth` data, as `make demo` runs them; "
+            "seconds from each run's timing.csv (the sites' own accounting of training and scoring). "
+            f"Machine: {info['cpu']}, {info['torch_threads']} torch thread(s), load average "
+            f"{info.get('load_average_1min')} at the start.\n\n{evaluation_markdown(rows)}\n")
+    atomic_write_text(stem.parent / f"{stem.name}.md", text)
+    print(text)
+    return 0
+
+
+def measure(args: argparse.Namespace, devices: list[str], command: str, plan_name: str) -> int:
+    """Sections 1-4 on every device; <output>.json, .md and a figure per device. 1 when PFA differs from the
+    reference-style PFA."""
     from medfl.synth import generate
 
-    if args.evaluation_only:
-        device = torch.device(devices[0])
-        rows = evaluation_share(args.root.resolve(), device, args.threads)
-        command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        info = machine(device.type)
-        stem = args.output.parent / f"{args.output.name}.evaluation"
-        atomic_write_json(stem.parent / f"{stem.name}.json", {"command": command.strip(), "machine": info, "rows": rows})
-        text = (f"# Evaluation share of a round\n\n`{command.strip()}`\n\nThe shipped demo experiments "
-                "(`site_configs/experiments/*.yaml`) on the default `medfl synth` data, as `make demo` runs them; "
-                "seconds from each run's timing.csv (the sites' own accounting of training and scoring). "
-                f"Machine: {info['cpu']}, {info['torch_threads']} torch thread(s), load average "
-                f"{info.get('load_average_1min')} at the start.\n\n{evaluation_markdown(rows)}\n")
-        atomic_write_text(stem.parent / f"{stem.name}.md", text)
-        print(text)
-        return 0
-
     synth = args.root.resolve() / "synth"
-    generate(synth, scale=0.1, n_derm=max(args.sites), n_prostate=1)
+    generate(synth, n_derm=max(args.sites), **PLANS[plan_name].synth)
     start = time.perf_counter()
-    sections = {name: measure_device(torch.device(name), args, synth) for name in devices}
-    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    atomic_write_json(args.output.with_suffix(".json"), {"command": command.strip(), "targets": TARGETS,
+    sections = {name: measure_device(torch.device(name), args, synth, plan_name) for name in devices}
+    atomic_write_json(args.output.with_suffix(".json"), {"command": command, "targets": TARGETS,
                                                          "wall_s": time.perf_counter() - start, "devices": sections})
     text = "\n\n".join(device_markdown(section) for section in sections.values())
     atomic_write_text(args.output.with_suffix(".md"), (
-        f"# Speed and scale\n\n`{command.strip()}`\n\nSynthetic data `medfl.synth.generate(scale=0.1)`; networks and "
+        f"# Speed and scale\n\n`{command}`\n\nSynthetic data `medfl.synth.generate(scale=0.1)`; networks and "
         "sizes of the shipped experiments (slim VGG-16 x0.25 at 32 px, UNet x0.5 at 64 px), except the aggregation "
         "table, which uses full-width networks, and the epoch row `dermoscopy-128px-x1` (the reference's input size "
         "and width). Every ratio below was measured in this one run, side by side. "

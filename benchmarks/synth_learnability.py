@@ -7,7 +7,8 @@ macro-F1 and reports every site's test macro-F1. Repeated over a few training se
 
 The generator is tuned so that single-site models stay clearly below perfect while pooled training is better.
 Run: `python benchmarks/synth_learnability.py` (about 2-4 minutes on 2 CPU cores). Writes
-benchmarks/results/synth_learnability.{json,md}.
+benchmarks/results/synth_learnability.{json,md}. `--smoke`: 2 tiny sites, 1 epoch, 1 seed, results in a temporary
+folder that is removed (the suite runs it).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from sklearn.metrics import f1_score
 from medfl.config import DataSettings, load_site_config
 from medfl.data import load_site
 from medfl.models import build_model
-from medfl.synth import generate
+from medfl.synth import Minimums, generate
 from medfl.synth.lesions import CLASSES
 from medfl.tasks import task_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# --smoke: two sites with the fewest images synth allows, one epoch of one seed.
+SMOKE = {"sites": 2, "minimums": Minimums(train=1, val=1, test=1), "scale": 0.01, "epochs": 1, "repeats": 1}
 
 
 def load_images(config: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -122,12 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="training seeds per setting")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the results")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 tiny sites, 1 epoch, 1 seed; results to a temporary folder that is removed")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.scale, args.epochs, args.repeats, args.out = SMOKE["scale"], SMOKE["epochs"], SMOKE["repeats"], Path(tmp)
+            return measure(args, {"n_derm": SMOKE["sites"], "minimums": SMOKE["minimums"]})
+    return measure(args, {"n_derm": 4})
+
+
+def measure(args: argparse.Namespace, sites: dict) -> int:
+    """Single-site and pooled training of every seed; the table printed and (unless --no-write) written."""
     start = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
-        synth = generate(tmp, seed=args.seed, scale=args.scale, n_derm=4, n_prostate=0)
+        synth = generate(tmp, seed=args.seed, scale=args.scale, n_prostate=0, **sites)
         sites = {path.stem: load_images(path, args.size) for path in synth.configs}
     tests = {name: data["test"] for name, data in sites.items()}
     single: dict[str, list[float]] = {name: [] for name in sites}
@@ -155,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     summary = {
-        "settings": {k: v for k, v in vars(args).items() if k != "no_write"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("no_write", "out", "smoke")},
         "model": f"slim_vgg16 width {args.width}",
         "sites": rows,
         "mean_single_f1": statistics.mean(r["single_f1"] for r in rows),
@@ -186,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "synth_learnability.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (RESULTS / "synth_learnability.md").write_text("\n".join(lines))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "synth_learnability.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (args.out / "synth_learnability.md").write_text("\n".join(lines))
     return 0
 
 

@@ -17,7 +17,7 @@ import sys
 
 from medfl import __version__
 from medfl.environment import prefer_passive_openmp_waiting
-from medfl.errors import MedflError
+from medfl.errors import MedflError, storage_failure
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -29,9 +29,12 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("export", "export", "turn a run folder into per-site deliverables: weights, torch.export program, manifest"),
     ("predict", "predict", "apply a site's exported model to dermoscopy images or MRI volumes"),
     ("evaluate", "evaluate", "score a site's exported model on a site's labelled data with the run's metrics"),
+    ("verify", "verify", "check every file of an export or a MONAI bundle against the sha256 it records"),
     ("report", "report", "compare run folders: markdown tables per site and mean, PNG curves and plots"),
     ("nvflare-job", "nvflare_job", "write an NVIDIA FLARE job folder for an experiment (simulator, POC, production)"),
     ("config-reference", "config_reference", "print or write the site-config and experiment-config references"),
+    ("init", "init", "write a commented site config and experiment config per task to start from"),
+    ("docs", "docs", "list, print or write medfl's documentation (shipped with the package)"),
 ]
 
 
@@ -62,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medfl {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:
+        full = storage_failure(error)  # a full or read-only disk is the user's to fix, whatever carried it
+        if full is None:
+            raise
+        print(f"medfl {args.command}: error: {full}", file=sys.stderr)
+        return EXIT_PROBLEM
 
 
 if __name__ == "__main__":

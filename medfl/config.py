@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from medfl.errors import ConfigError
-from medfl.task_facts import FACTS, TaskKey, facts_for
+from medfl.task_facts import DEFAULT_MASK_SUFFIX, FACTS, TaskKey, facts_for
 
 DEFAULT_TABLES = {
     "ham10000": "HAM10000_metadata.csv",
@@ -301,7 +301,7 @@ class SiteConfig(BaseModel):
     @property
     def effective_mask_suffix(self) -> str:
         """The mask file name suffix (matched case-insensitively)."""
-        return self.mask_suffix or "_segmentation"
+        return self.mask_suffix or DEFAULT_MASK_SUFFIX
 
     def label_targets(self) -> list[str]:
         """The federation classes this site's labels map to, in first-seen order, without nulls."""

@@ -24,7 +24,7 @@ from pydantic.fields import FieldInfo
 from medfl.config import SiteConfig
 from medfl.experiment import ExperimentConfig
 from medfl.methods import METHODS
-from medfl.models.registry import _BASE_ARGUMENTS, NETWORKS
+from medfl.network_facts import task_networks
 from medfl.task_facts import FACTS
 
 REGENERATE = "medfl config-reference --out docs"
@@ -168,12 +168,10 @@ def _networks_table() -> list[str]:
     lines = ["## Networks (`model.name`) and their options (`model.options`)", "",
              "| task | `model.name` | network | `model.options` (default) |", "|---|---|---|---|"]
     for task in FACTS.values():
-        for name in task.networks:
-            network = NETWORKS[name]
-            summary = " ".join(inspect.cleandoc(network.__doc__ or "").split("\n\n")[0].split())
-            options = [f"`{p.name}` ({_literal(p.default)})"
-                       for p in inspect.signature(network).parameters.values() if p.name not in _BASE_ARGUMENTS]
-            lines.append(f"| {task.key.value} | `{name}` | {_cell(summary)} | {_cell(', '.join(options) or 'none')} |")
+        for name, network in task_networks(task).items():
+            options = [f"`{option}` ({_literal(default)})" for option, default in network.options.items()]
+            lines.append(f"| {task.key.value} | `{name}` | {_cell(network.summary)} | "
+                         f"{_cell(', '.join(options) or 'none')} |")
     return [*lines, ""]
 
 

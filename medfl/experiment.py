@@ -31,6 +31,7 @@ from medfl.config import (
 )
 from medfl.errors import ConfigError
 from medfl.methods import METHODS, MethodSpec, method_spec
+from medfl.network_facts import check_network
 from medfl.task_facts import TaskKey, facts_for
 
 
@@ -103,12 +104,18 @@ class DETSettings(_Section):
     - `phi_source`: where phi (the task metric that picks DET's state) is measured: the validation split
       (`val`, the paper) or the training split with the evaluation preprocessing, both models in eval mode
       (`train`, the reference code).
+    - `reestimate_bn_on_receive`: right after the model that receives the server's weights (D; the single model
+      of one-model methods) has loaded them, replace its BatchNorm running statistics by those of the site's own
+      training data (evaluation preprocessing, no weight change) before it is scored and trained. Averaged
+      statistics of other sites are what most of the received model's drop is made of (the retrogress
+      diagnostic); a no-op for networks without BatchNorm.
     """
 
     lambda1: float = Field(default=0.7, gt=0, lt=1)
     lambda2: float = Field(default=0.9, gt=0, lt=1)
     temperature: float = Field(default=1.0, gt=0)
     phi_source: Literal["val", "train"] = "val"
+    reestimate_bn_on_receive: bool = False
 
     @model_validator(mode="after")
     def _ordered(self) -> DETSettings:
@@ -139,15 +146,19 @@ class CPASettings(_Section):
 
 
 class BaselineSettings(_Section):
-    """Hyper-parameters of the comparison methods: FedProx's mu and FedProto's prototype-loss weight.
+    """Hyper-parameters of the comparison methods: FedProx's mu, Ditto's lambda and FedProto's prototype-loss
+    weight.
 
     - `fedprox_mu`: FedProx's proximal weight, mu/2 ||w - w_received||^2.
+    - `ditto_lambda`: Ditto's weight lambda of lambda/2 ||v - w_received||^2, which ties the personalised model v
+      (P) to the global model received this round (1.0: NVIDIA FLARE's prostate example; 0 trains P alone).
     - `fedproto_weight`: FedProto's weight of the distance between features and global prototypes.
     - `fedavg_weighting`: site weights of FedAvg-style averaging (fedavg, fedprox, fedbn, fml, ...):
       by training `samples` (FedAvg's rule) or `uniform`.
     """
 
     fedprox_mu: float = Field(default=0.01, ge=0)
+    ditto_lambda: float = Field(default=1.0, ge=0)
     fedproto_weight: float = Field(default=1.0, ge=0)
     fedavg_weighting: Literal["samples", "uniform"] = "samples"
 
@@ -254,6 +265,7 @@ class ExperimentConfig(_Section):
         if len(set(self.sites)) != len(self.sites):
             raise ValueError("a site config is listed twice")
         facts_for(self.task).check_experiment_classes(self.data.classes)
+        check_network(facts_for(self.task), self.model.name, self.model.options)  # before torch loads
         return self
 
     @property
@@ -289,17 +301,51 @@ class ExperimentConfig(_Section):
         for site in sites:
             if names.count(site.name) > 1:
                 raise ConfigError(f"site '{site.name}' appears twice ({site.source_path}): site names must be unique")
-            if site.task != self.task:
-                raise ConfigError(
-                    f"site '{site.name}' ({site.source_path}): its task is {site.task}, the experiment's is {self.task}"
-                )
-            missing = facts_for(self.task).missing_classes(site, self.classes)
-            if missing:
-                raise ConfigError(
-                    f"site '{site.name}' ({site.source_path}): its label_map does not cover class(es) "
-                    f"{', '.join(missing)} of the experiment"
-                )
+            self._check_site(site)
         return sites
+
+    def load_site(self, name: str) -> SiteConfig:
+        """The config of site `name` alone, checked as `load_sites` checks it.
+
+        A command that serves one site must not stop on another site's config: the listed files are read as
+        plain YAML only to find the one named `name` (another site's missing file, or its unset `${VAR}`, is
+        never expanded), and only that one is validated."""
+        found, unreadable = [], []
+        for path in self.sites:
+            try:
+                data = load_yaml_mapping(path)
+            except ConfigError as error:
+                unreadable.append(str(error))
+                continue
+            except OSError as error:  # another hospital's file this account may not read
+                unreadable.append(f"{path}: {error.strerror or error}")
+                continue
+            if data.get("name") == name:
+                found.append(path)
+        if len(found) > 1:
+            raise ConfigError(f"site '{name}' appears twice ({found[1]}): site names must be unique")
+        if not found:
+            listed = f"the {len(self.sites)} site configs" + (f" of {self._source}" if self._source else "")
+            if not unreadable:
+                raise ConfigError(f"site '{name}': none of {listed} is this site's")
+            shown = "; ".join(unreadable[:3]) + ("; ..." if len(unreadable) > 3 else "")
+            raise ConfigError(f"site '{name}': its config is not among those of {listed} that can be read here "
+                              f"({len(unreadable)} cannot: {shown})")
+        site = load_site_config(found[0])
+        self._check_site(site)
+        return site
+
+    def _check_site(self, site: SiteConfig) -> None:
+        if site.task != self.task:
+            raise ConfigError(
+                f"site '{site.name}' ({site.source_path}): its task is {site.task}, the experiment's is {self.task}"
+            )
+        missing = facts_for(self.task).missing_classes(site, self.classes)
+        if missing:
+            raise ConfigError(
+                f"site '{site.name}' ({site.source_path}): its label_map does not cover class(es) "
+                f"{', '.join(missing)} of the experiment"
+            )
 
     def resolved(self) -> dict[str, Any]:
         """The config as plain data with absolute paths, as written to the run folder's config.yaml."""

@@ -37,6 +37,8 @@ class MethodSpec:
     aggregation: Aggregation | None  # None: no communication at all (local training)
     loss: Literal["cpa", "ce"]  # supervised loss; segmentation adds soft Dice to either
     proximal: bool = False  # FedProx: mu/2 ||w - w_received||^2 on the receiving model
+    personal_proximal: bool = False  # Ditto: lambda/2 ||v - w_received||^2 on P, which starts from the global model
+    pools_data: bool = False  # one model on the union of the sites' training data: in process only
     prototype_loss: bool = False  # FedProto: distance of features to the global class prototypes
     head_first: bool = False  # FedRep: train the local head with the body frozen, then the body
     description: str = ""
@@ -83,6 +85,11 @@ METHODS: dict[str, MethodSpec] = {
                    description="FedRep: shared body, local head trained first"),
         MethodSpec("fedproto", False, None, "prototypes", "ce", prototype_loss=True,
                    description="FedProto: only class prototypes travel"),
+        MethodSpec("ditto", True, None, "fedavg", "ce", personal_proximal=True,
+                   description="Ditto: D is FedAvg's model; P learns with lambda/2 ||P - D_received||^2"),
+        MethodSpec("pooled", False, None, None, "ce", pools_data=True,
+                   description="centralised reference: one model on the union of the sites' training data "
+                               "(in process only)"),
     )
 }
 

@@ -6,6 +6,8 @@ its record: config hash, data fingerprint, training files), which stays with the
 server. Both refuse a folder that does not carry their record before reading anything else from it; every
 torch file is read with weights_only=True; every write is atomic, and a failed write (full disk, read-only
 folder) is one line naming the path, with the last completed round's files left as they were.
+One process at a time writes in a run folder, and in a site's part of one: it holds the folder's
+`FolderLock` from before it reads anything there until it ends.
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ import csv
 import hashlib
 import json
 import math
+import os
 import re
+import socket
+import sys
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -29,13 +38,21 @@ from medfl.checkpoints import (
     atomic_write_json,
     atomic_write_text,
     load_torch_file,
+    write_error,
 )
-from medfl.errors import ConfigError, MedflError
+from medfl.errors import ConfigError, MedflError, WriteError
 from medfl.experiment import load_experiment_config
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: folders cannot be locked (FolderLock says so once)
+    fcntl = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 1
 RECORD_FILE = "run.json"
 SITE_RECORD_FILE = "site.json"
+LOCK_FILE = "run.lock"  # in a run folder: the OS lock of the process that runs in it, and its PID
+SITE_LOCK_FILE = "site.lock"  # the same in a site's part of a run folder
 METRIC_COLUMNS = ("round", "epoch", "site", "model", "split", "metric", "value")
 RETROGRESS_COLUMNS = ("round", "site", "model", "before", "after", "after_first_epoch", "retrogress", "recovery",
                       "after_bn_reestimated", "retrogress_bn_reestimated")
@@ -54,6 +71,10 @@ class RunFolderError(MedflError):
 
 class RunFinished(MedflError):
     """A resumed run has nothing left to do."""
+
+
+class FolderInUse(RunFolderError):
+    """Another process holds the folder's lock: one line naming the folder and that process."""
 
 
 class RunRecord(BaseModel):
@@ -81,6 +102,10 @@ class SiteRecord(BaseModel):
     site_config_sha256: str
     data_fingerprint: str
     training_files: list[str]
+    # How the site names files that are not inputs (segmentation: its mask suffix), from its task, so that an
+    # export made where the site config is out of reach can tell a bundle what to leave out. Empty in records
+    # written before medfl recorded it.
+    inputs: dict[str, str] = {}
 
 
 def config_digest(resolved: Mapping[str, Any]) -> str:
@@ -90,14 +115,179 @@ def config_digest(resolved: Mapping[str, Any]) -> str:
 
 
 def _guard(path: Path, write: Callable[[], T]) -> T:
-    """Run a write; an OS error (full disk, read-only folder, no permission) becomes one line naming `path`."""
+    """Run a write; an OS error (full disk, read-only folder, no permission) becomes one WriteError naming
+    `path`. What the folder still holds is said by the caller that knows it (`medfl run` names the last
+    completed round, read from the folder)."""
     try:
         return write()
     except OSError as error:
-        reason = error.strerror or str(error)
-        raise RunFolderError(
-            f"{path}: cannot write ({reason}); the files of the last completed round are kept"
-        ) from None
+        raise write_error(path, error) from None
+
+
+@dataclass
+class _Hold:
+    fd: int | None  # the open lock file (None where the platform has no fcntl)
+    created: list[Path]  # folders made to hold the lock, deepest first
+    count: int = 0  # FolderLock objects of this process holding it
+
+
+class FolderLock:
+    """This process's hold on a folder (a run folder, or a site's part of one): one process at a time writes
+    in it.
+
+    An exclusive OS lock (fcntl.flock) on a lock file inside the folder, taken before anything in the folder
+    is read, with the holder's PID and host written in the file for the one line a second process gets
+    (FolderInUse). The OS drops the lock when the process ends, however it ends: a killed run leaves no
+    stale lock, and a lock file left behind means nothing. The lock belongs to the open file, which a forked
+    worker process inherits: the folder stays held until the holder and every worker forked while it held
+    the lock have ended (a worker started with exec, not fork, must be handed `fileno()`). Within one
+    process holding is re-entrant: the run command, the round loop and the NVFlare controller each hold
+    the folder, and only the outermost release lets it go. Readers (`report`, `export`, `evaluate`) take
+    no lock (see docs/run-folder.md).
+
+    `create`: make the folder when it is missing (a new run), so that two new runs on one folder contend for
+    one lock before either looks at the folder. `record`: the file that makes the folder a started run (or
+    site part); when the holder lets go of a folder without it, the lock file and the (then empty) folders
+    made for it are removed again: a run that never started, or was refused, leaves nothing behind.
+    """
+
+    _held: ClassVar[dict[str, _Hold]] = {}
+    _registry: ClassVar[threading.Lock] = threading.Lock()
+    _warned: ClassVar[bool] = False
+
+    def __init__(self, folder: str | Path, file_name: str, record: str, create: bool = False):
+        self.folder = Path(folder)
+        self.path = self.folder / file_name
+        self.record = self.folder / record
+        self.create = create
+        self._key: str | None = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.release()
+
+    @property
+    def held(self) -> bool:
+        return self._key is not None
+
+    def fileno(self) -> int | None:
+        """The lock file's descriptor (None without fcntl), for a worker process that must keep the lock."""
+        return FolderLock._held[self._key].fd if self._key is not None else None
+
+    def acquire(self) -> FolderLock:
+        """Take the folder, or raise FolderInUse naming the process that holds it."""
+        if self._key is not None:
+            return self
+        key = os.path.realpath(self.path)
+        with FolderLock._registry:
+            hold = FolderLock._held.get(key) or self._take()
+            hold.count += 1
+            FolderLock._held[key] = hold
+        self._key = key
+        return self
+
+    def release(self) -> None:
+        """Let the folder go (once every holder in this process has let it go)."""
+        if self._key is None:
+            return
+        with FolderLock._registry:
+            hold = FolderLock._held[self._key]
+            hold.count -= 1
+            if hold.count == 0:
+                del FolderLock._held[self._key]
+                self._let_go(hold)
+        self._key = None
+
+    # ------------------------------------------------------------------ the OS lock
+    def _take(self) -> _Hold:
+        if fcntl is None:
+            if not FolderLock._warned:
+                FolderLock._warned = True
+                print("medfl: this system has no fcntl, so run folders are not locked: make sure that one process "
+                      "at a time runs in a run folder", file=sys.stderr)
+            return _Hold(None, [])
+        created = self._make_folder()
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except FileNotFoundError:  # a holder that gave the folder up removed it meanwhile
+                created = self._make_folder() or created
+                continue
+            except OSError as error:
+                raise write_error(self.path, error) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise FolderInUse(f"{self.folder} is in use by {holder}: one process at a time works in it "
+                                  "(wait until that one ends)") from None
+            except OSError as error:
+                os.close(fd)
+                raise RunFolderError(f"{self.path}: cannot lock the folder ({error.strerror or error}); "
+                                     "its file system may not support locks") from None
+            if _same_file(fd, self.path):
+                _write_holder(fd)
+                return _Hold(fd, created)
+            os.close(fd)  # locked a lock file that its holder removed when it let the folder go: take the new one
+        raise RunFolderError(f"{self.path}: the lock file keeps changing; is another program removing it?")
+
+    def _make_folder(self) -> list[Path]:
+        """The folders made for the lock, deepest first (none when the folder exists)."""
+        if self.folder.is_dir():
+            return []
+        if self.folder.exists():
+            raise RunFolderError(f"{self.folder} exists and is not a folder; nothing was written")
+        if not self.create:
+            raise RunFolderError(f"{self.folder}: no such folder")
+        missing = [folder for folder in (self.folder, *self.folder.parents) if not folder.exists()]
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise write_error(self.folder, error, "cannot create the folder") from None
+        return missing
+
+    def _let_go(self, hold: _Hold) -> None:
+        if hold.fd is None:
+            return
+        try:
+            if not self.record.exists():
+                self.path.unlink()  # still locked: a process that opened this file sees it gone and takes a new one
+                for folder in hold.created:
+                    folder.rmdir()
+        except OSError:
+            pass  # not empty (another process started there meanwhile, or a folder of other files): leave it
+        finally:
+            os.close(hold.fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _write_holder(fd: int) -> None:
+    data = f"{os.getpid()} {socket.gethostname()}\n".encode()
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    except OSError:
+        pass  # a full disk: the lock holds all the same, only the message of a second process lacks the PID
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds a lock file: "process PID on HOST", read from the file (written right after locking)."""
+    for _ in range(50):
+        words = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+        if len(words) >= 2 and words[0].isdigit():
+            return f"process {words[0]} on {words[1]}"
+        time.sleep(0.01)  # the holder has locked the file and is about to write its PID
+    return "another process"
 
 
 def write_rows(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
@@ -208,9 +398,14 @@ class RunFolder:
                            task=config.task, method=config.method, config_sha256=config_digest(resolved),
                            rounds=config.rounds)
         _guard(folder.root, lambda: folder.root.mkdir(parents=True, exist_ok=True))
-        _guard(folder.config_file, lambda: atomic_write_text(folder.config_file,
-                                                             yaml.safe_dump(resolved, sort_keys=False)))
-        folder._write_record(record)
+        try:
+            _guard(folder.config_file, lambda: atomic_write_text(folder.config_file,
+                                                                 yaml.safe_dump(resolved, sort_keys=False)))
+            folder._write_record(record)
+        except WriteError:  # the run did not start: leave no half-made folder
+            for path in (folder.record_file, folder.config_file):
+                path.unlink(missing_ok=True)
+            raise
         return folder
 
     def refuse_to_start(self) -> None:
@@ -218,9 +413,19 @@ class RunFolder:
         into a folder of other files (they are left untouched)."""
         if self.record_file.is_file():
             raise RunFolderError(f"{self.root} already holds a run; use --resume to continue it or --out for a new folder")
-        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+        if self.root.exists() and (not self.root.is_dir() or _holds_files(self.root, LOCK_FILE)):
             raise RunFolderError(f"{self.root} exists and is not a medfl run folder (no {RECORD_FILE}); "
                                  "choose an empty or new folder with --out")
+
+    def lock(self, create: bool = False) -> FolderLock:
+        """This process's hold on the folder (`with folder.lock(...)`, see FolderLock). `create`: a new run,
+        whose folder is made when missing; a resume (False) is refused, as `open` refuses it, when the
+        folder does not exist."""
+        if not create and not self.root.is_dir():
+            raise RunFolderError(f"nothing to resume in {self.root}: no such run folder")
+        if self.root.exists() and not self.root.is_dir():
+            self.refuse_to_start()  # a file where the folder should be: the message names --out
+        return FolderLock(self.root, LOCK_FILE, RECORD_FILE, create)
 
     @classmethod
     def open(cls, root: str | Path) -> RunFolder:
@@ -249,8 +454,19 @@ class RunFolder:
         return data
 
     def config(self) -> Any:
-        """The run's ExperimentConfig."""
+        """The run's ExperimentConfig (refused when config.yaml was edited after the run: `check_config`)."""
+        self.check_config()
         return load_experiment_config(self.config_file)
+
+    def check_config(self) -> dict[str, Any]:
+        """config.yaml as the run wrote it, refused in one line when it was edited afterwards: its digest
+        (`config_digest`, `rounds` left out) must be the one run.json records. A run's results are read only
+        under the config they came from; a site under NVFlare keeps the config the job sent, which passes."""
+        data = self.config_dict()
+        if config_digest(data) != self.record.config_sha256:
+            raise RunFolderError(f"{self.config_file}: changed after the run (it is not the config whose sha256 "
+                                 f"{RECORD_FILE} records); put back the config.yaml the run wrote")
+        return data
 
     def config_sha256(self) -> str:
         """sha256 of config.yaml's bytes (what an export records as its provenance)."""
@@ -269,7 +485,7 @@ class RunFolder:
         only for methods whose result then equals a fresh longer run (see `extension_blockers`). A finished
         run raises RunFinished; a run that never completed a round starts again at round 0.
         """
-        saved, current = self.config_dict(), config.resolved()
+        saved, current = self.check_config(), config.resolved()
         changed = sorted(k for k in set(saved) | set(current) if k != "rounds" and saved.get(k) != current.get(k))
         if changed:
             raise ConfigError(f"cannot resume {self.root}: the config differs from the one it started with in "
@@ -384,6 +600,11 @@ class RunFolder:
         return read_rows(self.timing_file)
 
 
+def _holds_files(folder: Path, lock_file: str) -> bool:
+    """Whether `folder` holds anything but its lock file (which a folder gets before a run starts in it)."""
+    return any(path.name != lock_file for path in folder.iterdir())
+
+
 def run_directory(config: Any, out: str | Path | None) -> Path:
     """--out when given, else <output_dir>/<name>-<method>-seed<seed>/, so that methods and seeds sit side by side."""
     if out is not None:
@@ -423,11 +644,17 @@ class SiteFolder:
     def state_file(self, round_: int) -> Path:
         return self.root / f"state_round_{round_:04d}.pt"
 
+    def lock(self) -> FolderLock:
+        """The site's hold on its part of the run (`with site_folder.lock()`, see FolderLock), made when
+        missing: taken by whoever drives the site (the in-process run, or the site's NVFlare process) before
+        it reads its part."""
+        return FolderLock(self.root, SITE_LOCK_FILE, SITE_RECORD_FILE, create=True)
+
     # ------------------------------------------------------------------ record
     def start(self, record: SiteRecord) -> None:
         """Write the site's record, or check that the site still reads the data it started with."""
         if not self.record_file.is_file():
-            if self.root.is_dir() and any(self.root.iterdir()):
+            if self.root.is_dir() and _holds_files(self.root, SITE_LOCK_FILE):
                 raise RunFolderError(f"{self.root}: holds files but no {SITE_RECORD_FILE}: not this medfl's site "
                                      "folder; refusing to use it")
             _guard(self.record_file, lambda: atomic_write_json(self.record_file, record.model_dump()))

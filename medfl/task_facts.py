@@ -40,12 +40,15 @@ class TaskFacts(ABC):
     site_fields: tuple[str, ...]  # site-config keys that apply to this task only
     default_cpa_tau: float  # CPA's tau when the experiment does not set it
     sample_noun: str  # what one training sample is ("image", "slice"), for messages
-    networks: tuple[str, ...]  # the networks it trains, by the names configs use (medfl.models.registry)
+    # The networks it trains: config name -> "module:Class" (medfl.network_facts describes them without torch).
+    network_classes: dict[str, str]
     bundle_packages: dict[str, str]  # pip name -> lowest version a MONAI bundle's runner needs to read the inputs
     bundle_batch_size: int
     predicts_volumes: bool = False  # `medfl predict` takes volumes (one mask each) rather than 2-D images
     confusion_matrices: bool = False  # reports rescore the selected models into confusion matrices
     example_slices: bool = False  # reports draw test slices with truth and prediction
+    # Keys of an export manifest's `preprocessing` that `medfl predict` reads (medfl.manifests requires them).
+    manifest_preprocessing_keys: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ what configs must state
     @abstractmethod
@@ -72,6 +75,11 @@ class TaskFacts(ABC):
         """The classes a site reports when its data could not be read at all."""
         return self.label_targets(site)
 
+    def site_inputs(self, site: SiteConfig) -> dict[str, Any]:
+        """What an export's manifest records (under `preprocessing`) about how the site names files that are
+        not inputs, so that a bundle pointed at a folder of the site's layout can leave them out."""
+        return {}
+
     # ------------------------------------------------------------------ words and numbers for checks and exports
     @abstractmethod
     def check_classes(self, settings: DataSettings) -> str:
@@ -80,6 +88,10 @@ class TaskFacts(ABC):
     def check_settings(self, settings: DataSettings) -> list[str]:
         """Further settings `medfl check` states for this task's sites."""
         return []
+
+    def scored_counts(self, records: Sequence[Mapping[str, Any]]) -> str:
+        """What `medfl evaluate` scored, for people: "30 images" (metrics per sample by default)."""
+        return f"{len(records)} {self.sample_noun}s"
 
     @abstractmethod
     def logits_shape(self, classes: Sequence[str], size: int) -> list[Any]:
@@ -104,7 +116,10 @@ class ClassificationFacts(TaskFacts):
     site_fields = ("table", "metadata_table", "filter", "label_map")
     default_cpa_tau = 3.0
     sample_noun = "image"
-    networks = ("slim_vgg16", "densenet121", "efficientnet-b0", "resnet18")
+    network_classes = {"slim_vgg16": "medfl.models.vgg:SlimVGG16",
+                       "densenet121": "medfl.models.classifiers:DenseNet121Net",
+                       "efficientnet-b0": "medfl.models.classifiers:EfficientNetB0Net",
+                       "resnet18": "medfl.models.classifiers:ResNet18Net"}
     bundle_packages = {"pillow": "10.0"}
     bundle_batch_size = 32
     confusion_matrices = True
@@ -153,13 +168,16 @@ class ClassificationFacts(TaskFacts):
             "data_type": "jpeg or png images",
             "io": ("Input: the JPEG or PNG images (RGB, one lesion each) directly inside `--input_dir`. Output: "
                    "`predictions.csv` in `--output_dir`, one row per image without a header: the image's path, then "
-                   f"the softmax probability of each class in this order: {classes}."),
+                   f"the softmax probability of each class in this order: {classes}. A file that is not an RGB JPEG "
+                   "or PNG (a grey or RGBA image, say) stops the run with one line naming it, before anything is "
+                   "predicted or written."),
             "formats": "",
             "program": "the network on each image (logits), then softmax",
         }
 
 
 SEGMENTATION_CLASSES = ("background", "prostate")  # mask value 0, and every value > 0 (zones merged)
+DEFAULT_MASK_SUFFIX = "_segmentation"  # the multi-site prostate layout's mask suffix
 
 
 class SegmentationFacts(TaskFacts):
@@ -172,11 +190,13 @@ class SegmentationFacts(TaskFacts):
     site_fields = ("mask_suffix",)
     default_cpa_tau = 1.0
     sample_noun = "slice"
-    networks = ("unet", "basicunet")
+    network_classes = {"unet": "medfl.models.segmentation:UNetNet",
+                       "basicunet": "medfl.models.segmentation:BasicUNetNet"}
     bundle_packages = {"itk-io": "5.3.0", "nibabel": "5.0"}
     bundle_batch_size = 1
     example_slices = True
     predicts_volumes = True  # medfl predict: volumes, one mask each, slice by slice
+    manifest_preprocessing_keys = ("context_slices",)
 
     def classes(self, configured: Sequence[str] | None) -> list[str]:
         return list(SEGMENTATION_CLASSES)
@@ -184,12 +204,19 @@ class SegmentationFacts(TaskFacts):
     def label_targets(self, site: SiteConfig) -> list[str]:
         return list(SEGMENTATION_CLASSES)
 
+    def site_inputs(self, site: SiteConfig) -> dict[str, Any]:
+        return {"mask_suffix": site.effective_mask_suffix}
+
     def check_classes(self, settings: DataSettings) -> str:
         background, foreground = SEGMENTATION_CLASSES
         return f"{background} (mask value 0), {foreground} (any value > 0)"
 
     def check_settings(self, settings: DataSettings) -> list[str]:
         return [f"training slices: {settings.slices}"]
+
+    def scored_counts(self, records: Sequence[Mapping[str, Any]]) -> str:
+        cases = len({record["case_id"] for record in records})
+        return f"{cases} cases, {len(records)} slices; metrics per case"
 
     def logits_shape(self, classes: Sequence[str], size: int) -> list[Any]:
         return ["batch", len(classes), size, size]
@@ -201,7 +228,10 @@ class SegmentationFacts(TaskFacts):
             "data_type": "nifti or metaimage volumes",
             "io": ("Input: the MRI volumes (one 3-D T2-weighted volume per file) directly inside `--input_dir`. "
                    "Output: one mask per volume in `--output_dir`, named `<name>_mask<extension>`, in the input's "
-                   "format and on its voxel grid (same affine), 0 = background, 1 = prostate."),
+                   "format and on its voxel grid (same affine; a NIfTI mask's qform and sform codes are 1, MONAI's "
+                   "writer sets them so), 0 = background, 1 = prostate. Files whose name ends in "
+                   f"the site's mask suffix '{manifest['preprocessing'].get('mask_suffix', DEFAULT_MASK_SUFFIX)}' (masks beside their volumes) "
+                   "are left out, and the run lists them; `--mask_suffix` names another."),
             "formats": ("\nNIfTI (`.nii.gz`) is read by default; for MetaImage volumes add `--input_ext .mhd` (or "
                         "`.nii`, `.mha`): masks are written in the same format.\n"),
             "program": (f"models/model.ts resizes every axial slice to {size} x {size} (bilinear, anti-aliased as "

@@ -9,18 +9,25 @@ optional: without it the scalars are skipped with a one-line notice (metrics.csv
 from __future__ import annotations
 
 import functools
+import io
 import math
+import os
+import socket
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from medfl.checkpoints import atomic_write_bytes
 
 DET_CODES = {"recover": 0, "exchange": 1, "sublimate": 2}
 
 
 @functools.cache
 def summary_writer_class() -> type | None:
-    """torch's SummaryWriter, or None (with a notice printed once) when `tensorboard` is not installed."""
+    """torch's SummaryWriter, or None (with a notice printed once) when `tensorboard` is not installed: whether
+    scalars can be written (they are written with the same protobufs, see `event_file`)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -80,14 +87,26 @@ def write_round_scalars(
 ) -> Path | None:
     """Write round ``round_``'s scalars into ``log_dir`` (a run's tensorboard/ folder) and return it (None
     without the tensorboard package)."""
-    writer_class = summary_writer_class()
-    if writer_class is None:
+    if summary_writer_class() is None:
         return None
-    log_dir = Path(log_dir)
-    writer = writer_class(log_dir=str(log_dir), filename_suffix=f".round{round_:04d}")
-    try:
-        for tag, value, step in round_scalars(round_, local_epochs, metric_rows, det_rows, retrogress_rows, timing_rows):
-            writer.add_scalar(tag, value, step)
-    finally:
-        writer.close()
-    return log_dir
+    scalars = round_scalars(round_, local_epochs, metric_rows, det_rows, retrogress_rows, timing_rows)
+    now = time.time()
+    name = f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}.round{round_:04d}"
+    atomic_write_bytes(Path(log_dir) / name, event_file(scalars, now))
+    return Path(log_dir)
+
+
+def event_file(scalars: Sequence[tuple[str, float, int]], wall_time: float) -> bytes:
+    """The bytes of a TensorBoard event file holding `scalars` (tag, value, step), as SummaryWriter writes
+    them (its add_scalar's summaries, after the file-version event), made in memory so that the file is
+    written like every other file of a run folder: atomically, and a full disk is one line naming it."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    from torch.utils.tensorboard.summary import scalar
+
+    buffer = io.BytesIO()
+    records = RecordWriter(buffer)
+    records.write(Event(wall_time=wall_time, file_version="brain.Event:2").SerializeToString())
+    for tag, value, step in scalars:
+        records.write(Event(wall_time=wall_time, step=step, summary=scalar(tag, value)).SerializeToString())
+    return buffer.getvalue()

@@ -6,8 +6,12 @@ and get the config's path back. Images are 24 x 24 JPEGs, volumes a few slices o
 
 from __future__ import annotations
 
+import contextlib
 import csv
-from collections.abc import Callable, Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +243,34 @@ def tiny_experiment(path: Path, federation: Path, task: str, sites: Sequence[str
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# ---- another process holding a folder's lock --------------------------------------------------------------
+
+@contextlib.contextmanager
+def held_by_another_process(folder: Path, lock_file: str, signals: Path) -> Iterator[int]:
+    """A child process holds `folder`'s FolderLock (made when missing) for the block; yields its PID. It says
+    it holds the lock with a file in `signals` and lets go when the test writes another (no sleeps)."""
+    signals.mkdir(parents=True, exist_ok=True)
+    holding, done = signals / f"holding-{lock_file}", signals / f"done-{lock_file}"
+    code = ("import pathlib, time\nfrom medfl.runfolder import FolderLock\n"
+            f"FolderLock({str(folder)!r}, {lock_file!r}, 'none', create=True).acquire()\n"
+            f"pathlib.Path({str(holding)!r}).touch()\n"
+            f"while not pathlib.Path({str(done)!r}).exists():\n    time.sleep(0.01)\n")
+    process = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        wait_for_files([holding], [process])
+        yield process.pid
+    finally:
+        done.touch()
+        process.wait(timeout=60)
+
+
+def wait_for_files(paths: Sequence[Path], processes: Sequence[subprocess.Popen], timeout: float = 300) -> None:
+    """Wait until every file of `paths` exists; fail at once when one of `processes` ends first."""
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in paths):
+        ended = [process.args for process in processes if process.poll() is not None]
+        assert not ended, f"ended before it was ready: {ended}"
+        assert time.monotonic() < deadline, f"timed out waiting for {paths}"
+        time.sleep(0.01)

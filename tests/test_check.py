@@ -135,3 +135,26 @@ def test_the_header_names_the_classes_of_each_task(capsys, ham10000_site, prosta
     _, out = _check(capsys, str(ham10000_site()), str(prostate_site()), "--input-size", "8", "--classes", "nv,mel")
     header = out.splitlines()[0]
     assert "classification classes: nv, mel;" in header and "segmentation classes: background (mask value 0), prostate" in header
+
+
+def test_errors_and_warnings_go_to_stderr_and_the_tables_to_stdout(capsys, ham10000_site, prostate_site,
+                                                                   write_config):
+    bad_key = write_config({"name": "typo", "task": "segmentation", "data_root": ".", "layout": "nifti",
+                            "mask_sufix": "_seg"})
+    warned = prostate_site(cases=("Case01", "Case02"))
+    assert main(["check", str(bad_key), str(warned), "--input-size", "8"]) == 1
+    captured = capsys.readouterr()
+    problems = [line for line in captured.err.splitlines() if line.startswith(("error: ", "warning: "))]
+    assert any("mask_sufix" in line for line in problems) and any("the test split is empty" in line for line in problems)
+    assert not any(line.startswith(("error: ", "warning: ")) for line in captured.out.splitlines())
+    assert "site 'prost_a' (segmentation)" in captured.out and "1 of 2 site(s) ready" in captured.out
+
+
+def test_long_site_names_are_never_cut_when_the_output_is_redirected(capsys, monkeypatch, ham10000_site):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    names = ("ham_vidir_modern_vienna", "ham_vidir_molemax_vienna", "ham_rosendahl_queensland")
+    status, out = _check(capsys, *(str(ham10000_site(name=name)) for name in names))
+    assert status == 0 and "…" not in out
+    for name in names:
+        assert _cells(out, "site shift", name) and _cells(out, "site means", name)
+        assert _cells(out, "acquisition (shown, not compared)", name)

@@ -1,13 +1,22 @@
+import errno
 import json
 import math
 import os
 import pathlib
+import stat
 
 import pytest
 import torch
 
-from medfl.checkpoints import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_file
-from medfl.errors import DataError
+from medfl.checkpoints import (
+    atomic_folder,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_torch_file,
+    staging_folder,
+)
+from medfl.errors import DataError, WriteError
 
 
 class Payload:
@@ -80,3 +89,69 @@ def test_corrupt_truncated_empty_and_missing_files_are_one_line_naming_the_file(
             load_torch_file(tmp_path / name)
         message = str(caught.value)
         assert message.startswith(f"{tmp_path / name}: ") and "\n" not in message, message
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["umask022", "umask077", "umask002"])
+def test_atomic_writes_get_the_permissions_of_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "new" / "summary.json", "{}")
+        atomic_torch_save({"w": torch.ones(2)}, tmp_path / "new" / "last.pt")
+        atomic_write_text(tmp_path / "new" / "summary.json", "{}")  # a replaced file too
+        with atomic_folder(tmp_path / "export" / "derm_a") as staging:
+            atomic_write_text(staging / "manifest.json", "{}")
+            (staging / "models").mkdir()
+        with staging_folder(tmp_path, "mask.nii.gz") as staging:
+            staging_mode = stat.S_IMODE(staging.stat().st_mode)
+    finally:
+        os.umask(previous)
+    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
+             for path in tmp_path.rglob("*")}
+    folder, file = 0o777 & ~umask, 0o666 & ~umask
+    assert modes == {"new": folder, "new/summary.json": file, "new/last.pt": file, "export": folder,
+                     "export/derm_a": folder, "export/derm_a/manifest.json": file, "export/derm_a/models": folder}
+    assert staging_mode == folder
+
+
+class FullDisk:
+    """A file on a full disk: every write fails with ENOSPC, as the system call does."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self):
+        self.stream.flush()
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    def close(self):
+        self.stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_previous_file_stays(tmp_path, monkeypatch):
+    """torch.save writing into such a file raises `RuntimeError: [enforce fail at inline_container.cc:672]
+    unexpected pos`: every writer must turn it into the one line naming the file."""
+    target = tmp_path / "last.pt"
+    atomic_torch_save({"a": torch.ones(2)}, target)
+    atomic_write_text(tmp_path / "summary.json", "{}")
+    real = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: FullDisk(real(fd, *args, **kwargs)))
+    for write, path in ((lambda: atomic_torch_save({"a": torch.zeros(1000)}, target), target),
+                        (lambda: atomic_write_json(tmp_path / "summary.json", {"b": 1}), tmp_path / "summary.json")):
+        with pytest.raises(WriteError) as caught:
+            write()
+        assert str(caught.value) == f"{path}: cannot write (No space left on device)"
+    monkeypatch.undo()
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
+    assert (tmp_path / "summary.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "summary.json"], "no temporary file is left"

@@ -155,3 +155,120 @@ def test_a_misspelt_task_or_method_is_reported_before_torch_or_monai_loads(comma
     expected = ("unknown method 'fedprx'" if misspelt == "method"
                 else "key 'task': Input should be 'classification' or 'segmentation'")
     assert expected in printed
+
+
+def test_a_full_disk_that_escapes_the_writers_is_still_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """As torch.save reports it: a RuntimeError raised while the OSError of the full disk was handled."""
+    import errno
+
+    import medfl.commands.report
+
+    def full(args):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/report/figure.png")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 62976 vs 62872") from None
+
+    monkeypatch.setattr(medfl.commands.report, "run", full)
+    assert main(["report", "run"]) == 1
+    assert capsys.readouterr().err == ("medfl report: error: /data/report/figure.png: cannot write "
+                                       "(No space left on device)\n")
+
+
+@pytest.fixture(scope="module")
+def delivered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A finished two-site classification run, its export root (both sites), a segmentation run, site configs,
+    and a folder of odd paths (a file, a folder)."""
+    from test_export import tiny_runs
+
+    from medfl.deliver import export_run
+    from medfl.tasks import task_for
+
+    runs = tiny_runs(tmp_path_factory)
+    exports = tmp_path_factory.mktemp("fast_answers") / "exports"
+    export_run(runs["classification"], out=exports, task=task_for("classification"))
+    odd = exports.parent
+    (odd / "a_file.txt").write_text("not a folder")
+    (odd / "a_folder").mkdir()
+    (odd / "job").mkdir()
+    (odd / "job" / "kept.txt").write_text("a job folder that is not empty")
+    (odd / "predicted").mkdir()
+    (odd / "predicted" / "predictions.csv").write_text("image\n")
+    (odd / "dermoscopy").mkdir()
+    (odd / "dermoscopy" / "site.yaml").write_text("name: mine\n")
+    configs = runs["federation"] / "site_configs"
+    return {"run": runs["classification"], "exports": exports, "odd": odd,
+            "derm_a": configs / "dermoscopy" / "derm_a.yaml", "prost_a": configs / "prostate" / "prost_a.yaml",
+            "image": next((runs["federation"] / "dermoscopy" / "derm_a").rglob("*.jpg"))}
+
+
+def _no_gpu_build() -> bool:
+    from medfl.devices import installed_torch_gpu_backends
+
+    return installed_torch_gpu_backends() == set()
+
+
+FAST_ANSWERS = {  # case -> (arguments with placeholders, a fragment of the one error line)
+    "export --site nosuch": (["export", "{run}", "--site", "nosuch", "--out", "{odd}/e1"], "no site 'nosuch' in this run"),
+    "export --round 9": (["export", "{run}", "--round", "9", "--out", "{odd}/e2"], "round 9 does not exist"),
+    "export --round x": (["export", "{run}", "--round", "x", "--out", "{odd}/e3"], "--round must be"),
+    "export existing": (["export", "{run}", "--out", "{exports}"], "an export is never overwritten"),
+    "export --out file": (["export", "{run}", "--out", "{odd}/a_file.txt"], "must be a folder"),
+    "predict root without --site": (["predict", "{exports}", "{image}", "--out", "{odd}/p"], "choose one with --site"),
+    "predict --site nosuch": (["predict", "{exports}", "{image}", "--out", "{odd}/p", "--site", "nosuch"],
+                              "no export of site 'nosuch'"),
+    "predict a folder": (["predict", "{exports}/derm_a", "{odd}/a_folder", "--out", "{odd}/p"], "is a folder"),
+    "predict a missing file": (["predict", "{exports}/derm_a", "{odd}/absent.jpg", "--out", "{odd}/p"],
+                               "file not found"),
+    "predict a volume": (["predict", "{exports}/derm_a", "{odd}/a_file.txt", "--out", "{odd}/p"], "unknown file type"),
+    "predict --out file": (["predict", "{exports}/derm_a", "{image}", "--out", "{odd}/a_file.txt"], "must be a folder"),
+    "predict existing": (["predict", "{exports}/derm_a", "{image}", "--out", "{odd}/predicted"], "never overwritten"),
+    "predict --device cuda": (["predict", "{exports}/derm_a", "{image}", "--out", "{odd}/p", "--device", "cuda"],
+                              "no CUDA GPU"),
+    "evaluate root without --site": (["evaluate", "{exports}", "{derm_a}"], "choose one with --site"),
+    "evaluate another task": (["evaluate", "{exports}/derm_a", "{prost_a}"], "a segmentation site cannot score"),
+    "evaluate --out folder": (["evaluate", "{exports}/derm_a", "{derm_a}", "--out", "{odd}/a_folder"], "must be a file"),
+    "evaluate --device cuda": (["evaluate", "{exports}/derm_a", "{derm_a}", "--device", "cuda"], "no CUDA GPU"),
+    "report not a run": (["report", "{odd}/a_folder"], "not a medfl run folder"),
+    "report --out file": (["report", "{run}", "--out", "{odd}/a_file.txt"], "must be a folder"),
+    "report --device cuda": (["report", "{run}", "--out", "{odd}/r", "--device", "cuda"], "no CUDA GPU"),
+    "run --device cuda": (["run", "{run}/config.yaml", "--out", "{odd}/run", "--device", "cuda"], "no CUDA GPU"),
+    "nvflare-job existing": (["nvflare-job", "{run}/config.yaml", "--out", "{odd}/job"], "is not empty"),
+    "nvflare-job --min-sites": (["nvflare-job", "{run}/config.yaml", "--out", "{odd}/j", "--min-sites", "5"],
+                                "min_sites must be between 1 and"),
+    "synth --out file": (["synth", "--out", "{odd}/a_file.txt"], "must be a folder"),
+    "init existing": (["init", "{odd}", "--task", "classification"], "never overwrites"),
+    "docs nosuch": (["docs", "nosuch"], "no page 'nosuch'"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(FAST_ANSWERS))
+def test_argument_path_manifest_and_device_errors_come_before_torch_and_monai(case: str, delivered) -> None:
+    if "cuda" in case and not _no_gpu_build():
+        pytest.skip("a GPU build of torch: whether CUDA is usable is asked of torch itself (MONAI still not loaded)")
+    template, fragment = FAST_ANSWERS[case]
+    arguments = [part.format(**delivered) for part in template]
+    outcome, printed = _after(f"import medfl.cli\nstatus = medfl.cli.main({arguments!r})")
+    assert outcome == {"status": 1, "torch": False, "monai": False}, printed
+    assert fragment in printed and "Traceback" not in printed
+    assert not (delivered["odd"] / "p").exists() and not (delivered["odd"] / "r").exists()  # nothing written
+
+
+def test_the_torch_build_is_read_without_importing_torch() -> None:
+    from medfl.devices import gpu_backends_in
+
+    cpu = "from typing import Optional\n__version__ = '2.13.0+cpu'\ncuda: Optional[str] = None\nhip: Optional[str] = None\n"
+    assert gpu_backends_in(cpu) == set()
+    assert gpu_backends_in(cpu.replace("cuda: Optional[str] = None", "cuda: Optional[str] = '12.4'")) == {"cuda"}
+    assert gpu_backends_in(cpu.replace("hip: Optional[str] = None", "hip = '6.2.41133'")) == {"hip"}
+    assert gpu_backends_in("__version__ = '1.0'\ncuda = None\n") is None  # unknown: torch itself is asked
+    assert gpu_backends_in(cpu.replace("= None\nhip", "= get()\nhip")) is None
+    code = ("import sys\nfrom medfl.devices import installed_torch_gpu_backends\n"
+            "print(sorted(installed_torch_gpu_backends()), 'torch' in sys.modules)")
+    result = _python(code).stdout.strip()
+    import torch
+
+    expected = sorted(name for name in ("cuda", "hip") if getattr(torch.version, name) is not None)
+    assert result == f"{expected} False"

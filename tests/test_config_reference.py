@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,8 @@ from medfl.config_reference import (
     undocumented_keys,
 )
 from medfl.experiment import ExperimentConfig
+from medfl.network_facts import _from_source, inspected
+from medfl.tasks import TASKS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -93,3 +97,23 @@ def test_command_writes_and_checks(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["config-reference", "--check", str(tmp_path)]) == 1
     assert main(["config-reference"]) == 0
     assert "# Site-config reference" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", list(TASKS.values()), ids=lambda task: task.key.value)
+def test_networks_read_from_their_source_are_the_imported_classes(task) -> None:
+    """The reference and the config checks read networks from source (no torch); the classes must agree."""
+    for name, target in task.network_classes.items():
+        from_source = _from_source(name, target)
+        assert from_source is not None, f"{target}: not readable from its source"
+        assert from_source == inspected(name, target)
+
+
+def test_the_reference_and_the_network_checks_need_no_torch() -> None:
+    code = ("import sys\nfrom medfl.cli import main\n"
+            f"status = main(['config-reference', '--check', {str(DOCS)!r}])\n"
+            "from medfl.experiment import ExperimentConfig\n"
+            "try:\n    ExperimentConfig(task='segmentation', sites=['s.yaml'], model={'name': 'unet', 'options': {'kernel': 3}})\n"
+            "except ValueError as error:\n    refused = 'valid options: channels' in str(error)\n"
+            "print(status, refused, 'torch' in sys.modules, 'monai' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["0", "True", "False", "False"], result.stderr

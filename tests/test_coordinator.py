@@ -119,7 +119,13 @@ def test_personalised_model_is_untouched_by_communication(derm_experiment, tmp_p
 
 
 def test_only_allowed_objects_leave_a_site(derm_experiment, tmp_path, monkeypatch):
-    """Every object the coordinator receives from a site: weights of D, counts, prototypes and metrics only."""
+    """Every object the coordinator receives from a site: weights of D, counts, prototypes and metrics only; no
+    site sees another site's data.
+
+    Pooled training (method `pooled`) is exempt, by design: it is the centralised reference, one model trained on
+    every site's training split in one process, so the training data themselves leave the sites. It therefore
+    runs only in process, NVIDIA FLARE refuses it before anything starts, and each site's audit log records that
+    its training data left it (tests/test_pooled.py)."""
     received = []
     for method in ("get_weights", "get_data_stats", "evaluate"):
         original = getattr(Site, method)

@@ -12,6 +12,7 @@ from medfl.cli import main
 from medfl.config import load_site_config
 from medfl.data import load_site
 from medfl.deliver import evaluate_export, export_run, load_export
+from medfl.deliver.evaluate import split_note
 from medfl.errors import ConfigError
 from medfl.experiment import load_experiment_config
 from medfl.tasks import task_for
@@ -78,3 +79,34 @@ def test_mistakes_are_one_line_errors(setup, capsys):
     assert "a segmentation site cannot score the classification model" in error and len(error.splitlines()) == 1
     with pytest.raises(ConfigError, match="--split must be one of"):
         evaluate_export(load_export(setup["derm"]), setup["derm_a"], "holdout", task=task_for("classification"))
+
+
+def test_segmentation_scores_are_described_per_case(setup, capsys):
+    assert main(["evaluate", str(setup["prostate"]), str(setup["prost_a"]), "--out", str(setup["prostate"] / "x.json")]) == 0
+    out = capsys.readouterr().out
+    cases = json.loads((setup["prostate"] / "x.json").read_text())["metrics"]["num_cases"]
+    header = out.splitlines()[0]
+    assert f"test split ({cases} cases, " in header and "metrics per case" in header and "samples" not in header
+
+
+def test_a_site_that_was_not_in_the_run_is_told_that_split_all_scores_all_its_data(setup, tmp_path, capsys):
+    out = str(tmp_path / "scores.json")
+    assert main(["evaluate", str(setup["prostate"]), str(setup["prost_b"]), "--out", out]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--split all" in line]
+    assert len(notes) == 1 and "site 'prost_b' did not take part in run" in notes[0] and "20%" in notes[0]
+    for site in ("prost_a", "prost_b"):  # its own site, or --split all: nothing to say
+        split = ["--split", "all"] if site == "prost_b" else []
+        assert main(["evaluate", str(setup["prostate"]), str(setup[site]), "--out", out, *split]) == 0
+        assert "--split all" not in capsys.readouterr().err
+    assert main(["evaluate", str(setup["derm"]), str(setup["derm_b"]), "--out", out]) == 0  # derm_b was in the run
+    assert "--split all" not in capsys.readouterr().err
+
+
+def test_an_export_without_its_runs_sites_gives_the_advice_conditionally(setup):
+    manifest = json.loads((setup["prostate"] / "manifest.json").read_text())
+    assert manifest["experiment"]["sites"] == ["prost_a"]
+    del manifest["experiment"]["sites"]  # as exports made before the list was recorded
+    note = split_note(manifest, load_site_config(setup["prost_b"]), "test")
+    assert note.startswith("this export does not list its run's sites: if site 'prost_b' did not take part")
+    assert "`--split all` scores all of it" in note
+    assert split_note(manifest, load_site_config(setup["prost_a"]), "test") is None

@@ -88,7 +88,41 @@ def test_method_table_is_consistent():
     assert method_spec("prr").distillation == "det" and method_spec("prr").loss == "cpa"
     assert not method_spec("local").communicates
     assert not method_spec("fedproto").sends_weights and method_spec("fedproto").communicates
-    for spec in METHODS.values():
-        assert spec.two_models == (spec.distillation is not None)
+    for spec in METHODS.values():  # two models teach each other, or P is pulled towards D's received weights (Ditto)
+        assert spec.two_models == (spec.distillation is not None or spec.personal_proximal)
+        assert not (spec.pools_data and spec.communicates), "a pooled model has no federation to talk to"
     with pytest.raises(ValueError, match="unknown method"):
         method_spec("nope")
+
+
+def test_one_site_is_loaded_without_reading_the_others(folder, monkeypatch):
+    """A command that serves one site stops neither on another site's unset variable nor on its missing file."""
+    monkeypatch.delenv("MEDFL_TEST_UNSET_ROOT", raising=False)
+    write(folder / "sites" / "two.yaml", SITE.format(name="two").replace("data_root: data",
+                                                                         "data_root: ${MEDFL_TEST_UNSET_ROOT}"))
+    config = load_experiment_config(write(folder / "a.yaml", "task: classification\ndata: {classes: [a, b]}\n"
+                                          "sites: [sites/gone.yaml, sites/two.yaml, sites/one.yaml]\n"))
+    site = config.load_site("one")
+    assert site.name == "one" and site.data_root == folder / "sites" / "data"
+    with pytest.raises(ConfigError, match="environment variable 'MEDFL_TEST_UNSET_ROOT' is not set"):
+        config.load_site("two")  # its own problems are its own
+    with pytest.raises(ConfigError, match=r"^site 'three': its config is not among those of the 3 site configs of "
+                                          r".*a\.yaml that can be read here \(1 cannot: .*gone\.yaml: config file "
+                                          r"not found\)$"):
+        config.load_site("three")
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load_sites()
+    config = load_experiment_config(write(folder / "b.yaml", "task: classification\ndata: {classes: [a, b]}\n"
+                                          "sites: [sites/one.yaml]\n"))
+    with pytest.raises(ConfigError, match=r"^site 'two': none of the 1 site configs of .*b\.yaml is this site's$"):
+        config.load_site("two")
+
+
+def test_one_site_is_checked_as_every_site_is(folder):
+    write(folder / "sites" / "copy.yaml", SITE.format(name="one"))
+    config = load_experiment_config(write(folder / "a.yaml", "task: classification\ndata: {classes: [a, c]}\n"
+                                          "sites: [sites/one.yaml, sites/two.yaml, sites/copy.yaml]\n"))
+    with pytest.raises(ConfigError, match="site 'one' appears twice"):
+        config.load_site("one")
+    with pytest.raises(ConfigError, match=r"site 'two'.*does not cover class\(es\) c"):
+        config.load_site("two")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from medfl.data import load_site
 from medfl.deliver import export_run, find_export, load_export, read_manifest
 from medfl.errors import ConfigError, DataError, MedflError
 from medfl.experiment import load_experiment_config
+from medfl.runfolder import config_digest
 from medfl.tasks import task_for
 
 CLASSIFICATION = task_for("classification")
@@ -60,6 +63,39 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         torch.set_num_threads(threads)
     (base / "done").touch()
     return runs
+
+
+SITE_VARIABLES = {"derm_a": "MEDFL_TEST_DERM_A_ROOT", "derm_b": "MEDFL_TEST_DERM_B_ROOT"}
+
+
+def variable_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A finished tiny run (2 dermoscopy sites, fedavg, 1 round) whose site configs name their data through
+    environment variables (`data_root: ${MEDFL_TEST_DERM_A_ROOT}`), as hospitals' configs do; built once per
+    session. Returns the run folder and the variables with the values the run had."""
+    from medfl.federated.coordinator import Coordinator
+
+    federation = tiny_federation_root(tmp_path_factory)
+    base = tmp_path_factory.getbasetemp() / "variable_run"
+    values = {SITE_VARIABLES[site]: str((federation / "dermoscopy" / site).resolve()) for site in DERM_SITES}
+    if (base / "done").exists():
+        return base / "run", values
+    shutil.rmtree(base, ignore_errors=True)
+    for site in DERM_SITES:
+        config = yaml.safe_load((federation / "site_configs" / "dermoscopy" / f"{site}.yaml").read_text())
+        path = base / "site_configs" / "dermoscopy" / f"{site}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({**config, "data_root": "${" + SITE_VARIABLES[site] + "}"}))
+    experiment = tiny_experiment(base / "experiment.yaml", base, "classification", sites=DERM_SITES,
+                                 method="fedavg", rounds=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with mock.patch.dict(os.environ, values):
+            Coordinator(load_experiment_config(experiment), base / "run", torch.device("cpu"), task=CLASSIFICATION).run()
+    finally:
+        torch.set_num_threads(threads)
+    (base / "done").touch()
+    return base / "run", values
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +255,10 @@ def test_a_method_without_federation_has_no_deputy(runs, tmp_path):
     run.mkdir()
     for name in ("summary.json", "metrics.csv", "run.json"):
         shutil.copy(runs["classification"] / name, run / name)
-    config = yaml.safe_load((runs["classification"] / "config.yaml").read_text())
-    (run / "config.yaml").write_text(yaml.safe_dump({**config, "method": "local"}))
+    config = {**yaml.safe_load((runs["classification"] / "config.yaml").read_text()), "method": "local"}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "config_sha256": config_digest(config)}))
     with pytest.raises(ConfigError, match="no deputy"):
         export_run(run, role="deputy", task=CLASSIFICATION)
     with pytest.raises(MedflError, match="no such run folder"):
@@ -261,3 +299,48 @@ def test_load_export_refuses_weights_that_changed(derm_export, tmp_path):
     torch.save(state, copy / "model.pt")
     with pytest.raises(DataError, match="sha256 differs"):
         load_export(copy)
+
+
+# ---------------------------------------------------------------- a command that serves one site reads only its own
+@pytest.fixture(scope="module")
+def variable(tmp_path_factory):
+    return variable_run(tmp_path_factory)
+
+
+def test_export_of_one_site_never_reads_another_sites_config(variable, tmp_path, monkeypatch, capsys):
+    run, values = variable
+    monkeypatch.setenv(SITE_VARIABLES["derm_a"], values[SITE_VARIABLES["derm_a"]])
+    monkeypatch.delenv(SITE_VARIABLES["derm_b"], raising=False)  # derm_b's data lies at another hospital
+    assert main(["export", str(run), "--site", "derm_a", "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    assert read_manifest(tmp_path / "a" / "derm_a")["site"] == "derm_a"
+    monkeypatch.delenv(SITE_VARIABLES["derm_a"])  # nor its own: the run folder holds what an export needs
+    assert main(["export", str(run), "--out", str(tmp_path / "all")]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == list(DERM_SITES)
+    assert _sha256(tmp_path / "all" / "derm_a" / "model.pt") == _sha256(tmp_path / "a" / "derm_a" / "model.pt")
+
+
+def test_export_refuses_a_site_whose_part_of_the_run_is_elsewhere_before_writing(variable, tmp_path):
+    run = Path(shutil.copytree(variable[0], tmp_path / "run"))
+    shutil.rmtree(run / "sites" / "derm_b")
+    with pytest.raises(ConfigError, match=r"site 'derm_b' keeps its part of the run elsewhere \(no .*derm_b\)"):
+        export_run(run, out=tmp_path / "out", task=CLASSIFICATION)
+    assert not (tmp_path / "out").exists()
+    (exported,) = export_run(run, out=tmp_path / "out", sites=["derm_a"], task=CLASSIFICATION)
+    assert exported.site == "derm_a"
+
+
+def test_export_refuses_a_run_config_changed_after_the_run(variable, tmp_path, capsys):
+    run = Path(shutil.copytree(variable[0], tmp_path / "run"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump(config, default_flow_style=True))  # the same config, rewritten
+    assert main(["export", str(run), "--site", "derm_a", "--out", str(tmp_path / "same")]) == 0
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "rounds": 5}))  # rounds may change (a resume)
+    assert main(["export", str(run), "--site", "derm_a", "--out", str(tmp_path / "longer")]) == 0
+    capsys.readouterr()
+    config["optimizer"]["lr"] = 0.5
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["export", str(run), "--out", str(tmp_path / "changed")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"medfl export: error: {run / 'config.yaml'}: changed after the run")
+    assert len(error.splitlines()) == 1 and "Traceback" not in error
+    assert not (tmp_path / "changed").exists()

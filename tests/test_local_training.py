@@ -125,6 +125,21 @@ def test_batchnorm_reestimation_diagnostic_is_recorded(tiny_federation, tmp_path
     assert not math.isnan(summary["mean"]["retrogress_bn_reestimated"])
 
 
+@pytest.mark.parametrize("method", ["fedavg_det", "fedavg"])
+def test_batchnorm_reestimation_on_receive_trains_from_the_sites_own_statistics(method, tiny_federation, tmp_path,
+                                                                                 one_thread):
+    """With the training option, the received model's score right after communication is the one the diagnostic
+    measures after re-estimation (the same statistics, computed twice); without it, the averaged statistics."""
+    scores = {}
+    for option in (False, True):
+        _run(tmp_path, tiny_federation, name=f"{method}-{option}", method=method, rounds=2, local_epochs=1,
+             diagnostics={"bn_reestimation": True}, det={"reestimate_bn_on_receive": option})
+        scores[option] = [(float(r["after"]), float(r["after_bn_reestimated"]))
+                          for r in _rows(tmp_path / f"{method}-{option}" / "retrogress.csv")]
+    assert scores[True] and all(after == reestimated for after, reestimated in scores[True])
+    assert any(after != reestimated for after, reestimated in scores[False])
+
+
 def test_batchnorm_reestimation_changes_statistics_only():
     from medfl.federated.evaluation import reestimate_batchnorm
     from medfl.models import build_model

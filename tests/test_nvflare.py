@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 
 pytest.importorskip("nvflare")
 
-from conftest import tiny_experiment  # noqa: E402
+from conftest import held_by_another_process, tiny_experiment  # noqa: E402
 from monai.fl.utils.exchange_object import ExchangeObject  # noqa: E402
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils  # noqa: E402
 from nvflare.app_opt.pt.decomposers import TensorDecomposer  # noqa: E402
@@ -39,10 +40,12 @@ from medfl.nvflare.payloads import (  # noqa: E402
     TASK_TRAIN,
     read_reply,
     read_train_task,
+    results_task,
     train_reply,
     train_task,
 )
-from medfl.nvflare.site_runner import SiteRunner, load_job_configs  # noqa: E402
+from medfl.nvflare.site_runner import SiteRunner, build_runner, load_job_configs  # noqa: E402
+from medfl.runfolder import LOCK_FILE, SITE_LOCK_FILE, FolderInUse  # noqa: E402
 from medfl.tasks import task_for  # noqa: E402
 
 SITES = ("derm_a", "derm_b")
@@ -233,6 +236,24 @@ def test_core_package_imports_and_explains_without_nvflare(experiment, tmp_path)
     assert not (tmp_path / "job").exists()
 
 
+def test_the_controller_and_each_site_hold_their_folders(experiment, tmp_path):
+    """The server's workflow holds the run folder and each site's process its own part, as `medfl run` does: a
+    folder another process holds is refused before anything in it is read."""
+    config = load_experiment_config(experiment)
+    run_dir = tmp_path / "fl"
+    site = run_dir / "sites" / "derm_a"
+    with held_by_another_process(site, SITE_LOCK_FILE, tmp_path / "signals"):
+        runner = SiteRunner(config.load_sites()[0], config, run_dir, "cpu")
+        for task in (train_task(None, 0, 2, True), results_task({})):
+            reply = runner.handle(task)
+            assert reply.meta[KEY]["failed"] == "FolderInUse", reply.meta
+        assert sorted(path.name for path in run_dir.rglob("*")) == ["derm_a", SITE_LOCK_FILE, "sites"]
+    with held_by_another_process(run_dir, LOCK_FILE, tmp_path / "signals") as pid:
+        with pytest.raises(FolderInUse, match=f"{run_dir} is in use by process {pid} "):
+            MedflController(sites=list(SITES), run_dir=str(run_dir)).run_experiment(config)
+    assert not (run_dir / "run.json").exists()
+
+
 # ---------------------------------------------------------------- controller and site adapter (loopback)
 @pytest.mark.slow
 def test_controller_and_site_runners_reproduce_the_in_process_run(experiment, in_process, tmp_path, one_thread):
@@ -241,6 +262,29 @@ def test_controller_and_site_runners_reproduce_the_in_process_run(experiment, in
     assert_same_results(in_process, tmp_path / "fl")
     assert {(r["round"], r["status"]) for r in table(tmp_path / "fl" / "participation.csv")} == {
         ("0", "answered"), ("1", "answered")}
+
+
+@pytest.mark.slow
+def test_ditto_through_the_controller_and_site_runners_equals_in_process(experiment, tmp_path, one_thread):
+    """Ditto's P, its start and its w_r live at the site: the NVFlare path computes what the in-process one does."""
+    config = load_experiment_config(experiment, method="ditto")
+    Coordinator(config, tmp_path / "in_process", torch.device("cpu"), task=task_for(config.task)).run()
+    Loopback(config, tmp_path / "fl").run_experiment(config)
+    assert_same_results(tmp_path / "in_process", tmp_path / "fl")
+    assert json.loads((tmp_path / "fl" / "summary.json").read_text())["method"] == "ditto"
+
+
+def test_controller_and_site_refuse_pooled_training_before_anything_starts(experiment, tmp_path):
+    """A pooled job (not written by `medfl nvflare-job`, which refuses it too): no task is sent, nothing written."""
+    config = load_experiment_config(experiment, method="pooled")
+    server = Loopback(config, tmp_path / "fl")
+    with pytest.raises(ConfigError, match="never under NVIDIA FLARE"):
+        server.run_experiment(config)
+    assert server.sent == [] and not (tmp_path / "fl").exists()
+    carried = write_job(load_experiment_config(experiment), tmp_path / "job") / "app_derm_a" / "config" / CONFIG_FOLDER
+    (carried / "experiment.yaml").write_text(yaml.safe_dump({**config.resolved(), "method": "pooled"}))
+    with pytest.raises(ConfigError, match="never under NVIDIA FLARE"):
+        build_runner(carried, "derm_a")
 
 
 @pytest.mark.slow
@@ -321,3 +365,47 @@ def test_exported_job_in_the_simulator_matches_the_in_process_coordinator(experi
         (exported,) = export_run(folder, task=task_for("classification"))
         assert exported.site == site
         assert exported.manifest["round"]["selected"] == summary["sites"][site]["selected_round"]
+
+
+@pytest.mark.slow
+def test_a_hospital_exports_after_the_job_with_only_its_own_files(tiny_federation, tmp_path, capsys):
+    """Each hospital keeps its data and its part of the run in a folder of its own. After the job, the job
+    writer's site configs (named in every run folder's config.yaml) and the other hospital's files are gone:
+    the hospital still exports, and reports, from its own run folder, whose config.yaml is the one the job sent."""
+    writer = tmp_path / "writer"
+    hospitals = {site: tmp_path / "hospital" / site for site in SITES}
+    for site, folder in hospitals.items():
+        shutil.copytree(tiny_federation / "dermoscopy" / site, folder / "data")
+        config = yaml.safe_load((tiny_federation / "site_configs" / "dermoscopy" / f"{site}.yaml").read_text())
+        path = writer / "site_configs" / "dermoscopy" / f"{site}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({**config, "data_root": str(folder / "data")}))
+    experiment = tiny_experiment(writer / "exp.yaml", writer, "classification", sites=SITES, name="hospitals",
+                                 rounds=1, runtime={"threads": 1}, device="cpu", output_dir=str(writer / "runs"))
+    job = write_job(load_experiment_config(experiment), tmp_path / "job", run_dir=tmp_path / "fl")
+    for site, folder in hospitals.items():
+        (job / f"app_{site}" / "config" / CONFIG_FOLDER / "job.yaml").write_text(
+            yaml.safe_dump({"run_dir": str(folder / "run")}))
+    nvflare = Path(sys.executable).with_name("nvflare")
+    result = subprocess.run([str(nvflare), "simulator", str(job), "-w", str(tmp_path / "workspace"), "-t", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((tmp_path / "fl" / "summary.json").read_text())["finished"], result.stdout[-3000:]
+    sent = (tmp_path / "fl" / "config.yaml").read_bytes()
+    assert all((folder / "run" / "config.yaml").read_bytes() == sent for folder in hospitals.values())
+
+    for gone in (writer, job, tmp_path / "workspace", tmp_path / "fl", hospitals["derm_b"]):
+        shutil.rmtree(gone)
+    run = hospitals["derm_a"] / "run"
+    assert medfl_main(["export", str(run)]) == 0, capsys.readouterr().err
+    manifest = json.loads((run / "export" / "derm_a" / "manifest.json").read_text())
+    selected = json.loads((run / "summary.json").read_text())["sites"]["derm_a"]["selected_round"]
+    assert manifest["site"] == "derm_a" and manifest["round"]["selected"] == selected
+    weights = torch.load(run / "export" / "derm_a" / "model.pt", weights_only=True)
+    saved = torch.load(run / "sites" / "derm_a" / "models" / f"round_{selected:04d}.pt", weights_only=True)
+    assert all(torch.equal(weights[k], v) for k, v in saved["models"]["P"].items())
+    capsys.readouterr()
+    assert medfl_main(["report", str(run), "--device", "cpu"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: confusion matrix of site 'derm_a' skipped:")
+    assert (run / "report" / "report.md").is_file()

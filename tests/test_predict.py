@@ -20,7 +20,7 @@ from torch import nn
 from medfl.cli import main
 from medfl.data import load_recipe
 from medfl.deliver import ExportedModel, export_run, load_export, predict
-from medfl.deliver.predict import mask_name
+from medfl.deliver.inputs import mask_name
 from medfl.errors import ConfigError
 from medfl.tasks import task_for
 
@@ -76,13 +76,13 @@ def _bad_image_inputs(folder: Path, federation: Path) -> dict[Path, str]:
     folder.mkdir(parents=True)
     grey, rgba, truncated = folder / "grey.png", folder / "rgba.png", folder / "truncated.jpg"
     Image.new("L", (32, 32), 128).save(grey)
-    Image.new("RGBA", (32, 32), (10, 20, 30, 255)).save(rgba)
+    Image.new("RGBA", (32, 32), (10, 20, 30, 200)).save(rgba)  # transparent: what lies behind is unknown
     data = _images(federation, 1)[0].read_bytes()
     truncated.write_bytes(data[: len(data) // 3])
     (folder / "notes.txt").write_text("not an image")
     return {
         grey: "mode is L, expected RGB",
-        rgba: "mode is RGBA, expected RGB",
+        rgba: "image has transparent pixels (RGBA with alpha below 255)",
         truncated: "unreadable or corrupt image",
         folder / "notes.txt": "unknown file type",
         folder / "absent.jpg": "file not found",
@@ -104,6 +104,22 @@ def test_bad_images_get_one_message_each_and_the_others_are_predicted(exports, t
         else:
             assert result.error is None
     assert [row["image"] for row in _read_csv(tmp_path / "out" / "predictions.csv")] == [str(p) for p in good]
+
+
+def test_an_opaque_rgba_image_is_predicted_as_its_rgb_pixels(exports, tmp_path):
+    export = load_export(exports["derm"], "derm_a")
+    pixels = Image.open(_images(exports["federation"], 1)[0]).convert("RGB")
+    rgb, opaque = tmp_path / "rgb.png", tmp_path / "opaque.png"
+    pixels.save(rgb)
+    with_alpha = pixels.copy()
+    with_alpha.putalpha(255)
+    with_alpha.save(opaque)
+    assert Image.open(opaque).mode == "RGBA"
+    results = predict(export, [rgb, opaque], tmp_path / "out")
+    assert [r.error for r in results] == [None, None]
+    rows = _read_csv(tmp_path / "out" / "predictions.csv")
+    assert [row["image"] for row in rows] == [str(rgb), str(opaque)]
+    assert {k: v for k, v in rows[0].items() if k != "image"} == {k: v for k, v in rows[1].items() if k != "image"}
 
 
 def test_cli_predict_reports_bad_files_and_exits_non_zero(exports, tmp_path, capsys):

@@ -31,7 +31,7 @@ from medfl.report.predictions import (
 from medfl.report.runs import RunGroup, group_runs, load_run
 from medfl.report.tables import format_values, result_columns, results_table
 from medfl.report.writer import default_out, write_report
-from medfl.runfolder import METRIC_COLUMNS
+from medfl.runfolder import METRIC_COLUMNS, config_digest
 from medfl.tasks import task_for
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -82,7 +82,7 @@ def fake_run(root, method="prr", seed=0, f1=(0.5, 0.7), task="classification", *
                "rounds": 2, "finished": True, "sites": site_entries, "mean": mean}
     (folder / "summary.json").write_text(json.dumps(summary))
     record = {"schema_version": 1, "medfl_version": "0.1.0", "experiment": "fake", "task": task, "method": method,
-              "config_sha256": "0" * 64, "rounds": 2, "completed_rounds": 2}
+              "config_sha256": config_digest(resolved), "rounds": 2, "completed_rounds": 2}
     (folder / "run.json").write_text(json.dumps(record))
     return folder
 
@@ -345,9 +345,13 @@ def test_report_without_the_sites_data_still_writes_tables_and_says_why(tiny_run
     config = yaml.safe_load((copy / "config.yaml").read_text())
     config["sites"] = [str(tmp_path / "gone" / "derm_a.yaml"), str(tmp_path / "gone" / "derm_b.yaml")]
     (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    record = json.loads((copy / "run.json").read_text())  # as if the run had named them
+    (copy / "run.json").write_text(json.dumps({**record, "config_sha256": config_digest(config)}))
     report = write_report([copy], task=task_for("classification"))
     assert report.path == copy / "report" / "report.md"
-    assert len(report.notes) == 1 and "confusion matrices of fedavg were not computed" in report.notes[0]
+    assert [note.split(" skipped: ")[0] for note in report.notes] == [
+        "confusion matrix of site 'derm_a'", "confusion matrix of site 'derm_b'"]
+    assert all(f"{tmp_path / 'gone'}" in note and "config file not found" in note for note in report.notes)
     assert "## Notes" in report.path.read_text() and "## Test results per site" in report.path.read_text()
 
 
@@ -360,3 +364,35 @@ def test_selected_model_file_missing_is_a_data_error(tiny_runs, tmp_path):
     (copy / "sites" / "derm_a" / "models" / f"round_{selected:04d}.pt").unlink()
     with pytest.raises(Exception, match="site 'derm_a': .*round_0000.pt: file not found"):
         load_selected_model(run, "derm_a", torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_report_with_one_sites_data_out_of_reach_scores_every_other_site(tmp_path_factory, tmp_path, monkeypatch,
+                                                                          capsys):
+    from test_export import SITE_VARIABLES, variable_run
+
+    run, values = variable_run(tmp_path_factory)
+    monkeypatch.setenv(SITE_VARIABLES["derm_a"], values[SITE_VARIABLES["derm_a"]])
+    monkeypatch.delenv(SITE_VARIABLES["derm_b"], raising=False)  # derm_b's data lies at another hospital
+    assert main(["report", str(run), "--out", str(tmp_path / "report"), "--device", "cpu"]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    matrices = text[text.index("## Confusion matrices"):]
+    assert "### derm_a\n\n**fedavg**\n\n| true \\ predicted |" in matrices
+    assert "### derm_b\n\n###" in matrices or "### derm_b\n\n## " in matrices  # derm_b's heading, no matrix
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: confusion matrix of site 'derm_b' skipped: {run.parent / 'site_configs'}"
+                     f"/dermoscopy/derm_b.yaml: key 'data_root': environment variable '{SITE_VARIABLES['derm_b']}' "
+                     "is not set"]
+
+
+def test_report_refuses_a_run_config_changed_after_the_run(tmp_path, capsys):
+    folder = fake_run(tmp_path)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    (folder / "config.yaml").write_text(yaml.safe_dump({**config, "rounds": 3}))  # rounds may change (a resume)
+    assert load_run(folder).config["rounds"] == 3
+    (folder / "config.yaml").write_text(yaml.safe_dump({**config, "local_epochs": 1}))
+    assert main(["report", str(folder), "--no-predictions", "--out", str(tmp_path / "report")]) == 1
+    error = capsys.readouterr().err
+    assert error == (f"medfl report: error: {folder / 'config.yaml'}: changed after the run (it is not the config "
+                     "whose sha256 run.json records); put back the config.yaml the run wrote\n")
+    assert not (tmp_path / "report").exists()

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import tiny_experiment
 
 pytestmark = pytest.mark.slow
@@ -39,14 +40,15 @@ def experiment(tiny_federation, tmp_path_factory):
                            rounds=3, local_epochs=2, runtime={"threads": 1})
 
 
-def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path):
+@pytest.mark.parametrize("method", ["prr", "ditto"])  # ditto: P's start and w_r travel in the restart state
+def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path, method):
     whole = tmp_path / "whole"
-    process = medfl("run", str(experiment), "--out", str(whole), "--quiet")
+    process = medfl("run", str(experiment), "--out", str(whole), "--method", method, "--quiet")
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output
 
     killed = tmp_path / "killed"
-    process = medfl("run", str(experiment), "--out", str(killed), "--quiet")
+    process = medfl("run", str(experiment), "--out", str(killed), "--method", method, "--quiet")
     # Kill inside round 1, once derm_a has finished it (its state and audit entries written) and derm_b trains.
     first_site_done = killed / "sites" / "derm_a" / "state_round_0001.pt"
     deadline = time.monotonic() + 600
@@ -61,7 +63,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path
     audit = killed / "sites" / "derm_a" / "audit.jsonl"
     assert any(json.loads(line)["round"] == 1 for line in audit.read_text().splitlines()), "round 1 had left"
 
-    resumed = medfl("run", str(experiment), "--out", str(killed), "--resume", "--quiet")
+    resumed = medfl("run", str(experiment), "--out", str(killed), "--resume", "--method", method, "--quiet")
     output, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, output
     assert f"rounds {interrupted_at}..2" in output
@@ -77,6 +79,43 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path
         assert left == [(0, "data_statistics"), (0, "report"), (0, "upload"), (1, "data_statistics"),
                         (1, "report"), (1, "upload"), (2, "report"), (2, "upload")], site
     assert not list(killed.rglob("*.tmp"))
+
+
+def test_pooled_training_killed_mid_round_resumes_as_uninterrupted(experiment, tmp_path):
+    """Every site holds the one pooled model and its optimizer in its restart state; the kill lands while the
+    union trains in round 1 (nothing of round 1 saved yet)."""
+    whole = tmp_path / "whole"
+    process = medfl("run", str(experiment), "--out", str(whole), "--method", "pooled", "--quiet")
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output
+
+    killed = tmp_path / "killed"
+    process = medfl("run", str(experiment), "--out", str(killed), "--method", "pooled", "--quiet")
+    deadline = time.monotonic() + 600
+    while completed_rounds(killed) < 1 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert completed_rounds(killed) == 1, "the kill must land inside round 1"
+
+    resumed = medfl("run", str(experiment), "--out", str(killed), "--resume", "--method", "pooled", "--quiet")
+    output, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, output
+    assert "rounds 1..2" in output
+    for name in ("metrics.csv", "det_states.csv", "retrogress.csv"):
+        assert table(killed / name) == table(whole / name), name
+    assert json.loads((killed / "summary.json").read_text())["sites"] == json.loads(
+        (whole / "summary.json").read_text())["sites"]
+    for site in ("derm_a", "derm_b"):
+        entries = [json.loads(line) for line in (killed / "sites" / site / "audit.jsonl").read_text().splitlines()]
+        assert [(e["round"], e["what"]) for e in entries] == [
+            (0, "data_statistics"), (0, "training_data"), (0, "report"), (1, "data_statistics"),
+            (1, "training_data"), (1, "report"), (2, "report")], site
+        for round_ in range(3):
+            saved = [torch.load(folder / "sites" / site / "models" / f"round_{round_:04d}.pt", weights_only=True)
+                     for folder in (whole, killed)]
+            assert all(torch.equal(saved[0]["models"]["M"][k], v) for k, v in saved[1]["models"]["M"].items())
 
 
 def test_resume_refuses_a_changed_config_and_a_missing_run(experiment, tmp_path):

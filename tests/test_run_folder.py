@@ -8,6 +8,8 @@ import errno
 import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -146,6 +148,41 @@ def test_a_full_disk_is_one_line_and_the_last_good_round_still_resumes(experimen
     assert json.loads((run_dir / "summary.json").read_text())["finished"]
 
 
+def test_a_write_that_fails_inside_torch_is_one_line_and_the_last_good_round_still_resumes(experiment, unfinished,
+                                                                                         tmp_path, capsys,
+                                                                                         one_thread):
+    """A real failing disk for one process: a file-size limit (RLIMIT_FSIZE) lets round 0's files through and
+    stops the restart state of round 1, about twice their size, in the middle of its write. torch.save writing
+    into the file turned this into `RuntimeError: [enforce fail at inline_container.cc:672] unexpected pos` and
+    a traceback; a full disk (ENOSPC) reaches it the same way."""
+    run_dir = _copy(unfinished, tmp_path)
+    state = run_dir / "sites" / "derm_a" / "state_round_0000.pt"
+    limit = state.stat().st_size * 3 // 2
+    command = ["run", str(experiment), "--out", str(run_dir), "--resume", "--quiet"]
+    code = ("import resource, signal, sys\nfrom medfl.cli import main\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+            f"sys.exit(main({command!r}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"medfl run: error: {run_dir / 'sites' / 'derm_a' / 'state_round_0001.pt'}: cannot write (File too large); "
+        f"round 0 is kept in {run_dir}: continue with --resume")
+    assert RunFolder(run_dir).completed_rounds() == 1 and not list(run_dir.rglob("*.tmp"))
+    assert main(command) == 0, capsys.readouterr().err
+    assert json.loads((run_dir / "summary.json").read_text())["finished"]
+
+
+def test_a_run_under_a_file_never_starts_and_says_so(experiment, tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine\n")
+    assert main(["run", str(experiment), "--out", str(file / "run"), "--quiet"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == (f"medfl run: error: {file / 'run'}: cannot create the folder (Not a directory); the run did not "
+                     "start: no run folder was written")
+    assert file.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 # ---------------------------------------------------------------- resume rules
 def test_resume_refuses_fewer_rounds_and_says_a_finished_run_is_finished(experiment, unfinished, tmp_path, capsys,
                                                                          one_thread):
@@ -158,6 +195,20 @@ def test_resume_refuses_fewer_rounds_and_says_a_finished_run_is_finished(experim
         _run(experiment, run_dir, resume=True)
     assert main(["run", str(experiment), "--out", str(run_dir), "--resume", "--quiet"]) == 0
     assert "finished all 3 rounds; nothing to do" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_config_yaml_changed_after_the_run(experiment, unfinished, tmp_path, capsys):
+    """Editing the run's config.yaml to match a changed experiment does not sneak the change into the run."""
+    run_dir = _copy(unfinished, tmp_path)
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump({**yaml.safe_load(experiment.read_text()), "optimizer": {"lr": 0.5}}))
+    resolved = load_experiment_config(changed).resolved()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    before = sorted(path.name for path in run_dir.rglob("*"))
+    assert main(["run", str(changed), "--out", str(run_dir), "--resume", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert f"{run_dir / 'config.yaml'}: changed after the run" in error and len(error.splitlines()) == 1
+    assert sorted(path.name for path in run_dir.rglob("*")) == before
 
 
 def test_resume_refuses_a_site_whose_data_changed(tiny_federation, tmp_path, one_thread):

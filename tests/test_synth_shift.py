@@ -29,6 +29,7 @@ from medfl.synth.realistic import (
     REALISTIC_PROSTATE,
     T3_NOISE,
     T15_NOISE,
+    realistic_derm_sites,
     realistic_prostate_sites,
 )
 from medfl.synth.rng import rng_for
@@ -215,3 +216,60 @@ def test_endorectal_coil_brightens_the_gland_behind_and_deforms_it() -> None:
     larger = site_anatomy(anatomy, Population(gland_scale=1.25, central_extra=0.1), False, rng_for(0, "size"))
     np.testing.assert_allclose(larger.gland_axes, 1.25 * anatomy.gland_axes)
     assert larger.central_scale > anatomy.central_scale
+
+
+# ---------------------------------------------------------------- --site-seed: other hospitals to confirm on
+PROTOCOL = ("matrix", "slices", "spacing", "thickness", "contrast", "bias", "noise", "fat", "peripheral", "central",
+            "endorectal", "surface", "float_levels")  # what a site seed draws; the rest is storage convention
+
+
+def test_site_seed_zero_writes_todays_realistic_files_bit_for_bit(tmp_path: Path, capsys) -> None:
+    """The default (0) is what test_realistic_preset_keeps_its_files_bit_for_bit guards; the option said out loud on
+    the command line writes the same bytes (the guard's dermoscopy sites: the command's minimums leave prostate's
+    number of cases at its default)."""
+    expected = json.loads((DATA / "synth_realistic_small_sha256.json").read_text())
+    assert main(["synth", "--out", str(tmp_path), "--seed", "3", "--scale", "0.01", "--derm-sites", "5",
+                 "--prostate-sites", "0", "--min-per-class", "2,1,1", "--shift", "realistic", "--site-seed", "0"]) == 0
+    assert "(realistic shift)" in capsys.readouterr().out
+    derm = {k: v for k, v in expected.items() if not k.startswith(("prostate/", "site_configs/prostate/"))}
+    assert len(derm) > 100 and _differences(_hashes(tmp_path), derm) == []
+
+
+def test_a_site_seed_draws_other_hospitals_with_the_same_layouts_and_class_mixes() -> None:
+    today, other = realistic_derm_sites(6, 3), realistic_derm_sites(6, 3, site_seed=1)
+    for before, after in zip(today, other, strict=True):
+        assert replace(after, acquisition=before.acquisition, skin_tone=before.skin_tone) == before, after.name
+        assert after.acquisition != before.acquisition and after.skin_tone != before.skin_tone, after.name
+        drawn = after.acquisition
+        assert drawn.resolution in (48, 64, 80, 96, 112, 128) and 0.6 <= drawn.magnification <= 1.7
+        assert all(0.75 <= g <= 1.25 for g in drawn.cast) and 0.6 <= drawn.contrast <= 1.3
+        assert 0.0 <= after.skin_tone[0] < after.skin_tone[1] <= 1.0
+    assert [s.acquisition for s in realistic_derm_sites(6, 5, site_seed=1)] == [s.acquisition for s in other], \
+        "the site seed alone draws the hospitals; --seed draws patients and splits"
+    assert [s.acquisition for s in realistic_derm_sites(6, 3, site_seed=2)] != [s.acquisition for s in other]
+
+    today_p, other_p = realistic_prostate_sites(7, 3), realistic_prostate_sites(7, 3, site_seed=1)
+    for before, after in zip(today_p, other_p, strict=True):
+        assert replace(after, scanner=before.scanner, population=before.population) == before, after.name
+        assert replace(after.scanner, **{k: getattr(before.scanner, k) for k in PROTOCOL}) == before.scanner
+        assert after.scanner != before.scanner, after.name
+        scanner = after.scanner
+        assert 0.4 <= scanner.spacing <= 0.8 and scanner.matrix <= 320 and 1.25 <= scanner.thickness <= 4
+        assert 120 <= scanner.matrix * scanner.spacing <= 240
+    protocols = [[getattr(s.scanner, k) for k in PROTOCOL] for s in realistic_prostate_sites(7, 5, site_seed=1)]
+    assert protocols == [[getattr(s.scanner, k) for k in PROTOCOL] for s in other_p]  # extra sites: storage by --seed
+
+
+def test_site_seed_files_keep_the_tables_and_change_the_images(tmp_path: Path, capsys) -> None:
+    small = {"seed": 3, "scale": 0.01, "n_derm": 2, "n_prostate": 1, "minimums": Minimums(2, 1, 1, 3),
+             "shift": "realistic"}
+    today, other = generate(tmp_path / "today", **small), generate(tmp_path / "other", **small, site_seed=1)
+    before, after = _hashes(today.out), _hashes(other.out)
+    assert before.keys() == after.keys(), "the same sites, layouts, ids and cases"
+    tables = [k for k in before if k.endswith((".csv", ".yaml"))]
+    images = [k for k in before if k.endswith((".jpg", ".nii.gz", ".mhd", ".raw"))]
+    assert tables and all(before[k] == after[k] for k in tables), "labels, lesions and splits: the same class mixes"
+    assert images and all(before[k] != after[k] for k in images if not k.endswith(".mhd"))
+    assert main(["check", "--classes", "nv,bkl,mel", "--input-size", "16", *map(str, other.configs)]) == 0
+    with pytest.raises(ConfigError, match="--site-seed 1 draws the sites of the realistic preset"):
+        generate(tmp_path / "mild", **{**small, "shift": "mild"}, site_seed=1)

@@ -1,7 +1,8 @@
 """The wheel a hospital installs: built offline, installed into a fresh virtual environment outside the
-checkout, and used from a temporary folder (`synth`, `check`, a one-round `run`). The transform recipes live
-in the top-level transforms/ folder, installed as the package medfl.recipes: the wheel carries them, and an
-editable install (what `make` does) reads them from that folder.
+checkout, and used from a temporary folder (`synth`, `init`, `check`, a one-round `run` of the shipped example
+experiment, `docs`); it carries every package, the recipes, the example configs, the docs and the license.
+The transform recipes live in the top-level transforms/ folder, installed as the package medfl.recipes: the
+wheel carries them, and an editable install (what `make` does) reads them from that folder.
 
 The fresh environment has only medfl of its own; its other packages (torch, MONAI, ...) come from the test
 environment through a .pth file that lists that environment's site-packages folders. A .pth line only
@@ -42,11 +43,12 @@ def _test_environment_folders() -> list[str]:
 
 
 def _source_copy(tmp_path: Path) -> Path:
-    """What the wheel is made of, copied: the package, the recipes' folder, pyproject.toml and the README."""
+    """What the wheel is made of, copied: the package, the recipes' and the docs' folders, pyproject.toml, the
+    README and the license."""
     source = tmp_path / "source"
-    for folder in ("medfl", "transforms"):
+    for folder in ("medfl", "transforms", "docs"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, source / name)
     return source
 
@@ -108,8 +110,19 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
           "--disable-pip-version-check", "-q", "-w", str(wheels), str(source)], tmp_path, env)
     (wheel,) = wheels.glob("medfl-*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        shipped = {Path(name).stem for name in archive.namelist() if name.startswith("medfl/recipes/")}
+        names = archive.namelist()
+        shipped = {Path(name).stem for name in names if name.startswith("medfl/recipes/")}
+        docs = {name.removeprefix("medfl/docs/"): archive.read(name) for name in names if name.startswith("medfl/docs/")}
+        (license_file,) = [name for name in names if name.endswith(".dist-info/licenses/LICENSE")]
+        assert archive.read(license_file) == (ROOT / "LICENSE").read_bytes()
+        metadata = archive.read(next(name for name in names if name.endswith(".dist-info/METADATA"))).decode()
     assert shipped >= RECIPES
+    assert docs == {path.name: path.read_bytes() for path in (ROOT / "docs").glob("*.md")}
+    assert "License-Expression: Apache-2.0" in metadata.splitlines() and "License-File: LICENSE" in metadata
+    assert {f"medfl/examples/{task}/{name}" for task in ("dermoscopy", "prostate")
+            for name in ("site.yaml", "experiment.yaml")} <= set(names)
+    packages = {path.parent.relative_to(ROOT).as_posix() for path in (ROOT / "medfl").rglob("__init__.py")}
+    assert packages <= {Path(name).parent.as_posix() for name in names}, "a package is missing from pyproject's list"
 
     # A fresh environment with nothing but the wheel; then the test environment's packages beside it.
     venv = tmp_path / "venv"
@@ -134,13 +147,17 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
     assert len(configs) == 2
     checked = _run([medfl, "check", *configs, "--input-size", "32"], work, env)
     assert "2 of 2 site(s) ready" in checked.stdout
-    experiment = {
-        "name": "wheel", "task": "classification", "sites": configs,
-        "data": {"classes": ["nv", "bkl", "mel"], "input_size": 32, "num_workers": 0},
-        "model": {"name": "slim_vgg16", "width": 0.125},
-        "rounds": 1, "local_epochs": 1, "runtime": {"threads": 1},
-    }
-    (work / "experiment.yaml").write_text(yaml.safe_dump(experiment), encoding="utf-8")
-    _run([medfl, "run", "experiment.yaml", "--out", "runs/wheel", "--quiet"], work, env)
+
+    # The shipped example experiment, its site pointed at a synthetic site: what `medfl init` tells a hospital.
+    _run([medfl, "init", "start", "--task", "classification"], work, env)
+    site = work / "start" / "dermoscopy" / "site.yaml"
+    site.write_text(site.read_text().replace("FILL_IN_YOUR_DATA_FOLDER", str(work / "data" / "dermoscopy" / "derm_a")))
+    assert "1 of 1 site(s) ready" in _run([medfl, "check", str(site)], work, env).stdout
+    experiment = work / "start" / "dermoscopy" / "experiment.yaml"
+    _run([medfl, "run", str(experiment), "--rounds", "1", "--out", "runs/wheel", "--quiet"], work, env)
     run_dir = work / "runs" / "wheel"
     assert (run_dir / "summary.json").is_file() and (run_dir / "metrics.csv").is_file()
+
+    printed = _run([medfl, "docs", "install"], work, env).stdout
+    assert printed == (ROOT / "docs" / "install.md").read_text(encoding="utf-8")
+    assert "site-config" in _run([medfl, "docs"], work, env).stdout

@@ -8,6 +8,7 @@ means; with one site, its own statistics.
 Exit status 0 when no site has an error (warnings are allowed, unless --strict), 1 otherwise. Errors: unreadable configs,
 missing or corrupt data, unknown labels, bad masks, duplicate ids, no samples, an empty train or validation
 split. Warnings: a class absent from a split, an empty test split, a class the label map never produces.
+Tables and the summary go to stdout, error and warning lines to stderr.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _settings(args: argparse.Namespace) -> DataSettings:
     return validate_model(DataSettings, data, "command line options")
 
 
-def _print_report(console: Console, report: SiteReport) -> None:
+def _print_report(console: Console, messages: Console, report: SiteReport) -> None:
     from rich.text import Text
 
     from medfl.tasks import task_for
@@ -77,7 +78,7 @@ def _print_report(console: Console, report: SiteReport) -> None:
         console.print(Text(f"rows removed by the site's filter: {report.filtered_out}"))
     for problem in report.problems:
         style = "red" if problem.severity == "error" else "yellow"
-        console.print(Text(f"{problem.severity}: {problem}", style=style), soft_wrap=True)
+        messages.print(Text(f"{problem.severity}: {problem}", style=style), soft_wrap=True)
 
 
 def _header(settings: DataSettings, tasks: set[str]) -> str:
@@ -116,7 +117,7 @@ def _rows_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, list
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    table.add_column("")
+    table.add_column("", overflow="fold")  # a site name is folded in a narrow terminal, never cut
     for column in columns:
         table.add_column(column, justify="right")
     for label, values in rows:
@@ -191,13 +192,12 @@ def _load(path: str) -> SiteConfig | MedflError | OSError:
 
 def run(args: argparse.Namespace) -> int:
     """Check every site config given; print a table per site, one line per problem, then the site shift."""
-    from rich.console import Console
     from rich.text import Text
 
-    from medfl.data import inspect_site
+    from medfl.commands import output_console
     from medfl.errors import MedflError
 
-    console = Console(highlight=False)
+    console, messages = output_console(), output_console(stderr=True)
     settings = _settings(args)
     configs = [_load(path) for path in args.configs]
     tasks = {config.task for config in configs if not isinstance(config, Exception)}
@@ -208,14 +208,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             if isinstance(config, Exception):
                 raise config  # a config that did not load: reported in the order given
-            from medfl.tasks import task_for  # the readers load once a config is valid
+            from medfl.data import inspect_site  # the readers (SimpleITK, nibabel): once a config is good
+            from medfl.tasks import task_for
 
             report = inspect_site(config, settings, task=task_for(config.task)).report
         except (MedflError, OSError) as error:
-            console.print(Text(f"error: {error}", style="red"), soft_wrap=True)
+            messages.print(Text(f"error: {error}", style="red"), soft_wrap=True)
             failed += 1
             continue
-        _print_report(console, report)
+        _print_report(console, messages, report)
         reports.append(report)
         failed += bool(report.errors or (args.strict and report.warnings))
     _print_shift(console, reports)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from medfl.commands import existing_folder
+from medfl.commands import existing_folder, folder_to_write
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Export; export_run checks the run folder, the sites, the round and --out before torch and MONAI load."""
     existing_folder(args.run_dir, "run folder")
+    if args.out:
+        folder_to_write(args.out, "--out")
 
     from medfl.deliver import export_run
     from medfl.runfolder import RunFolder

@@ -10,7 +10,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medfl.commands import DEVICE_CHOICES, existing_folder
+from medfl.commands import DEVICE_CHOICES, existing_folder, folder_to_write
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-predictions", action="store_true",
                         help="skip confusion matrices and segmentation examples (they rescore the selected "
                              "models on the sites' test data)")
-    parser.add_argument("--examples", type=int, default=2, metavar="N",
+    parser.add_argument("--examples", type=_count, default=2, metavar="N",
                         help="segmentation example slices per site (default 2)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="device for rescoring the selected models: auto (the default: a CUDA GPU when there "
@@ -28,8 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the run folders (each must be a run), the options and the device; then rescore and write."""
+    from medfl.devices import check_device
+    from medfl.report.runs import group_runs, load_run
+
     for run_dir in args.runs:
         existing_folder(run_dir, "run folder")
+    group_runs([load_run(run_dir) for run_dir in args.runs])  # read again by write_report: a few small files
+    if args.out:
+        folder_to_write(args.out, "--out")
+    check_device(args.device)
 
     from medfl.devices import resolve_device
     from medfl.report.runs import load_run

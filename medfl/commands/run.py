@@ -21,14 +21,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medfl.errors import WriteError
     from medfl.experiment import load_experiment_config
-    from medfl.runfolder import RunFinished, RunFolder, run_directory
+    from medfl.runfolder import RunFolder, run_directory
 
     config = load_experiment_config(
         args.experiment, device=args.device, rounds=args.rounds, method=args.method, seed=args.seed
     )
     config.load_sites()  # every site config too, before torch and MONAI load
     run_dir = run_directory(config, args.out)
+    try:  # one process per run folder: held from before anything in it is read until the run ends
+        with RunFolder(run_dir).lock(create=not args.resume):
+            return _run(args, config, run_dir)
+    except WriteError as error:  # a full or read-only disk: say what the folder still holds
+        raise WriteError(f"{error}; {_what_is_kept(run_dir)}") from None
+
+
+def _run(args: argparse.Namespace, config, run_dir) -> int:
+    from medfl.devices import check_device
+    from medfl.runfolder import RunFinished, RunFolder
+
     try:  # the run folder's checks too: a wrong --out or --resume fails before anything heavy loads
         if args.resume:
             RunFolder.open(run_dir).resume_from(config)
@@ -37,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     except RunFinished as finished:
         print(f"medfl run: {finished}", file=sys.stderr)
         return 0
+    check_device(config.device)
 
     from medfl.devices import resolve_device
     from medfl.federated.coordinator import Coordinator
@@ -66,8 +79,9 @@ def _what_is_kept(run_dir) -> str:
 
     folder = RunFolder(run_dir)
     if not folder.record_file.is_file():
-        return "no run folder was written"
+        return "the run did not start: no run folder was written"
     done = folder.completed_rounds()
     if done == 0:
         return f"no round was completed; {run_dir} restarts at round 0 with --resume"
-    return f"rounds 0..{done - 1} are kept in {run_dir}: continue with --resume"
+    kept = "round 0 is" if done == 1 else f"rounds 0..{done - 1} are"
+    return f"{kept} kept in {run_dir}: continue with --resume"

@@ -51,6 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "coils, anatomy) (default: mild)",
     )
     parser.add_argument(
+        "--site-seed",
+        type=int,
+        default=0,
+        help="with --shift realistic: 0 keeps today's sites; another value draws every site's acquisition "
+        "(colour, contrast, magnification, resolution, rings, skin tones; MRI field of view, spacing, field "
+        "strength, coil) from the preset's ranges: other hospitals, same layouts and class mixes (default: 0)",
+    )
+    parser.add_argument(
         "--min-per-class",
         type=_minimums,
         default=None,
@@ -62,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the data set and print one line per site."""
+    from medfl.commands import folder_to_write
+
+    folder_to_write(args.out, "--out")
     from medfl.synth import Minimums, generate
 
     start = time.perf_counter()
@@ -73,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         n_prostate=args.prostate_sites,
         minimums=Minimums(*args.min_per_class) if args.min_per_class else None,
         shift=args.shift,
+        site_seed=args.site_seed,
     )
     for site in result.derm:
         counts = " ".join(f"{cls}={n}" for cls, n in site.class_counts.items())
@@ -83,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
         shape = "x".join(map(str, site.shape))
         spacing = "x".join(f"{s:g}" for s in site.spacing)
         print(f"{site.name:10s} {site.layout:9s} {len(site.cases)} cases, {shape} voxels of {spacing} mm")
+    sites = f", site seed {args.site_seed}" if args.site_seed else ""
     print(
-        f"wrote {len(result.derm)} dermoscopy and {len(result.prostate)} prostate sites ({args.shift} shift) "
+        f"wrote {len(result.derm)} dermoscopy and {len(result.prostate)} prostate sites ({args.shift} shift{sites}) "
         f"to {result.out} "
         f"({result.changed} files changed), configs in {result.out / 'site_configs'} "
         f"[{time.perf_counter() - start:.1f} s]"

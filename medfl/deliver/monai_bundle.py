@@ -8,9 +8,13 @@
     <site>/docs/README.md           what the model is, its scores, its intended use, the exact commands
 
 The configs name MONAI components and a handful of `$` expressions the bundle format needs (list the input
-folder, build the data list, choose the device, find the model file, run the engine); they read only the
-input folder and write only into the output folder that the user passes, and the recipe values copied into
-them are refused when MONAI's config parser would read them as code or references.
+folder, build the data list, choose the device, find the model file, run the engine) and the bundle's own
+checks: the model file's sha256 against the one metadata.json records (MONAI's `check_hash`) before it is
+loaded, the site's masks left out of an input folder (segmentation), every input an RGB JPEG or PNG before
+anything is predicted (classification). A failed check stops the run with one line (sys.exit). They read
+only the input folder and the bundle's files and write only into the output folder that the user passes, and
+the recipe values copied into them are refused when MONAI's config parser would read them as code or
+references.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ from medfl.data.safe_transforms import ALLOWED_TRANSFORMS
 from medfl.data.volumes import WORKING_ORIENTATION
 from medfl.deliver.programs import INTENSITY_STEPS, LogitsOnly
 from medfl.errors import ConfigError
+from medfl.manifests import (
+    BUNDLE_INFERENCE,
+    BUNDLE_METADATA,
+    BUNDLE_PROGRAM,
+    BUNDLE_README,
+    BUNDLE_WEIGHTS,
+    check_manifest,
+)
 
 if TYPE_CHECKING:
     from medfl.tasks import Task
@@ -44,8 +56,8 @@ REQUIRED_METADATA_KEYS = ("version", "monai_version", "pytorch_version", "numpy_
                           "network_data_format")
 REQUIRED_TENSOR_KEYS = ("type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range",
                         "is_patch_data", "channel_def")
-METADATA, INFERENCE = "configs/metadata.json", "configs/inference.json"
-PROGRAM, WEIGHTS, README = "models/model.ts", "models/model.pt", "docs/README.md"
+METADATA, INFERENCE, PROGRAM, WEIGHTS, README = (BUNDLE_METADATA, BUNDLE_INFERENCE, BUNDLE_PROGRAM, BUNDLE_WEIGHTS,
+                                                  BUNDLE_README)
 BUNDLE_VERSION = "1.0.0"
 REFERENCES = [
     "Chen Z, Yang C, Zhu M, Peng Z, Yuan Y. Personalized Retrogress-Resilient Framework for Real-World Medical "
@@ -172,18 +184,33 @@ def volume_transforms(recipe: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def inference_config(manifest: dict[str, Any], recipe: dict[str, Any], task: Task) -> dict[str, Any]:
-    """configs/inference.json: a SupervisedEvaluator over the files of `input_dir`, writing into `output_dir`."""
+    """configs/inference.json: a SupervisedEvaluator over the files of `input_dir`, writing into `output_dir`.
+
+    `models/model.ts` is loaded only after MONAI's `check_hash` has found it equal to the sha256 that
+    `configs/metadata.json` records; otherwise the run stops with one line (sys.exit) before anything is read
+    or written. The task's `input_report` runs first: it says which files are left out, or stops the run on
+    an input that cannot be predicted."""
+    part = task.bundle_inference(recipe, manifest)
     config: dict[str, Any] = {
-        "imports": ["$import glob", "$import os"],
+        "imports": ["$import glob", "$import os", "$import sys", "$from monai.apps.utils import check_hash",
+                    *part.pop("imports")],
         "bundle_root": ".",
         "input_dir": None,
         "output_dir": None,
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "network_def": {"_target_": "torch.jit.load", "f": "$os.path.join(@bundle_root, 'models', 'model.ts')",
-                        "map_location": "cpu"},
+        "model_file": f"$os.path.join(@bundle_root, {_python_path(PROGRAM)})",
+        "metadata_file": f"$os.path.join(@bundle_root, {_python_path(METADATA)})",
+        "model_sha256": f"$(monai.bundle.ConfigParser.load_config_file(@metadata_file) if os.path.isfile("
+                        f"@metadata_file) else {{}}).get('sha256', {{}}).get('{PROGRAM}')",
+        "checked_model_file": "$@model_file if @model_sha256 and check_hash(@model_file, @model_sha256, 'sha256') "
+                              "else sys.exit(@model_file + (': not found' if not os.path.isfile(@model_file) else "
+                              "': differs from the sha256 that ' + @metadata_file + ' records: the model file is "
+                              "damaged or was replaced' if @model_sha256 else ': ' + @metadata_file + ' records no "
+                              "sha256 of it') + '; nothing was run (export the bundle again)')",
+        "network_def": {"_target_": "torch.jit.load", "f": "@checked_model_file", "map_location": "cpu"},
         "network": "$@network_def.to(@device)",
     }
-    config |= task.bundle_inference(recipe)
+    config |= part
     config |= {
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": task.bundle_batch_size,
                        "shuffle": False, "num_workers": 0},
@@ -191,9 +218,14 @@ def inference_config(manifest: dict[str, Any], recipe: dict[str, Any], task: Tas
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers", "amp": False},
-        "run": ["$@evaluator.run()"],
+        "run": ["$@input_report", "$@evaluator.run()"],
     }
     return config
+
+
+def _python_path(name: str) -> str:
+    """`models/model.ts` as the arguments of os.path.join: 'models', 'model.ts'."""
+    return ", ".join(f"'{part}'" for part in name.split("/"))
 
 
 # --------------------------------------------------------------------------------------------------- metadata
@@ -339,6 +371,11 @@ From elsewhere, give the paths and add `--bundle_root THIS_FOLDER`.
 {io_text} The configs read nothing but the input folder and this bundle's files, and write nothing outside the
 output folder (files of the same name there are replaced).
 
+Before `models/model.ts` is loaded, the run checks it against the sha256 that `configs/metadata.json` records
+(MONAI's `check_hash`) and stops with one line if it differs: the file was damaged or replaced. `medfl verify
+THIS_FOLDER`, where medfl is installed, checks every file the metadata lists. This catches accidents, not
+someone who rewrites the metadata too.
+
 ## Preprocessing (the site's evaluation preprocessing, as in training)
 {steps}
 
@@ -355,6 +392,7 @@ def write_bundle(folder: Path, network: nn.Module, manifest: dict[str, Any], rec
                  task: Task) -> dict[str, str]:
     """Write one site's bundle into `folder` (empty) for the site's task; returns the sha256 of every file but
     metadata.json."""
+    check_manifest(manifest, f"the manifest of site '{manifest.get('site')}'")
     context = int(manifest["preprocessing"].get("context_slices", 0))
     config = inference_config(manifest, recipe, task)
     program = bundle_program(network, task, manifest["input"]["channels"], manifest["input"]["size"][0], context)

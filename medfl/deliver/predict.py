@@ -6,74 +6,46 @@ orientation, then go through the very pipeline of the MONAI bundle (medfl.delive
 percentile clip and z-score, then the slice-wise program: in-plane resize, context slices, network, logits
 back to the slice size), so that both give the same masks and both reproduce the data layer's
 preprocessing; they come back as a mask on the input's voxel grid, in the input's format.
-Each input stands alone: a bad one gets a one-line reason and the others are still predicted.
+Each input stands alone: a bad one gets a one-line reason and the others are still predicted. An RGBA image
+whose alpha is 255 everywhere is an RGB image with an unused channel: it is read without the alpha channel
+(PIL's RGBA to RGB conversion drops alpha and leaves the colours as they are); one with transparent pixels is
+refused, since what lies behind them is unknown.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
+from monai.data import PILReader
+from monai.transforms import Compose, LoadImaged
+from PIL import Image
 
 from medfl.checkpoints import atomic_write_csv as write_csv
+from medfl.checkpoints import staging_folder
 from medfl.data import CaseGeometry, load_recipe
-from medfl.data.images import IMAGE_EXTENSIONS, check_image
+from medfl.data.images import check_image
+from medfl.data.recipes import resolve_recipe
 from medfl.data.volumes import WORKING_ORIENTATION, read_volume, write_like
 from medfl.deliver.bundle import ExportedModel
+from medfl.deliver.inputs import (
+    Prediction,
+    input_problem,
+    mask_targets,
+    predictions_csv,
+    stem,
+)
 from medfl.deliver.programs import LogitsOnly, SliceWiseProgram, normalise_volume
-from medfl.errors import ConfigError
+from medfl.errors import ConfigError, WriteError
 from medfl.task_facts import facts_for
 
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha")
-PREDICTIONS_CSV = "predictions.csv"
 BATCH_SIZE = 32
 MASK_VALUES = 4  # a volume with this many distinct integer values or fewer is a mask (0/1, 0/255, zones), not MRI
-
-
-@dataclass
-class Prediction:
-    """The outcome for one input: where its result went and a short summary, or why it failed."""
-
-    input: Path
-    output: Path | None = None
-    summary: str = ""
-    error: str | None = None
-
-
-def _extension(path: Path) -> str | None:
-    """The file's volume or image extension as written (".nii.gz", ".JPG", ...), or None."""
-    lower = path.name.lower()
-    for extension in VOLUME_EXTENSIONS + IMAGE_EXTENSIONS:
-        if lower.endswith(extension) and len(lower) > len(extension):
-            return path.name[-len(extension):]
-    return None
-
-
-def input_problem(path: Path, task: str) -> str | None:
-    """Why `path` cannot go to a model of `task` (missing, a folder, unknown type, wrong modality), or None."""
-    if path.is_dir():
-        return "is a folder; give the files themselves"
-    if not path.exists():
-        return "file not found"
-    extension = _extension(path)
-    takes_volumes = facts_for(task).predicts_volumes
-    if extension is None:
-        known = ", ".join(VOLUME_EXTENSIONS if takes_volumes else IMAGE_EXTENSIONS)
-        return f"unknown file type (this model takes {known})"
-    is_volume = extension.lower() in VOLUME_EXTENSIONS
-    if is_volume and not takes_volumes:
-        return "is an MRI volume, but this model classifies dermoscopy images"
-    if takes_volumes and not is_volume:
-        return "is a 2-D image, but this model segments MRI volumes (NIfTI or MetaImage)"
-    return None
 
 
 def _one_line(error: Exception) -> str:
@@ -98,17 +70,58 @@ def _channel_problem(image: Any, export: ExportedModel) -> str | None:
     return None
 
 
+def opaque_alpha(path: Path) -> bool | None:
+    """For an RGBA image: whether its alpha is 255 everywhere. None for any other file (or one PIL cannot
+    decode), which `check_image` then judges."""
+    try:
+        with Image.open(path) as image:
+            if image.mode != "RGBA":
+                return None
+            return image.getchannel("A").getextrema() == (255, 255)
+    except Exception:  # noqa: BLE001 - an unreadable file is check_image's to describe
+        return None
+
+
+def _without_alpha(image: Any) -> Any:
+    return image.convert("RGB")
+
+
+def alpha_dropping_recipe(export: ExportedModel) -> Compose | None:
+    """The export's recipe with its first step, LoadImaged with PILReader, reading RGBA images as RGB; None
+    when the recipe does not start that way (then RGBA images are refused)."""
+    recipe = load_recipe(export.recipe_path)
+    name, arguments = next(iter(resolve_recipe(export.recipe_path)["transforms"][0].items()))
+    if name != "LoadImaged" or arguments.get("reader") != "PILReader":
+        return None
+    load = LoadImaged(**{**arguments, "reader": PILReader(converter=_without_alpha)})
+    return Compose([load, *recipe.transforms[1:]])
+
+
+def _image_recipe(export: ExportedModel, path: Path, recipes: dict[str, Compose | None]) -> tuple[Any, str | None]:
+    """The recipe that reads `path` (alpha dropped for an opaque RGBA image), or None and why not."""
+    problem = input_problem(path, export.task)
+    opaque = None if problem else opaque_alpha(path)
+    if opaque is None:
+        return recipes["plain"], problem or check_image(path)
+    if not opaque:
+        return None, ("image has transparent pixels (RGBA with alpha below 255), and the model takes RGB colour "
+                      "images: flatten it onto its background first")
+    if "opaque" not in recipes:
+        recipes["opaque"] = alpha_dropping_recipe(export)
+    if recipes["opaque"] is None:
+        return None, "image mode is RGBA, expected RGB colour (this export's recipe cannot drop the alpha channel)"
+    return recipes["opaque"], None
+
+
 def predict_images(export: ExportedModel, inputs: Sequence[Path], out: Path) -> list[Prediction]:
     """Classify dermoscopy images into `out/predictions.csv` (image, prob_<class>..., predicted)."""
-    csv_path = out / PREDICTIONS_CSV
-    if csv_path.exists():
-        raise ConfigError(f"{csv_path} already exists: predictions are never overwritten; choose another --out")
-    recipe = load_recipe(export.recipe_path)
+    csv_path = predictions_csv(out)
+    recipes: dict[str, Compose | None] = {"plain": load_recipe(export.recipe_path)}
     results, images = [], []
     for path in inputs:
         result = Prediction(path)
         results.append(result)
-        result.error = input_problem(path, export.task) or check_image(path)
+        recipe, result.error = _image_recipe(export, path, recipes)
         if result.error is None:
             try:
                 image = recipe({"image": str(path), "label": -1, "id": path.stem, "site": export.site})["image"]
@@ -129,29 +142,6 @@ def predict_images(export: ExportedModel, inputs: Sequence[Path], out: Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     write_csv(csv_path, rows, ["image", *(f"prob_{c}" for c in export.classes), "predicted"])
     return results
-
-
-def _stem(path: Path) -> str:
-    """The file name without its (possibly double, as in .nii.gz) extension."""
-    extension = _extension(path) or path.suffix
-    return path.name[: len(path.name) - len(extension)]
-
-
-def mask_name(path: Path) -> str:
-    """`<name>_mask<extension>`, the extension as the input's (".nii.gz", ".mhd", ...)."""
-    return f"{_stem(path)}_mask{path.name[len(_stem(path)):]}"
-
-
-def mask_targets(paths: Sequence[Path], out: Path) -> list[Path]:
-    """Where each input's mask goes: `out/<folder>/<name>_mask<extension>`, <folder> being the input's
-    folder below the deepest folder common to all volume inputs. Inputs of one folder go straight into
-    `out`; inputs of one name from different folders (ISBI/Case00.nii.gz, ISBI_1.5/Case00.nii.gz) keep their
-    folders apart (out/ISBI/Case00_mask.nii.gz, out/ISBI_1.5/Case00_mask.nii.gz)."""
-    folders = [path.resolve().parent for path in paths]
-    volumes = [f for f, p in zip(folders, paths, strict=True) if (_extension(p) or "").lower() in VOLUME_EXTENSIONS]
-    common = Path(os.path.commonpath(volumes)) if volumes else None
-    return [out / (folder.relative_to(common) if common and folder.is_relative_to(common) else "") / mask_name(path)
-            for path, folder in zip(paths, folders, strict=True)]
 
 
 def _segment(export: ExportedModel, case_id: str, path: Path, image: sitk.Image) -> tuple[sitk.Image | None, str]:
@@ -177,8 +167,7 @@ def _write_image(image: sitk.Image, target: Path, source: Path) -> None:
     """Write (like `source`: a NIfTI keeps its header) into a temporary folder beside `target`, then move every
     file written into place (a MetaImage header last, after its data file), so that no half-written mask is
     ever visible."""
-    staging = Path(tempfile.mkdtemp(prefix=".predict.", suffix=".tmp", dir=target.parent))
-    try:
+    with staging_folder(target.parent, target.name) as staging:
         write_like(image, staging / target.name, source)
         written = sorted(staging.iterdir(), key=lambda p: p.name == target.name)
         clashes = [target.parent / p.name for p in written if (target.parent / p.name).exists()]
@@ -186,8 +175,6 @@ def _write_image(image: sitk.Image, target: Path, source: Path) -> None:
             raise FileExistsError(f"{clashes[0]} already exists")
         for path in written:
             os.replace(path, target.parent / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def predict_volume(export: ExportedModel, path: Path, target: Path) -> Prediction:
@@ -203,7 +190,7 @@ def predict_volume(export: ExportedModel, path: Path, target: Path) -> Predictio
     if image is None:
         return result
     try:
-        mask, result.summary = _segment(export, _stem(path), path, image)
+        mask, result.summary = _segment(export, stem(path), path, image)
     except Exception as error:  # noqa: BLE001 - any failure here is this file's problem, reported per file
         result.error = f"could not be predicted ({_one_line(error)})"
         return result
@@ -213,7 +200,7 @@ def predict_volume(export: ExportedModel, path: Path, target: Path) -> Predictio
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         _write_image(mask, target, path)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, WriteError) as error:
         result.error = f"could not write {target} ({_one_line(error)})"
         return result
     result.output = target
@@ -224,6 +211,8 @@ def predict(export: ExportedModel, inputs: Sequence[str | Path], out: str | Path
             on_file: Callable[[Prediction], None] | None = None) -> list[Prediction]:
     """Predict every input with an exported model; results in input order, failures with their reason."""
     paths, out = [Path(p) for p in inputs], Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: the output must be a folder, but it is a file; nothing was written")
     if not facts_for(export.task).predicts_volumes:
         results = predict_images(export, paths, out)
         for result in results:

@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from medfl.data.recipes import resolve_recipe
 from medfl.errors import ConfigError
 from medfl.experiment import ExperimentConfig
 from medfl.runfolder import RunFolder
@@ -44,7 +43,8 @@ class RunRecord:
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
-    """Read a run folder; refused in one line unless it carries a run record and a completed round."""
+    """Read a run folder; refused in one line unless it carries a run record, a completed round and the
+    config.yaml the run wrote (RunFolder.check_config)."""
     files = RunFolder.open(run_dir)
     return RunRecord(files, files.config(), files.config_sha256(), files.summary(), files.metrics())
 
@@ -103,6 +103,9 @@ def files_sha256(files: list[str]) -> str:
 def resolved_eval_recipe(config: ExperimentConfig) -> dict[str, Any]:
     """The run's evaluation recipe with its variables (input size included) substituted: a recipe mapping
     that `medfl.data.load_recipe` builds into the very transforms the run evaluated with."""
+    # start-up: MONAI loads once the run and its round are checked
+    from medfl.data.recipes import resolve_recipe
+
     recipe = resolve_recipe(config.data.recipe(config.task, "eval"), input_size=config.data.input_size)
     path, transforms = recipe["path"], recipe["transforms"]
     description = f"{recipe['description']} (from {path.name}, input size {config.data.input_size})"

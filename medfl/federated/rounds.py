@@ -198,7 +198,12 @@ class Server:
 def run_rounds(config: ExperimentConfig, root: str | Path, federation: Federation, server: Server,
                resume: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Play a run from its first round (or, resuming, its next one) to its last; the final summary."""
-    progress = progress or (lambda event, info: None)
+    with RunFolder(root).lock(create=not resume):  # one process per run folder (re-entrant: `medfl run` holds it)
+        return _play(config, root, federation, server, resume, progress or (lambda event, info: None))
+
+
+def _play(config: ExperimentConfig, root: str | Path, federation: Federation, server: Server, resume: bool,
+          progress: Progress) -> dict[str, Any]:
     if resume:
         folder = RunFolder.open(root)
         start = folder.resume_from(config)

@@ -62,6 +62,12 @@ class SiteScores:
         self.record(round_, epoch, role, split, metrics)
         return _phi(metrics.get(self.metric, math.nan))
 
+    def reestimate_batchnorm(self, role: ModelRole) -> None:
+        """Model `role`'s BatchNorm statistics replaced by those of the site's training data (a training option:
+        DETSettings.reestimate_bn_on_receive); its cached scores are dropped."""
+        reestimate_batchnorm(self.models[role], self.batches("train_eval"), self.device)
+        self.forget(role)
+
     def bn_reestimated(self, role: ModelRole) -> float:
         """phi on validation of a copy of model `role` whose BatchNorm statistics were re-estimated on the site's
         training data (evaluation preprocessing, no weight change); NaN for a net without BatchNorm."""

@@ -69,6 +69,8 @@ class Site(ClientAlgo):
         self.round = -1  # last completed round
         self._collated: dict[str, list[dict[str, Any]]] = {}
         self._timing: dict[str, float] = {}
+        self._clock: tuple[float, float, int] = (0.0, 0.0, 0)  # a round's start: time, eval seconds, eval samples
+        self._state, self._det_phis = DetState.START, {}  # DET's state and the scores it decides on, this round
         self._departures: list[dict[str, Any]] = []  # what left the site and is not in the audit log yet
         self.on_epoch: Callable[[dict[str, Any]], None] | None = None  # progress display hook
 
@@ -99,7 +101,8 @@ class Site(ClientAlgo):
                                  self._spacing, lambda split: len(self.datasets[split]))
         self.record = SiteRecord(schema_version=SCHEMA_VERSION, site=self.name,
                                  site_config_sha256=site_config_sha256(self.config),
-                                 data_fingerprint=data_fingerprint(self.data), training_files=self.task.training_files(self.data))
+                                 data_fingerprint=data_fingerprint(self.data), training_files=self.task.training_files(self.data),
+                                 inputs=self.task.site_inputs(self.config))
 
     @property
     def models(self) -> dict[Any, torch.nn.Module]:
@@ -118,18 +121,42 @@ class Site(ClientAlgo):
         self._departures.append({"what": "data_statistics", **describe_values(statistics)})
         return ExchangeObject(statistics=statistics)
 
+    def pool_training_data(self, trainer: LocalTrainer) -> None:
+        """Pooled training (medfl.federated.pooled): the site's training split goes to `trainer`, whose one model
+        learns from every site's, and the site holds that model instead of its own. The training data leave the
+        site: its audit log says so."""
+        self.trainer = trainer
+        self.scores.models = trainer.models
+        self._departures.append({"what": "training_data", "to": "pooled training in one process",
+                                 "samples": len(self.datasets["train"]), "files": len(self.record.training_files)})
+
     # ----------------------------------------------------------------- a round
     def train(self, data: ExchangeObject | None, extra: dict | None = None) -> None:
         """One round: load what the server delivered into the receiving model, then E local epochs, each with
         DET's state chosen from both models' scores."""
         round_ = int((extra or {}).get("round", self.round + 1))
+        self.begin_round(round_, data)
+        for epoch in range(1, self.experiment.local_epochs + 1):
+            self._state = self.trainer.next_state(self._state, self._det_phis)
+            try:
+                losses = self.trainer.epoch(round_, epoch, self._state, self._train_loader(round_, epoch))
+            except TrainingDiverged as error:
+                raise TrainingDiverged(f"site '{self.name}', round {round_}, epoch {epoch}: {error}") from None
+            self.end_epoch(round_, epoch, losses)
+        self.end_round(round_)
+
+    def begin_round(self, round_: int, data: ExchangeObject | None) -> None:
+        """A round's start: the delivery loaded, fresh optimizers, every model scored right after communication
+        (the used one on test too, in the reference protocol's window), the receiving model's retrogress."""
         scores, trainer = self.scores, self.trainer
-        started, eval_before, samples_before = time.perf_counter(), scores.eval_seconds, scores.eval_samples
+        self._clock = (time.perf_counter(), scores.eval_seconds, scores.eval_samples)
         trainer.to(self.device)
         try:
-            trainer.receive(Delivery.from_exchange(data))  # the receiving model's cached scores: see _measure
+            loaded = trainer.receive(Delivery.from_exchange(data))  # the receiving model's cached scores: see _measure
         except MedflError as error:
             raise MedflError(f"site '{self.name}': {error}") from None
+        if loaded and self.experiment.det.reestimate_bn_on_receive:
+            scores.reestimate_batchnorm(self.receiving)
         trainer.start_round(round_)
         previous = scores.phi(self.receiving, round_ - 1) if round_ > 0 else math.nan
         phis = self._measure(round_, 0)
@@ -141,37 +168,43 @@ class Site(ClientAlgo):
             if self.experiment.diagnostics.bn_reestimation:
                 entry["after_bn_reestimated"] = scores.bn_reestimated(self.receiving)
             scores.retrogress_log.append(entry)
-        det_phis = self._det_phis(round_, 0, phis)
-        state = DetState.START
-        for epoch in range(1, self.experiment.local_epochs + 1):
-            state = trainer.next_state(state, det_phis)
-            try:
-                losses = trainer.epoch(round_, epoch, state, self._train_loader(round_, epoch))
-            except TrainingDiverged as error:
-                raise TrainingDiverged(f"site '{self.name}', round {round_}, epoch {epoch}: {error}") from None
-            phis = self._measure(round_, epoch)
-            det_phis = self._det_phis(round_, epoch, phis)
-            scores.det_log.append({"round": round_, "epoch": epoch, "site": self.name,
-                                   "state": state.value if self.spec.two_models else "",
-                                   **{f"phi_{role}": value for role, value in det_phis.items()},
-                                   **{f"loss_{role}": value for role, value in losses.items()}})
-            if self.on_epoch is not None:
-                self.on_epoch(scores.det_log[-1])
-            if epoch == 1 and scores.retrogress_log and scores.retrogress_log[-1]["round"] == round_:
-                entry = scores.retrogress_log[-1]
-                entry.update(retrogress(entry["before"], entry["after"], phis[self.receiving]))
-                entry["after_first_epoch"] = phis[self.receiving]
-                if "after_bn_reestimated" in entry:
-                    entry["retrogress_bn_reestimated"] = entry["before"] - entry["after_bn_reestimated"]
+        self._det_phis = self._det_phis_of(round_, 0, phis)
+        self._state = DetState.START
+
+    def end_epoch(self, round_: int, epoch: int, losses: dict[Any, float]) -> None:
+        """After local epoch `epoch` (each model's mean loss): every model scored, the epoch's DET log entry, the
+        receiving model's recovery after the round's first epoch."""
+        scores = self.scores
+        phis = self._measure(round_, epoch)
+        self._det_phis = self._det_phis_of(round_, epoch, phis)
+        scores.det_log.append({"round": round_, "epoch": epoch, "site": self.name,
+                               "state": self._state.value if self.spec.distillation else "",
+                               **{f"phi_{role}": value for role, value in self._det_phis.items()},
+                               **{f"loss_{role}": value for role, value in losses.items()}})
+        if self.on_epoch is not None:
+            self.on_epoch(scores.det_log[-1])
+        if epoch == 1 and scores.retrogress_log and scores.retrogress_log[-1]["round"] == round_:
+            entry = scores.retrogress_log[-1]
+            entry.update(retrogress(entry["before"], entry["after"], phis[self.receiving]))
+            entry["after_first_epoch"] = phis[self.receiving]
+            if "after_bn_reestimated" in entry:
+                entry["retrogress_bn_reestimated"] = entry["before"] - entry["after_bn_reestimated"]
+
+    def end_round(self, round_: int, train_seconds: float | None = None) -> None:
+        """The round is done: its models saved, the round validation selects, its timing. `train_seconds` is the
+        training time charged to this site where it did not train alone (pooled training); by default the
+        round's time less its evaluation."""
+        scores = self.scores
         self.round = round_
         self.folder.save_round_models(round_, {
             "round": round_, "site": self.name, "network": self.models[self.used].config,
             "used": self.used.value, "receiving": self.receiving.value,
             "models": {role.value: cpu_state(model) for role, model in self.models.items()}})
         scores.select(round_, self.used)
+        started, eval_before, samples_before = self._clock
         inner_eval = scores.eval_seconds - eval_before
-        self._timing = {"train_s": time.perf_counter() - started - inner_eval, "eval_s": inner_eval,
-                        "eval_samples": scores.eval_samples - samples_before}
+        self._timing = {"train_s": time.perf_counter() - started - inner_eval if train_seconds is None
+                        else train_seconds, "eval_s": inner_eval, "eval_samples": scores.eval_samples - samples_before}
 
     def _measure(self, round_: int, epoch: int) -> dict[Any, float]:
         """Every model's validation score at (round, epoch). A model's cached scores hold only where it did not
@@ -181,7 +214,7 @@ class Site(ClientAlgo):
                 self.scores.forget(role)
         return {role: self.scores.measure(role, round_, epoch) for role in self.models}
 
-    def _det_phis(self, round_: int, epoch: int, validation: dict[Any, float]) -> dict[Any, float]:
+    def _det_phis_of(self, round_: int, epoch: int, validation: dict[Any, float]) -> dict[Any, float]:
         """The scores DET decides on: validation (the paper) or the training split in eval mode (the reference)."""
         if self.experiment.det.phi_source == "val":
             return validation

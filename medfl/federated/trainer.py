@@ -19,6 +19,7 @@ from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig
 from medfl.federated.cpa import PrototypeAccumulator, refinement_weights
 from medfl.federated.det import DetState, next_state
+from medfl.federated.ditto import start_from_global_model
 from medfl.federated.params import classifier_keys
 from medfl.federated.payloads import Delivery
 from medfl.federated.server import SiteUpdate
@@ -48,7 +49,16 @@ class LocalTrainer:
     # ------------------------------------------------------------------ a round
     def receive(self, delivery: Delivery | None) -> bool:
         """Keep the federation's statistics and load the delivered weights into the receiving model; whether
-        weights were loaded."""
+        weights were loaded. Ditto: the first global model the site holds is also where P starts, and the
+        reference of P's proximal term from round 0 on (medfl.federated.ditto)."""
+        first = self.received is None
+        loaded = self._load(delivery)
+        if first and self.spec.personal_proximal:
+            self.received = start_from_global_model(self.models[ModelRole.PERSONALIZED],
+                                                    self.models[ModelRole.DEPUTY], self.received)
+        return loaded
+
+    def _load(self, delivery: Delivery | None) -> bool:
         if delivery is None:
             return False
         for name, value in (("counts", delivery.global_class_counts), ("prototypes", delivery.global_prototypes),
@@ -101,10 +111,10 @@ class LocalTrainer:
             refines or epoch == self.experiment.local_epochs) else None
         baselines = self.experiment.baselines
         plan = EpochPlan(
-            state=state if self.spec.two_models else None,
+            state=state if self.spec.distillation else None,
             gamma=self._gamma() if refines else None,
             temperature=self.experiment.det.temperature,
-            proximal_mu=baselines.fedprox_mu if self.spec.proximal else 0.0,
+            proximal_mu=self._proximal_weight(),
             received=self.received,
             prototype_weight=baselines.fedproto_weight if self.spec.prototype_loss else 0.0,
             global_prototypes=self.global_["prototypes"],
@@ -117,6 +127,14 @@ class LocalTrainer:
         if accumulator is not None:
             self.local_prototypes = accumulator.prototypes()
         return losses
+
+    def _proximal_weight(self) -> float:
+        """The weight of the used model's proximal term: FedProx's mu (on M), Ditto's lambda (on P), else 0."""
+        if self.spec.proximal:
+            return self.experiment.baselines.fedprox_mu
+        if self.spec.personal_proximal:
+            return self.experiment.baselines.ditto_lambda
+        return 0.0
 
     def _gamma(self) -> Tensor | None:
         """CPA's refinement weights from the latest local prototypes and the round's global ones."""

@@ -1,4 +1,5 @@
-"""One local epoch for every method: the supervised loss, DET or mutual distillation, FedProx and FedProto terms.
+"""One local epoch for every method: the supervised loss, DET or mutual distillation, FedProx's and Ditto's proximal
+terms, FedProto's term.
 
 The site decides *what* to train (which models, which DET state, which extra terms); this module does
 the batch loop. It reads no files and knows no engine.
@@ -34,11 +35,11 @@ class TrainingDiverged(MedflError):
 class EpochPlan:
     """What one local epoch does, decided by the site from the method's switches and the round."""
 
-    state: DetState | None = None  # two-model methods: DET state (FML: always EXCHANGE)
+    state: DetState | None = None  # DET's state (FML: always EXCHANGE); None: P and D do not teach each other
     gamma: Tensor | None = None  # CPA refinement weights, None during warm-up
     temperature: float = 1.0
-    proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_received||^2
-    received: Mapping[str, Tensor] | None = None  # FedProx: the weights received this round
+    proximal_mu: float = 0.0  # mu/2 ||w - w_received||^2 on the used model: FedProx's mu (M), Ditto's lambda (P)
+    received: Mapping[str, Tensor] | None = None  # FedProx, Ditto: the weights received this round
     prototype_weight: float = 0.0  # FedProto: weight of the distance to the global prototypes
     global_prototypes: Tensor | None = None
     global_present: Tensor | None = None
@@ -88,12 +89,13 @@ def _batch_losses(
     plan: EpochPlan,
     used: str,
 ) -> dict[str, Tensor]:
-    """Each model's loss on one batch: supervised, plus DET's KL terms, FedProx's and FedProto's terms."""
+    """Each model's loss on one batch: supervised, plus DET's KL terms, the proximal term (FedProx, Ditto) and
+    FedProto's term."""
     losses = {name: loss_fn(logits.float(), labels, plan.gamma) for name, (logits, _) in outputs.items()}
-    if len(models) == 2:
+    if len(models) == 2 and plan.state is not None:
         p, d = ModelRole.PERSONALIZED, ModelRole.DEPUTY
         losses[p], losses[d] = det_losses(
-            plan.state or DetState.EXCHANGE, outputs[p][0].float(), outputs[d][0].float(),
+            plan.state, outputs[p][0].float(), outputs[d][0].float(),
             losses[p], losses[d], plan.temperature,
         )
     if plan.proximal_mu and plan.received is not None:
@@ -117,8 +119,9 @@ def train_epoch(
 ) -> dict[str, float]:
     """Train ``models`` ({P: p, D: d} or {M: m}, by ModelRole) for one pass over ``loader``; mean loss per model.
 
-    Two models step on the same batch with the losses of DET's table for ``plan.state``; the teacher of
-    each KL term is detached, so one backward pass over the sum trains each model on its own loss only.
+    Two models step on the same batch with the losses of DET's table for ``plan.state`` (none: each its own
+    loss, as Ditto's); the teacher of each KL term and the proximal term's reference are detached, so one backward
+    pass over the sum trains each model on its own loss only.
     The used model (P, or M) feeds ``plan.accumulator`` with detached features for CPA's prototypes.
     """
     used = ModelRole.PERSONALIZED if ModelRole.PERSONALIZED in models else ModelRole.SINGLE

@@ -7,19 +7,12 @@ from typing import Any
 
 from medfl.errors import ConfigError
 from medfl.models.base import FeatureNet, network_config
-from medfl.models.classifiers import DenseNet121Net, EfficientNetB0Net, ResNet18Net
-from medfl.models.segmentation import BasicUNetNet, UNetNet
-from medfl.models.vgg import SlimVGG16
+from medfl.network_facts import BASE_ARGUMENTS, check_network, import_network
 from medfl.task_facts import FACTS, TaskKey, facts_for
 
-# Every network, by the name configs use; each task's facts say which of them it trains (TaskFacts.networks).
-NETWORKS: dict[str, type[FeatureNet]] = {
-    "slim_vgg16": SlimVGG16, "densenet121": DenseNet121Net, "efficientnet-b0": EfficientNetB0Net,
-    "resnet18": ResNet18Net, "unet": UNetNet, "basicunet": BasicUNetNet,
-}
-MODEL_NAMES: dict[TaskKey, tuple[str, ...]] = {key: facts.networks for key, facts in FACTS.items()}
-
-_BASE_ARGUMENTS = ("num_classes", "in_channels", "width", "spatial_dims")
+# The networks each task trains, by name (each task's facts say which: TaskFacts.network_classes, "module:Class";
+# medfl.network_facts describes them from their source without torch).
+MODEL_NAMES: dict[TaskKey, tuple[str, ...]] = {key: tuple(facts.network_classes) for key, facts in FACTS.items()}
 
 
 def build_model(
@@ -40,8 +33,10 @@ def build_model(
         task = facts_for(task).key
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if name not in MODEL_NAMES[task]:
-        raise ConfigError(f"unknown {task} model '{name}'; valid names: {', '.join(MODEL_NAMES[task])}")
+    try:
+        check_network(facts_for(task), name, kwargs)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"model '{name}': {label} must be a positive integer, got {value!r}")
@@ -49,17 +44,12 @@ def build_model(
         raise ConfigError(f"model '{name}': width must be a positive number, got {width!r}")
     if spatial_dims not in (2, 3):
         raise ConfigError(f"model '{name}': spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    network = NETWORKS[name]
-    options = [p for p in inspect.signature(network).parameters if p not in _BASE_ARGUMENTS]
-    unknown = sorted(set(kwargs) - set(options))
-    if unknown:
-        valid = ", ".join(options) or "none"
-        raise ConfigError(f"model '{name}': unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    network = import_network(facts_for(task).network_classes[name])
     model = network(
         num_classes=num_classes, in_channels=in_channels, width=width, spatial_dims=spatial_dims, **kwargs
     )
     chosen = inspect.signature(network).bind(num_classes, in_channels, width, spatial_dims, **kwargs)
     chosen.apply_defaults()
-    options = {key: value for key, value in chosen.arguments.items() if key not in _BASE_ARGUMENTS}
+    options = {key: value for key, value in chosen.arguments.items() if key not in BASE_ARGUMENTS}
     model.config = network_config(name, task, num_classes, in_channels, width, spatial_dims, **options)
     return model

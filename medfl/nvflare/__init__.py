@@ -13,6 +13,7 @@ Everything here needs the `[nvflare]` extra; the rest of medfl imports and runs 
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 from medfl.errors import ConfigError
 
@@ -23,3 +24,12 @@ def require_nvflare() -> None:
     """Raise ConfigError with the install command when NVIDIA FLARE is not installed."""
     if importlib.util.find_spec("nvflare") is None:
         raise ConfigError(f"NVIDIA FLARE is not installed; install the extra: {INSTALL_HINT}")
+
+
+def refuse_in_process_only(config: Any) -> None:
+    """Raise ConfigError when the experiment's method runs only in one process (pooled training: one model on
+    every site's data), before anything is written or started."""
+    if config.spec.pools_data:
+        source = f"{config.source_path}: " if config.source_path is not None else ""
+        raise ConfigError(f"{source}method '{config.method}' trains one model on every site's data in one process "
+                          "(the centralised reference): it runs with `medfl run` only, never under NVIDIA FLARE")

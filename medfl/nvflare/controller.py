@@ -27,6 +27,7 @@ from medfl.errors import MedflError
 from medfl.experiment import ExperimentConfig, load_experiment_config
 from medfl.federated.payloads import Delivery
 from medfl.federated.rounds import ANSWERED, RoundReplies, Server, SiteReply, run_rounds
+from medfl.nvflare import refuse_in_process_only
 from medfl.nvflare.layout import CONFIG_FOLDER, EXPERIMENT_FILE, resolve_run_dir
 from medfl.nvflare.payloads import (
     TASK_DATA_STATS,
@@ -86,19 +87,22 @@ class MedflController(ModelController):
 
     def run_experiment(self, config: ExperimentConfig) -> None:
         """Start or resume the run of `config` in the run folder and play its remaining rounds."""
+        refuse_in_process_only(config)  # a job not written by `medfl nvflare-job`
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
         root = resolve_run_dir(self.run_dir)
-        resume = RunFolder(root).record_file.is_file()
-        self.rounds_planned = config.rounds
-        self.info(f"medfl: {'resuming' if resume else 'starting'} {config.name} ({config.method}) in {root}, "
-                  f"sites {', '.join(self.sites)}")
-        server = Server(config, resolve_device(config.device), self.sites)
-        try:
-            run_rounds(config, root, self, server, resume,
-                       lambda event, info: self.info(f"medfl: round {info['round']} done") if event == "round" else None)
-        except RunFinished as finished:
-            self.info(f"medfl: {finished}")
+        with RunFolder(root).lock(create=True):  # one process per run folder, held before it is read
+            resume = RunFolder(root).record_file.is_file()
+            self.rounds_planned = config.rounds
+            self.info(f"medfl: {'resuming' if resume else 'starting'} {config.name} ({config.method}) in {root}, "
+                      f"sites {', '.join(self.sites)}")
+            server = Server(config, resolve_device(config.device), self.sites)
+            try:
+                run_rounds(config, root, self, server, resume,
+                           lambda event, info: self.info(f"medfl: round {info['round']} done") if event == "round"
+                           else None)
+            except RunFinished as finished:
+                self.info(f"medfl: {finished}")
 
     # ------------------------------------------------------------------ the Federation of the shared loop
     def start(self) -> dict[str, ExchangeObject]:

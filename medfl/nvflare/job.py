@@ -21,7 +21,7 @@ import yaml
 from medfl.checkpoints import atomic_write_text
 from medfl.errors import ConfigError
 from medfl.experiment import ExperimentConfig
-from medfl.nvflare import require_nvflare
+from medfl.nvflare import refuse_in_process_only, require_nvflare
 from medfl.nvflare.layout import CONFIG_FOLDER, EXPERIMENT_FILE, JOB_FILE, SITE_FILE, SITE_SCRIPT
 from medfl.runfolder import run_directory
 
@@ -64,14 +64,8 @@ def write_job(
     part with `MEDFL_RUN_DIR`). `min_sites` is how many sites must be connected for the job to start (all
     by default); the timeouts are in seconds, 0 for none.
     """
+    refuse_in_process_only(config)
     require_nvflare()
-    # start-up: the [nvflare] extra and torch load only here, once the config was validated
-    from nvflare.client.config import ExchangeFormat
-    from nvflare.job_config.api import FedJob
-    from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
-
-    from medfl.nvflare.controller import MedflController
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: already exists and is not empty; choose a new job folder")
@@ -84,6 +78,13 @@ def write_job(
         if value < 0:
             raise ConfigError(f"{label} must be >= 0 seconds (0: no limit), got {value}")
     run_dir = Path(run_dir).expanduser().resolve() if run_dir is not None else default_run_dir(config)
+
+    # start-up: the [nvflare] extra, torch and MONAI load only here, once everything is checked
+    from nvflare.client.config import ExchangeFormat
+    from nvflare.job_config.api import FedJob
+    from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
+
+    from medfl.nvflare.controller import MedflController
 
     job = FedJob(name=job_name(config), min_clients=min_sites)
     job.set_app_packages(["medfl"])

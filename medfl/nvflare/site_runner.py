@@ -3,8 +3,9 @@
 `SiteRunner` answers the controller's tasks with one `Site` (a MONAI ClientAlgo): `data_stats` ->
 initialize and get_data_stats; `train` -> train, evaluate, get_weights, save_state, in the coordinator's
 order, so that a site computes over NVFlare exactly what it computes in process. The site keeps its state
-in `<run dir>/sites/<name>/` as in process: after a failure, a missed round or a restarted job it resumes
-from the newest saved round before the one asked for. Any failure is answered with a failure reply naming
+in `<run dir>/sites/<name>/` as in process, and holds that folder's lock from its first task that reads or
+writes it until its process ends: after a failure, a missed round or a restarted job it resumes from the
+newest saved round before the one asked for. Any failure is answered with a failure reply naming
 only the error's type (details go to the site's log), and the site rejoins at the next round.
 """
 
@@ -22,6 +23,7 @@ from medfl.errors import ConfigError, MedflError
 from medfl.experiment import ExperimentConfig, load_experiment_config
 from medfl.federated.payloads import Delivery
 from medfl.federated.site import Site
+from medfl.nvflare import refuse_in_process_only
 from medfl.nvflare.layout import EXPERIMENT_FILE, JOB_FILE, resolve_run_dir, site_config_path
 from medfl.nvflare.payloads import (
     TASK_DATA_STATS,
@@ -35,7 +37,7 @@ from medfl.nvflare.payloads import (
     task_kind,
     train_reply,
 )
-from medfl.runfolder import RunFolder
+from medfl.runfolder import FolderLock, RunFolder
 from medfl.tasks import task_for
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class SiteRunner:
         self.device = torch.device(device)
         self.site: Site | None = None
         self.opened = False
+        self.lock: FolderLock | None = None  # the site's part of the run folder, held until the process ends
 
     @property
     def name(self) -> str:
@@ -81,14 +84,22 @@ class SiteRunner:
             if task == TASK_DATA_STATS:
                 return self._data_stats()
             if task == TASK_RESULTS:
+                self._hold_folder()
                 return results_reply(RunFolder(self.run_dir).keep_site_results(read_results_task(model)))
             train = read_train_task(model)
             round_ = train.round
+            self._hold_folder()
             return self._train(train.delivery, train.round, train.upload)
         except Exception as error:  # reported to the server by type only; the site rejoins next round
             logger.exception("site '%s': task '%s' (round %s) failed: %s", self.name, task, round_, error)
             self.site, self.opened = None, False  # drop half-trained models: the next task resumes from the last saved round
             return failure_reply(round_, type(error).__name__)
+
+    def _hold_folder(self) -> None:
+        """Take the site's part of the run folder before it is read or written, and keep it until the process
+        ends (FolderInUse while another process, e.g. another job's site, drives it)."""
+        if self.lock is None:
+            self.lock = RunFolder(self.run_dir).site(self.name).lock().acquire()
 
     def _ready_site(self) -> Site:
         """The Site, its data read and checked (nothing written yet: the server creates the run folder once
@@ -134,6 +145,7 @@ class SiteRunner:
 def build_runner(config_dir: Path, site_name: str) -> SiteRunner:
     """The runner of this site from the job's config folder (and `MEDFL_SITE_CONFIG` / `MEDFL_RUN_DIR`)."""
     experiment, site_config = load_job_configs(config_dir, site_name)
+    refuse_in_process_only(experiment)  # its training data would have to leave the site
     run_dir = load_yaml_mapping(config_dir / JOB_FILE).get("run_dir")
     if not run_dir:
         raise ConfigError(f"{config_dir / JOB_FILE}: no 'run_dir'")

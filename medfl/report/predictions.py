@@ -4,7 +4,8 @@ A run folder keeps every round's models (each site's part: medfl.runfolder.SiteF
 report rebuilds each site's test split from the run's config.yaml (load_site and the eval recipe: the same
 split and preprocessing as the run) and scores the model the site uses at its selected round. This keeps
 the training loop free of report concerns; the price is reading the test data once per report. Splits
-are read once and shared by every run that uses the same sites and data settings.
+are read once and shared by every run that uses the same sites and data settings; each site is read on its
+own, so a site whose data is out of reach is left out alone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from medfl.data.recipes import build_dataset, load_recipe
 from medfl.data.site import SiteReader, load_site
-from medfl.errors import DataError
+from medfl.errors import DataError, MedflError
 from medfl.federated.training import plain_tensors
 from medfl.metrics import confusion_matrix
 from medfl.models import build_model
@@ -52,44 +53,76 @@ def load_selected_model(run: Run, site: str, device: torch.device) -> nn.Module:
     return model.to(device).eval()
 
 
+def one_line(error: Exception, site: str) -> str:
+    """An error as one line for a report's notes, without a leading "site '<site>': " (the note names it)."""
+    return " ".join(str(error).split()).removeprefix(f"site '{site}': ")
+
+
 class SplitCache:
-    """Each site's test records and eval recipe, read once per (sites, data settings) and shared by runs."""
+    """Each site's test records and the run's eval recipe, read once per (sites, data settings) and shared by runs.
+
+    Every site is read alone, from its own site config (found by name): a site whose config or data cannot be
+    read here (another hospital's folder, an unset variable) keeps only itself from being scored."""
 
     def __init__(self, task: SiteReader) -> None:
         self._task = task  # the runs' task: its reader splits each site as the run did
-        self._splits: dict[str, tuple[dict[str, list[dict[str, Any]]], Any]] = {}
+        self._configs: dict[str, tuple[Any, Any]] = {}
+        self._records: dict[tuple[str, str], list[dict[str, Any]] | str] = {}
         self._datasets: dict[tuple[str, str], Dataset] = {}
 
     def _key(self, run: Run) -> str:
         return json.dumps([run.task, run.config["sites"], run.config["data"]], sort_keys=True, default=str)
 
-    def records(self, run: Run) -> dict[str, list[dict[str, Any]]]:
-        """Test records per site name, as the run split them."""
-        return self._load(run)[0]
-
-    def _load(self, run: Run) -> tuple[dict[str, list[dict[str, Any]]], Any]:
+    def config(self, run: Run) -> tuple[Any, Any]:
+        """The run's ExperimentConfig and eval recipe (its sites' configs are not read here); a problem with
+        either concerns every site of the run."""
         key = self._key(run)
-        if key not in self._splits:
+        if key not in self._configs:
             config = RunFolder.open(run.path).config()
-            records = {site.name: load_site(site, config.data, task=self._task).splits["test"]
-                       for site in config.load_sites()}
             recipe = load_recipe(config.data.recipe(config.task, "eval"), input_size=config.data.input_size)
-            self._splits[key] = (records, recipe)
-        return self._splits[key]
+            self._configs[key] = (config, recipe)
+        return self._configs[key]
+
+    def site_records(self, run: Run, site: str) -> list[dict[str, Any]]:
+        """The site's test records as the run split them; a DataError naming the site (one line) when its
+        config or data cannot be read here."""
+        key = (self._key(run), site)
+        if key not in self._records:
+            config, _ = self.config(run)
+            try:
+                self._records[key] = load_site(config.load_site(site), config.data, task=self._task).splits["test"]
+            except MedflError as error:
+                self._records[key] = one_line(error, site)
+        records = self._records[key]
+        if isinstance(records, str):
+            raise DataError(records, site=site)
+        return records
+
+    def records(self, run: Run) -> dict[str, list[dict[str, Any]]]:
+        """Test records per site name, as the run split them, of every site of the run that can be read here."""
+        skipped = self.unreadable(run)
+        return {site: self.site_records(run, site) for site in run.sites if site not in skipped}
+
+    def unreadable(self, run: Run) -> dict[str, str]:
+        """The sites of the run whose test records cannot be read here, and why (one line each)."""
+        skipped = {}
+        for site in run.sites:
+            try:
+                self.site_records(run, site)
+            except DataError as error:
+                skipped[site] = one_line(error, site)
+        return skipped
 
     def dataset(self, run: Run, site: str) -> Dataset:
         """The site's whole test split through the eval recipe (cached: it is scored once per run)."""
         key = (self._key(run), site)
         if key not in self._datasets:
-            records, recipe = self._load(run)
-            if site not in records:
-                raise DataError("the site is not in the run's config.yaml", site=site, path=str(run.path))
-            self._datasets[key] = build_dataset(records[site], recipe, cache_rate=1.0)
+            self._datasets[key] = build_dataset(self.site_records(run, site), self.config(run)[1], cache_rate=1.0)
         return self._datasets[key]
 
     def transform(self, run: Run, records: list[dict[str, Any]]) -> Dataset:
         """A few records through the run's eval recipe."""
-        return Dataset(records, transform=self._load(run)[1])
+        return Dataset(records, transform=self.config(run)[1])
 
 
 @torch.no_grad()
@@ -104,16 +137,25 @@ def _predicted_classes(model: nn.Module, batches: Iterable[Mapping[str, Any]], d
     return torch.cat(labels).numpy(), torch.cat(predicted).numpy()
 
 
-def confusion_matrices(group: RunGroup, splits: SplitCache, device: torch.device) -> dict[str, np.ndarray]:
-    """Per site, the test confusion counts of the selected-round model, summed over the group's seeds."""
+def confusion_matrices(group: RunGroup, splits: SplitCache, device: torch.device,
+                       skipped: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Per site, the test confusion counts of the selected-round model, summed over the group's seeds.
+
+    A site whose data or model cannot be read here is left out; why goes into `skipped` (site -> one line)."""
     classes = group.first.config["data"]["classes"]
     totals: dict[str, np.ndarray] = {}
     for run in group.runs:
+        splits.config(run)  # the run's config and recipe: a problem there is the whole run's
         for site in run.sites:
-            dataset = splits.dataset(run, site)
-            if len(dataset) == 0:
+            try:
+                dataset = splits.dataset(run, site)
+                model = load_selected_model(run, site, device) if len(dataset) else None
+            except MedflError as error:
+                if skipped is not None:
+                    skipped.setdefault(site, one_line(error, site))
                 continue
-            model = load_selected_model(run, site, device)
+            if model is None:
+                continue
             labels, predicted = _predicted_classes(model, DataLoader(dataset, batch_size=BATCH_SIZE), device)
             matrix = confusion_matrix(labels, predicted, len(classes))
             totals[site] = totals.get(site, 0) + matrix

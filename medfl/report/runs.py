@@ -68,9 +68,10 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    """Read a run folder written by `medfl run` (through its RunFolder: refused in one line unless it is one)."""
+    """Read a run folder written by `medfl run` (through its RunFolder: refused in one line unless it is one, or
+    when its config.yaml was changed after the run)."""
     folder = RunFolder.open(path)
-    return Run(folder.root, folder.config_dict(), folder.summary(), folder.metrics(), folder.det_states(),
+    return Run(folder.root, folder.check_config(), folder.summary(), folder.metrics(), folder.det_states(),
                folder.retrogress())
 
 

@@ -70,11 +70,16 @@ def _confusion_section(groups: list[RunGroup], sites: list[str], splits: SplitCa
                        notes: list[str]) -> list[str]:
     classes = groups[0].first.config["data"]["classes"]
     matrices: dict[str, dict[str, np.ndarray]] = {}
+    skipped: dict[str, dict[str, str]] = {}  # site -> {group label: why}
     for group in groups:
+        reasons: dict[str, str] = {}
         try:
-            matrices[group.label] = confusion_matrices(group, splits, device)
+            matrices[group.label] = confusion_matrices(group, splits, device, reasons)
         except MedflError as error:
             notes.append(f"confusion matrices of {group.label} were not computed: {error}")
+        for site, reason in reasons.items():
+            skipped.setdefault(site, {})[group.label] = reason
+    notes += _skipped_notes("confusion matrix", skipped, len(groups))
     if not matrices:
         return []
     lines = ["## Confusion matrices (test split, selected round)", "",
@@ -87,6 +92,15 @@ def _confusion_section(groups: list[RunGroup], sites: list[str], splits: SplitCa
     return lines
 
 
+def _skipped_notes(what: str, skipped: dict[str, dict[str, str]], groups: int) -> list[str]:
+    """One note per site left out: which site, of which methods when not of all, and why."""
+    notes = []
+    for site, reasons in skipped.items():
+        which = "" if len(reasons) == groups else f" ({', '.join(reasons)})"
+        notes.append(f"{what} of site '{site}'{which} skipped: {next(iter(reasons.values()))}")
+    return notes
+
+
 def _overlay_figure(groups: list[RunGroup], splits: SplitCache, count: int, device: torch.device,
                     notes: list[str]):
     try:
@@ -94,6 +108,8 @@ def _overlay_figure(groups: list[RunGroup], splits: SplitCache, count: int, devi
     except MedflError as error:
         notes.append(f"segmentation examples were not drawn: {error}")
         return None
+    skipped = splits.unreadable(groups[0].first)
+    notes += _skipped_notes("segmentation examples", {site: {"": why} for site, why in skipped.items()}, 1)
     predictions = {}
     for group in groups:
         try:

@@ -1,7 +1,8 @@
 """Deterministic, atomic and idempotent file writing for the synthetic data set.
 
-Every file is produced in memory first, then written to a temporary file in the same folder and renamed
-into place, so an interrupted run never leaves a half file under its final name. A file whose bytes are
+Every file is produced in memory first, then written with medfl's one atomic writer
+(medfl.checkpoints.atomic_write_bytes: a temporary file in the same folder renamed into place, created with
+the umask's permissions), so an interrupted run never leaves a half file under its final name. A file whose bytes are
 already on disk is left untouched, so re-running `medfl synth` with the same arguments changes nothing.
 """
 
@@ -9,11 +10,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from medfl.checkpoints import atomic_write_bytes
 from medfl.errors import ConfigError
 
 MARKER = ".medfl-synth"
@@ -24,15 +24,7 @@ def write_bytes(path: Path, data: bytes) -> bool:
     path = Path(path)
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, sync=False)  # regenerated on a re-run: not worth an fsync per file
     return True
 
 

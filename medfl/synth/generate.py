@@ -30,9 +30,13 @@ class SynthResult:
     changed: int = 0  # files created or rewritten; 0 on an identical rerun
 
 
-def _check(scale: float, n_derm: int, n_prostate: int, minimums: Minimums, shift: str) -> None:
+def _check(scale: float, n_derm: int, n_prostate: int, minimums: Minimums, shift: str, site_seed: int) -> None:
     if shift not in SHIFTS:
         raise ConfigError(f"--shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
+    if not isinstance(site_seed, int) or site_seed < 0:
+        raise ConfigError(f"--site-seed must be an integer >= 0, got {site_seed!r}")
+    if site_seed and shift != "realistic":
+        raise ConfigError(f"--site-seed {site_seed} draws the sites of the realistic preset: add --shift realistic")
     if not (isinstance(scale, int | float) and math.isfinite(scale) and 0 < scale <= MAX_SCALE):
         raise ConfigError(f"--scale must be a number in (0, {MAX_SCALE:g}], got {scale!r}")
     for option, count in (("--derm-sites", n_derm), ("--prostate-sites", n_prostate)):
@@ -53,22 +57,26 @@ def generate(
     n_prostate: int = 6,
     minimums: Minimums | None = None,
     shift: str = "mild",
+    site_seed: int = 0,
 ) -> SynthResult:
     """Write `n_derm` dermoscopy and `n_prostate` prostate sites under `out`, with configs in out/site_configs.
 
     `shift`: "mild" (sites differ a little; per-class minimums default to Minimums()) or "realistic"
     (real-world site shift, medfl.synth.realistic; minimums default to what a 70/10/20 split needs).
+    `site_seed` (realistic only): 0, today's sites; another value draws every site's acquisition from the
+    realistic ranges (medfl.synth.realistic): new hospitals, while `seed` draws their patients and splits.
     Same arguments, same bytes: every file is seeded from (seed, site name, item). Reruns rewrite only what
     differs and prune stale files inside the site folders that `medfl synth` owns.
     """
     realistic = shift == "realistic"
     minimums = minimums or (MINIMUMS if realistic else Minimums())
-    _check(scale, n_derm, n_prostate, minimums, shift)
+    _check(scale, n_derm, n_prostate, minimums, shift, site_seed)
     out = Path(out)
     result = SynthResult(out=out)
     derm_config_dir = out / "site_configs" / "dermoscopy"
-    dermoscopy = realistic_derm_sites(n_derm, seed) if realistic else derm_sites(n_derm, seed)
-    prostate = realistic_prostate_sites(n_prostate, seed) if realistic else prostate_sites(n_prostate, seed)
+    dermoscopy = realistic_derm_sites(n_derm, seed, site_seed) if realistic else derm_sites(n_derm, seed)
+    prostate = (realistic_prostate_sites(n_prostate, seed, site_seed) if realistic
+                else prostate_sites(n_prostate, seed))
     for index, site in enumerate(dermoscopy):
         written = write_derm_site(site, index, out / "dermoscopy", seed, scale, minimums)
         result.derm.append(written)

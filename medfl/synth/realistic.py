@@ -31,6 +31,11 @@ Prostate T2-weighted MRI (the multi-site collection's protocols, rounded into th
 medfl z-scores every volume after a 0.5/99.5 percentile clip, so a plain intensity scale would vanish;
 every choice above changes what survives it (contrast between tissues, noise, coil profiles, geometry,
 anatomy).
+
+The sites above are constants: `--seed` changes patients and splits, not hospitals. `--site-seed N` (N > 0)
+draws every site's acquisition and patients' range from the ranges `random_realistic_acquisition` and
+`random_realistic_scanner` draw extra sites from (the ones listed above), seeded by (N, site): a second set of
+hospitals with the same names, layouts, class mixes and storage conventions. `--site-seed 0` is the constants.
 """
 
 from __future__ import annotations
@@ -152,9 +157,10 @@ def random_realistic_acquisition(rng: np.random.Generator) -> Acquisition:
     )
 
 
-def random_realistic_scanner(rng: np.random.Generator) -> tuple[Scanner, Population]:
-    """The protocol and population of an extra prostate site drawn from the realistic ranges."""
-    base = random_scanner(rng)  # storage conventions: axes, dtype, range, labels
+def random_realistic_scanner(rng: np.random.Generator, base: Scanner | None = None) -> tuple[Scanner, Population]:
+    """The protocol and population of a prostate site drawn from the realistic ranges, on `base`'s storage
+    conventions (axes, dtype, range, labels; drawn too when None, as for an extra site)."""
+    base = random_scanner(rng) if base is None else base
     tesla = 1.5 if rng.uniform() < 0.5 else 3.0
     thickness = float(rng.choice([1.25, 2.0, 2.5, 3.0, 3.6, 4.0]))
     coil = rng.uniform()
@@ -176,21 +182,39 @@ def random_realistic_scanner(rng: np.random.Generator) -> tuple[Scanner, Populat
     return scanner, population
 
 
-def realistic_derm_sites(count: int, seed: int) -> list[DermSite]:
-    """The first `count` realistic dermoscopy sites: the reference ones, then extra ones with realistic ranges."""
+def _drawn_derm(site: DermSite, rng: np.random.Generator) -> DermSite:
+    """`site` with its acquisition and its patients' skin-tone range drawn from the realistic ranges."""
+    low = float(rng.uniform(0.0, 0.6))
+    return replace(site, acquisition=random_realistic_acquisition(rng),
+                   skin_tone=(low, min(1.0, low + float(rng.uniform(0.3, 0.6)))))
+
+
+def realistic_derm_sites(count: int, seed: int, site_seed: int = 0) -> list[DermSite]:
+    """The first `count` realistic dermoscopy sites. `site_seed` 0: the reference ones, then extra ones drawn
+    from the realistic ranges (seeded by `seed`). Another `site_seed` draws every site's acquisition and skin
+    tones from those ranges, seeded by (site_seed, site) alone: other hospitals, with the same names, layouts and
+    class mixes."""
     sites = list(REALISTIC_DERM[:count])
     for site in derm_sites(count, seed)[len(sites):]:
-        rng = rng_for(seed, "realistic", site.name)
-        low = float(rng.uniform(0.0, 0.6))
-        sites.append(replace(site, acquisition=random_realistic_acquisition(rng),
-                             skin_tone=(low, min(1.0, low + float(rng.uniform(0.3, 0.6))))))
+        sites.append(_drawn_derm(site, rng_for(seed, "realistic", site.name)))
+    if site_seed:
+        sites = [_drawn_derm(site, rng_for(site_seed, "site-seed", site.name)) for site in sites]
     return sites
 
 
-def realistic_prostate_sites(count: int, seed: int) -> list[ProstateSite]:
-    """The first `count` realistic prostate sites: the reference ones, then extra ones with realistic ranges."""
+def realistic_prostate_sites(count: int, seed: int, site_seed: int = 0) -> list[ProstateSite]:
+    """The first `count` realistic prostate sites. `site_seed` 0: the reference ones, then extra ones drawn from
+    the realistic ranges (seeded by `seed`). Another `site_seed` draws every site's protocol (field of view,
+    spacing, slices, field strength, coil, contrast) and population from those ranges, seeded by (site_seed,
+    site) alone, on the site's own storage conventions: the same names, layouts and numbers of cases."""
     sites = list(REALISTIC_PROSTATE[:count])
     for site in prostate_sites(count, seed)[len(sites):]:
         scanner, population = random_realistic_scanner(rng_for(seed, "realistic", site.name))
         sites.append(replace(site, scanner=scanner, population=population))
+    if site_seed:
+        drawn = []
+        for site in sites:
+            scanner, population = random_realistic_scanner(rng_for(site_seed, "site-seed", site.name), site.scanner)
+            drawn.append(replace(site, scanner=scanner, population=population))
+        sites = drawn
     return sites

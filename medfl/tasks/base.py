@@ -77,8 +77,11 @@ class Task(TaskFacts, ABC):
         """(TorchScript program, the eager module it must equal, a probe input) around the traced logits network."""
 
     @abstractmethod
-    def bundle_inference(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
-        """The task's part of configs/inference.json: inputs, preprocessing, dataset, postprocessing, handlers."""
+    def bundle_inference(self, recipe: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """The task's part of configs/inference.json: `imports` (beyond glob, os and sys), the inputs
+        (`datalist`), `input_report` (an expression run before the evaluator: it says which files of the input
+        folder are left out, or stops the run on one that cannot be predicted), preprocessing, dataset,
+        postprocessing, handlers."""
 
     @abstractmethod
     def bundle_data_format(self, manifest: Mapping[str, Any]) -> dict[str, Any]:

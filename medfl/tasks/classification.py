@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from medfl.data.site import SiteData, SiteReport
 
 
+# The first bytes of a JPEG and of a PNG file (hex): what the bundle checks before PIL reads a header.
+IMAGE_SIGNATURES = ("ffd8ff", "89504e470d0a1a0a")
+
+
 class Classification(ClassificationFacts, Task):
     # ------------------------------------------------------------------ data
     def read_site(self, site: SiteConfig, settings: DataSettings, log: ProblemLog) -> SiteContent:
@@ -95,15 +99,29 @@ class Classification(ClassificationFacts, Task):
 
         return traced, eager, torch.rand(3, in_channels, input_size, input_size, generator=generator)
 
-    def bundle_inference(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
+    def bundle_inference(self, recipe: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Every JPEG or PNG file of the input folder. Before anything is read further, each file's signature
+        and PIL's colour mode (from its header) are checked: a file that is not an RGB JPEG or PNG stops the run
+        with one line naming it, before the model is loaded or anything is written."""
         # start-up: torch and MONAI, only when exporting
         from medfl.deliver.monai_bundle import image_transforms
 
         extensions = sorted({e for extension in IMAGE_EXTENSIONS for e in (extension, extension.upper())})
         return {
+            "imports": ["$from PIL import Image"],
             "input_exts": extensions,
             "datalist": "$sorted({path for ext in @input_exts "
                         "for path in glob.glob(os.path.join(glob.escape(@input_dir), '*' + ext))})",
+            "image_signatures": list(IMAGE_SIGNATURES),
+            "input_problem": "$lambda path: 'not a JPEG or PNG file' if not open(path, 'rb').read(8).hex()"
+                             ".startswith(tuple(@image_signatures)) else None if Image.open(path).mode == 'RGB' "
+                             "else 'image mode is ' + Image.open(path).mode + ', but the model takes RGB colour "
+                             "images'",
+            "input_problems": "$[path + ': ' + problem for path, problem in ((path, @input_problem(path)) "
+                              "for path in @datalist) if problem]",
+            "input_report": "$sys.exit(@input_problems[0] + ' (' + str(len(@input_problems)) + ' of the ' + "
+                            "str(len(@datalist)) + ' files cannot be predicted); nothing was predicted: the input "
+                            "folder must hold RGB JPEG or PNG images only') if @input_problems else None",
             "preprocessing": {"_target_": "Compose", "transforms": image_transforms(recipe)},
             "dataset": {"_target_": "Dataset", "data": "$[{'image': path, 'filename_or_obj': path} for path in @datalist]",
                         "transform": "@preprocessing"},

@@ -12,7 +12,7 @@ from medfl.data.fingerprint import relative_paths
 from medfl.data.prostate import read_segmentation_site
 from medfl.data.volumes import INTENSITY_PERCENTILES, WORKING_ORIENTATION
 from medfl.report.tables import Column
-from medfl.task_facts import SegmentationFacts
+from medfl.task_facts import DEFAULT_MASK_SUFFIX, SegmentationFacts
 from medfl.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -117,13 +117,25 @@ class Segmentation(SegmentationFacts, Task):
         probe = torch.randn(1, 1, 3, input_size + 5, input_size - 3, generator=generator)
         return program, SliceWiseProgram(eager, input_size, context_slices).eval(), probe
 
-    def bundle_inference(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
+    def bundle_inference(self, recipe: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Volumes of one extension; files whose name (before the extension) ends in the site's mask suffix, as
+        medfl's reader matches it, are the site's masks and are left out, and the run says so."""
         # start-up: torch and MONAI, only when exporting
         from medfl.deliver.monai_bundle import volume_transforms
 
         return {
+            "imports": [],
             "input_ext": ".nii.gz",
-            "datalist": "$sorted(glob.glob(os.path.join(glob.escape(@input_dir), '*' + @input_ext)))",
+            # exports of runs from before sites recorded their suffix: medfl's default one
+            "mask_suffix": manifest["preprocessing"].get("mask_suffix", DEFAULT_MASK_SUFFIX),
+            "input_files": "$sorted(glob.glob(os.path.join(glob.escape(@input_dir), '*' + @input_ext)))",
+            "left_out": "$[path for path in @input_files if os.path.basename(path)[:-len(@input_ext)].lower()"
+                        ".endswith(@mask_suffix.lower()) and len(os.path.basename(path)) > len(@input_ext) + "
+                        "len(@mask_suffix)]",
+            "datalist": "$[path for path in @input_files if path not in @left_out]",
+            "input_report": "$print('Left out ' + str(len(@left_out)) + ' file(s) whose name ends in the mask "
+                            "suffix ' + repr(@mask_suffix) + ' (masks, not volumes; --mask_suffix sets another): ' "
+                            "+ ', '.join(os.path.basename(path) for path in @left_out)) if @left_out else None",
             "preprocessing": {"_target_": "Compose", "transforms": volume_transforms(recipe)},
             "dataset": {"_target_": "Dataset", "data": "$[{'image': path} for path in @datalist]",
                         "transform": "@preprocessing"},
