@@ -32,6 +32,7 @@ from pydantic import (
 
 from medfl.errors import ConfigError
 from medfl.tasks import TASKS, TaskKey, task_for
+from medfl.yaml_files import AliasRefused, describe_error, load_yaml
 
 DEFAULT_TABLES = {
     "ham10000": "HAM10000_metadata.csv",
@@ -42,34 +43,17 @@ DEFAULT_ISIC_METADATA = "ISIC_2019_Training_Metadata.csv"
 _ENV_PATTERN = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe YAML loader that rejects a key given twice in one mapping (often a misspelt edit)."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key '{key}' is given twice", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML file holding one mapping; any problem is a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except AliasRefused as error:
+        raise ConfigError(f"{path}: {describe_error(error)}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(error).split())}") from None
+        raise ConfigError(f"{path}: invalid YAML: {describe_error(error)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     if data is None:

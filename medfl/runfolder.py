@@ -31,6 +31,7 @@ from medfl.checkpoints import (
     load_torch_file,
 )
 from medfl.errors import ConfigError, MedflError
+from medfl.yaml_files import describe_error, load_yaml
 
 SCHEMA_VERSION = 1
 RECORD_FILE = "run.json"
@@ -240,8 +241,10 @@ class RunFolder:
     def config_dict(self) -> dict[str, Any]:
         """The resolved config as the run wrote it (plain data)."""
         try:
-            data = yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = load_yaml(self.config_file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise RunFolderError(f"{self.config_file}: unreadable run config ({describe_error(error)})") from None
+        except (OSError, UnicodeDecodeError):
             raise RunFolderError(f"{self.config_file}: unreadable run config") from None
         if not isinstance(data, dict) or "method" not in data:
             raise RunFolderError(f"{self.config_file}: not a medfl run config")
