@@ -40,6 +40,9 @@ DEFAULT_TABLES = {
     "csv": "labels.csv",
 }
 DEFAULT_ISIC_METADATA = "ISIC_2019_Training_Metadata.csv"
+# Names that become file and folder names (site names, experiment names) stay well under the 255 bytes most file
+# systems allow in one path component, leaving room for what medfl adds ("<name>-<method>-seed<seed>-nvflare").
+MAX_NAME_BYTES = 100
 _ENV_PATTERN = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
@@ -61,6 +64,14 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def check_name_length(value: str) -> str:
+    """A name that becomes a path component, refused (ValueError) above MAX_NAME_BYTES bytes of UTF-8."""
+    size = len(value.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"is {size} bytes long; it names folders and files, so at most {MAX_NAME_BYTES} bytes")
+    return value
 
 
 def expand_env(value: str, source: str | Path | None = None) -> str:
@@ -146,8 +157,8 @@ class RowFilter(BaseModel):
 class SiteConfig(BaseModel):
     """Facts about one site's data: where it lies, its layout, how its labels map to federation classes.
 
-    - `name`: the site's name, unique in a federation: letters, digits, `_`, `.` and `-`. It names the
-      site in logs, run folders, exports and NVFlare (the client name must be the same).
+    - `name`: the site's name, unique in a federation: letters, digits, `_`, `.` and `-`, at most 100 bytes.
+      It names the site in logs, run folders, exports and NVFlare (the client name must be the same).
     - `task`: classification (dermoscopy images) or segmentation (prostate MRI volumes).
     - `data_root`: the site's data folder; relative paths resolve against the config file's folder.
     - `layout`: how the folder is organised. Classification: `ham10000` (`<image_id>.jpg` anywhere under
@@ -204,7 +215,7 @@ class SiteConfig(BaseModel):
     def _not_a_folder_alias(cls, value: str) -> str:
         if value in (".", ".."):
             raise ValueError(f"'{value}' cannot name a site: site names become folder names")
-        return value
+        return check_name_length(value)
 
     @field_validator("label_map", mode="before")
     @classmethod
@@ -316,7 +327,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         return validate_model(SiteConfig, data, path)
     except ConfigError as error:
         name = data.get("name")
-        if isinstance(name, str) and name:
+        if isinstance(name, str) and name and len(name.encode("utf-8")) <= MAX_NAME_BYTES:
             raise ConfigError(f"site '{name}': {error}") from None
         raise
 
