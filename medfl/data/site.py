@@ -4,8 +4,9 @@
 report. `load_site` raises one DataError listing every error; `validate_site` returns the problems only.
 
 Errors (the site cannot be used): missing folder or table, image listed but absent, unreadable image or
-volume, a file outside data_root and the site config's folder (never opened), unknown label, mask shape/geometry mismatch, mask with negative or non-integer values, duplicate
-ids, no samples, empty train or validation split (DET measures on validation), ids missing from an
+volume, an image volume that is blank or holds a mask's few values, a file outside data_root and the site
+config's folder (never opened), unknown label, mask shape/geometry mismatch, mask with negative or
+non-integer values, duplicate ids, no samples, empty train or validation split (DET measures on validation), ids missing from an
 official split file. Warnings (reported, the site is still used): a class absent from train, validation or
 test (CPA and the metrics tolerate it), an empty test split although its fraction is above zero, a lesion
 spread over several splits by an official split file, an experiment class the site's label map never
