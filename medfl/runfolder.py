@@ -81,6 +81,9 @@ class SiteRecord(BaseModel):
     site_config_sha256: str
     data_fingerprint: str
     training_files: list[str]
+    # How data_fingerprint was made (medfl.data.fingerprint.DATA_FINGERPRINT_VERSION); absent, as in the
+    # site.json of a medfl that compared image files by size only: 1.
+    data_fingerprint_version: int = 1
 
 
 def config_digest(resolved: Mapping[str, Any]) -> str:
@@ -437,8 +440,14 @@ class SiteFolder:
             _guard(self.record_file, lambda: atomic_write_json(self.record_file, record.model_dump()))
             return
         saved = self.record
-        for field, what in (("site_config_sha256", "its site config"), ("data_fingerprint", "its data (files, sizes, "
-                                                                                              "labels or splits)")):
+        if saved.data_fingerprint_version != record.data_fingerprint_version:
+            raise ConfigError(f"site '{self.name}': {self.record_file} was written by an earlier medfl, whose data "
+                              "fingerprint compared image files by size, not content; this medfl cannot tell whether "
+                              "the site's data changed since the run started (start a new run, or finish this one "
+                              "with the medfl that started it)")
+        for field, what in (("site_config_sha256", "its site config"), ("data_fingerprint", "its data (files, their "
+                                                                                              "contents, labels or "
+                                                                                              "splits)")):
             if getattr(saved, field) != getattr(record, field):
                 raise ConfigError(f"site '{self.name}': {what} changed since this run started ({self.record_file}); "
                                   "a run continues only on the data it started with (start a new run)")

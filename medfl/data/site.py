@@ -63,7 +63,8 @@ class SiteReport:
 
 @dataclass
 class SiteData:
-    """A site's split records with its classes, report and (segmentation) per-case geometry."""
+    """A site's split records with its classes, report, (segmentation) per-case geometry, and the sha256 of
+    every file its records were read from (medfl.data.fingerprint)."""
 
     name: str
     task: str
@@ -72,6 +73,7 @@ class SiteData:
     report: SiteReport
     geometry: dict[str, CaseGeometry] = field(default_factory=dict)
     config: SiteConfig | None = None
+    file_digests: dict[str, str] = field(default_factory=dict)  # path -> sha256 of every file the records read
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Per-class counts of a split, in class order (images, or pixels for segmentation)."""
@@ -128,7 +130,8 @@ def inspect_site(site: SiteConfig, settings: DataSettings | None = None) -> Site
     )
     _check_splits(site, settings, report, log)
     report.problems = log.problems()
-    return SiteData(site.name, site.task, content.classes, content.splits, report, content.geometry, site)
+    return SiteData(site.name, site.task, content.classes, content.splits, report, content.geometry, site,
+                    content.file_digests)
 
 
 def validate_site(site: SiteConfig, settings: DataSettings | None = None) -> list[Problem]:
