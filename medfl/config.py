@@ -32,6 +32,7 @@ from pydantic import (
 
 from medfl.errors import ConfigError
 from medfl.task_facts import DEFAULT_MASK_SUFFIX, FACTS, TaskKey, facts_for
+from medfl.yaml_files import AliasRefused, describe_error, load_yaml
 
 DEFAULT_TABLES = {
     "ham10000": "HAM10000_metadata.csv",
@@ -39,26 +40,10 @@ DEFAULT_TABLES = {
     "csv": "labels.csv",
 }
 DEFAULT_ISIC_METADATA = "ISIC_2019_Training_Metadata.csv"
+# Names that become file and folder names (site names, experiment names) stay well under the 255 bytes most file
+# systems allow in one path component, leaving room for what medfl adds ("<name>-<method>-seed<seed>-nvflare").
+MAX_NAME_BYTES = 100
 _ENV_PATTERN = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe YAML loader that rejects a key given twice in one mapping (often a misspelt edit)."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key '{key}' is given twice", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -67,9 +52,11 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except AliasRefused as error:
+        raise ConfigError(f"{path}: {describe_error(error)}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(error).split())}") from None
+        raise ConfigError(f"{path}: invalid YAML: {describe_error(error)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     if data is None:
@@ -77,6 +64,14 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def check_name_length(value: str) -> str:
+    """A name that becomes a path component, refused (ValueError) above MAX_NAME_BYTES bytes of UTF-8."""
+    size = len(value.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"is {size} bytes long; it names folders and files, so at most {MAX_NAME_BYTES} bytes")
+    return value
 
 
 def expand_env(value: str, source: str | Path | None = None) -> str:
@@ -162,8 +157,8 @@ class RowFilter(BaseModel):
 class SiteConfig(BaseModel):
     """Facts about one site's data: where it lies, its layout, how its labels map to federation classes.
 
-    - `name`: the site's name, unique in a federation: letters, digits, `_`, `.` and `-`. It names the
-      site in logs, run folders, exports and NVFlare (the client name must be the same).
+    - `name`: the site's name, unique in a federation: letters, digits, `_`, `.` and `-`, at most 100 bytes.
+      It names the site in logs, run folders, exports and NVFlare (the client name must be the same).
     - `task`: classification (dermoscopy images) or segmentation (prostate MRI volumes).
     - `data_root`: the site's data folder; relative paths resolve against the config file's folder.
     - `layout`: how the folder is organised. Classification: `ham10000` (`<image_id>.jpg` anywhere under
@@ -220,7 +215,7 @@ class SiteConfig(BaseModel):
     def _not_a_folder_alias(cls, value: str) -> str:
         if value in (".", ".."):
             raise ValueError(f"'{value}' cannot name a site: site names become folder names")
-        return value
+        return check_name_length(value)
 
     @field_validator("label_map", mode="before")
     @classmethod
@@ -332,7 +327,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         return validate_model(SiteConfig, data, path)
     except ConfigError as error:
         name = data.get("name")
-        if isinstance(name, str) and name:
+        if isinstance(name, str) and name and len(name.encode("utf-8")) <= MAX_NAME_BYTES:
             raise ConfigError(f"site '{name}': {error}") from None
         raise
 

@@ -24,6 +24,7 @@ from pydantic import (
 from medfl.config import (
     DataSettings,
     SiteConfig,
+    check_name_length,
     expand_env,
     load_site_config,
     load_yaml_mapping,
@@ -191,7 +192,8 @@ class RuntimeSettings(_Section):
 class ExperimentConfig(_Section):
     """One federated experiment. Defaults are the reference hyper-parameters scaled down for a CPU.
 
-    - `name`: names the run folder, `<output_dir>/<name>-<method>-seed<seed>/`.
+    - `name`: names the run folder, `<output_dir>/<name>-<method>-seed<seed>/`: letters, digits, `_`, `.` and
+      `-`, at most 100 bytes.
     - `task`: classification or segmentation; every site config must have the same task.
     - `sites`: the site configs (paths relative to this file); site names must be unique.
     - `data`: the data choices shared by all sites (classes, input size, splits, recipes, loading).
@@ -230,7 +232,7 @@ class ExperimentConfig(_Section):
     cpa: CPASettings = Field(default_factory=CPASettings)
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
     diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
-    seed: int = 0
+    seed: int = Field(default=0, ge=-(2**63), le=2**64 - 1)  # torch.manual_seed's range; at most 20 digits in names
     device: Literal["auto", "cpu", "cuda"] = "auto"
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     output_dir: Path = Path("runs")
@@ -243,6 +245,11 @@ class ExperimentConfig(_Section):
         if value not in METHODS:
             raise ValueError(f"unknown method '{value}'; choose one of: {', '.join(METHODS)}")
         return value
+
+    @field_validator("name")
+    @classmethod
+    def _short_name(cls, value: str) -> str:
+        return check_name_length(value)
 
     @field_validator("sites", "output_dir", mode="before")
     @classmethod

@@ -42,6 +42,7 @@ from medfl.checkpoints import (
 )
 from medfl.errors import ConfigError, MedflError, WriteError
 from medfl.experiment import load_experiment_config
+from medfl.yaml_files import describe_error, load_yaml
 
 try:
     import fcntl
@@ -106,6 +107,9 @@ class SiteRecord(BaseModel):
     # export made where the site config is out of reach can tell a bundle what to leave out. Empty in records
     # written before medfl recorded it.
     inputs: dict[str, str] = {}
+    # How data_fingerprint was made (medfl.data.fingerprint.DATA_FINGERPRINT_VERSION); absent, as in the
+    # site.json of a medfl that compared image files by size only: 1.
+    data_fingerprint_version: int = 1
 
 
 def config_digest(resolved: Mapping[str, Any]) -> str:
@@ -446,8 +450,10 @@ class RunFolder:
     def config_dict(self) -> dict[str, Any]:
         """The resolved config as the run wrote it (plain data)."""
         try:
-            data = yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = load_yaml(self.config_file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise RunFolderError(f"{self.config_file}: unreadable run config ({describe_error(error)})") from None
+        except (OSError, UnicodeDecodeError):
             raise RunFolderError(f"{self.config_file}: unreadable run config") from None
         if not isinstance(data, dict) or "method" not in data:
             raise RunFolderError(f"{self.config_file}: not a medfl run config")
@@ -660,8 +666,14 @@ class SiteFolder:
             _guard(self.record_file, lambda: atomic_write_json(self.record_file, record.model_dump()))
             return
         saved = self.record
-        for field, what in (("site_config_sha256", "its site config"), ("data_fingerprint", "its data (files, sizes, "
-                                                                                              "labels or splits)")):
+        if saved.data_fingerprint_version != record.data_fingerprint_version:
+            raise ConfigError(f"site '{self.name}': {self.record_file} was written by an earlier medfl, whose data "
+                              "fingerprint compared image files by size, not content; this medfl cannot tell whether "
+                              "the site's data changed since the run started (start a new run, or finish this one "
+                              "with the medfl that started it)")
+        for field, what in (("site_config_sha256", "its site config"), ("data_fingerprint", "its data (files, their "
+                                                                                              "contents, labels or "
+                                                                                              "splits)")):
             if getattr(saved, field) != getattr(record, field):
                 raise ConfigError(f"site '{self.name}': {what} changed since this run started ({self.record_file}); "
                                   "a run continues only on the data it started with (start a new run)")

@@ -158,3 +158,32 @@ def test_long_site_names_are_never_cut_when_the_output_is_redirected(capsys, mon
     for name in names:
         assert _cells(out, "site shift", name) and _cells(out, "site means", name)
         assert _cells(out, "acquisition (shown, not compared)", name)
+
+
+def test_check_and_run_refuse_an_all_zero_image_volume(capsys, prostate_site, tmp_path):
+    import yaml
+
+    from medfl.data import load_site
+    from medfl.errors import DataError
+    from medfl.tasks import task_for
+
+    path = prostate_site()
+    site = load_site_config(path)
+    image = sitk.ReadImage(str(site.data_root / "Case05.nii.gz"))
+    blank = sitk.Image(image.GetSize(), image.GetPixelID())
+    blank.CopyInformation(image)
+    sitk.WriteImage(blank, str(site.data_root / "Case05.nii.gz"))
+    status, out = _check(capsys, str(path))
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert status == 1 and len(errors) == 1
+    assert errors[0].startswith("error: site 'prost_a': ") and "Case05.nii.gz: image holds only the value(s) 0" in errors[0]
+    with pytest.raises(DataError, match="Case05.nii.gz: image holds only the value"):
+        load_site(site, task=task_for(site.task))  # what `run` does at every site before anything is written
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(yaml.safe_dump({"task": "segmentation", "sites": [str(path)], "rounds": 1, "device": "cpu",
+                                          "model": {"name": "unet", "width": 0.25},
+                                          "data": {"input_size": 32, "num_workers": 0}}), encoding="utf-8")
+    assert main(["run", str(experiment), "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "site 'prost_a'" in err and "Case05.nii.gz: image holds only the value(s) 0" in err
+    assert not (tmp_path / "run").exists()

@@ -121,3 +121,18 @@ def test_a_metaimage_case_without_its_raw_file_names_the_raw_file(prostate_site)
     (problem,) = log.problems()
     assert problem.file == str(site.data_root / "Case01.mhd") and str(raw) in str(problem)
     assert "is missing" in str(problem) and "Case01" not in content.geometry
+
+
+@pytest.mark.parametrize(("values", "expected"), [(0.0, "value(s) 0: a blank volume"),
+                                                  (None, "value(s) 0, 1, 2: a mask, not an MRI volume")])
+def test_a_blank_or_mask_like_image_volume_is_an_error_naming_its_file(prostate_site, values, expected):
+    """An all-zero image with a non-empty mask was trained on without a word (predict refused it)."""
+    path = prostate_site(cases=("Case00", "Case01", "Case02", "Case03"))
+    site = load_site_config(path)
+    image, mask = phantom_case(seed=1)
+    blank = write_volume(site.data_root / "Case01.nii.gz", np.zeros_like(image) if values is not None else mask)
+    _, content, log = _read(path)
+    (problem,) = log.problems()
+    assert problem.severity == "error" and problem.file == str(blank) and expected in problem.message
+    assert f"its mask marks {int((mask > 0).sum())} voxels" in problem.message
+    assert "Case01" not in content.geometry

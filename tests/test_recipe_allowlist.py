@@ -108,3 +108,21 @@ def test_an_experiment_recipe_that_writes_files_stops_the_run_before_training(tm
     assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 1
     assert f"{evil}: transform 2 (SaveImaged)" in capsys.readouterr().err
     assert not (tmp_path / "copies").exists()
+
+
+@pytest.mark.parametrize(("arguments", "variables", "shown"), [
+    ({"mode": "$area"}, {}, "'$area' starts with '$'"),
+    ({"mode": "@m"}, {"m": "$__import__('os').getcwd()"}, "starts with '$'"),
+    ({"mode": ["%other.yaml#mode"]}, {}, "'%other.yaml#mode' starts with '%'"),
+])
+def test_a_value_monai_would_read_as_an_expression_is_refused_at_validation(tmp_path, arguments, variables, shown):
+    """A `$` value once reached MONAI and failed on every image with a message printing an object address."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"variables": variables, "transforms": [
+        {"EnsureChannelFirstd": {"keys": ["image"]}},
+        {"Resized": {"keys": ["image"], "spatial_size": [16, 16], **arguments}}]}))
+    with pytest.raises(ConfigError) as caught:
+        resolve_recipe(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: transform 2 (Resized): argument 'mode': value ") and shown in message
+    assert len(message.splitlines()) == 1 and " at 0x" not in message

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_experiment
+from test_data_fingerprint import flip_one_bit_keeping_it_decodable
 
 import medfl.runfolder as runfolder_module
 from medfl.cli import main
@@ -223,6 +224,36 @@ def test_resume_refuses_a_site_whose_data_changed(tiny_federation, tmp_path, one
     table.write_text("".join(lines[:-1]))  # one row fewer: an edited table or filter
     with pytest.raises(ConfigError, match="site 'derm_b': its data .* changed since this run started"):
         _run(experiment, tmp_path / "run", resume=True)
+
+
+def test_resume_refuses_one_flipped_bit_and_a_site_record_of_the_size_only_fingerprint(tiny_federation, tmp_path,
+                                                                                        one_thread, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_federation / "dermoscopy", data / "dermoscopy")
+    shutil.copytree(tiny_federation / "site_configs", data / "site_configs")
+    experiment = tiny_experiment(tmp_path / "exp.yaml", data, "classification", method="fedavg", rounds=2)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _run(experiment, run_dir, progress=_stop_after(0))
+    record = run_dir / "sites" / "derm_b" / "site.json"
+    saved = json.loads(record.read_text())
+    assert saved["data_fingerprint_version"] == 2
+    image = data / "dermoscopy" / "derm_b" / saved["training_files"][0]
+    original = image.read_bytes()
+    flip_one_bit_keeping_it_decodable(image)  # the same size: a size-only fingerprint did not see it
+    assert image.stat().st_size == len(original)
+    assert main(["run", str(experiment), "--out", str(run_dir), "--resume", "--rounds", "3", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "site 'derm_b': its data (files, their contents" in err
+    assert json.loads((run_dir / "run.json").read_text())["rounds"] == 2  # the refused resume changed no plan
+    image.write_bytes(original)
+    # A site.json of the medfl that compared sizes only (no data_fingerprint_version): refused in one line.
+    record.write_text(json.dumps({k: v for k, v in saved.items() if k != "data_fingerprint_version"}))
+    assert main(["run", str(experiment), "--out", str(run_dir), "--resume", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"site 'derm_b': {record} was written by an earlier medfl" in err
+    record.write_text(json.dumps(saved))
+    assert main(["run", str(experiment), "--out", str(run_dir), "--resume", "--quiet"]) == 0
 
 
 def test_more_rounds_equal_a_fresh_longer_run_for_fedavg(experiment, tmp_path, one_thread):

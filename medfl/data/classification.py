@@ -15,7 +15,7 @@ import numpy as np
 from medfl.config import DataSettings, SiteConfig
 from medfl.data.containment import admitted
 from medfl.data.dermoscopy import SourceRow, duplicate_ids, read_source_rows
-from medfl.data.images import inspect_images
+from medfl.data.images import read_images
 from medfl.data.problems import ProblemLog
 from medfl.data.records import SiteContent
 from medfl.data.shift import DERMOSCOPY, SampleStatistics
@@ -44,7 +44,7 @@ def read_classification_site(site: SiteConfig, settings: DataSettings, log: Prob
             log.error("the table has no rows", table)
         return content
     rows = _known_rows(source.rows, site, log, table)
-    kept, statistics = _select_rows(rows, site, classes, content.dropped, log, table, settings.num_workers)
+    kept, statistics, digests = _select_rows(rows, site, classes, content.dropped, log, table, settings.num_workers)
     content.statistics = SampleStatistics.from_rows(DERMOSCOPY, statistics)
     records = [
         {"image": str(row.path), "label": classes.index(_target(site, row)), "id": row.id,
@@ -62,6 +62,7 @@ def read_classification_site(site: SiteConfig, settings: DataSettings, log: Prob
         split = assignment.get(record["id"])
         if split is not None:
             content.splits[split].append(record)
+            content.file_digests[record["image"]] = digests[record["image"]]
             lesion_splits.setdefault(_group(record), set()).add(split)
     for group, splits in lesion_splits.items():
         for split in splits:
@@ -89,10 +90,10 @@ def _known_rows(rows: list[SourceRow], site: SiteConfig, log: ProblemLog, table:
     return [r for r in rows if r.id not in duplicates and r.label not in unknown]
 
 
-def _select_rows(rows: list[SourceRow], site: SiteConfig, classes: list[str], dropped: Counter[str],
-                 log: ProblemLog, table: Path | None, workers: int) -> tuple[list[SourceRow], list[np.ndarray]]:
+def _select_rows(rows: list[SourceRow], site: SiteConfig, classes: list[str], dropped: Counter[str], log: ProblemLog,
+                 table: Path | None, workers: int) -> tuple[list[SourceRow], list[np.ndarray], dict[str, str]]:
     """Rows of the experiment's classes whose image exists inside the site's folders and decodes, with their
-    images' colour statistics; others dropped or reported."""
+    images' colour statistics and the sha256 of each image file (by path); others dropped or reported."""
     wanted = []
     for row in rows:
         if _target(site, row) in classes:
@@ -105,15 +106,16 @@ def _select_rows(rows: list[SourceRow], site: SiteConfig, classes: list[str], dr
             log.error(row.missing or f"image '{row.id}' not found", table, kind="image listed but absent")
         elif admitted(site, row.path, log, f"image '{row.id}'", kind="image outside the site's folders"):
             present.append(row)
-    results = inspect_images([row.path for row in present if row.path is not None], workers)
-    good, statistics = [], []
-    for row, (verdict, measured) in zip(present, results, strict=True):
-        if verdict is None:
+    results = read_images([row.path for row in present if row.path is not None], workers)
+    good, statistics, digests = [], [], {}
+    for row, facts in zip(present, results, strict=True):
+        if facts.verdict is None:
             good.append(row)
-            statistics.append(measured)
+            statistics.append(facts.statistics)
+            digests[str(row.path)] = facts.sha256
         else:
-            log.error(verdict, row.path, kind="unreadable image")
-    return good, statistics
+            log.error(facts.verdict, row.path, kind="unreadable image")
+    return good, statistics, digests
 
 
 def _group(record: dict) -> str:

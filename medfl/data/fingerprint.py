@@ -1,8 +1,10 @@
 """What a site's data was when a run started: its training files, and a fingerprint of everything it read.
 
 A run folder keeps both at the site (never sent to the server): a resumed run is refused when the fingerprint
-changed (a filter that adds rows, a replaced image, an edited mask, another split), and an export lists the
-training files without reading the site's data again.
+changed (a filter that adds rows, a replaced or edited image, volume or mask, even one bit of it, another
+split), and an export lists the training files without reading the site's data again. The fingerprint covers
+the sha256 of every file the site trains and scores on, computed by the readers from the bytes they read
+anyway (`medfl.data.images.read_image`, `medfl.data.prostate`), and the records built from them.
 """
 
 from __future__ import annotations
@@ -10,11 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medfl.data.site import SiteData
+if TYPE_CHECKING:
+    from medfl.data.site import SiteData
+
+# site.json's `data_fingerprint_version`: 1 compared image files by size (medfl before file contents were
+# hashed); 2 compares the sha256 of every file's bytes.
+DATA_FINGERPRINT_VERSION = 2
 
 
 def relative_paths(paths: set[str], data: SiteData) -> list[str]:
@@ -30,28 +37,32 @@ def _relative(path: Path, root: Path | None) -> str:
     return resolved.as_posix()
 
 
+def content_sha256(data: bytes) -> str:
+    """sha256 of bytes a reader holds already."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks (a reader that hands the path to a library)."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
 def data_fingerprint(data: SiteData) -> str:
-    """sha256 over every record of every split: for images their file, size, label and group; for MRI slices
-    their voxels and mask (after preprocessing) and their case's geometry."""
+    """sha256 over every record of every split (for images their file, label and group; for MRI slices their
+    voxels and mask after preprocessing), every case's geometry, and the sha256 of every file read for them."""
     digest = hashlib.sha256()
     for split, records in data.splits.items():
         for record in records:
-            digest.update(json.dumps([split, _describe(record)], sort_keys=True, default=str).encode())
+            plain = {k: v for k, v in record.items() if not isinstance(v, np.ndarray)}
+            digest.update(json.dumps([split, plain], sort_keys=True, default=str).encode())
             for key in ("image", "label"):
                 if isinstance(record.get(key), np.ndarray):
                     digest.update(np.ascontiguousarray(record[key]).tobytes())
     for case, geometry in sorted(data.geometry.items()):
         digest.update(json.dumps([case, repr(geometry)]).encode())
+    digest.update(json.dumps(sorted(data.file_digests.items())).encode())
     return digest.hexdigest()
-
-
-def _describe(record: dict[str, Any]) -> dict[str, Any]:
-    """A record's plain fields; an image path also by its size on disk."""
-    plain = {k: v for k, v in record.items() if not isinstance(v, np.ndarray)}
-    image = record.get("image")
-    if isinstance(image, str):
-        plain["image_bytes"] = Path(image).stat().st_size
-    return plain
 
 
 def site_config_sha256(config: Any) -> str:

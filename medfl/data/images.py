@@ -1,20 +1,24 @@
 """2-D image files of a classification site: find them under a folder, and prove they decode.
 
-Checking opens and fully decodes every image (a truncated JPEG fails only when its data is read). JPEGs are
-decoded at a reduced scale (PIL's draft mode), which still walks the whole compressed stream but costs far
-less than a full decode. Threads overlap the work, since PIL releases the GIL while decoding. The decoded
-pixels also give the image's colour statistics (site shift), so nothing is decoded twice.
+Checking reads every image file once and fully decodes it (a truncated JPEG fails only when its data is
+read). JPEGs are decoded at a reduced scale (PIL's draft mode), which still walks the whole compressed stream
+but costs far less than a full decode. Threads overlap the work, since PIL and hashlib release the GIL. The
+bytes read give the file's sha256 (the site's data fingerprint, medfl.data.fingerprint) and the decoded pixels
+its colour statistics (site shift), so nothing is read or decoded twice.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from medfl.data.fingerprint import content_sha256
 from medfl.data.shift import colour_statistics
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -29,41 +33,62 @@ def index_images(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> di
     return index
 
 
+@dataclass(frozen=True)
+class ImageFacts:
+    """What reading one image file found: None or what is wrong with it, its colour statistics (a good image
+    only), and the sha256 of its bytes (None when it could not be read)."""
+
+    verdict: str | None
+    statistics: np.ndarray | None = None
+    sha256: str | None = None
+
+
 def check_image(path: Path) -> str | None:
     """None when `path` decodes to an RGB image, else a short description of what is wrong."""
-    return inspect_image(path)[0]
+    return read_image(path).verdict
 
 
 def inspect_image(path: Path) -> tuple[str | None, np.ndarray | None]:
     """check_image's verdict and, for a good image, its colour statistics (`medfl.data.shift`) measured on
     the pixels this check decodes anyway."""
+    facts = read_image(path)
+    return facts.verdict, facts.statistics
+
+
+def read_image(path: Path) -> ImageFacts:
+    """Read an image file once: hash its bytes, decode them, measure the decoded pixels."""
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ImageFacts("image file not found")
+    except OSError as error:
+        return ImageFacts(f"unreadable image file ({error.strerror or error})")
+    sha256 = content_sha256(data)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             mode, (width, height) = image.mode, image.size
             if image.format == "JPEG":
                 image.draft("RGB", (32, 32))
             image.load()
             histogram = image.histogram() if mode == "RGB" else None
-    except FileNotFoundError:
-        return "image file not found", None
     except UnidentifiedImageError:
-        return "unreadable or corrupt image (not in an image format PIL can read)", None
+        return ImageFacts("unreadable or corrupt image (not in an image format PIL can read)", sha256=sha256)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return f"unreadable or corrupt image ({' '.join(str(error).split())})", None
+        return ImageFacts(f"unreadable or corrupt image ({' '.join(str(error).split())})", sha256=sha256)
     if histogram is None:
-        return f"image mode is {mode}, expected RGB colour", None
-    return None, colour_statistics(np.asarray(histogram), width, height)
+        return ImageFacts(f"image mode is {mode}, expected RGB colour", sha256=sha256)
+    return ImageFacts(None, colour_statistics(np.asarray(histogram), width, height), sha256)
 
 
 def check_images(paths: Iterable[Path], workers: int = 2) -> list[str | None]:
     """check_image over many files, in `workers` threads (0 or 1: in this thread), results in order."""
-    return [verdict for verdict, _ in inspect_images(paths, workers)]
+    return [facts.verdict for facts in read_images(paths, workers)]
 
 
-def inspect_images(paths: Iterable[Path], workers: int = 2) -> list[tuple[str | None, np.ndarray | None]]:
-    """inspect_image over many files, in `workers` threads (0 or 1: in this thread), results in order."""
+def read_images(paths: Iterable[Path], workers: int = 2) -> list[ImageFacts]:
+    """read_image over many files, in `workers` threads (0 or 1: in this thread), results in order."""
     paths = list(paths)
     if workers <= 1 or len(paths) < 2:
-        return [inspect_image(p) for p in paths]
+        return [read_image(p) for p in paths]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(inspect_image, paths))
+        return list(pool.map(read_image, paths))

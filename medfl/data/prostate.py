@@ -20,6 +20,7 @@ import numpy as np
 
 from medfl.config import DataSettings, SiteConfig
 from medfl.data.containment import admitted
+from medfl.data.fingerprint import file_sha256
 from medfl.data.problems import ProblemLog
 from medfl.data.records import SiteContent
 from medfl.data.shift import PROSTATE, SampleStatistics, grid_statistics, intensity_statistics
@@ -132,6 +133,13 @@ def metaimage_data_files(header: Path) -> list[Path]:
     return []
 
 
+def case_file_digests(case: CaseFiles) -> dict[str, str]:
+    """sha256 of every file of a case just read (image, mask, and the voxel files their MetaImage headers
+    name), by path: the files are in the page cache, so this costs little more than the hashing itself."""
+    files = [case.image, case.mask, *metaimage_data_files(case.image), *metaimage_data_files(case.mask)]
+    return {str(path): file_sha256(path) for path in files}
+
+
 def select_slices(mask: np.ndarray, mode: str, empty_fraction: float, seed: int, case_id: str) -> list[int]:
     """Training slice indices: all, or those with foreground plus a seeded share of the empty ones."""
     depth = mask.shape[0]
@@ -171,15 +179,19 @@ def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: Proble
     files = find_cases(site, log)
     prepared: list[PreparedCase] = []
 
-    def prepare(case: CaseFiles) -> tuple[PreparedCase | None, list[tuple[Path, str]]]:
-        return prepare_case(case.case_id, case.image, case.mask, settings.input_size)
+    digests: dict[str, dict[str, str]] = {}  # case id -> sha256 of each of its files
+
+    def prepare(case: CaseFiles) -> tuple[PreparedCase | None, list[tuple[Path, str]], dict[str, str]]:
+        result, problems = prepare_case(case.case_id, case.image, case.mask, settings.input_size)
+        return result, problems, case_file_digests(case) if result is not None else {}
 
     with ThreadPoolExecutor(max_workers=max(1, settings.num_workers)) as pool:
-        for result, problems in pool.map(prepare, files):
+        for result, problems, case_digests in pool.map(prepare, files):
             for path, message in problems:
                 log.error(message, path)
             if result is not None:
                 prepared.append(result)
+                digests[result.case_id] = case_digests
     cases = {case.case_id: case.case_id.lower() for case in prepared}  # a case is its own group
     assignment = assign_splits(cases, dict.fromkeys(cases.values(), "case"), site.split_path,
                                settings.split_fractions, settings.split_seed, log, ignore_case=True)
@@ -192,6 +204,7 @@ def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: Proble
         statistics.append(np.concatenate([intensity_statistics(case.image, case.mask),
                                           grid_statistics(grid.size, grid.spacing, grid.direction, case.raw_range[1])]))
         content.geometry[case.case_id] = case.geometry
+        content.file_digests.update(digests[case.case_id])
         content.groups[split] += 1
         indices = (
             select_slices(case.mask, settings.slices, settings.empty_slice_fraction, settings.split_seed, case.case_id)

@@ -31,3 +31,4 @@ class SiteContent:
     filtered_out: int = 0
     geometry: dict[str, Any] = field(default_factory=dict)
     statistics: SampleStatistics | None = None  # per-sample statistics for site shift (medfl.data.shift)
+    file_digests: dict[str, str] = field(default_factory=dict)  # sha256 of every file the split records read

@@ -9,7 +9,9 @@ and no file name, and passes no free keyword arguments on to other code (MONAI's
 imports a reader by name, and `open` is a name), no `select_fn`, no `pad_kwargs`.
 
 Values must be plain YAML data (strings, numbers, booleans, null, lists and mappings of them): MONAI reads
-the strings it gets here as mode, dtype or device names, or as dictionary keys.
+the strings it gets here as mode, dtype or device names, or as dictionary keys. No string may start with `$` or
+`%`, which MONAI's config parser evaluates as Python or resolves as a macro: nothing in a recipe is evaluated,
+such a value would only fail on every image, and an export could not carry it into a MONAI bundle.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ LOAD_READERS = ("PILReader", "ITKReader", "NibabelReader")
 # The one record item that holds a file path (classification records); LoadImaged reads nothing else.
 LOAD_KEY = "image"
 _PLAIN = (str, int, float, bool, type(None))
+EXPRESSION_MARKERS = ("$", "%")  # what MONAI's config parser evaluates ("$") or resolves as a macro ("%")
 
 
 def _plain(value: Any) -> bool:
@@ -114,6 +117,14 @@ def _plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(key, str) and _plain(item) for key, item in value.items())
     return False
+
+
+def _expression(value: Any) -> str | None:
+    """The first string of plain data `value` (mapping keys included) that starts with an expression marker."""
+    if isinstance(value, str):
+        return value if value.startswith(EXPRESSION_MARKERS) else None
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else []
+    return next((found for found in map(_expression, items) if found is not None), None)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -137,6 +148,11 @@ def check_transform(name: str, arguments: Mapping[str, Any], where: str) -> None
         if not _plain(value):
             raise ConfigError(f"{where}: argument '{argument}' must be plain data (text, numbers, lists), "
                               f"not {type(value).__name__}")
+        expression = _expression(value)
+        if expression is not None:
+            shown = expression if len(expression) <= 60 else expression[:57] + "..."
+            raise ConfigError(f"{where}: argument '{argument}': value '{shown}' starts with '{expression[0]}', which "
+                              "MONAI would read as an expression; recipe values are plain data, never evaluated")
     if name == "LoadImaged":
         readers = [reader for reader in _as_list(arguments.get("reader")) if reader is not None]
         bad = [reader for reader in readers if reader not in LOAD_READERS]

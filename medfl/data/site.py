@@ -4,8 +4,9 @@
 report. `load_site` raises one DataError listing every error; `validate_site` returns the problems only.
 
 Errors (the site cannot be used): missing folder or table, image listed but absent, unreadable image or
-volume, a file outside data_root and the site config's folder (never opened), unknown label, mask shape/geometry mismatch, mask with negative or non-integer values, duplicate
-ids, no samples, empty train or validation split (DET measures on validation), ids missing from an
+volume, an image volume that is blank or holds a mask's few values, a file outside data_root and the site
+config's folder (never opened), unknown label, mask shape/geometry mismatch, mask with negative or
+non-integer values, duplicate ids, no samples, empty train or validation split (DET measures on validation), ids missing from an
 official split file. Warnings (reported, the site is still used): a class absent from train, validation or
 test (CPA and the metrics tolerate it), an empty test split although its fraction is above zero, a lesion
 spread over several splits by an official split file, an experiment class the site's label map never
@@ -73,7 +74,8 @@ class SiteReport:
 
 @dataclass
 class SiteData:
-    """A site's split records with its classes, report and (segmentation) per-case geometry."""
+    """A site's split records with its classes, report, (segmentation) per-case geometry, and the sha256 of
+    every file its records were read from (medfl.data.fingerprint)."""
 
     name: str
     task: str
@@ -82,6 +84,7 @@ class SiteData:
     report: SiteReport
     geometry: dict[str, CaseGeometry] = field(default_factory=dict)
     config: SiteConfig | None = None
+    file_digests: dict[str, str] = field(default_factory=dict)  # path -> sha256 of every file the records read
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Per-class counts of a split, in class order (images, or pixels for segmentation)."""
@@ -138,7 +141,8 @@ def inspect_site(site: SiteConfig, settings: DataSettings | None = None, *, task
     )
     _check_splits(site, settings, report, log)
     report.problems = log.problems()
-    return SiteData(site.name, site.task, content.classes, content.splits, report, content.geometry, site)
+    return SiteData(site.name, site.task, content.classes, content.splits, report, content.geometry, site,
+                    content.file_digests)
 
 
 def validate_site(site: SiteConfig, settings: DataSettings | None = None, *, task: SiteReader) -> list[Problem]:

@@ -23,6 +23,8 @@ from nibabel.filebasedimages import ImageFileError
 
 WORKING_ORIENTATION = "LPS"
 INTENSITY_PERCENTILES = (0.5, 99.5)
+MASK_LIKE_VALUES = 4  # an image with this many distinct integer values or fewer is blank or a mask, not MRI
+_VALUE_SAMPLE_STEP = 97  # voxels sampled first: an MRI volume shows many values among them, at no cost
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,21 @@ def mask_value_problem(mask: np.ndarray) -> str | None:
     return None
 
 
+def image_value_problem(volume: np.ndarray, mask: np.ndarray) -> str | None:
+    """Why an image volume cannot be trained on because of its values (blank, or a mask given as the image),
+    or None. The rule is the one `medfl predict` applies to its inputs."""
+    flat = volume.ravel()
+    if len(np.unique(flat[::_VALUE_SAMPLE_STEP])) > MASK_LIKE_VALUES:
+        return None
+    values = np.unique(flat)
+    if len(values) > MASK_LIKE_VALUES or not np.array_equal(values, np.round(values)):
+        return None
+    shown = ", ".join(f"{v:g}" for v in values)
+    what = "a blank volume" if len(values) == 1 else "a mask, not an MRI volume"
+    return (f"image holds only the value(s) {shown}: {what} (its mask marks {int(np.count_nonzero(mask))} voxels); "
+            "medfl trains on MRI intensities only")
+
+
 def prepare_case(case_id: str, image_path: Path, mask_path: Path,
                  input_size: int) -> tuple[PreparedCase | None, list[tuple[Path, str]]]:
     """Read, check and preprocess one case; problems come back as (file, message) pairs."""
@@ -245,6 +262,9 @@ def prepare_case(case_id: str, image_path: Path, mask_path: Path,
     if not np.all(np.isfinite(volume)):
         return None, [(image_path, "image has NaN or infinite values")]
     labels = sitk.GetArrayFromImage(sitk.DICOMOrient(mask, WORKING_ORIENTATION)) > 0
+    problem = image_value_problem(volume, labels)
+    if problem:
+        return None, [(image_path, problem)]
     low, high = np.percentile(volume, INTENSITY_PERCENTILES)
     image_slices = preprocess_volume(volume, input_size, clip=(low, high))
     return PreparedCase(case_id, image_slices, resize_mask(labels, input_size), geometry, (float(low), float(high))), []

@@ -211,13 +211,13 @@ def _play(config: ExperimentConfig, root: str | Path, federation: Federation, se
         RunFolder(root).refuse_to_start()
         start = 0
     starts = federation.start()
-    if resume:
-        folder.continue_with(config)
-    else:
+    if not resume:
         folder = RunFolder.create(root, config)
     server.folder = folder
     server.begin(starts)
     federation.open(folder, start - 1 if resume else None)
+    if resume:  # after the sites' checks of their data: a refused resume leaves the run's plan as it was
+        folder.continue_with(config)
     if start > 0:
         server.restore(start - 1)
     progress("start", {"rounds": config.rounds, "start": start, "sites": list(federation.sites),

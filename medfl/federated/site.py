@@ -26,7 +26,7 @@ from monai.utils import set_determinism
 from torch import Tensor
 
 from medfl.config import SiteConfig
-from medfl.data.fingerprint import data_fingerprint, site_config_sha256
+from medfl.data.fingerprint import DATA_FINGERPRINT_VERSION, data_fingerprint, site_config_sha256
 from medfl.data.recipes import build_dataset, load_recipe
 from medfl.data.site import load_site
 from medfl.errors import MedflError
@@ -102,7 +102,8 @@ class Site(ClientAlgo):
         self.record = SiteRecord(schema_version=SCHEMA_VERSION, site=self.name,
                                  site_config_sha256=site_config_sha256(self.config),
                                  data_fingerprint=data_fingerprint(self.data), training_files=self.task.training_files(self.data),
-                                 inputs=self.task.site_inputs(self.config))
+                                 inputs=self.task.site_inputs(self.config),
+                                 data_fingerprint_version=DATA_FINGERPRINT_VERSION)
 
     @property
     def models(self) -> dict[Any, torch.nn.Module]:
