@@ -452,7 +452,7 @@ class RunFolder:
         try:
             data = load_yaml(self.config_file.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
-            raise RunFolderError(f"{self.config_file}: unreadable run config ({describe_error(error)})") from None
+            raise RunFolderError(f"{self.config_file}: {describe_error(error)} (unreadable run config)") from None
         except (OSError, UnicodeDecodeError):
             raise RunFolderError(f"{self.config_file}: unreadable run config") from None
         if not isinstance(data, dict) or "method" not in data:

@@ -87,6 +87,8 @@ def test_an_old_run_folder_exports_what_it_exported(old, tmp_path):
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], v) for k, v in expected.items())
     manifest, old_manifest = (json.loads((folder / "manifest.json").read_text()) for folder in (new, before))
     assert manifest["files"]["eval_transforms.yaml"] == old_manifest["files"]["eval_transforms.yaml"]
-    assert manifest["experiment"] == {**old_manifest["experiment"], "run_dir": str((old / "run").resolve())}
+    # what exports record since: the run's sites (evaluate's advice to a site outside the run)
+    assert manifest["experiment"] == {**old_manifest["experiment"], "run_dir": str((old / "run").resolve()),
+                                      "sites": ["derm_a", "derm_b"]}
     for key in set(old_manifest) - {"experiment", "files", "versions", "exported_at"}:
         assert manifest[key] == old_manifest[key], key
