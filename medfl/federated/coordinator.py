@@ -18,6 +18,7 @@ from monai.fl.utils.exchange_object import ExchangeObject
 from medfl.devices import resolve_device
 from medfl.errors import DataError
 from medfl.experiment import ExperimentConfig
+from medfl.federated.parallel import ParallelSites, worker_count
 from medfl.federated.payloads import Delivery, upload_from_exchange
 from medfl.federated.rounds import Progress, RoundReplies, Server, SiteReply, run_rounds
 from medfl.federated.site import Site
@@ -96,20 +97,26 @@ class Coordinator:
         run_dir: str | Path,
         device: torch.device | None = None,
         progress: Callable[[str, dict[str, Any]], None] | None = None,
+        parallel: int | str | None = None,
     ):
         self.config = config
+        self.parallel = config.runtime.parallel_sites if parallel is None else parallel  # `medfl run --parallel`
         self.run_dir = Path(run_dir)
         self.device = device or resolve_device(config.device)
         self.progress = progress or (lambda event, info: None)
         self.federation = self._federation()
         self.server = Server(config, self.device, [])
 
-    def _federation(self) -> LocalSites:
-        """The sites, each training its own models; or, for pooled training, one model on all their data."""
+    def _federation(self) -> LocalSites | ParallelSites:
+        """The sites, each training its own models (in this process, or side by side in worker processes); or,
+        for pooled training, one model on all their data."""
         if self.config.spec.pools_data:
             from medfl.federated.pooled import PooledSites  # it builds on LocalSites
 
             return PooledSites(self.config, self.run_dir, self.device, self.progress)
+        workers = worker_count(self.config, self.parallel, self.device)
+        if workers > 1:
+            return ParallelSites(self.config, self.run_dir, self.device, self.progress, workers)
         return LocalSites(self.config, self.run_dir, self.device, self.progress)
 
     @property

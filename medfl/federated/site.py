@@ -66,6 +66,7 @@ class Site(ClientAlgo):
         self.device = torch.device(device)
         self.folder = RunFolder(run_dir).site(self.name)
         self.round = -1  # last completed round
+        self.data = None  # the site's records: read by initialize unless given (medfl.federated.parallel)
         self._collated: dict[str, list[dict[str, Any]]] = {}
         self._timing: dict[str, float] = {}
         self._clock: tuple[float, float, int] = (0.0, 0.0, 0)  # a round's start: time, eval seconds, eval samples
@@ -79,7 +80,8 @@ class Site(ClientAlgo):
         from medfl.data import build_dataset, load_recipe, load_site
 
         settings = self.experiment.data
-        self.data = load_site(self.config, settings)
+        if self.data is None:
+            self.data = load_site(self.config, settings)
         self.in_channels = self.task.input_channels(self.data.splits["train"][0])
         recipes = {stage: load_recipe(settings.recipe(self.task.key, stage), input_size=settings.input_size)
                    for stage in ("train", "eval")}
