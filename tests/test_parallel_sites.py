@@ -4,15 +4,21 @@ another, bit for bit, and the failures of a worker reported in one line."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_experiment
 
+from medfl.errors import DataError
 from medfl.experiment import load_experiment_config
 from medfl.federated.coordinator import Coordinator
-from medfl.federated.parallel import ParallelSites, assign_sites, threads_per_worker
+from medfl.federated.parallel import ParallelSites, WorkerLost, assign_sites, threads_per_worker
+from medfl.federated.training import TrainingDiverged
+from medfl.runfolder import RunFolder
 
 pytestmark = pytest.mark.slow
 
@@ -76,3 +82,70 @@ def test_sites_go_to_workers_by_training_samples_and_threads_are_shared_out():
     assert assign_sites(samples, 2) == [["a", "b", "e"], ["c", "d"]]  # 55 and 50 samples
     assert assign_sites(samples, 5) == [["b"], ["c"], ["d"], ["a"], ["e"]]
     assert threads_per_worker(8, 3) == 2 and threads_per_worker(1, 2) == 1
+
+
+def worker_of(coordinator, site):
+    return next(worker.process for worker in coordinator.federation.workers if site in worker.sites)
+
+
+def gone(pid):
+    return not Path(f"/proc/{pid}").exists() if Path("/proc").is_dir() else True
+
+
+def test_a_data_error_in_a_worker_is_the_sequential_line_and_nothing_is_created(experiment, tiny_federation,
+                                                                                 tmp_path):
+    site = yaml.safe_load((tiny_federation / "site_configs" / "dermoscopy" / "derm_b.yaml").read_text())
+    site["data_root"] = str(tmp_path / "missing")
+    (tmp_path / "derm_b.yaml").write_text(yaml.safe_dump(site))
+    broken = tiny_experiment(tmp_path / "exp.yaml", tiny_federation, "classification", runtime={"threads": 1})
+    data = yaml.safe_load(broken.read_text())
+    data["sites"][1] = str(tmp_path / "derm_b.yaml")
+    broken.write_text(yaml.safe_dump(data))
+    config = load_experiment_config(broken)
+    with pytest.raises(DataError) as sequential:
+        Coordinator(config, tmp_path / "sequential", torch.device("cpu")).run()
+    with pytest.raises(DataError) as parallel:
+        Coordinator(config, tmp_path / "parallel", torch.device("cpu"), parallel=2).run()
+    assert str(parallel.value) == str(sequential.value) and "site 'derm_b'" in str(parallel.value)
+    assert not (tmp_path / "parallel").exists()
+
+
+def test_a_diverging_site_in_a_worker_is_one_line_and_the_workers_stop(experiment, tmp_path):
+    config = load_experiment_config(experiment).model_copy(deep=True)
+    config.optimizer.lr = 1e30
+    coordinator = Coordinator(config, tmp_path / "run", torch.device("cpu"), parallel=2)
+    with pytest.raises(TrainingDiverged, match=r"^site 'derm_[ab]', round 0, epoch 1: [^\n]*$"):
+        coordinator.run()
+    assert coordinator.federation.workers == [] and RunFolder(tmp_path / "run").completed_rounds() == 0
+
+
+def test_a_killed_worker_names_its_sites_and_the_round_is_not_kept(experiment, tmp_path):
+    def kill_in_round_1(event, info):
+        if event == "epoch" and info["round"] == 1 and info["site"] == "derm_a":
+            os.kill(worker_of(coordinator, "derm_b").pid, signal.SIGKILL)
+
+    coordinator = Coordinator(load_experiment_config(experiment, rounds=3), tmp_path / "run", torch.device("cpu"),
+                              progress=kill_in_round_1, parallel=2)
+    with pytest.raises(WorkerLost, match=r"^the worker process of site\(s\) 'derm_b' ended \(killed by SIGKILL\) "
+                                         r"in round 1, which is not kept$"):
+        coordinator.run()
+    assert RunFolder(tmp_path / "run").completed_rounds() == 1
+
+
+def test_an_interrupt_stops_every_worker_and_keeps_the_last_completed_round(experiment, tmp_path):
+    """Ctrl-C reaches the whole process group: the workers ignore it, the parent stops them."""
+    pids = []
+
+    def interrupt_in_round_1(event, info):
+        if event == "site" and info["round"] == 1 and not pids:
+            pids.extend(worker.process.pid for worker in coordinator.federation.workers)
+            for pid in pids:
+                os.kill(pid, signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    coordinator = Coordinator(load_experiment_config(experiment, rounds=3), tmp_path / "run", torch.device("cpu"),
+                              progress=interrupt_in_round_1, parallel=2)
+    with pytest.raises(KeyboardInterrupt):
+        coordinator.run()
+    assert len(pids) == 2 and all(gone(pid) for pid in pids)
+    assert RunFolder(tmp_path / "run").completed_rounds() == 1
