@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_experiment
+from conftest import tiny_experiment, wait_for_files
 
 from medfl.errors import DataError
 from medfl.experiment import load_experiment_config
@@ -149,3 +152,37 @@ def test_an_interrupt_stops_every_worker_and_keeps_the_last_completed_round(expe
         coordinator.run()
     assert len(pids) == 2 and all(gone(pid) for pid in pids)
     assert RunFolder(tmp_path / "run").completed_rounds() == 1
+
+
+def children(pid):
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
+def test_workers_die_with_their_parent_and_the_run_resumes_as_if_uninterrupted(experiment, tmp_path, one_thread):
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "medfl.cli", "run", str(experiment), "--out", str(killed),
+                                "--rounds", "3", "--parallel", "2", "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_files([killed / "checkpoints" / "last.pt"], [process])  # round 0 is complete
+    workers = children(process.pid)
+    assert len(workers) == 2
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 60
+    while not all(gone(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the workers outlived their parent"
+        time.sleep(0.01)
+    config = load_experiment_config(experiment, rounds=3)
+    Coordinator(config, killed, torch.device("cpu")).run(resume=True)  # the folder is free: every worker is gone
+    Coordinator(config, tmp_path / "whole", torch.device("cpu")).run()
+    for name in ("metrics.csv", "det_states.csv", "retrogress.csv"):
+        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
