@@ -18,8 +18,17 @@ from conftest import tiny_experiment, wait_for_files
 
 from medfl.errors import DataError
 from medfl.experiment import load_experiment_config
-from medfl.federated.coordinator import Coordinator
-from medfl.federated.parallel import ParallelSites, WorkerLost, assign_sites, threads_per_worker
+from medfl.federated.coordinator import Coordinator, LocalSites
+from medfl.federated.parallel import (
+    AUTO_FACTOR,
+    WORKER_STARTUP_S,
+    ParallelSites,
+    WorkerLost,
+    assign_sites,
+    auto_workers,
+    estimated_site_seconds,
+    threads_per_worker,
+)
 from medfl.federated.training import TrainingDiverged
 from medfl.runfolder import RunFolder
 
@@ -186,3 +195,13 @@ def test_workers_die_with_their_parent_and_the_run_resumes_as_if_uninterrupted(e
     Coordinator(config, tmp_path / "whole", torch.device("cpu")).run()
     for name in ("metrics.csv", "det_states.csv", "retrogress.csv"):
         assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_auto_starts_workers_only_where_the_training_outweighs_their_start_up(experiment):
+    assert auto_workers(sites=4, cores=2, site_seconds=100.0, startup_seconds=5.0) == 2
+    assert auto_workers(sites=4, cores=32, site_seconds=100.0, startup_seconds=5.0) == 4
+    assert auto_workers(sites=4, cores=32, site_seconds=10.0, startup_seconds=5.0) == 1  # start-up dominates
+    assert auto_workers(sites=1, cores=32, site_seconds=1e6, startup_seconds=5.0) == 1
+    config = load_experiment_config(experiment)
+    assert 0 < estimated_site_seconds(config) < AUTO_FACTOR * WORKER_STARTUP_S  # a tiny run: seconds
+    assert type(Coordinator(config, "unused", torch.device("cpu"), parallel="auto").federation) is LocalSites

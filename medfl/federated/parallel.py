@@ -47,6 +47,8 @@ from medfl.federated.rounds import Progress, RoundReplies, SiteReply
 from medfl.federated.server import SiteUpdate
 from medfl.runfolder import FolderLock, RunFolder
 
+WORKER_STARTUP_S = 6.0  # a worker's start-up, importing torch and MONAI: 2-3 s on an idle core, 6-9 s loaded
+AUTO_FACTOR = 4.0  # `auto` starts workers where a site's training over the run exceeds this many start-ups
 STOP_SECONDS = 60.0  # a worker asked to stop has this long to finish before it is killed
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -69,11 +71,52 @@ def worker_count(config: ExperimentConfig, setting: int | str, device: torch.dev
     """Worker processes for a run: 1 trains the sites in this process (today's behaviour)."""
     sites = len(config.sites)
     if setting == "auto":
-        return 1
+        if sites < 2 or device.type != "cpu" or cores_given() < 2:
+            return 1
+        return auto_workers(sites, cores_given(), estimated_site_seconds(config))
     if int(setting) > 1 and sites > 1 and device.type != "cpu":
         raise ConfigError(f"runtime.parallel_sites {setting}: sites train side by side on the CPU only; "
                           f"with device {device.type} set it to 1 or auto")
     return max(1, min(int(setting), sites))
+
+
+def auto_workers(sites: int, cores: int, site_seconds: float, startup_seconds: float = WORKER_STARTUP_S) -> int:
+    """`auto`'s rule: one worker per site, at most one per core, where a site's estimated training over the
+    run exceeds AUTO_FACTOR worker start-ups (paid once per run, the workers starting side by side); else 1."""
+    if sites < 2 or cores < 2 or site_seconds <= AUTO_FACTOR * startup_seconds:
+        return 1
+    return min(sites, cores)
+
+
+def estimated_site_seconds(config: ExperimentConfig) -> float:
+    """A site's training over the whole run, estimated: the mean site's training batches per round (its
+    records read, no dataset built) times one timed training step of the experiment's network on a random
+    batch, for every model the method trains, times the rounds. 0 where a site's data cannot be read (the
+    run then reports it, in this process)."""
+    import math
+    import time
+
+    from medfl.data import load_site
+    from medfl.models import build_model
+    from medfl.tasks import task_for
+
+    task, settings, model = task_for(config.task), config.data, config.model
+    try:
+        records = [load_site(site, settings).splits["train"] for site in config.load_sites()]
+    except DataError:
+        return 0.0
+    batches = sum(math.ceil(len(train) / config.batch_size) for train in records) / len(records)
+    channels = task.input_channels(records[0][0])
+    network = build_model(model.name, task.key, num_classes=len(config.classes), in_channels=channels,
+                          width=model.width, **model.options)
+    inputs = torch.randn(config.batch_size, channels, settings.input_size, settings.input_size)
+    seconds = math.inf
+    for _ in range(2):  # the first step pays one-off allocations
+        tick = time.perf_counter()
+        logits, _ = network(inputs)
+        logits.float().sum().backward()
+        seconds = min(seconds, time.perf_counter() - tick)
+    return config.rounds * config.local_epochs * batches * seconds * len(config.spec.roles)
 
 
 def assign_sites(samples: Mapping[str, int], workers: int, readers: Mapping[str, int] | None = None
