@@ -6,14 +6,16 @@ keeps models and optimizer state until the run ends, so that a round costs the s
 than the sum of all sites. Sites go to workers by training-sample count (largest first to the least
 loaded worker), and the threads given are shared out among the workers.
 
-Workers are spawned, not forked: a fresh interpreter (`python -c`, as multiprocessing's `spawn` starts one,
-but without re-running the caller's main script) inherits neither the parent's OpenMP and MKL thread pools
-(a forked copy of them can deadlock), nor CUDA state, nor the parent's global random state or open files.
-Its cost, importing torch and MONAI once per worker, is what `auto` weighs (`worker_count`). The files a
-worker inherits are its end of a socket pair and the run folder's lock file: the parent holds the lock
-for the run and hands each worker that descriptor, so that the folder counts as free only once every
-worker is gone; workers never take a lock themselves. A worker exits when its parent dies (Linux's
-parent-death signal, and the end of its socket).
+Workers start from multiprocessing's `forkserver`: a fresh interpreter that imports this module (torch,
+MONAI) once, runs no torch operation and forks each worker on request. A worker therefore inherits neither
+the parent's OpenMP and MKL thread pools (a fork of the parent could deadlock in them), nor CUDA state,
+nor the parent's global random state or open files, and K workers pay one import of torch and MONAI, not
+K (`auto` weighs that start-up, `worker_count`). As with any multiprocessing start method but fork, a
+script that runs a parallel experiment keeps its top level under `if __name__ == "__main__":`. The files a
+worker inherits are its end of a pipe and the run folder's lock file: the parent holds the lock for the
+run and hands each worker that descriptor, so that the folder counts as free only once every worker is
+gone; workers never take a lock themselves. A worker exits when its parent dies (a thread waiting on the
+parent's pidfd, and the parent-death signal when the fork server ends with the parent).
 
 Messages carry plain containers and tensors only (the typed payloads as their state: `Delivery` down,
 `SiteReply`'s report and upload up), written with torch.save and read with `weights_only=True`. A worker
@@ -26,13 +28,14 @@ from __future__ import annotations
 
 import ctypes
 import io
+import multiprocessing
 import os
+import select
 import signal
-import socket
-import subprocess
-import sys
+import threading
 import traceback
 from collections.abc import Mapping, Sequence
+from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,7 @@ from medfl.federated.rounds import Progress, RoundReplies, SiteReply
 from medfl.federated.server import SiteUpdate
 from medfl.runfolder import FolderLock, RunFolder
 
-WORKER_STARTUP_S = 6.0  # a worker's start-up, importing torch and MONAI: 2-3 s on an idle core, 6-9 s loaded
+WORKER_STARTUP_S = 6.0  # the workers' start-up, the fork server importing torch and MONAI: 2-3 s idle, 6-9 s loaded
 AUTO_FACTOR = 4.0  # `auto` starts workers where a site's training over the run exceeds this many start-ups
 STOP_SECONDS = 60.0  # a worker asked to stop has this long to finish before it is killed
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -82,7 +85,7 @@ def worker_count(config: ExperimentConfig, setting: int | str, device: torch.dev
 
 def auto_workers(sites: int, cores: int, site_seconds: float, startup_seconds: float = WORKER_STARTUP_S) -> int:
     """`auto`'s rule: one worker per site, at most one per core, where a site's estimated training over the
-    run exceeds AUTO_FACTOR worker start-ups (paid once per run, the workers starting side by side); else 1."""
+    run exceeds AUTO_FACTOR times the workers' start-up (paid once per run: one import, then forks); else 1."""
     if sites < 2 or cores < 2 or site_seconds <= AUTO_FACTOR * startup_seconds:
         return 1
     return min(sites, cores)
@@ -158,26 +161,43 @@ def _medfl_error(kind: str | None, message: str) -> BaseException:
     return MedflError(message)
 
 
+class _InheritedFd:
+    """A descriptor the worker inherits (sent along when it starts): the run folder's lock file."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def __reduce__(self):
+        return (_inherited, (None if self.fd is None else reduction.DupFd(self.fd),))
+
+
+def _inherited(duplicate: Any) -> int | None:
+    return None if duplicate is None else duplicate.detach()
+
+
+def _context() -> Any:
+    """Workers fork from multiprocessing's fork server, which imported this module (torch, MONAI) once."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "medfl.federated.site"])
+    return context
+
+
 class _Worker:
     """The parent's handle on one worker process and the sites it owns."""
 
-    def __init__(self, process: subprocess.Popen, connection: Connection):
+    def __init__(self, process: Any, connection: Connection):
         self.process, self.connection = process, connection
         self.sites: list[str] = []
 
     @classmethod
     def spawn(cls, lock_fd: int | None) -> _Worker:
-        """A fresh interpreter on this one's import path, its end of a socket pair and the run folder's lock
-        file (same descriptor numbers) its only inherited files."""
-        ours, theirs = socket.socketpair()
-        code = (f"import sys; sys.path[:] = {sys.path!r}; from medfl.federated.parallel import worker_main; "
-                f"worker_main({theirs.fileno()}, {os.getpid()}, {lock_fd})")
-        kept = (theirs.fileno(),) if lock_fd is None else (theirs.fileno(), lock_fd)
-        try:
-            process = subprocess.Popen([sys.executable, "-c", code], pass_fds=kept, stdin=subprocess.DEVNULL)
-        finally:
-            theirs.close()
-        return cls(process, Connection(ours.detach()))
+        context = _context()
+        ours, theirs = context.Pipe()
+        process = context.Process(target=worker_main, args=(theirs, os.getpid(), _InheritedFd(lock_fd)),
+                                  daemon=True, name="medfl-site-worker")
+        process.start()
+        theirs.close()
+        return cls(process, ours)
 
     def send(self, message: dict[str, Any]) -> None:
         try:
@@ -186,10 +206,8 @@ class _Worker:
             raise self.lost() from None
 
     def lost(self, round_: int | None = None) -> WorkerLost:
-        try:
-            code = self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            code = None
+        self.process.join(timeout=5)
+        code = self.process.exitcode
         how = ("still running" if code is None else f"killed by {signal.Signals(-code).name}" if code < 0
                else f"exit status {code}")
         sites = ", ".join(f"'{name}'" for name in self.sites) or "(not yet assigned)"
@@ -310,9 +328,15 @@ class ParallelSites:
     def _answers(self, kind: str, round_: int | None = None):
         """Each worker's answer `kind`, as it arrives; progress events are passed on meanwhile."""
         pending = {worker.connection: worker for worker in self.workers}
+        ended = {worker.process.sentinel: worker for worker in self.workers}
         while pending:
-            for ready in wait(list(pending)):  # a worker that ends closes its end: EOF here
-                worker = pending[ready]
+            watched = [*pending, *(s for s, w in ended.items() if w.connection in pending)]
+            for ready in wait(watched):
+                worker = pending.get(ready) or ended[ready]
+                if worker.connection not in pending:
+                    continue
+                if ready is not worker.connection and not worker.connection.poll():
+                    raise worker.lost(round_)  # it ended without a word
                 try:
                     message = _receive(worker.connection)
                 except (EOFError, OSError):
@@ -344,34 +368,42 @@ class ParallelSites:
     @staticmethod
     def _join(workers: Sequence[_Worker], force: bool) -> None:
         for worker in workers:
-            if force and worker.process.poll() is None:
+            if force and worker.process.is_alive():
                 worker.process.kill()
-            try:
-                worker.process.wait(timeout=None if force else STOP_SECONDS)
-            except subprocess.TimeoutExpired:
+            worker.process.join(timeout=None if force else STOP_SECONDS)
+            if worker.process.is_alive():
                 worker.process.kill()
-                worker.process.wait()
+                worker.process.join()
             worker.connection.close()
 
 
 # --------------------------------------------------------------------- the worker process
 def _exit_with_parent(parent: int) -> None:
-    """Die with the parent: Linux's parent-death signal; checked once after setting it, in case the parent
-    died first. Elsewhere the end of the pipe stops the worker when it next waits for a message."""
+    """Die with the parent: a thread waiting on the parent's pidfd (Linux), and the parent-death signal from
+    the fork server, which ends with the parent. Elsewhere the end of the pipe stops the worker when it next
+    waits for a message."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
-    if os.getppid() != parent:
-        os._exit(1)
+    if hasattr(os, "pidfd_open"):
+        try:
+            watched = os.pidfd_open(parent)
+        except OSError:
+            os._exit(1)  # already gone
+        threading.Thread(target=_exit_when_readable, args=(watched,), daemon=True).start()
 
 
-def worker_main(fd: int, parent: int, lock_fd: int | None) -> None:
+def _exit_when_readable(fd: int) -> None:
+    select.select([fd], [], [])
+    os._exit(1)
+
+
+def worker_main(connection: Connection, parent: int, lock_fd: int | None) -> None:
     """A worker's life: the parent's messages, one at a time, until it says stop or goes away. `lock_fd`, the
     run folder's lock file, stays open until the process ends."""
     _exit_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
-    connection = Connection(fd)
     try:
         setup = _receive(connection)
         torch.set_num_threads(setup["threads"])
