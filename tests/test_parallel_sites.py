@@ -16,7 +16,7 @@ import torch
 import yaml
 from conftest import tiny_experiment, wait_for_files
 
-from medfl.errors import DataError
+from medfl.errors import ConfigError, DataError
 from medfl.experiment import load_experiment_config
 from medfl.federated.coordinator import Coordinator, LocalSites
 from medfl.federated.parallel import (
@@ -28,6 +28,7 @@ from medfl.federated.parallel import (
     auto_workers,
     estimated_site_seconds,
     threads_per_worker,
+    worker_count,
 )
 from medfl.federated.training import TrainingDiverged
 from medfl.runfolder import RunFolder
@@ -209,3 +210,15 @@ def test_auto_starts_workers_only_where_the_training_outweighs_their_start_up(ex
     config = load_experiment_config(experiment)
     assert 0 < estimated_site_seconds(config) < AUTO_FACTOR * WORKER_STARTUP_S  # a tiny run: seconds
     assert type(Coordinator(config, "unused", torch.device("cpu"), parallel="auto").federation) is LocalSites
+    assert worker_count(config, 8, torch.device("cpu")) == 2  # at most one worker per site
+    with pytest.raises(ConfigError, match="on the CPU only"):
+        worker_count(config, 2, torch.device("cuda"))
+
+
+def test_the_parallel_option_takes_a_number_of_workers_or_auto(capsys):
+    from medfl.cli import main
+
+    for value in ("0", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["run", "experiment.yaml", "--parallel", value])
+        assert exit_.value.code == 2 and f"'{value}' is neither a number of workers" in capsys.readouterr().err
