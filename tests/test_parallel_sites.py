@@ -145,8 +145,10 @@ def test_a_killed_worker_names_its_sites_and_the_round_is_not_kept(experiment, t
     assert RunFolder(tmp_path / "run").completed_rounds() == 1
 
 
-def test_an_interrupt_stops_every_worker_and_keeps_the_last_completed_round(experiment, tmp_path):
-    """Ctrl-C reaches the whole process group: the workers ignore it, the parent stops them."""
+def test_an_interrupt_stops_every_worker_and_a_resume_with_workers_equals_an_uninterrupted_run(experiment, tmp_path,
+                                                                                               one_thread):
+    """Ctrl-C reaches the whole process group: the workers ignore it, the parent stops them; the last completed
+    round is kept, and workers resume from the sites' saved state."""
     pids = []
 
     def interrupt_in_round_1(event, info):
@@ -156,12 +158,16 @@ def test_an_interrupt_stops_every_worker_and_keeps_the_last_completed_round(expe
                 os.kill(pid, signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
 
-    coordinator = Coordinator(load_experiment_config(experiment, rounds=3), tmp_path / "run", torch.device("cpu"),
-                              progress=interrupt_in_round_1, parallel=2)
+    config = load_experiment_config(experiment, rounds=3)
+    coordinator = Coordinator(config, tmp_path / "run", torch.device("cpu"), progress=interrupt_in_round_1, parallel=2)
     with pytest.raises(KeyboardInterrupt):
         coordinator.run()
     assert len(pids) == 2 and all(gone(pid) for pid in pids)
     assert RunFolder(tmp_path / "run").completed_rounds() == 1
+    Coordinator(config, tmp_path / "run", torch.device("cpu"), parallel=2).run(resume=True)
+    Coordinator(config, tmp_path / "whole", torch.device("cpu")).run()
+    for name in ("metrics.csv", "det_states.csv", "retrogress.csv"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
 def descendants(pid):
