@@ -3,6 +3,7 @@ another, bit for bit, and the failures of a worker reported in one line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ from medfl.federated.parallel import (
     worker_count,
 )
 from medfl.federated.training import TrainingDiverged
-from medfl.runfolder import RunFolder
+from medfl.runfolder import LOCK_FILE, SITE_LOCK_FILE, RunFolder
 
 pytestmark = pytest.mark.slow
 
@@ -101,6 +102,15 @@ def worker_of(coordinator, site):
     return next(worker.process for worker in coordinator.federation.workers if site in worker.sites)
 
 
+def open_files(pid):
+    """The files a process holds open, from /proc (none where there is no /proc)."""
+    files = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir() if Path("/proc").is_dir() else []:
+        with contextlib.suppress(OSError):
+            files.add(Path(os.readlink(fd)))
+    return files
+
+
 def gone(pid):
     return not Path(f"/proc/{pid}").exists() if Path("/proc").is_dir() else True
 
@@ -148,12 +158,14 @@ def test_a_killed_worker_names_its_sites_and_the_round_is_not_kept(experiment, t
 def test_an_interrupt_stops_every_worker_and_a_resume_with_workers_equals_an_uninterrupted_run(experiment, tmp_path,
                                                                                                one_thread):
     """Ctrl-C reaches the whole process group: the workers ignore it, the parent stops them; the last completed
-    round is kept, and workers resume from the sites' saved state."""
-    pids = []
+    round is kept, and workers resume from the sites' saved state. Each worker holds the run folder's lock file
+    open (so the folder is free only once it is gone) and no lock file of a site."""
+    pids, held = [], []
 
     def interrupt_in_round_1(event, info):
         if event == "site" and info["round"] == 1 and not pids:
             pids.extend(worker.process.pid for worker in coordinator.federation.workers)
+            held.extend(open_files(pid) for pid in pids)
             for pid in pids:
                 os.kill(pid, signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
@@ -163,6 +175,9 @@ def test_an_interrupt_stops_every_worker_and_a_resume_with_workers_equals_an_uni
     with pytest.raises(KeyboardInterrupt):
         coordinator.run()
     assert len(pids) == 2 and all(gone(pid) for pid in pids)
+    if Path("/proc").is_dir():
+        assert all((tmp_path / "run" / LOCK_FILE).resolve() in files for files in held), held
+        assert not any(path.name == SITE_LOCK_FILE for files in held for path in files)
     assert RunFolder(tmp_path / "run").completed_rounds() == 1
     Coordinator(config, tmp_path / "run", torch.device("cpu"), parallel=2).run(resume=True)
     Coordinator(config, tmp_path / "whole", torch.device("cpu")).run()
