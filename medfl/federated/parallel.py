@@ -199,11 +199,11 @@ class _Worker:
         theirs.close()
         return cls(process, ours)
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any], round_: int | None = None) -> None:
         try:
             _send(self.connection, message)
         except OSError:
-            raise self.lost() from None
+            raise self.lost(round_) from None
 
     def lost(self, round_: int | None = None) -> WorkerLost:
         self.process.join(timeout=5)
@@ -304,7 +304,7 @@ class ParallelSites:
             for worker in self.workers:
                 states = {name: None if deliveries.get(name) is None else deliveries[name].state_dict()
                           for name in worker.sites}
-                worker.send({"kind": "train", "round": round_, "deliveries": states, "upload": upload})
+                worker.send({"kind": "train", "round": round_, "deliveries": states, "upload": upload}, round_)
             replies: dict[str, SiteReply] = {}
             for answer in self._answers("trained", round_):
                 for name, reply in answer["replies"].items():
