@@ -212,7 +212,7 @@ def test_workers_die_with_their_parent_and_the_run_resumes_as_if_uninterrupted(e
     process = subprocess.Popen([sys.executable, "-m", "medfl.cli", "run", str(experiment), "--out", str(killed),
                                 "--rounds", "3", "--parallel", "2", "--quiet"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_files([killed / "checkpoints" / "last.pt"], [process])  # round 0 is complete
+    wait_for_files([killed / "sites" / site / "site.json" for site in ("derm_a", "derm_b")], [process])  # training
     workers = descendants(process.pid)
     assert len(workers) >= 3  # the fork server and two workers
     os.kill(process.pid, signal.SIGKILL)
