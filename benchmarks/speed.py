@@ -15,9 +15,16 @@
    a fresh process: round time, aggregation share of a round (target: at most 1%), peak memory (growth
    linear or better) and bytes exchanged per round (uploads from the sites' audit.jsonl, downloads from
    what the coordinator delivers).
+5. Sites side by side (`--parallel-sites`, its own invocation): the same prr round at K = 2 and 4 dermoscopy
+   sites, one after another in one process against K worker processes (medfl.federated.parallel) with the
+   same threads per site, each run in a fresh process: the round's wall time, the slowest site's own
+   training time and their ratio (target where the cores are at least K: at most 1.25), the whole run's wall
+   time, a worker's start-up (importing torch and MONAI in a fresh process), the CPU time of every process and
+   peak memory. Run it on an otherwise idle machine.
 
     python benchmarks/speed.py [--device auto|cpu|cuda] [--threads 1] [--repeats 3]
-    python benchmarks/speed.py --smoke    # every section (evaluation share too) on tiny data, nothing kept
+    python benchmarks/speed.py --parallel-sites [--sites 2 4]   # section 5 only: <output>.parallel.{json,md}
+    python benchmarks/speed.py --smoke    # every section (evaluation share, sites side by side too) on tiny data
 
 `--device auto` measures the CPU and, when a GPU is present, the same again on CUDA, reported separately with
 the card's name. Writes benchmarks/results/speed.{json,md,png} (speed.cuda.png for the GPU). Runs and data go
@@ -67,7 +74,7 @@ from aggregation import (  # noqa: E402 - the sibling benchmark script, found th
 RESULTS = BENCHMARKS / "results"
 EXPERIMENTS = BENCHMARKS.parent / "site_configs" / "experiments"
 TARGETS = {"det_over_single": 2.2, "loading_share": 0.10, "aggregation_share": 0.01, "growth_slope": 1.1,
-           "evaluation_share": 0.10}
+           "evaluation_share": 0.10, "round_over_slowest_site": 1.25}
 # Epoch comparisons: (site folder, shipped experiment, site, overrides of the experiment, loader variants too).
 EPOCH_CASES = {
     "dermoscopy": ("dermoscopy", "dermoscopy.yaml", "derm_a", {}, True),
@@ -105,6 +112,7 @@ PLANS = {
     ),
 }  # fmt: skip
 SMOKE_SITES = [2, 3]  # the values of K of --smoke
+SMOKE_PARALLEL_SITES = [2]  # and of its section 5
 
 
 # ---- 1. aggregation ----------------------------------------------------------------------------------------
@@ -648,6 +656,141 @@ def evaluation_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ---- 5. sites side by side --------------------------------------------------------------------------------
+
+
+def worker_startup_s() -> float:
+    """What a worker process pays before it can read data: a fresh interpreter importing torch and MONAI."""
+    import subprocess
+
+    tick = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, monai.data, medfl.federated.site"], check=True)
+    return time.perf_counter() - tick
+
+
+def parallel_run(job: dict[str, Any]) -> dict[str, Any]:
+    """One run in a fresh process, sequential or with workers: wall time of the run and of each round, each
+    site's own training time per round (from its audit log's reports), CPU time of this process, the fork
+    server and the workers it reaped (/proc), peak RSS of this process and of every worker (summed)."""
+    torch.set_num_threads(job["threads"])
+    from multiprocessing import forkserver
+
+    from medfl.experiment import load_experiment_config
+    from medfl.federated.coordinator import Coordinator
+
+    config = load_experiment_config(job["config"])
+    run_dir = Path(job["run_dir"])
+    shutil.rmtree(run_dir, ignore_errors=True)
+    workers_rss: dict[int, float] = {}
+
+    def observe(event: str, info: dict[str, Any]) -> None:
+        if event == "round":
+            for worker in getattr(coordinator.federation, "workers", []):
+                workers_rss[worker.process.pid] = max(workers_rss.get(worker.process.pid, 0.0),
+                                                      proc_status_mb(worker.process.pid, "VmHWM"))
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    coordinator = Coordinator(config, run_dir, torch.device("cpu"), progress=observe, parallel=job["parallel"])
+    coordinator.run()
+    wall = time.perf_counter() - wall
+    server = getattr(forkserver._forkserver, "_forkserver_pid", None)  # noqa: SLF001 - its CPU, /proc only
+    train: dict[int, list[float]] = {}
+    for site in (run_dir / "sites").iterdir():
+        for line in (site / "audit.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            if entry["what"] == "report":
+                train.setdefault(entry["round"], []).append(entry["timing"]["train_s"])
+    rounds = [t["round_s"] for t in coordinator.timing]
+    return {"parallel": job["parallel"], "run_wall_s": wall, "round_s": statistics.fmean(rounds),
+            "slowest_site_train_s": statistics.fmean(max(v) for v in train.values()),
+            "sum_site_train_s": statistics.fmean(sum(v) for v in train.values()),
+            "cpu_s": time.process_time() - cpu + (proc_cpu_s(server) if server else 0.0),
+            "peak_rss_mb": peak_rss_mb(), "workers_peak_rss_mb": sum(workers_rss.values())}
+
+
+def proc_status_mb(pid: int, key: str) -> float:
+    """A value of /proc/<pid>/status in MB (nan where it cannot be read)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return math.nan
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and of the children it reaped, from /proc/<pid>/stat (nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def parallel_rows(synth: Path, ks: list[int], threads: int, run_root: Path, rounds: int) -> list[dict[str, Any]]:
+    """For every K: the same prr run sequential and with K workers, each in a fresh process."""
+    configs = sorted((synth / "site_configs" / "dermoscopy").glob("*.yaml"))
+    rows = []
+    for k in ks:
+        row: dict[str, Any] = {"sites": k, "cores": os.cpu_count()}
+        for label, workers in (("sequential", 1), ("parallel", k)):
+            config = experiment(f"parallel-{label}", "dermoscopy.yaml", "prr", [str(p) for p in configs[:k]], "cpu",
+                                threads * workers, rounds, 1, run_root)  # the same threads per site
+            job = {"config": str(config.source_path), "run_dir": str(run_root / "parallel" / f"{label}-k{k}"),
+                   "threads": threads, "parallel": workers}
+            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                row[label] = pool.submit(parallel_run, job).result()
+            result = row[label]
+            result["round_over_slowest_site"] = result["round_s"] / result["slowest_site_train_s"]
+        rows.append(row)
+        print(f"  K={k}: round {row['sequential']['round_s']:.1f} s sequential, {row['parallel']['round_s']:.1f} s "
+              f"with {k} workers ({row['parallel']['round_over_slowest_site']:.2f}x the slowest site)", flush=True)
+    return rows
+
+
+def parallel_markdown(rows: list[dict[str, Any]], startup_s: float) -> str:
+    lines = [f"Worker start-up (a fresh interpreter importing torch and MONAI): {startup_s:.1f} s.\n",
+             "| K | cores | run | round (s) | slowest site's training (s) | sum of sites' training (s) "
+             "| round / slowest site | target | met | run wall (s) | CPU, all processes (s) | peak RSS (MB) "
+             "| workers' peak RSS, summed (MB) |", "|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    limit = TARGETS["round_over_slowest_site"]
+    for row in rows:
+        for label in ("sequential", "parallel"):
+            r = row[label]
+            applies = label == "parallel" and row["cores"] >= row["sites"]
+            lines.append(f"| {row['sites']} | {row['cores']} | {label} | {r['round_s']:.2f} "
+                         f"| {r['slowest_site_train_s']:.2f} | {r['sum_site_train_s']:.2f} "
+                         f"| {r['round_over_slowest_site']:.2f} | {f'≤ {limit}' if applies else '-'} "
+                         f"| {verdict(r['round_over_slowest_site'], limit) if applies else '-'} | {r['run_wall_s']:.1f} "
+                         f"| {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['workers_peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def sites_side_by_side(args: argparse.Namespace, command: str, plan_name: str) -> int:
+    """Section 5 on the CPU; <output>.parallel.json and .md."""
+    from medfl.synth import generate
+
+    root = args.root.resolve()
+    synth = root / "parallel-synth"
+    generate(synth, n_derm=max(args.sites), **PLANS[plan_name].synth)
+    info = machine("cpu")
+    startup = worker_startup_s()
+    rows = parallel_rows(synth, args.sites, args.threads, root, PLANS[plan_name].scale_rounds)
+    info["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+    stem = args.output.parent / f"{args.output.name}.parallel"
+    atomic_write_json(stem.parent / f"{stem.name}.json", {"command": command, "machine": info,
+                                                          "worker_startup_s": startup, "rows": rows})
+    text = (f"# Sites side by side\n\n`{command}`\n\nThe same prr run (1 epoch per round) at K dermoscopy sites, "
+            f"one after another and with K worker processes, {args.threads} torch thread(s) per site. Machine: "
+            f"{info['cpu']}, load average {info.get('load_average_1min')} at the start, "
+            f"{info['load_average_1min_end']} at the end.\n\n{parallel_markdown(rows, startup)}\n")
+    atomic_write_text(stem.parent / f"{stem.name}.md", text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spawned runs inherit it: medfl.environment says why
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -660,8 +803,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS / "speed", help="path stem of the results")
     parser.add_argument("--evaluation-only", action="store_true",
                         help="only the evaluation share of the demo experiments (results in <output>.evaluation.*)")
+    parser.add_argument("--parallel-sites", action="store_true",
+                        help="only section 5, sites side by side (results in <output>.parallel.*); default K: 2 4")
     parser.add_argument("--smoke", action="store_true",
-                        help=f"every section, the evaluation share too, on tiny data: narrow networks, K = "
+                        help=f"every section, the evaluation share and sites side by side too, on tiny data: narrow networks, K = "
                              f"{', '.join(map(str, SMOKE_SITES))}, one repeat; data, runs and results go to a temporary "
                              "folder that is removed")
     args = parser.parse_args(argv)
@@ -675,8 +820,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             args.root, args.output = Path(tmp) / "root", Path(tmp) / "speed"
             args.repeats, args.sites = 1, SMOKE_SITES
-            status = 0 if args.evaluation_only else measure(args, devices, command, "smoke")
-            return status or evaluation(args, devices, command, "smoke")
+            status = 0 if args.evaluation_only or args.parallel_sites else measure(args, devices, command, "smoke")
+            status = status or (0 if args.parallel_sites else evaluation(args, devices, command, "smoke"))
+            args.sites = SMOKE_PARALLEL_SITES
+            return status or sites_side_by_side(args, command, "smoke")
+    if args.parallel_sites:
+        if args.sites == parser.get_default("sites"):
+            args.sites = [2, 4]
+        return sites_side_by_side(args, command, "full")
     if args.evaluation_only:
         return evaluation(args, devices, command, "full")
     return measure(args, devices, command, "full")

@@ -176,15 +176,29 @@ class DiagnosticsSettings(_Section):
 
 
 class RuntimeSettings(_Section):
-    """Threads for torch, mixed precision (CUDA only, bfloat16), and whether idle sites' models wait on the CPU.
+    """Threads for torch, sites trained side by side, mixed precision (CUDA only, bfloat16), and whether idle
+    sites' models wait on the CPU.
 
     - `threads`: torch's CPU threads; null leaves torch's default (one per core).
+    - `parallel_sites`: worker processes that train the sites of a round at the same time (in process runs on
+      the CPU): 1 trains them one after another in this process; N uses N workers (at most one per site),
+      each owning its sites for the whole run, the threads shared out among them; `auto` uses them only
+      where the work per round outweighs a worker's start-up. Results equal the sequential run's at equal
+      threads per site. Pooled training ignores it.
     - `mixed_precision`: bfloat16 autocast in training on CUDA; ignored on the CPU.
     - `offload_idle_sites`: on CUDA, keep the models of sites that are not training on the CPU (many sites
       on one GPU).
     """
 
     threads: int | None = Field(default=None, ge=1)
+    parallel_sites: Literal["auto"] | int = 1
+
+    @field_validator("parallel_sites")
+    @classmethod
+    def _at_least_one_worker(cls, value: str | int) -> str | int:
+        if value != "auto" and value < 1:
+            raise ValueError("must be 'auto' or at least 1")
+        return value
     mixed_precision: bool = False
     offload_idle_sites: bool = False
 

@@ -17,7 +17,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument("--method", help="override the method (e.g. fedavg, prr)")
     parser.add_argument("--seed", type=int, help="override the seed")
+    parser.add_argument("--parallel", type=_workers, metavar="N|auto",
+                        help="train the sites of a round side by side in N worker processes (overrides the "
+                             "config's runtime.parallel_sites; 1: one after another in this process)")
     parser.add_argument("--quiet", action="store_true", help="one line per round instead of a live display")
+
+
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"'{value}' is neither a number of workers (at least 1) nor auto")
+    return int(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +73,8 @@ def _run(args: argparse.Namespace, config, run_dir) -> int:
 
         torch.set_num_threads(config.runtime.threads)
     with ProgressDisplay(quiet=args.quiet) as display:
-        coordinator = Coordinator(config, run_dir, device, progress=display.event, task=task_for(config.task))
+        coordinator = Coordinator(config, run_dir, device, progress=display.event, parallel=args.parallel,
+                                  task=task_for(config.task))
         try:
             summary = coordinator.run(resume=args.resume)
         except KeyboardInterrupt:

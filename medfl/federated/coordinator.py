@@ -18,6 +18,7 @@ import torch
 from medfl.devices import resolve_device
 from medfl.experiment import ExperimentConfig
 from medfl.federated.local_sites import LocalSites
+from medfl.federated.parallel import ParallelSites, worker_count
 from medfl.federated.payloads import Delivery
 from medfl.federated.pooled import PooledSites
 from medfl.federated.rounds import Server, run_rounds
@@ -36,20 +37,27 @@ class Coordinator:
         run_dir: str | Path,
         device: torch.device | None = None,
         progress: Callable[[str, dict[str, Any]], None] | None = None,
+        parallel: int | str | None = None,
         *,
         task: Task,
     ):
         self.config = config
+        self.parallel = config.runtime.parallel_sites if parallel is None else parallel  # `medfl run --parallel`
         self.run_dir = Path(run_dir)
         self.device = device or resolve_device(config.device)
         self.progress = progress or (lambda event, info: None)
         self.federation = self._federation(task)
         self.server = Server(config, self.device, [])
 
-    def _federation(self, task: Task) -> LocalSites:
-        """The sites, each training its own models; or, for pooled training, one model on all their data."""
-        federation = PooledSites if self.config.spec.pools_data else LocalSites
-        return federation(self.config, self.run_dir, self.device, self.progress, task=task)
+    def _federation(self, task: Task) -> LocalSites | ParallelSites:
+        """The sites, each training its own models (in this process, or side by side in worker processes); or,
+        for pooled training, one model on all their data."""
+        if self.config.spec.pools_data:
+            return PooledSites(self.config, self.run_dir, self.device, self.progress, task=task)
+        workers = worker_count(self.config, self.parallel, self.device, task)
+        if workers > 1:
+            return ParallelSites(self.config, self.run_dir, self.device, self.progress, workers, task=task)
+        return LocalSites(self.config, self.run_dir, self.device, self.progress, task=task)
 
     @property
     def sites(self) -> dict[str, Site]:

@@ -67,6 +67,7 @@ class Site(ClientAlgo):
         self.device = torch.device(device)
         self.folder = RunFolder(run_dir).site(self.name)
         self.round = -1  # last completed round
+        self.data = None  # the site's records: read by initialize unless given (medfl.federated.parallel)
         self._collated: dict[str, list[dict[str, Any]]] = {}
         self._timing: dict[str, float] = {}
         self._clock: tuple[float, float, int] = (0.0, 0.0, 0)  # a round's start: time, eval seconds, eval samples
@@ -78,7 +79,8 @@ class Site(ClientAlgo):
     def initialize(self, extra: dict | None = None) -> None:
         """Read and check the site's data, build the datasets, and the models from the common initialisation."""
         settings = self.experiment.data
-        self.data = load_site(self.config, settings, task=self.task)
+        if self.data is None:
+            self.data = load_site(self.config, settings, task=self.task)
         self.in_channels = self.task.input_channels(self.data.splits["train"][0])
         recipes = {stage: load_recipe(settings.recipe(self.task.key, stage), input_size=settings.input_size)
                    for stage in ("train", "eval")}
