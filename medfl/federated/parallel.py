@@ -43,11 +43,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.fl.utils.exchange_object import ExchangeObject
 
+from medfl.config import validate_model
+from medfl.data import load_site
 from medfl.errors import ConfigError, DataError, MedflError
 from medfl.experiment import ExperimentConfig
 from medfl.federated.payloads import Delivery, upload_from_exchange
 from medfl.federated.rounds import Progress, RoundReplies, SiteReply
 from medfl.federated.server import SiteUpdate
+from medfl.federated.site import Site
+from medfl.models import build_model
 from medfl.runfolder import FolderLock, RunFolder
 
 if TYPE_CHECKING:
@@ -102,8 +106,6 @@ def estimated_site_seconds(config: ExperimentConfig, task: Task) -> float:
     import math
     import time
 
-    from medfl.data import load_site  # start-up: read only where `auto` must estimate
-    from medfl.models import build_model  # start-up: as above
 
     settings, model = config.data, config.model
     try:
@@ -410,8 +412,6 @@ def worker_main(connection: Connection, parent: int, lock_fd: int | None, task: 
     try:
         setup = _receive(connection)
         torch.set_num_threads(setup["threads"])
-        from medfl.config import validate_model
-
         config = validate_model(ExperimentConfig, setup["config"], setup["source"])
         worker = _SiteWorker(connection, config, Path(setup["run_dir"]), task)
         while worker.serve(_receive(connection)):
@@ -447,8 +447,6 @@ class _SiteWorker:
         return True
 
     def _read(self, message: dict[str, Any]) -> None:
-        from medfl.data import load_site
-
         samples, problems = {}, {}
         for name in message["sites"]:
             try:
@@ -460,8 +458,6 @@ class _SiteWorker:
         self.send({"kind": "read", "samples": samples, "problems": problems})
 
     def _start(self, message: dict[str, Any]) -> None:
-        from medfl.federated.site import Site
-
         statistics, problems = {}, {}
         for name in message["sites"]:
             site = Site(self.site_configs[name], self.config, self.run_dir, torch.device("cpu"), task=self.task)
