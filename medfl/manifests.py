@@ -164,13 +164,17 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The checked manifest of one site's export; a missing, unreadable, foreign or incomplete manifest is a
     ConfigError naming the file (and the key)."""
     path = Path(folder) / MANIFEST
+    return check_manifest(_read_json(path, "manifest", f"is {folder} an export folder?"), path)
+
+
+def _read_json(path: Path, what: str, hint: str) -> Any:
+    """A JSON file's content; a missing or unreadable file is one ConfigError naming it."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: manifest not found (is {folder} an export folder?)") from None
+        raise ConfigError(f"{path}: {what} not found ({hint})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: unreadable manifest ({' '.join(str(error).split())[:200]})") from None
-    return check_manifest(manifest, path)
+        raise ConfigError(f"{path}: unreadable {what} ({' '.join(str(error).split())[:200]})") from None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -249,12 +253,7 @@ class BundleMetadata(_Part):
 def read_bundle_metadata(folder: str | Path) -> dict[str, Any]:
     """A bundle's checked metadata; one ConfigError naming the file (and the key) when it is not sound."""
     path = Path(folder) / BUNDLE_METADATA
-    try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: bundle metadata not found (is {folder} a bundle folder?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: unreadable bundle metadata ({' '.join(str(error).split())[:200]})") from None
+    metadata = _read_json(path, "bundle metadata", f"is {folder} a bundle folder?")
     if not isinstance(metadata, dict):
         raise ConfigError(f"{path}: not a bundle's metadata (a JSON object)")
     try:
