@@ -272,3 +272,8 @@ def test_the_torch_build_is_read_without_importing_torch() -> None:
 
     expected = sorted(name for name in ("cuda", "hip") if getattr(torch.version, name) is not None)
     assert result == f"{expected} False"
+
+
+def test_python_dash_m_medfl_is_the_medfl_command() -> None:
+    result = subprocess.run([sys.executable, "-m", "medfl", "--version"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == f"medfl {medfl.__version__}"
