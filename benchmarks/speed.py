@@ -677,6 +677,7 @@ def parallel_run(job: dict[str, Any]) -> dict[str, Any]:
 
     from medfl.experiment import load_experiment_config
     from medfl.federated.coordinator import Coordinator
+    from medfl.tasks import task_for
 
     config = load_experiment_config(job["config"])
     run_dir = Path(job["run_dir"])
@@ -690,7 +691,8 @@ def parallel_run(job: dict[str, Any]) -> dict[str, Any]:
                                                       proc_status_mb(worker.process.pid, "VmHWM"))
 
     wall, cpu = time.perf_counter(), time.process_time()
-    coordinator = Coordinator(config, run_dir, torch.device("cpu"), progress=observe, parallel=job["parallel"])
+    coordinator = Coordinator(config, run_dir, torch.device("cpu"), progress=observe, parallel=job["parallel"],
+                              task=task_for(config.task))
     coordinator.run()
     wall = time.perf_counter() - wall
     server = getattr(forkserver._forkserver, "_forkserver_pid", None)  # noqa: SLF001 - its CPU, /proc only
