@@ -26,7 +26,7 @@ SCRIPTS = {
     "aggregation": "| efficientnet-b0 |",
     "calibrate_shift": "realistic prostate adam, batch norm seed 0",
     "cli_latency": "| run_misspelt_key |",
-    "contest": "| ditto | lambda0.1 |",
+    "contest": "dermoscopy-prr-seed0: identical",
     "montage": "montage.prostate.64px.png",
     "quality": "Retrogress of D by server rule, on the same uploads (prostate-prr-seed0",
     "speed": "# Sites side by side",
