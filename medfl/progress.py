@@ -19,13 +19,18 @@ from rich.table import Table
 
 
 class ProgressDisplay:
-    """Receives the coordinator's events; a live bar on a terminal, plain lines in quiet mode or in logs."""
+    """Receives the coordinator's events; live bars on a terminal, plain lines in quiet mode or in logs.
+
+    On a terminal: one line for the run (rounds done, its ETA) and one line per site for the current round (its
+    epoch, DET state and scores, the ETA of its round), so that sites training side by side
+    (`runtime.parallel_sites`) each show where they are."""
 
     def __init__(self, quiet: bool = False, console: Console | None = None):
         self.console = console or Console(stderr=True)
         self.quiet = quiet or not self.console.is_terminal
         self.progress: Progress | None = None
-        self.task = None
+        self.task = None  # the run's line
+        self.site_tasks: dict[str, Any] = {}  # one line per site, reset every round
         self.state: dict[str, Any] = {}
 
     def __enter__(self) -> ProgressDisplay:
@@ -51,21 +56,32 @@ class ProgressDisplay:
                 TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
             )
             self.progress.start()
-            self.task = self.progress.add_task("starting", total=remaining)
+            self.task = self.progress.add_task(f"run: round {info['start']} of {info['rounds']}", total=remaining)
+            for site in info["sites"]:
+                self._site_task(site)
         else:
             self.console.print(f"rounds {info['start']}..{info['rounds'] - 1}, sites {', '.join(info['sites'])}")
+
+    def _site_task(self, site: str) -> Any:
+        """The site's line (made on first sight: pooled training reports under its own name)."""
+        if site not in self.site_tasks and self.progress is not None:
+            self.site_tasks[site] = self.progress.add_task(f"  {site}: waiting", total=self.state.get("epochs", 1))
+        return self.site_tasks.get(site)
 
     def _on_site(self, info: dict[str, Any]) -> None:
         self.state.update(info)
 
     def _on_epoch(self, info: dict[str, Any]) -> None:
-        if self.progress is not None and self.task is not None:
-            phis = "  ".join(f"{k[4:]} {v:.3f}" for k, v in info.items() if k.startswith("phi_"))
-            state = f" [{info['state']}]" if info.get("state") else ""
-            self.progress.update(
-                self.task, advance=1,
-                description=f"round {info['round']} {info['site']} epoch {info['epoch']}{state} {phis}",
-            )
+        if self.progress is None or self.task is None:
+            return
+        task = self._site_task(info["site"])
+        if info["epoch"] == 1:  # a new round at this site: its line counts this round's epochs
+            self.progress.reset(task, total=self.state.get("epochs", 1))
+        phis = "  ".join(f"{k[4:]} {v:.3f}" for k, v in info.items() if k.startswith("phi_"))
+        state = f" [{info['state']}]" if info.get("state") else ""
+        self.progress.update(task, advance=1,
+                             description=f"  {info['site']}: round {info['round']} epoch {info['epoch']}{state} {phis}")
+        self.progress.update(self.task, advance=1, description=f"run: round {info['round']} of {self.state['rounds']}")
 
     def _on_round(self, info: dict[str, Any]) -> None:
         mean = info["summary"].get("mean", {}).get("test", {})
