@@ -15,15 +15,16 @@
    a fresh process: round time, aggregation share of a round (target: at most 1%), peak memory (growth
    linear or better) and bytes exchanged per round (uploads from the sites' audit.jsonl, downloads from
    what the coordinator delivers).
-5. Sites side by side (`--parallel-sites`, its own invocation): the same prr round at K = 2 and 4 dermoscopy
+5. Sites side by side (`--parallel-sites`, its own invocation): the same prr round at K = 2, 4 and 8 dermoscopy
    sites, one after another in one process against K worker processes (medfl.federated.parallel) with the
    same threads per site, each run in a fresh process: the round's wall time, the slowest site's own
    training time and their ratio (target where the cores are at least K: at most 1.25), the whole run's wall
    time, a worker's start-up (importing torch and MONAI in a fresh process), the CPU time of every process and
-   peak memory. Run it on an otherwise idle machine.
+   peak memory; then the demo experiments (`make demo`'s) as shipped and with `parallel_sites: auto`, their
+   wall and CPU time. Run it on an otherwise idle machine.
 
     python benchmarks/speed.py [--device auto|cpu|cuda] [--threads 1] [--repeats 3]
-    python benchmarks/speed.py --parallel-sites [--sites 2 4]   # section 5 only: <output>.parallel.{json,md}
+    python benchmarks/speed.py --parallel-sites [--sites 2 4 8]   # section 5 only: <output>.parallel.{json,md}
     python benchmarks/speed.py --smoke    # every section (evaluation share, sites side by side too) on tiny data
 
 `--device auto` measures the CPU and, when a GPU is present, the same again on CUDA, reported separately with
@@ -703,7 +704,8 @@ def parallel_run(job: dict[str, Any]) -> dict[str, Any]:
             if entry["what"] == "report":
                 train.setdefault(entry["round"], []).append(entry["timing"]["train_s"])
     rounds = [t["round_s"] for t in coordinator.timing]
-    return {"parallel": job["parallel"], "run_wall_s": wall, "round_s": statistics.fmean(rounds),
+    workers = len(getattr(coordinator.federation, "workers", [])) or 1
+    return {"parallel": job["parallel"], "workers": workers, "run_wall_s": wall, "round_s": statistics.fmean(rounds),
             "slowest_site_train_s": statistics.fmean(max(v) for v in train.values()),
             "sum_site_train_s": statistics.fmean(sum(v) for v in train.values()),
             "cpu_s": time.process_time() - cpu + (proc_cpu_s(server) if server else 0.0),
@@ -770,6 +772,75 @@ def parallel_markdown(rows: list[dict[str, Any]], startup_s: float) -> str:
     return "\n".join(lines)
 
 
+def demo_rows(root: Path, plan: Plan) -> list[dict[str, Any]]:
+    """The demo experiments as `make demo` runs them (their data, rounds, epochs and `runtime.threads`), each run
+    as shipped (`parallel_sites: 1`) and with `parallel_sites: auto`, each in a fresh process."""
+    from medfl.synth import generate
+
+    demo = root / "demo"
+    generate(demo / "synth", **plan.demo_synth)
+    rows = []
+    for task, shipped in (("dermoscopy", "dermoscopy.yaml"), ("prostate", "prostate.yaml")):
+        sites = sorted(str(p) for p in (demo / "synth" / "site_configs" / task).glob("*.yaml"))
+        base = yaml.safe_load((EXPERIMENTS / shipped).read_text(encoding="utf-8"))
+        budget = {**base, **plan.demo_budget}
+        overrides = {k: v for k, v in plan.demo_budget.items() if k not in ("rounds", "local_epochs")}
+        threads = base.get("runtime", {}).get("threads") or os.cpu_count()
+        config = experiment(f"demo-{task}", shipped, base["method"], sites, "cpu", threads, budget["rounds"],
+                            budget["local_epochs"], demo / "runs", overrides)
+        row: dict[str, Any] = {"task": task, "sites": len(sites), "cores": os.cpu_count(), "threads": threads}
+        for label, setting in (("sequential", 1), ("parallel", "auto")):
+            job = {"config": str(config.source_path), "run_dir": str(demo / "runs" / f"{task}-{label}"),
+                   "threads": threads, "parallel": setting}
+            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                row[label] = pool.submit(parallel_run, job).result()
+        rows.append(row)
+        print(f"  demo {task}: {row['sequential']['run_wall_s']:.1f} s as shipped, {row['parallel']['run_wall_s']:.1f} s "
+              f"with parallel_sites auto ({row['parallel']['workers']} workers)", flush=True)
+    return rows
+
+
+def demo_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| demo experiment | sites | runtime.threads | as shipped (s) | parallel_sites auto (s) | workers | "
+             "ratio | CPU as shipped (s) | CPU auto (s) | peak RSS, all processes, auto (MB) |",
+             "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        seq, par = r["sequential"], r["parallel"]
+        lines.append(f"| {r['task']} | {r['sites']} | {r['threads']} | {seq['run_wall_s']:.1f} | {par['run_wall_s']:.1f} "
+                     f"| {par['workers']} | {par['run_wall_s'] / seq['run_wall_s']:.2f} | {seq['cpu_s']:.1f} "
+                     f"| {par['cpu_s']:.1f} | {par['peak_rss_mb'] + par['workers_peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def parallel_figure(rows: list[dict[str, Any]], demos: list[dict[str, Any]], path: Path) -> None:
+    """Round wall time against K, one after another and side by side, with the slowest site's own training; the
+    demo runs' wall time beside it."""
+    from matplotlib.figure import Figure
+
+    from medfl.report.plots import save_png
+
+    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    ks = [row["sites"] for row in rows]
+    for label, colour in (("sequential", "C0"), ("parallel", "C3")):
+        left.plot(ks, [row[label]["round_s"] for row in rows], "o-", color=colour, label=f"round, {label}")
+    left.plot(ks, [row["parallel"]["slowest_site_train_s"] for row in rows], "k--", label="slowest site's training")
+    left.set_xlabel("sites K")
+    left.set_ylabel("seconds per round")
+    left.set_xticks(ks)
+    left.legend(fontsize=8)
+    left.set_title("prr round, one after another vs K workers", fontsize=10)
+    names = [row["task"] for row in demos]
+    for offset, (label, colour) in zip((-0.2, 0.2), (("sequential", "C0"), ("parallel", "C3")), strict=True):
+        right.bar([i + offset for i in range(len(demos))], [row[label]["run_wall_s"] for row in demos], 0.4,
+                  color=colour, label="as shipped" if label == "sequential" else "parallel_sites auto")
+    right.set_xticks(range(len(demos)), names)
+    right.set_ylabel("run wall time (s)")
+    right.legend(fontsize=8)
+    right.set_title("demo experiments", fontsize=10)
+    save_png(figure, path)
+
+
 def sites_side_by_side(args: argparse.Namespace, command: str, plan_name: str) -> int:
     """Section 5 on the CPU; <output>.parallel.json and .md."""
     from medfl.synth import generate
@@ -780,14 +851,19 @@ def sites_side_by_side(args: argparse.Namespace, command: str, plan_name: str) -
     info = machine("cpu")
     startup = worker_startup_s()
     rows = parallel_rows(synth, args.sites, args.threads, root, PLANS[plan_name].scale_rounds)
+    demos = demo_rows(root, PLANS[plan_name])
     info["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     stem = args.output.parent / f"{args.output.name}.parallel"
     atomic_write_json(stem.parent / f"{stem.name}.json", {"command": command, "machine": info,
-                                                          "worker_startup_s": startup, "rows": rows})
+                                                          "worker_startup_s": startup, "rows": rows, "demos": demos})
+    parallel_figure(rows, demos, stem.parent / f"{stem.name}.png")
     text = (f"# Sites side by side\n\n`{command}`\n\nThe same prr run (1 epoch per round) at K dermoscopy sites, "
             f"one after another and with K worker processes, {args.threads} torch thread(s) per site. Machine: "
             f"{info['cpu']}, load average {info.get('load_average_1min')} at the start, "
-            f"{info['load_average_1min_end']} at the end.\n\n{parallel_markdown(rows, startup)}\n")
+            f"{info['load_average_1min_end']} at the end.\n\n{parallel_markdown(rows, startup)}\n\n"
+            "The demo experiments (`make demo`'s data, rounds, epochs and `runtime.threads`), as shipped (the sites one "
+            "after another, each with all the threads) and with `runtime.parallel_sites: auto` (`medfl run "
+            f"--parallel auto`: the threads shared out among the workers):\n\n{demo_markdown(demos)}\n")
     atomic_write_text(stem.parent / f"{stem.name}.md", text)
     print(text)
     return 0
@@ -806,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluation-only", action="store_true",
                         help="only the evaluation share of the demo experiments (results in <output>.evaluation.*)")
     parser.add_argument("--parallel-sites", action="store_true",
-                        help="only section 5, sites side by side (results in <output>.parallel.*); default K: 2 4")
+                        help="only section 5, sites side by side, and the demo experiments as shipped and with parallel_sites auto (results in <output>.parallel.*); default K: 2 4 8")
     parser.add_argument("--smoke", action="store_true",
                         help=f"every section, the evaluation share and sites side by side too, on tiny data: narrow networks, K = "
                              f"{', '.join(map(str, SMOKE_SITES))}, one repeat; data, runs and results go to a temporary "
@@ -828,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
             return status or sites_side_by_side(args, command, "smoke")
     if args.parallel_sites:
         if args.sites == parser.get_default("sites"):
-            args.sites = [2, 4]
+            args.sites = [2, 4, 8]
         return sites_side_by_side(args, command, "full")
     if args.evaluation_only:
         return evaluation(args, devices, command, "full")
