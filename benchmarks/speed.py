@@ -25,7 +25,13 @@
 
     python benchmarks/speed.py [--device auto|cpu|cuda] [--threads 1] [--repeats 3]
     python benchmarks/speed.py --parallel-sites [--sites 2 4 8]   # section 5 only: <output>.parallel.{json,md}
+    python benchmarks/speed.py --det-profile [--repeats 3]   # section 6 only: <output>.det.{json,md}
     python benchmarks/speed.py --smoke    # every section (evaluation share, sites side by side too) on tiny data
+
+6. DET's cost by phase (`--det-profile`, its own invocation): at the reference's 128 px and full width, a DET
+   step against a single-model step on the same batches, by phase (forward, losses, backward, optimizer step),
+   with one backward over both losses (as medfl trains) and one backward per model, and each op's self CPU time
+   from torch's profiler: where DET's cost beyond two model passes goes.
 
 `--device auto` measures the CPU and, when a GPU is present, the same again on CUDA, reported separately with
 the card's name. Writes benchmarks/results/speed.{json,md,png} (speed.cuda.png for the GPU). Runs and data go
@@ -35,6 +41,7 @@ to benchmarks/results/tmp/speed/.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -869,6 +876,156 @@ def sites_side_by_side(args: argparse.Namespace, command: str, plan_name: str) -
     return 0
 
 
+# ---- 6. DET's cost by phase -------------------------------------------------------------------------------
+
+DET_PROFILE_CASE = "dermoscopy-128px-x1"  # where DET's extra cost was largest (2.61x on an idle AMD EPYC core)
+PROFILED_OPS = ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::native_batch_norm",
+                "aten::native_batch_norm_backward", "aten::threshold_backward", "aten::max_pool2d_with_indices",
+                "aten::fill_", "aten::_foreach_lerp_", "aten::lerp_", "aten::add_", "aten::mul_")
+
+
+def det_phases(case: str, spec: tuple[str, str, str, dict[str, Any], bool], synth: Path, threads: int,
+               repeats: int, batches: int, run_root: Path) -> dict[str, Any]:
+    """Where a DET step's time goes, against a single-model step on the same batches, taking turns: forward,
+    losses, backward and optimizer step per batch (the loop of medfl.federated.training.train_epoch, timed by
+    phase), then each op's self CPU time from torch's profiler over one pass of each. Two ways to run DET's
+    backward are compared: one backward over the sum of both losses (what train_epoch does) and one per model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from medfl.config import load_site_config
+    from medfl.data.tensors import plain_tensors
+    from medfl.federated.det import DetState
+    from medfl.federated.evaluation import evaluate_model
+    from medfl.federated.site import Site
+    from medfl.federated.training import EpochPlan, _batch_losses
+    from medfl.tasks import task_for
+
+    folder, shipped, site_name, overrides, _ = spec
+    config_path = str(synth / "site_configs" / folder / f"{site_name}.yaml")
+    device = torch.device("cpu")
+    sites = {}
+    for method in ("prr", "pfa_only"):
+        config = experiment("det-phases", shipped, method, [config_path], "cpu", threads, 1, 1, run_root, overrides)
+        site = Site(load_site_config(config_path), config, run_root / "det-phases" / method, device,
+                    task=task_for(config.task))
+        site.initialize()
+        sites[method] = site
+    loader = torch.utils.data.DataLoader(sites["prr"].datasets["train"], batch_size=sites["prr"].experiment.batch_size,
+                                         shuffle=False)
+    data = list(itertools.islice(loader, batches))
+
+    def step_loop(site: Site, state: DetState | None, split_backward: bool, phases: dict[str, float]) -> None:
+        models, optimizers = site.models, site.trainer.optimizers
+        plan = EpochPlan(state=state)
+        used = "P" if "P" in models else "M"
+        for model in models.values():
+            model.train()
+        for batch in data:  # batches of plain tensors (plain_tensors: as train_epoch runs)
+            tick = time.perf_counter()
+            images = torch.as_tensor(batch["image"])
+            labels = site.task.batch_labels(batch, device)
+            outputs = {name: model(images) for name, model in models.items()}
+            phases["forward"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            losses = _batch_losses(models, outputs, labels, site.trainer.loss, plan, used)
+            phases["losses"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            if split_backward:
+                for loss in losses.values():
+                    loss.backward()
+            else:
+                sum(losses.values()).backward()
+            phases["backward"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            for optimizer in optimizers.values():
+                optimizer.step()
+            phases["step"] += time.perf_counter() - tick
+
+    variants = {"single": (sites["pfa_only"], None, False), "det": (sites["prr"], DetState.EXCHANGE, False),
+                "det_split_backward": (sites["prr"], DetState.EXCHANGE, True)}
+    timed_phases: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for repeat in range(repeats + 1):  # the first pass warms up and is not kept
+        for name, (site, state, split) in variants.items():
+            phases = dict.fromkeys(("forward", "losses", "backward", "step"), 0.0)
+            with plain_tensors():
+                step_loop(site, state, split, phases)
+            if repeat:
+                timed_phases[name].append(phases)
+    median = {name: {phase: statistics.median(r[phase] for r in rows) for phase in rows[0]}
+              for name, rows in timed_phases.items()}
+    val = torch.utils.data.DataLoader(sites["prr"].datasets["val"], batch_size=32, shuffle=False)
+    model = sites["prr"].models["P"]
+    val_s = statistics.median(timed(lambda: evaluate_model(model, val, sites["prr"].task, sites["prr"].classes,
+                                                           device), device)[0] for _ in range(max(1, repeats)))
+    ops: dict[str, dict[str, float]] = {}
+    for name, (site, state, split) in variants.items():
+        with profile(activities=[ProfilerActivity.CPU]) as profiler, plain_tensors():
+            step_loop(site, state, split, dict.fromkeys(("forward", "losses", "backward", "step"), 0.0))
+        averages = {entry.key: entry for entry in profiler.key_averages()}
+        ops[name] = {op: {"self_s": averages[op].self_cpu_time_total / 1e6, "calls": averages[op].count}
+                     for op in PROFILED_OPS if op in averages}
+        ops[name]["total"] = {"self_s": sum(e.self_cpu_time_total for e in averages.values()) / 1e6, "calls": 0}
+    train_samples, val_samples = len(sites["prr"].datasets["train"]), len(sites["prr"].datasets["val"])
+    per_epoch = train_samples / (len(data) * loader.batch_size)  # this probe's batches scaled to a whole epoch
+    epoch = {name: per_epoch * sum(phases.values()) for name, phases in median.items()}
+    return {"case": case, "batches": len(data), "batch_size": loader.batch_size,
+            "train_samples": train_samples, "val_samples": val_samples, "median_s": median, "ops": ops,
+            "validation_pass_s": val_s, "epoch_s": epoch,
+            "det_over_single": (epoch["det"] + 2 * val_s) / epoch["single"],
+            "det_split_over_single": (epoch["det_split_backward"] + 2 * val_s) / epoch["single"]}
+
+
+def det_phases_markdown(result: dict[str, Any]) -> str:
+    median, ops = result["median_s"], result["ops"]
+    lines = [f"{result['batches']} batches of {result['batch_size']} ({result['case']}), seconds summed over the "
+             "batches, median of the repeats:", "",
+             "| step | forward | losses | backward | optimizer step | total | / single |", "|:---|---:|---:|---:|---:|---:|---:|"]
+    single = sum(median["single"].values())
+    for name, phases in median.items():
+        total = sum(phases.values())
+        lines.append(f"| {name} | " + " | ".join(f"{phases[k]:.2f}" for k in ("forward", "losses", "backward", "step"))
+                     + f" | {total:.2f} | {total / single:.2f} |")
+    lines += ["", f"One validation pass over the {result['val_samples']} validation images: "
+              f"{result['validation_pass_s']:.2f} s (DET makes two per epoch). A whole epoch of "
+              f"{result['train_samples']} images, scaled from these batches: DET with its two validation passes "
+              f"{result['det_over_single']:.2f}x a single-model epoch (one backward over both losses), "
+              f"{result['det_split_over_single']:.2f}x with one backward per model.", "",
+              "Self CPU time by op, one profiled pass each (seconds; DET over single in brackets):", "",
+              "| op | single | det | det, one backward per model |", "|:---|---:|---:|---:|"]
+    for op in [*PROFILED_OPS, "total"]:
+        if op not in ops["single"]:
+            continue
+        base = ops["single"][op]["self_s"]
+        cells = [f"{base:.2f}"] + [
+            f"{ops[name][op]['self_s']:.2f} ({ops[name][op]['self_s'] / base:.2f}x)" if op in ops[name] and base else "–"
+            for name in ("det", "det_split_backward")]
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def det_profile(args: argparse.Namespace, command: str, plan_name: str) -> int:
+    """Section 6 on the CPU; <output>.det.json and .md."""
+    from medfl.synth import generate
+
+    plan = PLANS[plan_name]
+    synth = args.root.resolve() / "synth"
+    generate(synth, n_derm=1, **{**plan.synth, "n_prostate": 0})
+    case = DET_PROFILE_CASE if DET_PROFILE_CASE in plan.epoch_cases else next(iter(plan.epoch_cases))
+    info = machine("cpu")
+    result = det_phases(case, plan.epoch_cases[case], synth, args.threads, args.repeats, 12 if plan_name == "full" else 2, args.root.resolve())
+    info["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+    stem = args.output.parent / f"{args.output.name}.det"
+    atomic_write_json(stem.parent / f"{stem.name}.json", {"command": command, "machine": info, **result})
+    text = (f"# DET's cost by phase\n\n`{command}`\n\nMachine: {info['cpu']}, {args.threads} torch thread(s), load "
+            f"average {info.get('load_average_1min')} at the start, {info['load_average_1min_end']} at the end.\n\n"
+            f"{det_phases_markdown(result)}\n")
+    atomic_write_text(stem.parent / f"{stem.name}.md", text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spawned runs inherit it: medfl.environment says why
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -883,6 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the evaluation share of the demo experiments (results in <output>.evaluation.*)")
     parser.add_argument("--parallel-sites", action="store_true",
                         help="only section 5, sites side by side, and the demo experiments as shipped and with parallel_sites auto (results in <output>.parallel.*); default K: 2 4 8")
+    parser.add_argument("--det-profile", action="store_true",
+                        help=f"only section 6, DET's cost by phase at {DET_PROFILE_CASE} (results in <output>.det.*)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"every section, the evaluation share and sites side by side too, on tiny data: narrow networks, K = "
                              f"{', '.join(map(str, SMOKE_SITES))}, one repeat; data, runs and results go to a temporary "
@@ -901,7 +1060,10 @@ def main(argv: list[str] | None = None) -> int:
             status = 0 if args.evaluation_only or args.parallel_sites else measure(args, devices, command, "smoke")
             status = status or (0 if args.parallel_sites else evaluation(args, devices, command, "smoke"))
             args.sites = SMOKE_PARALLEL_SITES
-            return status or sites_side_by_side(args, command, "smoke")
+            status = status or (0 if args.det_profile else sites_side_by_side(args, command, "smoke"))
+            return status or det_profile(args, command, "smoke")
+    if args.det_profile:
+        return det_profile(args, command, "full")
     if args.parallel_sites:
         if args.sites == parser.get_default("sites"):
             args.sites = [2, 4, 8]
