@@ -180,11 +180,13 @@ class RuntimeSettings(_Section):
     sites' models wait on the CPU.
 
     - `threads`: torch's CPU threads; null leaves torch's default (one per core).
-    - `parallel_sites`: worker processes that train the sites of a round at the same time (in process runs on
-      the CPU): 1 trains them one after another in this process; N uses N workers (at most one per site),
-      each owning its sites for the whole run, the threads shared out among them; `auto` uses them only
-      where the work per round outweighs a worker's start-up. Results equal the sequential run's at equal
-      threads per site. Pooled training ignores it.
+    - `parallel_sites`: worker processes that train the sites of a round at the same time (in process runs):
+      1 trains them one after another in this process; N uses N workers (at most one per site), each owning
+      its sites for the whole run, the threads shared out among them; `auto` uses them only where the work
+      per round outweighs a worker's start-up. On a CUDA GPU the workers share it (a process, CUDA context
+      and stream each) as far as its free memory holds them by an estimate made before the run starts: `auto`
+      takes no more, a larger N is refused with the numbers. On the CPU results equal the sequential run's
+      at equal threads per site. Pooled training ignores it.
     - `mixed_precision`: bfloat16 autocast in training on CUDA; ignored on the CPU.
     - `offload_idle_sites`: on CUDA, keep the models of sites that are not training on the CPU (many sites
       on one GPU).

@@ -24,16 +24,20 @@ from medfl.federated.coordinator import Coordinator
 from medfl.federated.local_sites import LocalSites
 from medfl.federated.parallel import (
     AUTO_FACTOR,
+    CUDA_CONTEXT_BYTES,
     WORKER_STARTUP_S,
     ParallelSites,
     WorkerLost,
     assign_sites,
     auto_workers,
     estimated_site_seconds,
+    fitting_workers,
+    site_memory_bytes,
     threads_per_worker,
     worker_count,
 )
 from medfl.federated.training import TrainingDiverged
+from medfl.models import build_model
 from medfl.runfolder import LOCK_FILE, SITE_LOCK_FILE, RunFolder
 from medfl.tasks import task_for
 
@@ -241,8 +245,55 @@ def test_auto_starts_workers_only_where_the_training_outweighs_their_start_up(ex
     assert type(Coordinator(config, "unused", torch.device("cpu"), parallel="auto",
                                  task=task_for(config.task)).federation) is LocalSites
     assert worker_count(config, 8, torch.device("cpu"), task_for(config.task)) == 2  # at most one worker per site
-    with pytest.raises(ConfigError, match="on the CPU only"):
-        worker_count(config, 2, torch.device("cuda"), task_for(config.task))
+    with pytest.raises(ConfigError, match="on the CPU or a CUDA GPU"):
+        worker_count(config, 2, torch.device("mps"), task_for(config.task))
+
+
+def test_a_site_processes_gpu_memory_is_estimated_from_its_models_optimizer_and_saved_activations(experiment):
+    task = task_for("classification")
+    one, two = (load_experiment_config(experiment, method=method) for method in ("fedavg", "prr"))
+    single, double = site_memory_bytes(one, task) - CUDA_CONTEXT_BYTES, site_memory_bytes(two, task) - CUDA_CONTEXT_BYTES
+    assert single > 0 and double == 2 * single  # P and D: twice one model's parameters, state and activations
+    network = build_model(one.model.name, "classification", num_classes=len(one.classes), in_channels=3,
+                          width=one.model.width)
+    parameters = sum(p.numel() * p.element_size() for p in network.parameters())
+    states = {"adam": 2, "sgd": 1 if one.optimizer.momentum else 0}[one.optimizer.name]
+    assert single > parameters * (2 + states)  # weights, gradients and the optimizer's state, plus activations
+    activations = single - parameters * (2 + states)
+    larger = one.model_copy(update={"batch_size": 4 * one.batch_size})
+    assert site_memory_bytes(larger, task) - CUDA_CONTEXT_BYTES == pytest.approx(single + 3 * activations, rel=0.05)
+
+
+def test_sites_share_a_gpu_only_as_far_as_its_free_memory_holds_them(experiment, monkeypatch):
+    import medfl.federated.parallel as parallel
+
+    config, task, cuda = load_experiment_config(experiment), task_for("classification"), torch.device("cuda")
+    need = site_memory_bytes(config, task)
+    assert fitting_workers(10 * need, need) == 8 and fitting_workers(need, need) == 0
+    monkeypatch.setattr(parallel, "estimated_site_seconds", lambda *args: 1e6)  # long runs: auto wants workers
+    monkeypatch.setattr(parallel, "cores_given", lambda: 16)
+    monkeypatch.setattr(parallel, "gpu_free_bytes", lambda device: 10 * need)
+    assert worker_count(config, 2, cuda, task) == 2 and worker_count(config, "auto", cuda, task) == 2
+    monkeypatch.setattr(parallel, "gpu_free_bytes", lambda device: int(1.5 * need))
+    assert worker_count(config, "auto", cuda, task) == 1  # one site process fits: no workers
+    with pytest.raises(ConfigError, match=r"2 site processes on cuda need about .* GiB each.* GiB is free; set it to "
+                                          r"at most 1 or auto"):
+        worker_count(config, 2, cuda, task)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sites_sharing_a_gpu_equal_one_after_another_on_it(experiment, tmp_path):
+    config = load_experiment_config(experiment, method="prr")
+    cuda = torch.device("cuda")
+    Coordinator(config, tmp_path / "sequential", cuda, task=task_for(config.task)).run()
+    coordinator = Coordinator(config, tmp_path / "parallel", cuda, parallel=2, task=task_for(config.task))
+    assert isinstance(coordinator.federation, ParallelSites)
+    coordinator.run()
+    summaries = [without_timing(json.loads((tmp_path / run / "summary.json").read_text()))
+                 for run in ("sequential", "parallel")]
+    # Each process has its own CUDA context; kernels may pick other algorithms, so equal to float tolerance.
+    for site, entry in summaries[0]["sites"].items():
+        assert entry["test"] == pytest.approx(summaries[1]["sites"][site]["test"], abs=1e-4), site
 
 
 def test_the_parallel_option_takes_a_number_of_workers_or_auto(capsys):

@@ -78,16 +78,71 @@ def threads_per_worker(threads: int, workers: int) -> int:
 
 
 def worker_count(config: ExperimentConfig, setting: int | str, device: torch.device, task: Task) -> int:
-    """Worker processes for a run: 1 trains the sites in this process (today's behaviour)."""
+    """Worker processes for a run: 1 trains the sites in this process (today's behaviour). On a GPU the workers
+    share it, one process (its own CUDA context and stream) per worker, as many as its free memory holds by
+    `site_memory_bytes`: `auto` picks no more, and a number that does not fit is refused before anything starts."""
     sites = len(config.sites)
     if setting == "auto":
-        if sites < 2 or device.type != "cpu" or cores_given() < 2:
+        if sites < 2 or cores_given() < 2:
             return 1
-        return auto_workers(sites, cores_given(), estimated_site_seconds(config, task))
-    if int(setting) > 1 and sites > 1 and device.type != "cpu":
-        raise ConfigError(f"runtime.parallel_sites {setting}: sites train side by side on the CPU only; "
+        workers = auto_workers(sites, cores_given(), estimated_site_seconds(config, task, device))
+        if device.type == "cuda" and workers > 1:
+            workers = min(workers, fitting_workers(gpu_free_bytes(device), site_memory_bytes(config, task)))
+        return max(1, workers)
+    workers = max(1, min(int(setting), sites))
+    if workers > 1 and device.type == "cuda":
+        need, free = site_memory_bytes(config, task), gpu_free_bytes(device)
+        fits = fitting_workers(free, need)
+        if workers > fits:
+            raise ConfigError(
+                f"runtime.parallel_sites {setting}: {workers} site processes on {device} need about "
+                f"{workers * need / 2**30:.1f} GiB ({need / 2**30:.2f} GiB each: models, gradients, optimizer state "
+                f"and activations at batch size {config.batch_size}, and a CUDA context), {free / 2**30:.1f} GiB is "
+                f"free; set it to at most {max(1, fits)} or auto")
+    elif workers > 1 and device.type != "cpu":
+        raise ConfigError(f"runtime.parallel_sites {setting}: sites train side by side on the CPU or a CUDA GPU; "
                           f"with device {device.type} set it to 1 or auto")
-    return max(1, min(int(setting), sites))
+    return workers
+
+
+CUDA_CONTEXT_BYTES = 600 * 2**20  # one process's CUDA context and library workspaces, about (it varies by card)
+GPU_MEMORY_SHARE = 0.85  # workers plan on this share of the free memory (the allocator's caching, fragmentation)
+
+
+def fitting_workers(free_bytes: float, site_bytes: float, share: float = GPU_MEMORY_SHARE) -> int:
+    """How many site processes fit into `free_bytes` of GPU memory at `site_bytes` each."""
+    return int(share * free_bytes // site_bytes) if site_bytes > 0 else 0
+
+
+def gpu_free_bytes(device: torch.device) -> int:
+    """Free memory of the GPU, as the driver reports it."""
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def site_memory_bytes(config: ExperimentConfig, task: Task) -> int:
+    """One site's peak GPU memory, estimated on the CPU before anything starts: for every model the method
+    trains, its parameters, their gradients and the optimizer's state (Adam: two moments, SGD with momentum:
+    one), plus the activations a training step keeps for backward at the experiment's batch size (measured by
+    counting the bytes autograd saves in one forward pass), plus a CUDA context."""
+    settings, model = config.data, config.model
+    channels = task.input_channels(load_site(config.load_sites()[0], settings, task=task).splits["train"][0])
+    network = build_model(model.name, task.key, num_classes=len(config.classes), in_channels=channels,
+                          width=model.width, **model.options)
+    parameters = sum(p.numel() * p.element_size() for p in network.parameters())
+    states = 2 if config.optimizer.name == "adam" else 1 if config.optimizer.momentum else 0
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    inputs = torch.randn(config.batch_size, channels, settings.input_size, settings.input_size)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        logits, _ = network(inputs)
+    activations = sum(saved.values()) + logits.numel() * logits.element_size()
+    roles = len(config.spec.roles)
+    return roles * (parameters * (2 + states) + activations) + CUDA_CONTEXT_BYTES
 
 
 def auto_workers(sites: int, cores: int, site_seconds: float, startup_seconds: float = WORKER_STARTUP_S) -> int:
@@ -98,11 +153,11 @@ def auto_workers(sites: int, cores: int, site_seconds: float, startup_seconds: f
     return min(sites, cores)
 
 
-def estimated_site_seconds(config: ExperimentConfig, task: Task) -> float:
+def estimated_site_seconds(config: ExperimentConfig, task: Task, device: torch.device | None = None) -> float:
     """A site's training over the whole run, estimated: the mean site's training batches per round (its
     records read, no dataset built) times one timed training step of the experiment's network on a random
-    batch, for every model the method trains, times the rounds. 0 where a site's data cannot be read (the
-    run then reports it, in this process)."""
+    batch on `device` (the CPU by default), for every model the method trains, times the rounds. 0 where a
+    site's data cannot be read (the run then reports it, in this process)."""
     import math
     import time
 
@@ -116,12 +171,16 @@ def estimated_site_seconds(config: ExperimentConfig, task: Task) -> float:
     channels = task.input_channels(records[0][0])
     network = build_model(model.name, task.key, num_classes=len(config.classes), in_channels=channels,
                           width=model.width, **model.options)
-    inputs = torch.randn(config.batch_size, channels, settings.input_size, settings.input_size)
+    device = device or torch.device("cpu")
+    network = network.to(device)
+    inputs = torch.randn(config.batch_size, channels, settings.input_size, settings.input_size, device=device)
     seconds = math.inf
     for _ in range(2):  # the first step pays one-off allocations
         tick = time.perf_counter()
         logits, _ = network(inputs)
         logits.float().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = min(seconds, time.perf_counter() - tick)
     return config.rounds * config.local_epochs * batches * seconds * len(config.spec.roles)
 
@@ -282,7 +341,7 @@ class ParallelSites:
         finally:
             lock.release()
         setup = {"config": self.config.resolved(), "source": str(self.config.source_path or self.run_dir),
-                 "run_dir": str(self.run_dir), "threads": self.threads}
+                 "run_dir": str(self.run_dir), "threads": self.threads, "device": str(self.device)}
         for worker in self.workers:
             worker.send({"kind": "setup", **setup})
 
@@ -413,7 +472,7 @@ def worker_main(connection: Connection, parent: int, lock_fd: int | None, task: 
         setup = _receive(connection)
         torch.set_num_threads(setup["threads"])
         config = validate_model(ExperimentConfig, setup["config"], setup["source"])
-        worker = _SiteWorker(connection, config, Path(setup["run_dir"]), task)
+        worker = _SiteWorker(connection, config, Path(setup["run_dir"]), task, torch.device(setup["device"]))
         while worker.serve(_receive(connection)):
             pass
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -427,8 +486,10 @@ def worker_main(connection: Connection, parent: int, lock_fd: int | None, task: 
 class _SiteWorker:
     """The sites one worker owns, driven through their ClientAlgo interface as LocalSites drives them."""
 
-    def __init__(self, connection: Connection, config: ExperimentConfig, run_dir: Path, task: Task):
+    def __init__(self, connection: Connection, config: ExperimentConfig, run_dir: Path, task: Task,
+                 device: torch.device):
         self.connection, self.config, self.run_dir, self.task = connection, config, run_dir, task
+        self.device = device  # the CPU, or the GPU the workers share (each its own CUDA context)
         self.site_configs = {site.name: site for site in config.load_sites()}
         self.records: dict[str, Any] = {}
         self.sites: dict[str, Any] = {}
@@ -460,7 +521,7 @@ class _SiteWorker:
     def _start(self, message: dict[str, Any]) -> None:
         statistics, problems = {}, {}
         for name in message["sites"]:
-            site = Site(self.site_configs[name], self.config, self.run_dir, torch.device("cpu"), task=self.task)
+            site = Site(self.site_configs[name], self.config, self.run_dir, self.device, task=self.task)
             site.data = self.records.pop(name, None)  # read again where the site moved from another worker
             site.on_epoch = lambda info: self.send({"kind": "epoch", "info": info})
             try:
