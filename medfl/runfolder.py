@@ -112,6 +112,12 @@ class SiteRecord(BaseModel):
     data_fingerprint_version: int = 1
 
 
+def _without_worker_count(resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved config without `runtime.parallel_sites`, which a resume may change."""
+    runtime = {k: v for k, v in (resolved.get("runtime") or {}).items() if k != "parallel_sites"}
+    return {**resolved, "runtime": runtime} if "runtime" in resolved else dict(resolved)
+
+
 def config_digest(resolved: Mapping[str, Any]) -> str:
     """sha256 of a resolved experiment config, `rounds` left out."""
     text = json.dumps({k: v for k, v in resolved.items() if k != "rounds"}, sort_keys=True, default=str)
@@ -487,11 +493,12 @@ class RunFolder:
     def resume_from(self, config: Any) -> int:
         """The round a resume of `config` starts at, after checking (without writing) that it continues this run.
 
-        The config must be the one the run started with, except `rounds`: fewer rounds are refused, more
+        The config must be the one the run started with, except `rounds` and `runtime.parallel_sites` (the
+        results are the same whatever the workers, as with `medfl run --parallel`): fewer rounds are refused, more
         only for methods whose result then equals a fresh longer run (see `extension_blockers`). A finished
         run raises RunFinished; a run that never completed a round starts again at round 0.
         """
-        saved, current = self.check_config(), config.resolved()
+        saved, current = (_without_worker_count(c) for c in (self.check_config(), config.resolved()))
         changed = sorted(k for k in set(saved) | set(current) if k != "rounds" and saved.get(k) != current.get(k))
         if changed:
             raise ConfigError(f"cannot resume {self.root}: the config differs from the one it started with in "

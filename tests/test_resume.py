@@ -131,6 +131,16 @@ def test_resume_refuses_a_changed_config_and_a_missing_run(experiment, tmp_path)
     folder = RunFolder.create(tmp_path / "r", load_experiment_config(experiment))
     with pytest.raises(ConfigError, match="differs from the one it started with in method"):
         folder.resume_from(load_experiment_config(experiment, method="fedavg"))
+    # The workers may change (the results are the same whatever they are), the threads may not.
+    config = load_experiment_config(experiment)
+    for runtime, refused in (({"parallel_sites": 2}, False), ({"parallel_sites": "auto"}, False),
+                             ({"threads": 2}, True)):
+        changed = config.model_copy(update={"runtime": config.runtime.model_copy(update=runtime)})
+        if refused:
+            with pytest.raises(ConfigError, match="differs from the one it started with in runtime"):
+                folder.resume_from(changed)
+        else:
+            assert folder.resume_from(changed) == 0
     changed = medfl("run", str(experiment), "--out", str(tmp_path / "r"), "--resume", "--method", "fedavg", "--quiet")
     output, _ = changed.communicate(timeout=300)
     assert changed.returncode == 1 and "method" in output and "Traceback" not in output
