@@ -125,11 +125,11 @@ def texture_statistics(pixels: np.ndarray) -> np.ndarray:
     centre = grey[_CENTRE, _CENTRE]
     power = np.abs(np.fft.fft2((centre - centre.mean()) * _HANN)) ** 2
     total = power[_RADIUS > 0].sum()
-    detail = 100.0 * power[_RADIUS > DETAIL_FREQUENCY].sum() / total if total > 0 else float("nan")
+    detail = 100.0 * power[_RADIUS > DETAIL_FREQUENCY].sum() / total if np.ptp(centre) > 0 else float("nan")
     logs = np.log(np.maximum(grey[_DISC], 1.0))
     slope = np.linalg.lstsq(_RAMP, logs, rcond=None)[0]
     flat = logs - _RAMP[:, 1:] @ slope[1:]
-    lesion = 100.0 * float(np.mean(flat < threshold_otsu(flat))) if np.ptp(flat) > 0 else 0.0
+    lesion = 100.0 * float(np.mean(flat < threshold_otsu(flat))) if np.ptp(flat) > 1e-6 else 0.0
     return np.array([detail, lesion])
 
 
