@@ -10,9 +10,9 @@ from PIL import Image
 from medfl.data.images import check_image, inspect_image
 from medfl.data.shift import (
     DERMOSCOPY,
+    GRID,
     PROSTATE,
     SampleStatistics,
-    GRID,
     colour_statistics,
     dermoscopy_statistics,
     describe,

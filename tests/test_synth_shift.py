@@ -21,6 +21,7 @@ from medfl.data import inspect_site, load_site
 from medfl.data.shift import DERMOSCOPY, site_shift
 from medfl.errors import ConfigError
 from medfl.synth import Minimums, generate
+from medfl.synth import strength as strength_module
 from medfl.synth.dermoscopy import _plan_rows
 from medfl.synth.lesions import CLASSES, sample_lesion
 from medfl.synth.phantom import Population, render_case, sample_anatomy, site_anatomy
@@ -33,7 +34,6 @@ from medfl.synth.realistic import (
     realistic_derm_sites,
     realistic_prostate_sites,
 )
-from medfl.synth import strength as strength_module
 from medfl.synth.rng import rng_for
 from medfl.synth.sites import REFERENCE_DERM, REFERENCE_PROSTATE, derm_sites, prostate_sites
 from medfl.synth.strength import DERM_LIMITS, derm_sites_at, prostate_sites_at, stopped_at_limits
@@ -322,7 +322,7 @@ def test_strength_zero_and_one_are_the_mild_and_realistic_sites_with_any_site_se
 
 
 def test_continuous_parameters_interpolate_and_discrete_ones_switch_at_one_half() -> None:
-    (a0, b0, c0, d0), (a1, b1, c1, d1) = REFERENCE_DERM, REALISTIC_DERM
+    b0, b1 = REFERENCE_DERM[1], REALISTIC_DERM[1]
     quarter, half, beyond = (derm_sites_at(4, 0, strength=s) for s in (0.25, 0.5, 1.5))
     assert quarter[1].acquisition.resolution == 64 and half[1].acquisition.resolution == 48  # the low-res site
     assert not quarter[2].acquisition.ring and half[2].acquisition.ring  # derm_c's contact dermatoscope

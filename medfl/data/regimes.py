@@ -25,6 +25,7 @@ from importlib.resources import files
 from typing import Any
 
 FIGURES_FILE = "shift_regimes.json"
+METRIC_WORDS = {"macro_f1": "macro-F1", "dice": "Dice"}
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,9 @@ def advice(figures: Figures, mean_shift: float) -> Advice:
     told = spread is not None and trend > spread
     where = (f"This federation's mean site shift ({mean_shift:.2f}) is nearest the sweep's strength "
              f"{regime.strength:g} (measured {regime.mean_shift:.2f}).")
-    lead = f"{figures.label(leader)} led {figures.label(runner_up)} by {_signed(here)}"
-    measure = f"test {figures.metric.replace('_', '-')}, {figures.protocol} protocol"
+    lead = (f"{figures.label(leader)} led {figures.label(runner_up)} by {_signed(here)}" if here.mean != 0 else
+            f"{figures.label(leader)} and {figures.label(runner_up)} tied ({_signed(here)})")
+    measure = f"test {METRIC_WORDS.get(figures.metric, figures.metric)}, {figures.protocol} protocol"
     if told:
         text = (f"{where} At this shift, on synthetic federations, {lead} ({measure}, {here.seeds} seed(s)); "
                 f"this lead changes with the shift by up to {trend:.3f}, more than the seeds' spread "
