@@ -40,6 +40,8 @@ _GRID_COORDS = (np.arange(GRID) + 0.5) / GRID - 0.5
 _ROWS, _COLUMNS = np.meshgrid(_GRID_COORDS, _GRID_COORDS, indexing="ij")
 _DISC = np.hypot(_ROWS, _COLUMNS) <= 0.45  # the field of view inside a contact dermatoscope's ring
 _RAMP = np.stack([np.ones(int(_DISC.sum())), _COLUMNS[_DISC], _ROWS[_DISC]], axis=1)
+_RAMP_FIT = np.linalg.pinv(_RAMP)  # least squares of a linear illumination ramp over the disc, solved once
+_BINS = 256  # Otsu's histogram, as scikit-image's threshold_otsu makes it
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,13 @@ def texture_statistics(pixels: np.ndarray) -> np.ndarray:
     total = power[_RADIUS > 0].sum()
     detail = 100.0 * power[_RADIUS > DETAIL_FREQUENCY].sum() / total if np.ptp(centre) > 0 else float("nan")
     logs = np.log(np.maximum(grey[_DISC], 1.0))
-    slope = np.linalg.lstsq(_RAMP, logs, rcond=None)[0]
-    flat = logs - _RAMP[:, 1:] @ slope[1:]
-    lesion = 100.0 * float(np.mean(flat < threshold_otsu(flat))) if np.ptp(flat) > 1e-6 else 0.0
-    return np.array([detail, lesion])
+    flat = logs - _RAMP[:, 1:] @ (_RAMP_FIT @ logs)[1:]
+    low, span = flat.min(), np.ptp(flat)
+    if span <= 1e-6:
+        return np.array([detail, 0.0])
+    counts = np.bincount(np.minimum((flat - low) * (_BINS / span), _BINS - 1).astype(np.intp), minlength=_BINS)
+    threshold = threshold_otsu(hist=(counts, low + (np.arange(_BINS) + 0.5) * (span / _BINS)))
+    return np.array([detail, 100.0 * float(np.mean(flat < threshold))])
 
 
 def dermoscopy_statistics(histogram: np.ndarray, pixels: np.ndarray, width: int, height: int) -> np.ndarray:
