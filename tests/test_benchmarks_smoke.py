@@ -29,6 +29,7 @@ SCRIPTS = {
     "contest": "dermoscopy-prr-seed0: identical",
     "montage": "montage.prostate.64px.png",
     "quality": "Retrogress of D by server rule, on the same uploads (prostate-prr-seed0",
+    "shift_sweep": "advice from the smoke figures at mean site shift",
     "speed": "# Sites side by side",
     "startup_hashing": "| prostate |",
     "synth_learnability": "| mean |",

@@ -90,7 +90,8 @@ def test_several_sites_print_their_distance_from_the_pooled_sites(capsys, ham100
     for config, gain in zip(configs, (1.0, 1.0, 1.3), strict=True):
         _rewrite_images(config, gain)
     status, out = _check(capsys, *map(str, configs))
-    assert status == 0 and "distance from the pooled 3 sites" in out and "in within-site SDs" in out
+    words = " ".join(out.split())  # a table's title wraps at the table's width
+    assert status == 0 and "distance from the pooled 3 sites" in words and "in within-site SDs" in words
     same, other, bright = (_cells(out, "site shift", site) for site in ("derm_a", "derm_b", "derm_c"))
     assert same == other and float(bright[-1]) > 2  # the pooled mean lies a third of the way to the bright site
     assert float(bright[-1]) == pytest.approx(2 * float(same[-1]), rel=0.02)
@@ -103,8 +104,8 @@ def test_identical_sites_are_at_zero_and_a_lone_site_shows_its_own_statistics(ca
     _, out = _check(capsys, *map(str, twins))
     assert set(_cells(out, "site shift", "derm_b")) == {"0.00"}
     _, out = _check(capsys, str(twins[0]))
-    assert "site shift" not in out and "site 'derm_a': colour per image (42 samples)" in out
-    assert [_cells(out, "colour per image", row)[-1] != "" for row in ("mean", "SD", "min", "max")] == [True] * 4
+    assert "site shift," not in out and "site 'derm_a': colour and content per image (42 samples)" in out
+    assert [_cells(out, "colour and content per image", row)[-1] != "" for row in ("mean", "SD", "min", "max")] == [True] * 4
     assert _cells(out, "acquisition", "mean") == ["24.0", "24.0"]
 
 
@@ -187,3 +188,31 @@ def test_check_and_run_refuse_an_all_zero_image_volume(capsys, prostate_site, tm
     err = capsys.readouterr().err
     assert "site 'prost_a'" in err and "Case05.nii.gz: image holds only the value(s) 0" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_two_sites_get_the_mean_shift_and_advice_and_one_site_is_told_why_not(capsys, ham10000_site, monkeypatch):
+    import medfl.data.regimes as regimes
+    from medfl.data.shift import DERMOSCOPY
+
+    configs = [ham10000_site(name=name) for name in ("derm_a", "derm_b")]
+    for config, gain in zip(configs, (1.0, 1.3), strict=True):
+        _rewrite_images(config, gain)
+    _, out = _check(capsys, *map(str, configs))
+    lines = out.splitlines()
+    mean = next(i for i, line in enumerate(lines) if line.startswith("mean site shift: "))
+    assert float(lines[mean].split()[3]) == pytest.approx(float(_cells(out, "site shift", "derm_a")[-1]), abs=0.01)
+    assert lines[mean + 1].startswith("no advice on which method fits: this medfl ships no measurement")
+    assert lines.index(next(line for line in lines if "site means" in line)) > mean + 1  # after the shift table
+
+    scores = {"prr": (0.70, 0.72), "fedavg": (0.72, 0.73)}
+    figures = regimes.Figures(measured=True, commit="0" * 40, kind=DERMOSCOPY.title, statistics=DERMOSCOPY.compared,
+                              labels={"fedavg": "FedAvg with fine-tuning"},
+                              regimes=(regimes.Regime(0.5, 0.5, (0, 1), scores),
+                                       regimes.Regime(1.5, 9.0, (0, 1), {"prr": (0.66, 0.67), "fedavg": (0.61, 0.61)})))
+    monkeypatch.setattr(regimes, "shipped_figures", lambda: figures)
+    _, out = _check(capsys, *map(str, configs))
+    words = " ".join(out.split())
+    assert "At this shift, on synthetic federations, FedAvg with fine-tuning led prr by 0.015 ± 0.007" in words
+    assert "nearest the sweep's strength 0.5" in words
+    _, out = _check(capsys, str(configs[0]))
+    assert "no advice on which method fits: one site has no site shift to measure" in " ".join(out.split())

@@ -238,6 +238,9 @@ FAST_ANSWERS = {  # case -> (arguments with placeholders, a fragment of the one 
     "nvflare-job --min-sites": (["nvflare-job", "{run}/config.yaml", "--out", "{odd}/j", "--min-sites", "5"],
                                 "min_sites must be between 1 and"),
     "synth --out file": (["synth", "--out", "{odd}/a_file.txt"], "must be a folder"),
+    "synth --shift-strength mild": (["synth", "--out", "{odd}/s", "--shift-strength", "0.5"], "add --shift realistic"),
+    "synth --shift-strength nan": (["synth", "--out", "{odd}/s", "--shift", "realistic", "--shift-strength", "nan"],
+                                   "--shift-strength must be a number from 0"),
     "init existing": (["init", "{odd}", "--task", "classification"], "never overwrites"),
     "docs nosuch": (["docs", "nosuch"], "no page 'nosuch'"),
 }

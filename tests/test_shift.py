@@ -10,9 +10,11 @@ from PIL import Image
 from medfl.data.images import check_image, inspect_image
 from medfl.data.shift import (
     DERMOSCOPY,
+    GRID,
     PROSTATE,
     SampleStatistics,
     colour_statistics,
+    dermoscopy_statistics,
     describe,
     grid_statistics,
     intensity_statistics,
@@ -36,7 +38,9 @@ def _images(seed: int, count: int = 40, gain: float = 1.0) -> np.ndarray:
     for _ in range(count):
         level = rng.uniform(90, 130)
         pixels = np.clip(rng.normal(level, 15, (24, 24, 3)) * (1.0, 0.8, 0.7), 0, 255)
-        rows.append(colour_statistics(_histogram(np.clip(pixels * gain, 0, 255)), 24, 24))
+        pixels = np.clip(pixels * gain, 0, 255).astype(np.uint8)
+        grid = np.asarray(Image.fromarray(pixels).resize((GRID, GRID), Image.BOX))
+        rows.append(dermoscopy_statistics(_histogram(pixels), grid, 24, 24))
     return SampleStatistics.from_rows(DERMOSCOPY, rows).compared
 
 
@@ -134,7 +138,7 @@ def test_inspect_image_measures_the_pixels_check_decodes(tmp_path):
     Image.new("RGB", (30, 20), (200, 10, 0)).save(path)
     verdict, statistics = inspect_image(path)
     assert verdict is None and check_image(path) is None
-    np.testing.assert_allclose(statistics, [200, 10, 0, 0, 0, 0, 30, 20])
+    np.testing.assert_allclose(statistics, [200, 10, 0, 0, 0, 0, np.nan, 0, 30, 20])  # a flat image: no detail
     grey = tmp_path / "grey.png"
     Image.new("L", (8, 8)).save(grey)
     assert inspect_image(grey) == ("image mode is L, expected RGB colour", None)

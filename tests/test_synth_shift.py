@@ -17,9 +17,11 @@ from PIL import Image
 
 from medfl.cli import main
 from medfl.config import DataSettings, load_site_config
-from medfl.data import load_site
+from medfl.data import inspect_site, load_site
+from medfl.data.shift import DERMOSCOPY, site_shift
 from medfl.errors import ConfigError
 from medfl.synth import Minimums, generate
+from medfl.synth import strength as strength_module
 from medfl.synth.dermoscopy import _plan_rows
 from medfl.synth.lesions import CLASSES, sample_lesion
 from medfl.synth.phantom import Population, render_case, sample_anatomy, site_anatomy
@@ -33,7 +35,8 @@ from medfl.synth.realistic import (
     realistic_prostate_sites,
 )
 from medfl.synth.rng import rng_for
-from medfl.synth.sites import REFERENCE_DERM
+from medfl.synth.sites import REFERENCE_DERM, REFERENCE_PROSTATE, derm_sites, prostate_sites
+from medfl.synth.strength import DERM_LIMITS, derm_sites_at, prostate_sites_at, stopped_at_limits
 from medfl.tasks import task_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,3 +276,124 @@ def test_site_seed_files_keep_the_tables_and_change_the_images(tmp_path: Path, c
     assert main(["check", "--classes", "nv,bkl,mel", "--input-size", "16", *map(str, other.configs)]) == 0
     with pytest.raises(ConfigError, match="--site-seed 1 draws the sites of the realistic preset"):
         generate(tmp_path / "mild", **{**small, "shift": "mild"}, site_seed=1)
+
+
+# ---------------------------------------------------------------- --shift-strength: from the mild sites to beyond
+# The guard's dermoscopy sites (seed 3, scale 0.01, 5 sites) at the strengths the sweep measures, and at 0 and 1.
+STRENGTHS = (0.0, 0.5, 1.0, 1.5)
+STRENGTH_DATA = {"seed": 3, "scale": 0.01, "n_derm": 5, "n_prostate": 0, "minimums": Minimums(2, 1, 1, 3),
+                 "shift": "realistic"}
+
+
+@pytest.fixture(scope="module")
+def strengths(tmp_path_factory: pytest.TempPathFactory) -> dict[float, object]:
+    root = tmp_path_factory.mktemp("strengths")
+    return {s: generate(root / f"s{s:g}", **STRENGTH_DATA, shift_strength=s) for s in STRENGTHS}
+
+
+def test_strength_one_writes_todays_realistic_files_bit_for_bit(strengths, tmp_path: Path, capsys) -> None:
+    expected = json.loads((DATA / "synth_realistic_small_sha256.json").read_text())
+    derm = {k: v for k, v in expected.items() if not k.startswith(("prostate/", "site_configs/prostate/"))}
+    assert len(derm) > 100 and _differences(_hashes(strengths[1.0].out), derm) == []
+    assert main(["synth", "--out", str(tmp_path), "--seed", "3", "--scale", "0.01", "--derm-sites", "2",
+                 "--prostate-sites", "0", "--min-per-class", "2,1,1", "--shift", "realistic", "--shift-strength", "1"]) == 0
+    assert "(realistic shift, strength 1)" in capsys.readouterr().out
+    written = _hashes(tmp_path)
+    assert len(written) > 40 and all(derm[name] == digest for name, digest in written.items())
+
+
+def test_strength_zero_writes_the_mild_images_with_the_realistic_class_mix(strengths, tmp_path: Path) -> None:
+    mild = generate(tmp_path, **{**STRENGTH_DATA, "shift": "mild"})  # the same minimums, given
+    assert _hashes(strengths[0.0].out) == _hashes(mild.out)
+
+
+def test_strength_zero_and_one_are_the_mild_and_realistic_sites_with_any_site_seed() -> None:
+    for site_seed in (0, 1):
+        mild, realistic = derm_sites(30, 3), realistic_derm_sites(30, 3, site_seed)
+        at_zero, at_one = derm_sites_at(30, 3, site_seed, 0.0), derm_sites_at(30, 3, site_seed, 1.0)
+        assert [s.acquisition for s in at_zero] == [s.acquisition for s in mild]
+        assert [s.skin_tone for s in at_zero] == [s.skin_tone for s in mild]
+        assert at_zero == [replace(s, acquisition=m.acquisition, skin_tone=m.skin_tone) for s, m in
+                           zip(realistic, mild, strict=True)], "the class mix is the realistic preset's"
+        assert at_one == realistic
+        assert prostate_sites_at(30, 3, site_seed, 0.0) == prostate_sites(30, 3)
+        assert prostate_sites_at(30, 3, site_seed, 1.0) == realistic_prostate_sites(30, 3, site_seed)
+    assert stopped_at_limits(1.0, 30, 30) == stopped_at_limits(1.0, 30, 30, site_seed=1) == []
+
+
+def test_continuous_parameters_interpolate_and_discrete_ones_switch_at_one_half() -> None:
+    b0, b1 = REFERENCE_DERM[1], REALISTIC_DERM[1]
+    quarter, half, beyond = (derm_sites_at(4, 0, strength=s) for s in (0.25, 0.5, 1.5))
+    assert quarter[1].acquisition.resolution == 64 and half[1].acquisition.resolution == 48  # the low-res site
+    assert not quarter[2].acquisition.ring and half[2].acquisition.ring  # derm_c's contact dermatoscope
+    assert half[1].acquisition.contrast == pytest.approx((1.0 + 0.65) / 2)
+    assert half[2].acquisition.magnification == pytest.approx((1.0 + 0.65) / 2)
+    assert half[1].acquisition.blur == pytest.approx((b0.acquisition.blur + b1.acquisition.blur) / 2)
+    assert half[3].skin_tone == pytest.approx((0.0, 1.0))  # derm_d's mixed population: the whole range at every s
+    assert half[2].skin_tone == pytest.approx((0.125, 0.875))
+    assert beyond[1].acquisition.magnification == pytest.approx(1.9)  # x1.6 goes on to x1.9
+    assert beyond[2].acquisition.magnification == 0.5  # x0.65 stops at its limit
+    assert beyond[1].acquisition.contrast == 0.5 and beyond[1].skin_tone == (0.0, 0.1)
+    for sites in (quarter, half, beyond):
+        assert [(s.name, s.layout, s.train_counts, s.dropped, s.foreign) for s in sites] == \
+               [(s.name, s.layout, s.train_counts, s.dropped, s.foreign) for s in REALISTIC_DERM]
+    prostate = {s: prostate_sites_at(6, 0, strength=s) for s in (0.25, 0.5, 1.5, 2.0)}
+    bmc = [prostate[s][1].scanner for s in (0.25, 0.5, 1.5)]
+    assert bmc[0].endorectal == 0 and bmc[0].matrix == REFERENCE_PROSTATE[1].scanner.matrix  # no coil, mild grid
+    assert bmc[1].endorectal == pytest.approx(1.25) and bmc[1].matrix == 300  # the coil from 0.5, half its gain
+    assert bmc[2].endorectal == pytest.approx(3.75)
+    assert prostate[1.5][4].scanner.endorectal == 4.0 and prostate[1.5][4].scanner.noise == 0.005
+    for name, (low, high) in DERM_LIMITS.items():
+        for site in derm_sites_at(30, 0, strength=2.0):
+            value = getattr(site.acquisition, name)
+            assert all(low <= v <= high for v in (value if isinstance(value, tuple) else (value,))), (site.name, name)
+
+
+def test_the_parameters_that_stop_at_their_limit_at_one_and_a_half_are_documented() -> None:
+    stopped = stopped_at_limits(1.5)
+    assert stopped == ["derm_b: skin_tone", "derm_b: cast", "derm_b: contrast", "derm_b: offset", "derm_c: cast",
+                       "derm_c: magnification", "derm_d: cast_jitter", "prost_d: gland_spread",
+                       "prost_d: central_extra", "prost_e: noise", "prost_e: endorectal"]
+    documented = " ".join(strength_module.__doc__.split())
+    for entry in stopped:
+        site, parameter = entry.split(": ")
+        assert site in documented
+    assert len(stopped_at_limits(2.0)) > len(stopped)
+
+
+@pytest.mark.parametrize("value, shift, fragment", [
+    ("-0.5", "realistic", "--shift-strength must be a number from 0"),
+    ("nan", "realistic", "--shift-strength must be a number from 0"),
+    ("2.5", "realistic", "--shift-strength must be a number from 0"),
+    ("0.5", "mild", "--shift-strength 0.5 scales the realistic preset's site shift"),
+])
+def test_bad_strengths_are_one_line_errors(value: str, shift: str, fragment: str, tmp_path: Path, capsys) -> None:
+    assert main(["synth", "--out", str(tmp_path / "out"), "--shift", shift, "--shift-strength", value]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and fragment in captured.err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.jpg"))
+
+
+def _mean_site_shift(result) -> tuple[float, np.ndarray]:
+    """What `medfl check` measures on the generated dermoscopy sites: the mean site shift and the mean over sites
+    of each statistic's distance."""
+    settings = DataSettings(classes=list(CLASSES), num_workers=1)
+    measured = {}
+    for path in result.configs:
+        config = load_site_config(path)
+        measured[config.name] = inspect_site(config, settings, task=task_for(config.task)).report.statistics.compared
+    shift = site_shift(measured)
+    return shift.mean_shift, shift.distances.mean(axis=0)
+
+
+def test_the_shift_meter_ranks_the_strengths_in_order(strengths) -> None:
+    """Measured (seed 3, scale 0.01, 5 sites, 47-67 images each) at s = 0, 0.5, 1, 1.5: mean site shift 1.13,
+    1.82, 2.15, 2.35; mean distance over sites of detail % 0.19, 0.19, 0.27, 0.51 and of lesion % 0.14, 0.44, 0.77,
+    0.99."""
+    measured = [_mean_site_shift(strengths[s]) for s in STRENGTHS]
+    means = [mean for mean, _ in measured]
+    assert means == sorted(means) and len(set(means)) == len(means), means
+    detail, lesion = (DERMOSCOPY.compared.index(name) for name in ("detail %", "lesion %"))
+    for column in (detail, lesion):  # what the colour statistics are blind to sees the sweep too
+        values = [distances[column] for _, distances in measured]
+        assert values == sorted(values), (DERMOSCOPY.compared[column], values)

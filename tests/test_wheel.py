@@ -121,6 +121,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
     assert "License-Expression: Apache-2.0" in metadata.splitlines() and "License-File: LICENSE" in metadata
     assert {f"medfl/examples/{task}/{name}" for task in ("dermoscopy", "prostate")
             for name in ("site.yaml", "experiment.yaml")} <= set(names)
+    assert "medfl/data/shift_regimes.json" in names, "the shift sweep's figures that `medfl check` quotes"
     packages = {path.parent.relative_to(ROOT).as_posix() for path in (ROOT / "medfl").rglob("__init__.py")}
     assert packages <= {Path(name).parent.as_posix() for name in names}, "a package is missing from pyproject's list"
 
@@ -147,6 +148,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
     assert len(configs) == 2
     checked = _run([medfl, "check", *configs, "--input-size", "32"], work, env)
     assert "2 of 2 site(s) ready" in checked.stdout
+    assert "mean site shift: " in checked.stdout  # and the shipped figures were read: advice, or why there is none
+    assert any(words in checked.stdout for words in ("no advice on which method fits", "At this shift", "could not tell"))
 
     # The shipped example experiment, its site pointed at a synthetic site: what `medfl init` tells a hospital.
     _run([medfl, "init", "start", "--task", "classification"], work, env)

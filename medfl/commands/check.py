@@ -3,8 +3,9 @@
 Every site is checked, even after a bad one. Defaults match `DataSettings`: classes = each site's label-map
 targets in first-seen order (segmentation sites: always background and prostate), input size 64, split
 0.7/0.1/0.2 by lesion or case, seed 0, all slices. After the sites, per modality: with several sites, each
-site's distance from the pooled sites in within-site standard deviations (medfl.data.shift) and the site
-means; with one site, its own statistics.
+site's distance from the pooled sites in within-site standard deviations (medfl.data.shift), their mean (the
+federation's one figure), a paragraph on what the shift sweep measured at that shift (medfl.data.regimes) and
+the site means; with one site, its own statistics and one line saying why there is no advice.
 Exit status 0 when no site has an error (warnings are allowed, unless --strict), 1 otherwise. Errors: unreadable configs,
 missing or corrupt data, unknown labels, bad masks, duplicate ids, no samples, an empty train or validation
 split. Warnings: a class absent from a split, an empty test split, a class the label map never produces.
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from medfl.config import DataSettings, SiteConfig
     from medfl.data import SiteReport
@@ -125,8 +127,11 @@ def _rows_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, list
     return table
 
 
-def _one_site(site: str, statistics: SampleStatistics) -> list[Table | str]:
-    """A lone site's own statistics: mean, SD, minimum and maximum over its samples."""
+def _one_site(site: str, statistics: SampleStatistics) -> list[Table | Text | str]:
+    """A lone site's own statistics: mean, SD, minimum and maximum over its samples; why there is no advice."""
+    from rich.text import Text
+
+    from medfl.data.regimes import check_advice, shipped_figures
     from medfl.data.shift import describe
 
     kind, rows = statistics.kind, ("mean", "SD", "min", "max")
@@ -135,13 +140,16 @@ def _one_site(site: str, statistics: SampleStatistics) -> list[Table | str]:
     return [_rows_table(title, kind.compared, [(r, list(v)) for r, v in zip(rows, compared, strict=True)]),
             _rows_table(f"site '{site}': acquisition", kind.shown,
                         [(r, list(v)) for r, v in zip(rows, shown, strict=True)]),
-            kind.legend]
+            kind.legend, Text(check_advice(shipped_figures(), kind.title, kind.compared, None, 1))]
 
 
-def _several_sites(measured: dict[str, SampleStatistics]) -> list[Table | str]:
-    """Distances from the pooled sites (per compared statistic, and their RMS), then every site's means."""
+def _several_sites(measured: dict[str, SampleStatistics]) -> list[Table | Text | str]:
+    """Distances from the pooled sites (per compared statistic, and their RMS), their mean and the advice drawn
+    from it, then every site's means."""
     import numpy as np
+    from rich.text import Text
 
+    from medfl.data.regimes import check_advice, shipped_figures
     from medfl.data.shift import describe, site_shift
 
     kind = next(iter(measured.values())).kind
@@ -153,6 +161,8 @@ def _several_sites(measured: dict[str, SampleStatistics]) -> list[Table | str]:
         [(site, [*shift.distances[i], shift.shift[i]]) for i, site in enumerate(shift.sites)], _distance)
     note = ("distance = |site mean - pooled mean| / pooled within-site SD, per statistic; shift = their root "
             "mean square. 0: the site looks like the pooled sites; 1: one typical within-site spread away.")
+    mean = f"mean site shift: {_distance(shift.mean_shift)} (the mean of the sites' shifts: the federation's figure)"
+    advice = check_advice(shipped_figures(), kind.title, kind.compared, shift.mean_shift, len(measured))
     means = _rows_table(f"{kind.title}: site means", kind.compared,
                         [*((site, list(row)) for site, row in zip(shift.sites, shift.site_means, strict=True)),
                          ("pooled", list(shift.pooled_mean)), ("within-site SD", list(shift.within_sd))])
@@ -160,7 +170,7 @@ def _several_sites(measured: dict[str, SampleStatistics]) -> list[Table | str]:
     acquisition = _rows_table("acquisition (shown, not compared): site means", kind.shown,
                               [*((site, list(describe(s.shown)[0])) for site, s in measured.items()),
                                ("pooled", list(pooled))])
-    return [distances, note, means, acquisition, kind.legend]
+    return [distances, note, Text(mean, style="bold"), Text(advice), means, acquisition, kind.legend]
 
 
 def _print_shift(console: Console, reports: list[SiteReport]) -> None:
@@ -176,7 +186,8 @@ def _print_shift(console: Console, reports: list[SiteReport]) -> None:
     for measured in groups.values():
         parts = _one_site(*next(iter(measured.items()))) if len(measured) == 1 else _several_sites(measured)
         for part in parts:
-            console.print(Text(part, style="dim") if isinstance(part, str) else part, soft_wrap=isinstance(part, str))
+            console.print(Text(part, style="dim") if isinstance(part, str) else part,
+                          soft_wrap=isinstance(part, str | Text))
 
 
 def _load(path: str) -> SiteConfig | MedflError | OSError:

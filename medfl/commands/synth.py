@@ -59,6 +59,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "strength, coil) from the preset's ranges: other hospitals, same layouts and class mixes (default: 0)",
     )
     parser.add_argument(
+        "--shift-strength",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --shift realistic: how strong the site shift is, 0 (every site images as in the mild preset) "
+        "to 2; 1 is the realistic preset byte for byte, values between interpolate each site's continuous "
+        "acquisition (colour, contrast, blur, noise, magnification, skin tones; MRI contrast, noise, bias, coil "
+        "gain), values above 1 go on to the parameters' physical limits; resolution, rings, the MRI grid and "
+        "coil type switch at 0.5; class mixes never change (default: 1)",
+    )
+    parser.add_argument(
         "--min-per-class",
         type=_minimums,
         default=None,
@@ -85,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         minimums=Minimums(*args.min_per_class) if args.min_per_class else None,
         shift=args.shift,
         site_seed=args.site_seed,
+        shift_strength=args.shift_strength,
     )
     for site in result.derm:
         counts = " ".join(f"{cls}={n}" for cls, n in site.class_counts.items())
@@ -95,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         shape = "x".join(map(str, site.shape))
         spacing = "x".join(f"{s:g}" for s in site.spacing)
         print(f"{site.name:10s} {site.layout:9s} {len(site.cases)} cases, {shape} voxels of {spacing} mm")
-    sites = f", site seed {args.site_seed}" if args.site_seed else ""
+    strength = f", strength {args.shift_strength:g}" if args.shift_strength is not None else ""
+    sites = f"{strength}, site seed {args.site_seed}" if args.site_seed else strength
     print(
         f"wrote {len(result.derm)} dermoscopy and {len(result.prostate)} prostate sites ({args.shift} shift{sites}) "
         f"to {result.out} "

@@ -4,7 +4,7 @@ Checking reads every image file once and fully decodes it (a truncated JPEG fail
 read). JPEGs are decoded at a reduced scale (PIL's draft mode), which still walks the whole compressed stream
 but costs far less than a full decode. Threads overlap the work, since PIL and hashlib release the GIL. The
 bytes read give the file's sha256 (the site's data fingerprint, medfl.data.fingerprint) and the decoded pixels
-its colour statistics (site shift), so nothing is read or decoded twice.
+its colour and content statistics (site shift), so nothing is read or decoded twice.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medfl.data.fingerprint import content_sha256
-from medfl.data.shift import colour_statistics
+from medfl.data.shift import GRID, dermoscopy_statistics
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -35,8 +35,8 @@ def index_images(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> di
 
 @dataclass(frozen=True)
 class ImageFacts:
-    """What reading one image file found: None or what is wrong with it, its colour statistics (a good image
-    only), and the sha256 of its bytes (None when it could not be read)."""
+    """What reading one image file found: None or what is wrong with it, its site-shift statistics (a good
+    image only: medfl.data.shift.DERMOSCOPY), and the sha256 of its bytes (None when it could not be read)."""
 
     verdict: str | None
     statistics: np.ndarray | None = None
@@ -49,8 +49,8 @@ def check_image(path: Path) -> str | None:
 
 
 def inspect_image(path: Path) -> tuple[str | None, np.ndarray | None]:
-    """check_image's verdict and, for a good image, its colour statistics (`medfl.data.shift`) measured on
-    the pixels this check decodes anyway."""
+    """check_image's verdict and, for a good image, its site-shift statistics (`medfl.data.shift`) measured
+    on the pixels this check decodes anyway."""
     facts = read_image(path)
     return facts.verdict, facts.statistics
 
@@ -71,13 +71,14 @@ def read_image(path: Path) -> ImageFacts:
                 image.draft("RGB", (32, 32))
             image.load()
             histogram = image.histogram() if mode == "RGB" else None
+            grid = np.asarray(image.resize((GRID, GRID), Image.BOX)) if mode == "RGB" else None
     except UnidentifiedImageError:
         return ImageFacts("unreadable or corrupt image (not in an image format PIL can read)", sha256=sha256)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return ImageFacts(f"unreadable or corrupt image ({' '.join(str(error).split())})", sha256=sha256)
     if histogram is None:
         return ImageFacts(f"image mode is {mode}, expected RGB colour", sha256=sha256)
-    return ImageFacts(None, colour_statistics(np.asarray(histogram), width, height), sha256)
+    return ImageFacts(None, dermoscopy_statistics(np.asarray(histogram), grid, width, height), sha256)
 
 
 def check_images(paths: Iterable[Path], workers: int = 2) -> list[str | None]:

@@ -5,6 +5,11 @@ a dermoscopy image's pixels as `medfl check` decodes them (JPEGs at PIL's reduce
 the size a model sees), and a prostate case as medfl prepares it (clipped to its 0.5-99.5 percentiles,
 z-scored over the volume, slices resized to the input size), plus the case's grid and raw intensity scale.
 
+Dermoscopy: the colour of every image (each channel's mean and SD), and two statistics of its content on a
+common 32 x 32 grid, which colour cannot see: how much of the image's variation is fine detail (sharpness,
+effective resolution, noise: a blurred or low-resolution camera has little, a noisy one much) and how much of
+the field of view the lesion covers (the dermatoscope's magnification). See `texture_statistics`.
+
 Distance of a site from the pooled sites, per compared statistic k:
     |site mean_k - pooled mean_k| / pooled within-site SD_k,
 where the pooled mean is over every sample of every site and the pooled within-site SD is
@@ -25,6 +30,18 @@ import numpy as np
 NOISE_MAD_SCALE = 0.6745  # median |N(0, 1)|: turns a median absolute value into a standard deviation
 ROUNDING = 1e-9  # relative differences below this are floating-point rounding, not shift
 _VALUES = np.arange(256, dtype=np.float64)  # the 8-bit pixel values a histogram counts
+GRID = 32  # the common grid of the dermoscopy content statistics (JPEGs decode at 32-64 px in draft mode)
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 grey from RGB
+DETAIL_FREQUENCY = 0.25  # cycles per pixel above which the spectrum counts as fine detail (Nyquist: 0.5)
+_CENTRE = slice(6, 26)  # the central 20 x 20 pixels of the grid: inside any dermatoscope's ring
+_HANN = np.outer(np.hanning(22)[1:-1], np.hanning(22)[1:-1])  # tapers the crop's edges, which are not detail
+_RADIUS = np.hypot(*np.meshgrid(np.fft.fftfreq(20), np.fft.fftfreq(20), indexing="ij"))
+_GRID_COORDS = (np.arange(GRID) + 0.5) / GRID - 0.5
+_ROWS, _COLUMNS = np.meshgrid(_GRID_COORDS, _GRID_COORDS, indexing="ij")
+_DISC = np.hypot(_ROWS, _COLUMNS) <= 0.45  # the field of view inside a contact dermatoscope's ring
+_RAMP = np.stack([np.ones(int(_DISC.sum())), _COLUMNS[_DISC], _ROWS[_DISC]], axis=1)
+_RAMP_FIT = np.linalg.pinv(_RAMP)  # least squares of a linear illumination ramp over the disc, solved once
+_BINS = 256  # Otsu's histogram, as scikit-image's threshold_otsu makes it
 
 
 @dataclass(frozen=True)
@@ -42,11 +59,14 @@ class StatisticSet:
 
 
 DERMOSCOPY = StatisticSet(
-    "colour per image",
-    ("R mean", "G mean", "B mean", "R SD", "G SD", "B SD"),
+    "colour and content per image",
+    ("R mean", "G mean", "B mean", "R SD", "G SD", "B SD", "detail %", "lesion %"),
     ("width px", "height px"),
     "mean and SD of each RGB channel's pixel values (0-255) of an image, JPEGs at the reduced scale check "
-    "decodes them; width and height of the image file",
+    "decodes them; on the image resized to 32 x 32: detail %, the share of the central 20 x 20 pixels' "
+    "variation above a quarter cycle per pixel (fine detail: sharpness, resolution and noise), and lesion %, "
+    "the share of the central disc darker than Otsu's threshold once the illumination ramp is removed (the "
+    "lesion's size in the frame); width and height of the image file",
 )
 PROSTATE = StatisticSet(
     "intensity per case",
@@ -91,6 +111,38 @@ def colour_statistics(histogram: np.ndarray, width: int, height: int) -> np.ndar
     mean = counts @ _VALUES / number
     sd = np.sqrt(np.maximum(counts @ _VALUES**2 / number - mean**2, 0.0))
     return np.concatenate([mean, sd, [width, height]])
+
+
+def texture_statistics(pixels: np.ndarray) -> np.ndarray:
+    """Detail % and lesion % of an RGB image resized to GRID x GRID ((GRID, GRID, 3) values 0-255).
+
+    Detail %: the share of the spectral energy of the central 20 x 20 grey pixels (Hann-tapered, mean removed)
+    above `DETAIL_FREQUENCY`. A blurred or low-resolution camera leaves little fine detail, sensor noise adds
+    some; brightness and contrast cancel in the share. NaN for a flat image.
+    Lesion %: the share of the central disc (radius 0.45 of the side) darker than Otsu's threshold of its log
+    grey values, once a fitted linear illumination ramp is removed (a lamp's gradient is not a lesion)."""
+    from skimage.filters import threshold_otsu  # start-up: scikit-image loads only once images are measured
+
+    grey = np.asarray(pixels, dtype=np.float64).reshape(GRID, GRID, 3) @ LUMA
+    centre = grey[_CENTRE, _CENTRE]
+    power = np.abs(np.fft.fft2((centre - centre.mean()) * _HANN)) ** 2
+    total = power[_RADIUS > 0].sum()
+    detail = 100.0 * power[_RADIUS > DETAIL_FREQUENCY].sum() / total if np.ptp(centre) > 0 else float("nan")
+    logs = np.log(np.maximum(grey[_DISC], 1.0))
+    flat = logs - _RAMP[:, 1:] @ (_RAMP_FIT @ logs)[1:]
+    low, span = flat.min(), np.ptp(flat)
+    if span <= 1e-6:
+        return np.array([detail, 0.0])
+    counts = np.bincount(np.minimum((flat - low) * (_BINS / span), _BINS - 1).astype(np.intp), minlength=_BINS)
+    threshold = threshold_otsu(hist=(counts, low + (np.arange(_BINS) + 0.5) * (span / _BINS)))
+    return np.array([detail, 100.0 * float(np.mean(flat < threshold))])
+
+
+def dermoscopy_statistics(histogram: np.ndarray, pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """An image's statistics in `DERMOSCOPY`'s order: colour (`colour_statistics`, from the decoded image's
+    histogram), content (`texture_statistics`, from its pixels resized to GRID x GRID), the file's size."""
+    colour = colour_statistics(histogram, width, height)
+    return np.concatenate([colour[:6], texture_statistics(pixels), colour[6:]])
 
 
 def noise_sd(slices: np.ndarray) -> float:
@@ -161,6 +213,12 @@ class SiteShift:
         number = counted.sum(axis=1)
         total = np.where(counted, squares, 0.0).sum(axis=1)
         return np.where(number > 0, np.sqrt(total / np.maximum(number, 1)), np.nan)
+
+    @property
+    def mean_shift(self) -> float:
+        """The federation's one figure: the mean of the sites' shifts (NaN when none could be measured)."""
+        measured = self.shift[~np.isnan(self.shift)]
+        return float(measured.mean()) if measured.size else float("nan")
 
 
 def site_shift(samples: Mapping[str, np.ndarray]) -> SiteShift:

@@ -10,9 +10,10 @@ from medfl.errors import ConfigError
 from medfl.synth.dermoscopy import MAX_SCALE, DermResult, write_derm_site
 from medfl.synth.files import write_text
 from medfl.synth.prostate import ProstateResult, write_prostate_site
-from medfl.synth.realistic import MINIMUMS, SHIFTS, realistic_derm_sites, realistic_prostate_sites
+from medfl.synth.realistic import MINIMUMS, SHIFTS
 from medfl.synth.site_configs import config_yaml, derm_config, prostate_config, relative_root
 from medfl.synth.sites import DEFAULT_SCALE, Minimums, derm_sites, prostate_sites
+from medfl.synth.strength import check_strength, derm_sites_at, prostate_sites_at
 
 DEFAULT_OUT = Path("data/synth")
 MAX_SITES = 64
@@ -30,13 +31,22 @@ class SynthResult:
     changed: int = 0  # files created or rewritten; 0 on an identical rerun
 
 
-def _check(scale: float, n_derm: int, n_prostate: int, minimums: Minimums, shift: str, site_seed: int) -> None:
+def _check(scale: float, n_derm: int, n_prostate: int, minimums: Minimums, shift: str, site_seed: int,
+           strength: float | None) -> None:
     if shift not in SHIFTS:
         raise ConfigError(f"--shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
     if not isinstance(site_seed, int) or site_seed < 0:
         raise ConfigError(f"--site-seed must be an integer >= 0, got {site_seed!r}")
     if site_seed and shift != "realistic":
         raise ConfigError(f"--site-seed {site_seed} draws the sites of the realistic preset: add --shift realistic")
+    if strength is not None:
+        try:
+            check_strength(strength)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if shift != "realistic":
+            raise ConfigError(f"--shift-strength {strength:g} scales the realistic preset's site shift (0: the mild "
+                              "sites' acquisitions, 1: the realistic ones): add --shift realistic")
     if not (isinstance(scale, int | float) and math.isfinite(scale) and 0 < scale <= MAX_SCALE):
         raise ConfigError(f"--scale must be a number in (0, {MAX_SCALE:g}], got {scale!r}")
     for option, count in (("--derm-sites", n_derm), ("--prostate-sites", n_prostate)):
@@ -58,6 +68,7 @@ def generate(
     minimums: Minimums | None = None,
     shift: str = "mild",
     site_seed: int = 0,
+    shift_strength: float | None = None,
 ) -> SynthResult:
     """Write `n_derm` dermoscopy and `n_prostate` prostate sites under `out`, with configs in out/site_configs.
 
@@ -65,17 +76,21 @@ def generate(
     (real-world site shift, medfl.synth.realistic; minimums default to what a 70/10/20 split needs).
     `site_seed` (realistic only): 0, today's sites; another value draws every site's acquisition from the
     realistic ranges (medfl.synth.realistic): new hospitals, while `seed` draws their patients and splits.
+    `shift_strength` (realistic only; None means 1): how far every site's acquisition moves from its mild version
+    (0) towards its realistic one (1) and beyond (up to 2), with the realistic preset's class mix at every
+    strength (medfl.synth.strength); 1 writes the realistic preset's files byte for byte.
     Same arguments, same bytes: every file is seeded from (seed, site name, item). Reruns rewrite only what
     differs and prune stale files inside the site folders that `medfl synth` owns.
     """
     realistic = shift == "realistic"
     minimums = minimums or (MINIMUMS if realistic else Minimums())
-    _check(scale, n_derm, n_prostate, minimums, shift, site_seed)
+    _check(scale, n_derm, n_prostate, minimums, shift, site_seed, shift_strength)
     out = Path(out)
     result = SynthResult(out=out)
     derm_config_dir = out / "site_configs" / "dermoscopy"
-    dermoscopy = realistic_derm_sites(n_derm, seed, site_seed) if realistic else derm_sites(n_derm, seed)
-    prostate = (realistic_prostate_sites(n_prostate, seed, site_seed) if realistic
+    strength = 1.0 if shift_strength is None else float(shift_strength)
+    dermoscopy = derm_sites_at(n_derm, seed, site_seed, strength) if realistic else derm_sites(n_derm, seed)
+    prostate = (prostate_sites_at(n_prostate, seed, site_seed, strength) if realistic
                 else prostate_sites(n_prostate, seed))
     for index, site in enumerate(dermoscopy):
         written = write_derm_site(site, index, out / "dermoscopy", seed, scale, minimums)
