@@ -29,9 +29,10 @@
     python benchmarks/speed.py --smoke    # every section (evaluation share, sites side by side too) on tiny data
 
 6. DET's cost by phase (`--det-profile`, its own invocation): at the reference's 128 px and full width, a DET
-   step against a single-model step on the same batches, by phase (forward, losses, backward, optimizer step),
-   with one backward over both losses (as medfl trains) and one backward per model, and each op's self CPU time
-   from torch's profiler: where DET's cost beyond two model passes goes.
+   step against a single-model step on the same batches, by phase (forward, losses, backward, optimizer step):
+   Exchange with one backward over both losses (as medfl trains) and with one backward per model, Sublimate
+   (one-way) jointly and teacher first (one model's graph alive at a time); and each op's self CPU time from
+   torch's profiler: where DET's cost beyond two model passes goes.
 
 `--device auto` measures the CPU and, when a GPU is present, the same again on CUDA, reported separately with
 the card's name. Writes benchmarks/results/speed.{json,md,png} (speed.cuda.png for the GPU). Runs and data go
@@ -914,7 +915,10 @@ def det_phases(case: str, spec: tuple[str, str, str, dict[str, Any], bool], synt
                                          shuffle=False)
     data = list(itertools.islice(loader, batches))
 
-    def step_loop(site: Site, state: DetState | None, split_backward: bool, phases: dict[str, float]) -> None:
+    def step_loop(site: Site, state: DetState | None, how: str, phases: dict[str, float]) -> None:
+        """`how`: "joint" (one backward over the sum of the losses, as train_epoch), "split" (one backward per
+        model, after both forwards) or "teacher_first" (one-way states: the teacher's forward, loss and backward,
+        then the student's, so that one model's graph is alive at a time)."""
         models, optimizers = site.models, site.trainer.optimizers
         plan = EpochPlan(state=state)
         used = "P" if "P" in models else "M"
@@ -924,33 +928,53 @@ def det_phases(case: str, spec: tuple[str, str, str, dict[str, Any], bool], synt
             tick = time.perf_counter()
             images = torch.as_tensor(batch["image"])
             labels = site.task.batch_labels(batch, device)
-            outputs = {name: model(images) for name, model in models.items()}
-            phases["forward"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            losses = _batch_losses(models, outputs, labels, site.trainer.loss, plan, used)
-            phases["losses"] += time.perf_counter() - tick
-            tick = time.perf_counter()
             for optimizer in optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
-            if split_backward:
-                for loss in losses.values():
-                    loss.backward()
+            if how == "teacher_first":
+                teacher, student = ("D", "P") if state is DetState.SUBLIMATE else ("P", "D")
+                logits, _ = models[teacher](images)
+                phases["forward"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                site.trainer.loss(logits.float(), labels, plan.gamma).backward()
+                phases["backward"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                outputs = {teacher: (logits.detach(), None), student: models[student](images)}
+                phases["forward"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                losses = _batch_losses(models, outputs, labels, site.trainer.loss, plan, used)
+                phases["losses"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                losses[student].backward()
+                phases["backward"] += time.perf_counter() - tick
             else:
-                sum(losses.values()).backward()
-            phases["backward"] += time.perf_counter() - tick
+                outputs = {name: model(images) for name, model in models.items()}
+                phases["forward"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                losses = _batch_losses(models, outputs, labels, site.trainer.loss, plan, used)
+                phases["losses"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                if how == "split":
+                    for loss in losses.values():
+                        loss.backward()
+                else:
+                    sum(losses.values()).backward()
+                phases["backward"] += time.perf_counter() - tick
             tick = time.perf_counter()
             for optimizer in optimizers.values():
                 optimizer.step()
             phases["step"] += time.perf_counter() - tick
 
-    variants = {"single": (sites["pfa_only"], None, False), "det": (sites["prr"], DetState.EXCHANGE, False),
-                "det_split_backward": (sites["prr"], DetState.EXCHANGE, True)}
+    variants = {"single": (sites["pfa_only"], None, "joint"),
+                "det": (sites["prr"], DetState.EXCHANGE, "joint"),
+                "det_split_backward": (sites["prr"], DetState.EXCHANGE, "split"),
+                "det_sublimate": (sites["prr"], DetState.SUBLIMATE, "joint"),
+                "det_sublimate_teacher_first": (sites["prr"], DetState.SUBLIMATE, "teacher_first")}
     timed_phases: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     for repeat in range(repeats + 1):  # the first pass warms up and is not kept
-        for name, (site, state, split) in variants.items():
+        for name, (site, state, how) in variants.items():
             phases = dict.fromkeys(("forward", "losses", "backward", "step"), 0.0)
             with plain_tensors():
-                step_loop(site, state, split, phases)
+                step_loop(site, state, how, phases)
             if repeat:
                 timed_phases[name].append(phases)
     median = {name: {phase: statistics.median(r[phase] for r in rows) for phase in rows[0]}
@@ -960,9 +984,9 @@ def det_phases(case: str, spec: tuple[str, str, str, dict[str, Any], bool], synt
     val_s = statistics.median(timed(lambda: evaluate_model(model, val, sites["prr"].task, sites["prr"].classes,
                                                            device), device)[0] for _ in range(max(1, repeats)))
     ops: dict[str, dict[str, float]] = {}
-    for name, (site, state, split) in variants.items():
+    for name, (site, state, how) in variants.items():
         with profile(activities=[ProfilerActivity.CPU]) as profiler, plain_tensors():
-            step_loop(site, state, split, dict.fromkeys(("forward", "losses", "backward", "step"), 0.0))
+            step_loop(site, state, how, dict.fromkeys(("forward", "losses", "backward", "step"), 0.0))
         averages = {entry.key: entry for entry in profiler.key_averages()}
         ops[name] = {op: {"self_s": averages[op].self_cpu_time_total / 1e6, "calls": averages[op].count}
                      for op in PROFILED_OPS if op in averages}
@@ -973,8 +997,7 @@ def det_phases(case: str, spec: tuple[str, str, str, dict[str, Any], bool], synt
     return {"case": case, "batches": len(data), "batch_size": loader.batch_size,
             "train_samples": train_samples, "val_samples": val_samples, "median_s": median, "ops": ops,
             "validation_pass_s": val_s, "epoch_s": epoch,
-            "det_over_single": (epoch["det"] + 2 * val_s) / epoch["single"],
-            "det_split_over_single": (epoch["det_split_backward"] + 2 * val_s) / epoch["single"]}
+            **{f"{name}_over_single": (epoch[name] + 2 * val_s) / epoch["single"] for name in variants if name != "single"}}
 
 
 def det_phases_markdown(result: dict[str, Any]) -> str:
@@ -989,18 +1012,18 @@ def det_phases_markdown(result: dict[str, Any]) -> str:
                      + f" | {total:.2f} | {total / single:.2f} |")
     lines += ["", f"One validation pass over the {result['val_samples']} validation images: "
               f"{result['validation_pass_s']:.2f} s (DET makes two per epoch). A whole epoch of "
-              f"{result['train_samples']} images, scaled from these batches: DET with its two validation passes "
-              f"{result['det_over_single']:.2f}x a single-model epoch (one backward over both losses), "
-              f"{result['det_split_over_single']:.2f}x with one backward per model.", "",
-              "Self CPU time by op, one profiled pass each (seconds; DET over single in brackets):", "",
-              "| op | single | det | det, one backward per model |", "|:---|---:|---:|---:|"]
+              f"{result['train_samples']} images, scaled from these batches, with DET's two validation passes, over a "
+              "single-model epoch: " + ", ".join(f"{name} {result[f'{name}_over_single']:.2f}x" for name in median
+                                                 if name != "single") + ".", "",
+              "Self CPU time by op, one profiled pass each (seconds; over single in brackets):", "",
+              "| op | " + " | ".join(median) + " |", "|:---|" + "---:|" * len(median)]
     for op in [*PROFILED_OPS, "total"]:
         if op not in ops["single"]:
             continue
         base = ops["single"][op]["self_s"]
         cells = [f"{base:.2f}"] + [
             f"{ops[name][op]['self_s']:.2f} ({ops[name][op]['self_s'] / base:.2f}x)" if op in ops[name] and base else "–"
-            for name in ("det", "det_split_backward")]
+            for name in median if name != "single"]
         lines.append(f"| {op} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
