@@ -239,3 +239,37 @@ def test_a_tiny_ditto_run_uploads_w_only_and_exports_v(experiment, tmp_path, mon
                            weights_only=True)["models"]
         exported = torch.load(export.folder / "model.pt", weights_only=True)
         assert export.manifest["model"]["name"] == "P" and equal(exported, saved["P"]), "the export is v"
+
+
+def test_fedprox_pulls_towards_w0_from_round_0_as_towards_every_later_global_model():
+    """FedProx (Li et al., 2020) adds mu/2 ||w - w^t||^2 in every round, the first included: in round 0 the server
+    delivers no weights, every site builds w^0 from the seed, and that is the reference of the proximal term."""
+    mu, eta = 0.5, 0.1
+    config = ExperimentConfig.model_validate({
+        "task": "classification", "sites": ["a.yaml"], "data": {"classes": ["nv", "bkl", "mel"]},
+        "method": "fedprox", "rounds": 3, "local_epochs": 1, "baselines": {"fedprox_mu": mu},
+        "optimizer": {"name": "sgd", "lr": eta, "momentum": 0.0, "weight_decay": 0.0}})
+    torch.manual_seed(0)
+    model = TinyBN()
+    task = task_for(config.task)
+    trainer = LocalTrainer({ModelRole.SINGLE: model}, config, task, task.supervised_loss("ce", torch.ones(3), 0.8),
+                           torch.device("cpu"))
+    w0 = state(model)
+    assert not trainer.receive(Delivery(global_class_counts=torch.ones(3)))
+    assert equal(trainer.received, w0), "round 0's reference is the w^0 the site built"
+    trainer.start_round(0)
+    trainer.epoch(0, 1, DetState.START, [batch(1)])  # at w^0 the proximal gradient is zero: w moves away
+    w = state(model)
+    assert not equal(w, w0)
+
+    model_by_hand = TinyBN()
+    model_by_hand.load_state_dict(w)
+    model_by_hand.train()
+    loss = F.cross_entropy(model_by_hand(batch(2)["image"])[0], batch(2)["label"])
+    names = [name for name, _ in model_by_hand.named_parameters()]
+    grads = torch.autograd.grad(loss, [p for _, p in model_by_hand.named_parameters()])
+    trainer.epoch(0, 1, DetState.START, [batch(2)])  # the second step, still round 0: pulled back towards w^0
+    for name, grad in zip(names, grads, strict=True):
+        torch.testing.assert_close(state(model)[name], w[name] - eta * (grad + mu * (w[name] - w0[name])),
+                                   rtol=1e-6, atol=1e-7, msg=name)
+    assert equal(trainer.received, w0)

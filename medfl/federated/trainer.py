@@ -50,12 +50,18 @@ class LocalTrainer:
     def receive(self, delivery: Delivery | None) -> bool:
         """Keep the federation's statistics and load the delivered weights into the receiving model; whether
         weights were loaded. Ditto: the first global model the site holds is also where P starts, and the
-        reference of P's proximal term from round 0 on (medfl.federated.ditto)."""
+        reference of P's proximal term from round 0 on (medfl.federated.ditto); FedProx: the model the site
+        built from the seed is round 0's global model, the proximal term's reference."""
         first = self.received is None
         loaded = self._load(delivery)
         if first and self.spec.personal_proximal:
             self.received = start_from_global_model(self.models[ModelRole.PERSONALIZED],
                                                     self.models[ModelRole.DEPUTY], self.received)
+        elif first and not loaded and self.spec.proximal:
+            # FedProx's round 0: no weights are delivered because every site builds the global model w^0 from the
+            # experiment seed; its own model is w^0, the reference of the proximal term from the first step on.
+            model = self.models[self.spec.receiving_role]
+            self.received = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return loaded
 
     def _load(self, delivery: Delivery | None) -> bool:
