@@ -16,7 +16,7 @@ import importlib
 import sys
 
 from medfl import __version__
-from medfl.environment import prefer_passive_openmp_waiting
+from medfl.environment import keep_freed_memory, prefer_passive_openmp_waiting
 from medfl.errors import MedflError, storage_failure
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     prefer_passive_openmp_waiting()  # before any command imports torch
+    keep_freed_memory()  # torch's CPU allocations reuse freed pages instead of faulting them in again
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -7,10 +7,11 @@ torch already).
 
 from pathlib import Path
 
-from medfl.environment import prefer_passive_openmp_waiting
+from medfl.environment import keep_freed_memory, prefer_passive_openmp_waiting
 
 if __name__ == "__main__":
     prefer_passive_openmp_waiting()
+    keep_freed_memory()
     from medfl.nvflare.site_runner import main
 
     main(Path(__file__).resolve().parents[1] / "config" / "medfl")
