@@ -619,25 +619,33 @@ def measure_device(device: torch.device, args: argparse.Namespace, synth: Path, 
     return section
 
 
+def demo_experiments(demo: Path, plan: Plan, device: str, threads: int | None) -> Iterator[tuple[str, Any]]:
+    """The shipped demo experiments on `make demo`'s data (the plan's), with their own rounds and epochs; threads
+    as given, or None: the shipped `runtime.threads` (else one per core)."""
+    from medfl.synth import generate
+
+    generate(demo / "synth", **plan.demo_synth)
+    for task, shipped in (("dermoscopy", "dermoscopy.yaml"), ("prostate", "prostate.yaml")):
+        sites = sorted(str(p) for p in (demo / "synth" / "site_configs" / task).glob("*.yaml"))
+        base = yaml.safe_load((EXPERIMENTS / shipped).read_text(encoding="utf-8"))
+        budget = {**base, **plan.demo_budget}
+        overrides = {k: v for k, v in plan.demo_budget.items() if k not in ("rounds", "local_epochs")}
+        used = threads or base.get("runtime", {}).get("threads") or os.cpu_count()
+        yield task, experiment(f"demo-{task}", shipped, base["method"], sites, device, used, budget["rounds"],
+                               budget["local_epochs"], demo / "runs", overrides)
+
+
 def evaluation_share(root: Path, device: torch.device, threads: int, plan: Plan) -> list[dict[str, Any]]:
     """The shipped demo experiments as `make demo` runs them (their own rounds, epochs and data: the default
     `medfl synth`), and from each run's own accounting (timing.csv: seconds the sites spent training and
     scoring, samples scored): the evaluation share of a round and the cost per evaluated sample."""
     from medfl.federated.coordinator import Coordinator
     from medfl.runfolder import RunFolder
-    from medfl.synth import generate
     from medfl.tasks import task_for
 
     demo = root / "demo"
-    generate(demo / "synth", **plan.demo_synth)
     rows = []
-    for task, shipped in (("dermoscopy", "dermoscopy.yaml"), ("prostate", "prostate.yaml")):
-        sites = sorted(str(p) for p in (demo / "synth" / "site_configs" / task).glob("*.yaml"))
-        base = yaml.safe_load((EXPERIMENTS / shipped).read_text(encoding="utf-8"))
-        budget = {**base, **plan.demo_budget}
-        overrides = {k: v for k, v in plan.demo_budget.items() if k not in ("rounds", "local_epochs")}
-        config = experiment(f"demo-{task}", shipped, base["method"], sites, device.type, threads, budget["rounds"],
-                            budget["local_epochs"], demo / "runs", overrides)
+    for task, config in demo_experiments(demo, plan, device.type, threads):
         run_dir = demo / "runs" / f"demo-{task}"
         shutil.rmtree(run_dir, ignore_errors=True)
         wall, cpu = time.perf_counter(), time.process_time()
@@ -783,19 +791,11 @@ def parallel_markdown(rows: list[dict[str, Any]], startup_s: float) -> str:
 def demo_rows(root: Path, plan: Plan) -> list[dict[str, Any]]:
     """The demo experiments as `make demo` runs them (their data, rounds, epochs and `runtime.threads`), each run
     as shipped (`parallel_sites: 1`) and with `parallel_sites: auto`, each in a fresh process."""
-    from medfl.synth import generate
-
     demo = root / "demo"
-    generate(demo / "synth", **plan.demo_synth)
     rows = []
-    for task, shipped in (("dermoscopy", "dermoscopy.yaml"), ("prostate", "prostate.yaml")):
-        sites = sorted(str(p) for p in (demo / "synth" / "site_configs" / task).glob("*.yaml"))
-        base = yaml.safe_load((EXPERIMENTS / shipped).read_text(encoding="utf-8"))
-        budget = {**base, **plan.demo_budget}
-        overrides = {k: v for k, v in plan.demo_budget.items() if k not in ("rounds", "local_epochs")}
-        threads = base.get("runtime", {}).get("threads") or os.cpu_count()
-        config = experiment(f"demo-{task}", shipped, base["method"], sites, "cpu", threads, budget["rounds"],
-                            budget["local_epochs"], demo / "runs", overrides)
+    for task, config in demo_experiments(demo, plan, "cpu", None):
+        threads = config.runtime.threads
+        sites = config.sites
         row: dict[str, Any] = {"task": task, "sites": len(sites), "cores": os.cpu_count(), "threads": threads}
         for label, setting in (("sequential", 1), ("parallel", "auto")):
             job = {"config": str(config.source_path), "run_dir": str(demo / "runs" / f"{task}-{label}"),
