@@ -118,13 +118,15 @@ CONFIRMATION = Preset(
 CHOICE = RESULTS / "contest.choice.json"
 
 
+def git(*args: str, cwd: Path = BENCHMARKS) -> str:
+    """A git command's output, run in the checkout the benchmark runs from."""
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def commit_of(folder: Path) -> str:
     """The commit the benchmark's code is at (the worktree it runs from), '+dirty' when it has changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
-
-    head = git("rev-parse", "HEAD")
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    head = git("rev-parse", "HEAD", cwd=folder)
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", cwd=folder) else "")
 
 
 def selection_jobs(root: Path, threads: int, grid: dict[str, tuple[Trial, ...]], plan: TaskPlan,
@@ -216,10 +218,6 @@ def selection_markdown(picks: dict[str, Any]) -> str:
 
 CONFIRM_SUMMARY_KEYS = ("val", "test", "reference", "retrogress", "recovery", "curve_dips")
 BOOTSTRAP_REPLICATES = 2000
-
-
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=BENCHMARKS, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def descends(commit: str, ancestor: str) -> bool:

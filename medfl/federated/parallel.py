@@ -119,15 +119,21 @@ def gpu_free_bytes(device: torch.device) -> int:
     return int(torch.cuda.mem_get_info(device)[0])
 
 
+def _experiment_network(config: ExperimentConfig, task: Task, channels: int) -> torch.nn.Module:
+    """The experiment's network, freshly built: what a site trains, for the estimates made before a run."""
+    model = config.model
+    return build_model(model.name, task.key, num_classes=len(config.classes), in_channels=channels,
+                       width=model.width, **model.options)
+
+
 def site_memory_bytes(config: ExperimentConfig, task: Task) -> int:
     """One site's peak GPU memory, estimated on the CPU before anything starts: for every model the method
     trains, its parameters, their gradients and the optimizer's state (Adam: two moments, SGD with momentum:
     one), plus the activations a training step keeps for backward at the experiment's batch size (measured by
     counting the bytes autograd saves in one forward pass), plus a CUDA context."""
-    settings, model = config.data, config.model
+    settings = config.data
     channels = task.input_channels(load_site(config.load_sites()[0], settings, task=task).splits["train"][0])
-    network = build_model(model.name, task.key, num_classes=len(config.classes), in_channels=channels,
-                          width=model.width, **model.options)
+    network = _experiment_network(config, task, channels)
     parameters = sum(p.numel() * p.element_size() for p in network.parameters())
     states = 2 if config.optimizer.name == "adam" else 1 if config.optimizer.momentum else 0
     saved: dict[int, int] = {}
@@ -162,15 +168,14 @@ def estimated_site_seconds(config: ExperimentConfig, task: Task, device: torch.d
     import time
 
 
-    settings, model = config.data, config.model
+    settings = config.data
     try:
         records = [load_site(site, settings, task=task).splits["train"] for site in config.load_sites()]
     except DataError:
         return 0.0
     batches = sum(math.ceil(len(train) / config.batch_size) for train in records) / len(records)
     channels = task.input_channels(records[0][0])
-    network = build_model(model.name, task.key, num_classes=len(config.classes), in_channels=channels,
-                          width=model.width, **model.options)
+    network = _experiment_network(config, task, channels)
     device = device or torch.device("cpu")
     network = network.to(device)
     inputs = torch.randn(config.batch_size, channels, settings.input_size, settings.input_size, device=device)
