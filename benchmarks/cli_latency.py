@@ -26,7 +26,8 @@ busy machine every number grows.
 
 `--medfl` times another installation's `medfl` executable (e.g. an older checkout's, for a before/after
 comparison); by default the one beside this interpreter. Writes <output>.json and <output>.md. `--smoke`: one
-call per case, results in a temporary folder that is removed (the suite runs it).
+call per case, every error case and four output cases (SMOKE_OUTPUT_CASES), results in a temporary folder that
+is removed (the suite runs it).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ rounds: 1
 local_epochs: 1
 runtime: {threads: 1}
 """
+SMOKE_OUTPUT_CASES = ("help", "version", "check", "run")
 SYNTH = ["--scale", "0.01", "--derm-sites", "2", "--prostate-sites", "0", "--min-per-class", "3,2,2"]
 
 
@@ -108,8 +110,10 @@ def prepare(folder: Path, medfl: str) -> None:
     subprocess.run([medfl, "init", "started"], cwd=folder, capture_output=True, timeout=60)
 
 
-def cases(folder: Path, gpu_build: bool) -> dict[str, Case]:
-    """Name -> case; paths are relative to `folder`, where every call runs."""
+def cases(folder: Path, gpu_build: bool, smoke: bool = False) -> dict[str, Case]:
+    """Name -> case; paths are relative to `folder`, where every call runs. `smoke`: the error cases and
+    SMOKE_OUTPUT_CASES only (the script's code path is the same for every case; each output case costs a start-up
+    of torch and MONAI)."""
     images = sorted(str(p.relative_to(folder)) for p in (folder / "data" / "dermoscopy" / "derm_b").rglob("*.jpg"))[:2]
     derm_a, derm_b = (f"data/site_configs/dermoscopy/{site}.yaml" for site in ("derm_a", "derm_b"))
     plan = {
@@ -142,6 +146,8 @@ def cases(folder: Path, gpu_build: bool) -> dict[str, Case]:
         "init": Case(["init", "init_{i}"], 0, "stdout"),
         "docs": Case(["docs"], 0, "stdout"),
     }
+    if smoke:  # every error case (each answers before torch loads) and the output cases of both kinds of stream
+        plan = {name: case for name, case in plan.items() if case.status or name in SMOKE_OUTPUT_CASES}
     if gpu_build:  # a cuda request is answered by torch itself there, and may well succeed
         plan = {name: case for name, case in plan.items() if not name.endswith("_device_cuda")}
     return plan
@@ -205,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="calls per case (default 3)")
     parser.add_argument("--medfl", default=default_medfl(), help="the medfl executable to time")
     parser.add_argument("--output", type=Path, default=RESULTS / "cli_latency", help="path stem of the results")
-    parser.add_argument("--smoke", action="store_true", help="one call per case; results to a removed temporary folder")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one call per case, the error cases and four output cases; results to a removed "
+                             "temporary folder")
     args = parser.parse_args(argv)
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
@@ -219,7 +227,7 @@ def measure(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepare(folder, args.medfl)
-        plan = cases(folder, gpu_build=not _no_gpu_build(args.medfl))
+        plan = cases(folder, gpu_build=not _no_gpu_build(args.medfl), smoke=args.smoke)
         firsts: dict[str, list[float | None]] = {name: [] for name in plan}
         exits: dict[str, list[float]] = {name: [] for name in plan}
         statuses: dict[str, set[int]] = {name: set() for name in plan}
