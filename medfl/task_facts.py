@@ -45,6 +45,7 @@ class TaskFacts(ABC):
     bundle_packages: dict[str, str]  # pip name -> lowest version a MONAI bundle's runner needs to read the inputs
     bundle_batch_size: int
     predicts_volumes: bool = False  # `medfl predict` takes volumes (one mask each) rather than 2-D images
+    volumetric: bool = False  # experiments may set data.dims 3 (whole volumes, patches, sliding window)
     confusion_matrices: bool = False  # reports rescore the selected models into confusion matrices
     example_slices: bool = False  # reports draw test slices with truth and prediction
     # Keys of an export manifest's `preprocessing` that `medfl predict` reads (medfl.manifests requires them).
@@ -196,6 +197,7 @@ class SegmentationFacts(TaskFacts):
     bundle_batch_size = 1
     example_slices = True
     predicts_volumes = True  # medfl predict: volumes, one mask each, slice by slice
+    volumetric = True  # data.dims 3: medfl.tasks.volumetric
     manifest_preprocessing_keys = ("context_slices",)
 
     def classes(self, configured: Sequence[str] | None) -> list[str]:
