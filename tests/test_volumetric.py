@@ -3,11 +3,28 @@ what `medfl check` says, and the commands that refuse 3-D runs for now."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
-from medfl.config import DataSettings, validate_model
+import medfl.data.recipes as recipes_module
+from medfl.config import DataSettings, load_site_config, validate_model
+from medfl.data import inspect_site
+from medfl.data.recipes import load_recipe
+from medfl.data.volumetric import resampled_shape
 from medfl.errors import ConfigError
 from medfl.experiment import ExperimentConfig
+from medfl.tasks import task_for
+
+TRANSFORMS = Path(__file__).resolve().parents[1] / "transforms"
+RECIPES_3D = ("prostate3d_train", "prostate3d_eval")
+
+
+@pytest.fixture(autouse=True)
+def this_checkouts_recipes(monkeypatch):
+    """The shipped recipes of this checkout (medfl may be installed editable from another one)."""
+    monkeypatch.setattr(recipes_module, "RECIPES_DIR", TRANSFORMS)
 
 _BASE = {"task": "segmentation", "sites": ["site.yaml"], "model": {"name": "unet"}}
 
@@ -58,3 +75,45 @@ def test_three_d_is_for_segmentation_only() -> None:
         validate_model(ExperimentConfig, {"task": "classification", "sites": ["s.yaml"],
                                           "data": {"dims": 3, "classes": ["a", "b"]}}, "exp.yaml")
     assert validate_model(DataSettings, {"dims": 3}, "options").patch_size == (64, 64, 16)
+
+
+# ---- volume records and the 3-D recipes --------------------------------------------------------------------
+
+SMALL = {"dims": 3, "spacing": [1.2, 1.2, 3.0], "patch_size": [16, 16, 8], "patches_per_volume": 2,
+         "foreground_ratio": 1.0, "num_workers": 0, "split_fractions": [0.5, 0.25, 0.25]}
+
+
+@pytest.mark.parametrize("layout", ["nifti", "metaimage"])
+def test_volume_records_load_as_the_2d_reader_finds_cases(prostate_site, layout) -> None:
+    site = load_site_config(prostate_site(layout=layout, cases=("Case00", "Case02", "Case05", "Case07")))
+    settings = validate_model(DataSettings, SMALL, "options")
+    task = task_for("segmentation", settings)
+    data = inspect_site(site, settings, task=task)
+    assert not data.report.errors and data.report.samples == {"train": 2, "val": 1, "test": 1}
+    record = data.splits["train"][0]
+    assert Path(record["image"]).is_file() and Path(record["label"]).is_file() and task.input_channels(record) == 1
+    # the eval recipe: RAS, resampled to the spacing, z-scored; the record's shape is the one MONAI makes
+    volume = load_recipe("prostate3d_eval", **task.recipe_variables(settings))(record)
+    assert tuple(volume["image"].shape) == (1, *record["shape"]) == (1, *resampled_shape(
+        data.geometry[record["case_id"]], settings.spacing))
+    assert abs(float(volume["image"].mean())) < 0.2 and str(volume["label"].dtype) == "torch.uint8"
+    assert int(volume["label"].max()) == 2  # zones kept, as in 2-D: any value > 0 is prostate
+    # the train recipe: patches_per_volume patches of the patch size (padded where the volume is smaller), all on
+    # prostate at a foreground ratio of 1
+    train = load_recipe("prostate3d_train", **task.recipe_variables(settings))
+    train.set_random_state(seed=0)
+    patches = train(record)
+    assert len(patches) == 2 and all(tuple(p["image"].shape) == (1, 16, 16, 8) for p in patches)
+    assert all(int((p["label"] > 0).sum()) > 0 for p in patches)
+    counts, with_prostate = task.split_counts(task.classes(None), data.splits["train"])
+    assert with_prostate == 2 and counts[1] > 0 and sum(counts) == sum(np.prod(r["shape"]) for r in data.splits["train"])
+
+
+def test_the_3d_recipes_pass_the_allow_list_and_load_only_the_records_files(tmp_path) -> None:
+    for name in RECIPES_3D:
+        assert (TRANSFORMS / f"{name}.yaml").is_file()
+        load_recipe(name)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("transforms:\n  - LoadImaged: {keys: [label, case_id]}\n")
+    with pytest.raises(ConfigError, match="may only load the record's 'image' file"):
+        load_recipe(evil)
