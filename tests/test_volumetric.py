@@ -117,3 +117,58 @@ def test_the_3d_recipes_pass_the_allow_list_and_load_only_the_records_files(tmp_
     evil.write_text("transforms:\n  - LoadImaged: {keys: [label, case_id]}\n")
     with pytest.raises(ConfigError, match="may only load the record's 'image' file"):
         load_recipe(evil)
+
+
+# ---- the task on a tiny synthetic 3-D federation --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> Path:
+    """`medfl synth`'s first two prostate sites at scale 0.01 (6 cases each; volumes of 64-80 voxels, 20-24 slices)."""
+    from medfl.synth import Minimums, generate
+
+    root = tmp_path_factory.mktemp("federation3d")
+    generate(root, scale=0.01, n_derm=0, n_prostate=2, minimums=Minimums(6, 3, 3))
+    return root
+
+
+def _tiny_3d(path: Path, federation: Path, method: str, **changes) -> Path:
+    import yaml
+
+    config = {"name": "tiny3d", "task": "segmentation", "method": method, "rounds": 1, "local_epochs": 1,
+              "batch_size": 2, "sites": [str(federation / "site_configs" / "prostate" / f"prost_{s}.yaml") for s in "ab"],
+              "data": {"dims": 3, "spacing": [6.0, 6.0, 6.0], "patch_size": [16, 16, 8], "patches_per_volume": 1,
+                       "num_workers": 0},
+              "model": {"name": "unet", "width": 0.125,
+                        "options": {"channels": [16, 32, 64], "strides": [2, 2], "num_res_units": 1}},
+              "evaluation": {"sw_mode": "gaussian"}, "optimizer": {"name": "adam", "lr": 1e-3},
+              "cpa": {"warmup_rounds": 0}, "device": "cpu", "runtime": {"threads": 1}, **changes}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("method", ["local", "fedavg", "prr"])
+def test_federated_methods_run_unchanged_in_3d(federation, tmp_path, method, one_thread) -> None:
+    import csv
+
+    import torch
+
+    from medfl.experiment import load_experiment_config
+    from medfl.federated.coordinator import Coordinator
+    from medfl.tasks.volumetric import VolumetricSegmentation
+
+    config = load_experiment_config(_tiny_3d(tmp_path / "exp.yaml", federation, method))
+    task = task_for(config.task, config)
+    assert isinstance(task, VolumetricSegmentation) and task.sliding_window["sw_mode"] == "gaussian"
+    with pytest.raises(ValueError, match="2-D segmentation task cannot run the 3-D experiment"):
+        Coordinator(config, tmp_path / "wrong", torch.device("cpu"), task=task_for(config.task))
+    Coordinator(config, tmp_path / "run", torch.device("cpu"), task=task).run()
+    with open(tmp_path / "run" / "metrics.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    dice = [float(r["value"]) for r in rows if r["metric"] == "dice"]
+    assert dice and all(0.0 <= value <= 1.0 for value in dice)
+    cases = {(r["site"], r["split"]): float(r["value"]) for r in rows if r["metric"] == "num_cases"}
+    assert cases[("prost_a", "val")] >= 1 and cases[("prost_a", "test")] >= 1  # whole volumes, scored per case
+    models = {r["model"] for r in rows}
+    assert models == ({"P", "D"} if method == "prr" else {"M"})
+    saved = torch.load(next((tmp_path / "run").rglob("round_*.pt")), weights_only=True)
+    assert saved["network"]["spatial_dims"] == 3
