@@ -146,8 +146,34 @@ def _tiny_3d(path: Path, federation: Path, method: str, **changes) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def run_of(federation, tmp_path_factory):
+    """method -> the folder of a 1-round tiny 3-D run of it (each method runs once per module)."""
+    import torch
+
+    from medfl.experiment import load_experiment_config
+    from medfl.federated.coordinator import Coordinator
+
+    runs: dict[str, Path] = {}
+
+    def run(method: str) -> Path:
+        if method not in runs:
+            folder = tmp_path_factory.mktemp(f"run3d_{method}")
+            previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                config = load_experiment_config(_tiny_3d(folder / "exp.yaml", federation, method))
+                Coordinator(config, folder / "run", torch.device("cpu"), task=task_for(config.task, config)).run()
+            finally:
+                torch.set_num_threads(previous)
+            runs[method] = folder
+        return runs[method]
+
+    return run
+
+
 @pytest.mark.parametrize("method", ["local", "fedavg", "prr"])
-def test_federated_methods_run_unchanged_in_3d(federation, tmp_path, method, one_thread) -> None:
+def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, method) -> None:
     import csv
 
     import torch
@@ -161,8 +187,8 @@ def test_federated_methods_run_unchanged_in_3d(federation, tmp_path, method, one
     assert isinstance(task, VolumetricSegmentation) and task.sliding_window["sw_mode"] == "gaussian"
     with pytest.raises(ValueError, match="2-D segmentation task cannot run the 3-D experiment"):
         Coordinator(config, tmp_path / "wrong", torch.device("cpu"), task=task_for(config.task))
-    Coordinator(config, tmp_path / "run", torch.device("cpu"), task=task).run()
-    with open(tmp_path / "run" / "metrics.csv", newline="") as stream:
+    run = run_of(method) / "run"
+    with open(run / "metrics.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     dice = [float(r["value"]) for r in rows if r["metric"] == "dice"]
     assert dice and all(0.0 <= value <= 1.0 for value in dice)
@@ -170,5 +196,43 @@ def test_federated_methods_run_unchanged_in_3d(federation, tmp_path, method, one
     assert cases[("prost_a", "val")] >= 1 and cases[("prost_a", "test")] >= 1  # whole volumes, scored per case
     models = {r["model"] for r in rows}
     assert models == ({"P", "D"} if method == "prr" else {"M"})
-    saved = torch.load(next((tmp_path / "run").rglob("round_*.pt")), weights_only=True)
+    saved = torch.load(next(run.rglob("round_*.pt")), weights_only=True)
     assert saved["network"]["spatial_dims"] == 3
+
+
+# ---- commands that do not support 3-D yet -------------------------------------------------------------------
+
+def _refused(capsys, argv: list[str], out: Path) -> None:
+    from medfl.cli import main
+
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert "a 3-D experiment (data.dims 3)" in error and "does not support 3-D yet" in error, error
+    assert len(error.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_run_folder_commands_refuse_a_3d_run(run_of, tmp_path, capsys, command) -> None:
+    out = tmp_path / "out"
+    _refused(capsys, [command, str(run_of("fedavg") / "run"), "--out", str(out)], out)
+
+
+def test_nvflare_job_refuses_a_3d_experiment(federation, tmp_path, capsys) -> None:
+    out = tmp_path / "job"
+    _refused(capsys, ["nvflare-job", str(_tiny_3d(tmp_path / "exp.yaml", federation, "prr")), "--out", str(out)], out)
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_export_commands_refuse_a_3d_export(federation, tmp_path, capsys, monkeypatch, command) -> None:
+    # `medfl export` refuses 3-D runs, so no 3-D export exists: one whose manifest says 3-D stands in for it
+    import medfl.deliver.bundle as bundle
+
+    export = tmp_path / "export"
+    export.mkdir()
+    monkeypatch.setattr(bundle, "open_export", lambda path, site=None: (export, {"data_settings": {"dims": 3}}))
+    out = tmp_path / "out"
+    site = federation / "site_configs" / "prostate" / "prost_a.yaml"
+    volume = next((federation / "prostate" / "prost_a").glob("*.nii.gz"))
+    argv = ([command, str(export), str(volume), "--out", str(out)] if command == "predict"
+            else [command, str(export), str(site), "--out", str(out / "scores.json")])
+    _refused(capsys, argv, out)
