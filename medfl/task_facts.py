@@ -214,6 +214,9 @@ class SegmentationFacts(TaskFacts):
         return f"{background} (mask value 0), {foreground} (any value > 0)"
 
     def check_settings(self, settings: DataSettings) -> list[str]:
+        if settings.dims == 3:
+            return [f"spacing {' x '.join(f'{s:g}' for s in settings.spacing)} mm, "
+                    f"patch {' x '.join(str(e) for e in settings.patch_size)} voxels"]
         return [f"training slices: {settings.slices}"]
 
     def scored_counts(self, records: Sequence[Mapping[str, Any]]) -> str:

@@ -236,3 +236,28 @@ def test_export_commands_refuse_a_3d_export(federation, tmp_path, capsys, monkey
     argv = ([command, str(export), str(volume), "--out", str(out)] if command == "predict"
             else [command, str(export), str(site), "--out", str(out / "scores.json")])
     _refused(capsys, argv, out)
+
+
+# ---- medfl check --experiment --------------------------------------------------------------------------------
+
+def test_check_experiment_states_spacing_patch_fit_and_memory(federation, tmp_path, capsys) -> None:
+    from medfl.cli import main
+
+    experiment = _tiny_3d(tmp_path / "exp.yaml", federation, "prr",
+                          data={"dims": 3, "spacing": [4.0, 4.0, 4.0], "patch_size": [32, 32, 32], "num_workers": 0})
+    assert main(["check", "--experiment", str(experiment)]) == 0
+    out = capsys.readouterr().out
+    assert "spacing 4 x 4 x 4 mm, patch 32 x 32 x 32 voxels" in out
+    assert "3-D: volumes resampled to 4 x 4 x 4 mm" in out
+    assert "site 'prost_a' (segmentation, 3-D)" in out and "cases with prostate" in out
+    # prost_a: 64 x 64 x 20 voxels of 2.2 x 2.2 x 3.6 mm -> 36 x 36 x 18 at 4 mm: 14 voxels short of the patch in z
+    assert ("site 'prost_a': smallest volume 'Case02' resampled to 36 x 36 x 18 voxels against the patch 32 x 32 x 32 "
+            "voxels: smaller than the patch along z by 14 voxel(s)") in out
+    memory = next(line for line in out.splitlines() if line.startswith("memory of one training batch"))
+    assert float(memory.split("about ")[1].split(" MiB")[0]) > 0 and "2 model(s)" in memory
+    assert main(["check", "--experiment", str(experiment), str(experiment)]) == 1
+    assert "give no site configs with it" in capsys.readouterr().err
+    flat = _tiny_3d(tmp_path / "flat.yaml", federation, "prr", data={"num_workers": 0, "input_size": 32}, evaluation={})
+    assert main(["check", "--experiment", str(flat)]) == 0
+    out = capsys.readouterr().out
+    assert "input size 32" in out and "slices with prostate" in out and "3-D" not in out and "memory of" not in out

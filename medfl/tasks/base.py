@@ -41,6 +41,11 @@ class Task(TaskFacts, ABC):
         """Samples per evaluation batch, given the experiment's training batch size."""
         return max(batch_size, 32)
 
+    def experiment_check(self, experiment: Any, sites: Sequence[SiteData]) -> list[str]:
+        """Lines `medfl check --experiment` prints after the sites: what the experiment as a whole needs of them
+        (none for 2-D tasks)."""
+        return []
+
     def case_spacing(self, geometry: Any, data: DataSettings) -> tuple[float, float, float]:
         """The voxel spacing (mm) of a scored volume of a case (segmentation's HD95), from its geometry."""
         return geometry.slice_volume_spacing(data.input_size)

@@ -12,6 +12,7 @@ refuse them (`refuses_volumes`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     from medfl.config import DataSettings, SiteConfig
     from medfl.data.problems import ProblemLog
     from medfl.data.records import SiteContent
-    from medfl.data.site import SiteReport
+    from medfl.data.site import SiteData, SiteReport
+    from medfl.experiment import ExperimentConfig
 
 
 class VolumetricSegmentation(Segmentation):
@@ -79,6 +81,38 @@ class VolumetricSegmentation(Segmentation):
     def case_spacing(self, geometry: Any, data: DataSettings) -> tuple[float, float, float]:
         return tuple(float(s) for s in data.spacing)  # scored at the resampled grid, (x, y, z)
 
+    def experiment_check(self, experiment: ExperimentConfig, sites: Sequence[SiteData]) -> list[str]:
+        """The target spacing and patch; per site, its smallest volume once resampled against the patch (a volume
+        smaller than the patch along an axis is padded with zeros to it, in training as in the sliding window:
+        the line says along which axis and by how many voxels); one training batch's memory, estimated on the
+        meta device."""
+        data, window = experiment.data, self.sliding_window
+        patch = tuple(data.patch_size)
+        lines = [f"3-D: volumes resampled to {_shape(data.spacing, 'mm')} (x, y, z in RAS); training patches of "
+                 f"{_shape(patch, 'voxels')}, {data.patches_per_volume} per volume, {data.foreground_ratio:g} of them "
+                 f"centred on prostate; scored whole with a sliding window (overlap {window['sw_overlap']:g}, "
+                 f"{window['sw_mode']} blending, {window['sw_batch_size']} windows at once)"]
+        for site in sites:
+            records = [record for split in site.splits.values() for record in split]
+            if not records:
+                continue
+            smallest = min(records, key=lambda record: (math.prod(record["shape"]), record["case_id"]))
+            shape = tuple(smallest["shape"])
+            short = [f"{axis} by {edge - size}" for axis, size, edge in zip("xyz", shape, patch, strict=True)
+                     if size < edge]
+            smaller = sum(any(s < e for s, e in zip(r["shape"], patch, strict=True)) for r in records)
+            verdict = (f"smaller than the patch along {', '.join(short)} voxel(s): {smaller} of its {len(records)} "
+                       "volume(s) are padded with zeros to the patch" if short else "the patch fits in every volume")
+            lines.append(f"site '{site.name}': smallest volume '{smallest['case_id']}' resampled to "
+                         f"{_shape(shape, 'voxels')} against the patch {_shape(patch, 'voxels')}: {verdict}")
+        estimate = training_batch_memory(experiment, self)
+        lines.append(f"memory of one training batch (estimated on the meta device, nothing allocated): about "
+                     f"{estimate['total'] / 2**20:.1f} MiB for {estimate['patches']} patches of "
+                     f"{_shape(patch, 'voxels')}: {estimate['models']} model(s) x ({estimate['activations'] / 2**20:.1f} "
+                     f"MiB of activations kept for backward + {estimate['weights'] / 2**20:.1f} MiB of parameters, "
+                     "gradients and optimizer state)")
+        return lines
+
     # ------------------------------------------------------------------ learning
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
                  spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool) -> dict[str, float]:
@@ -88,3 +122,39 @@ class VolumetricSegmentation(Segmentation):
         window = self.sliding_window
         return score_volumes(model, batches, device, spacing_of, distances, self.data.patch_size,
                              window["sw_overlap"], window["sw_mode"], window["sw_batch_size"])
+
+
+def _shape(values: Sequence[float], unit: str) -> str:
+    return " x ".join(f"{value:g}" for value in values) + f" {unit}"
+
+
+def training_batch_memory(experiment: ExperimentConfig, task: VolumetricSegmentation) -> dict[str, int]:
+    """Bytes one training step of the experiment needs, from the network built on PyTorch's meta device (shapes
+    only, no memory): per model, the activations autograd keeps for backward at batch_size x patches_per_volume
+    patches, and parameters, gradients and optimizer state (Adam: two moments; SGD with momentum: one); times the
+    models the method trains."""
+    # start-up: torch and the networks load only for this estimate
+    import torch
+
+    from medfl.models import build_model
+
+    data, model = experiment.data, experiment.model
+    with torch.device("meta"):
+        network = build_model(model.name, task.key, num_classes=len(experiment.classes), in_channels=1,
+                              width=model.width, spatial_dims=task.spatial_dims, **model.options)
+        patches = experiment.batch_size * data.patches_per_volume
+        inputs = torch.empty(patches, 1, *data.patch_size)
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved[id(tensor)] = tensor.untyped_storage().nbytes()  # meta tensors have no address: one entry per tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        logits, _ = network(inputs)
+    activations = sum(saved.values()) + logits.numel() * logits.element_size()
+    states = 2 if experiment.optimizer.name == "adam" else 1 if experiment.optimizer.momentum else 0
+    weights = sum(p.numel() * p.element_size() for p in network.parameters()) * (2 + states)
+    models = len(experiment.spec.roles)
+    return {"total": models * (activations + weights), "activations": activations, "weights": weights,
+            "models": models, "patches": patches}
