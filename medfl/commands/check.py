@@ -1,4 +1,6 @@
-"""`medfl check SITE_CONFIG...`: validate sites and their data, print per-split, per-class counts and site shift.
+"""`medfl check SITE_CONFIG...` (or `--experiment EXPERIMENT`, its sites with its data settings): validate sites and
+their data, print per-split, per-class counts and site shift; with --experiment, what the task says about the
+experiment as a whole (3-D: spacing, the patch against each site's smallest volume, one batch's memory).
 
 Every site is checked, even after a bad one. Defaults match `DataSettings`: classes = each site's label-map
 targets in first-seen order (segmentation sites: always background and prostate), input size 64, split
