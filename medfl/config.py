@@ -332,6 +332,12 @@ def load_site_config(path: str | Path) -> SiteConfig:
         raise
 
 
+# Keys of DataSettings that mean something in 3-D only, with their 3-D defaults (DataSettings documents them).
+VOLUMETRIC_DEFAULTS: dict[str, Any] = {"spacing": (2.0, 2.0, 3.0), "patch_size": (64, 64, 16),
+                                       "patches_per_volume": 2, "foreground_ratio": 0.5}
+VOLUMETRIC_KEYS = tuple(VOLUMETRIC_DEFAULTS)
+
+
 class DataSettings(BaseModel):
     """The data choices of an experiment, with defaults for a small CPU run.
 
@@ -347,6 +353,16 @@ class DataSettings(BaseModel):
     - `train_recipe` / `eval_recipe`: names of recipes shipped with medfl (the transforms/ folder) or YAML paths; None = the task default.
     - `cache_rate`, `num_workers`: share of records cached by CacheDataset, and threads used to read and
       validate images and to fill the cache (2 suits a 2-core machine).
+    - `dims`: 2 (images, or axial slices of volumes: the default) or 3 (segmentation only: whole volumes,
+      trained on patches and scored with a sliding window). In 3-D, `input_size`, `slices` and
+      `empty_slice_fraction` are ignored and `context_slices` must stay 0.
+    - `spacing`: 3-D only: the voxel spacing (mm, x y z in RAS orientation) volumes are resampled to; null: 2.0,
+      2.0, 3.0 (about 64-96 voxels across a prostate MRI's field of view: the CPU plan).
+    - `patch_size`: 3-D only: the training patch (voxels, x y z); every edge a multiple of the network's total
+      downsampling (16 for the default UNet); null: 64, 64, 16.
+    - `patches_per_volume`: 3-D only: patches cropped from each training volume per epoch; null: 2.
+    - `foreground_ratio`: 3-D only: the share of patches centred on prostate (the others on background);
+      null: 0.5.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -362,6 +378,42 @@ class DataSettings(BaseModel):
     eval_recipe: str | None = None
     cache_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     num_workers: int = Field(default=2, ge=0, le=64)
+    dims: Literal[2, 3] = 2
+    spacing: tuple[float, float, float] | None = None
+    patch_size: tuple[int, int, int] | None = None
+    patches_per_volume: int | None = Field(default=None, ge=1, le=64)
+    foreground_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive_spacing(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is not None and not all(0 < s <= 100 for s in value):
+            raise ValueError(f"every spacing must be above 0 and at most 100 mm, got {list(value)}")
+        return value
+
+    @field_validator("patch_size")
+    @classmethod
+    def _positive_patch(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if value is not None and not all(1 <= edge <= 1024 for edge in value):
+            raise ValueError(f"every patch edge must be between 1 and 1024 voxels, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _volumetric_keys(self) -> DataSettings:
+        """2-D refuses the keys that mean something in 3-D only; 3-D fills their defaults (so that a run's
+        config.yaml states them) and refuses 2.5-D context."""
+        if self.dims == 2:
+            given = [key for key in VOLUMETRIC_KEYS if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"'{given[0]}' applies to 3-D experiments only (data.dims: 3); this one is 2-D")
+            return self
+        if self.context_slices:
+            raise ValueError(f"'context_slices' ({self.context_slices}) is 2.5-D input; with data.dims 3 the network "
+                             "sees neighbouring slices itself: leave it at 0")
+        for key, default in VOLUMETRIC_DEFAULTS.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, default)
+        return self
 
     @field_validator("classes")
     @classmethod
@@ -388,8 +440,8 @@ class DataSettings(BaseModel):
 
     def recipe(self, task: str, stage: Literal["train", "eval"]) -> str:
         """The recipe name or path for a task and stage (task defaults: <modality>_train / _eval, e.g.
-        dermoscopy_train)."""
+        dermoscopy_train; in 3-D <modality>3d_train / _eval)."""
         chosen = self.train_recipe if stage == "train" else self.eval_recipe
         if chosen:
             return chosen
-        return f"{facts_for(task).modality}_{stage}"
+        return f"{facts_for(task).modality}{'3d' if self.dims == 3 else ''}_{stage}"

@@ -32,7 +32,7 @@ from medfl.config import (
 )
 from medfl.errors import ConfigError
 from medfl.methods import METHODS, MethodSpec, method_spec
-from medfl.network_facts import check_network
+from medfl.network_facts import check_network, downsampling_factor
 from medfl.task_facts import TaskKey, facts_for
 
 
@@ -175,6 +175,24 @@ class DiagnosticsSettings(_Section):
     bn_reestimation: bool = False
 
 
+class EvaluationSettings(_Section):
+    """How 3-D experiments score whole volumes: MONAI's sliding-window inference over patches of
+    `data.patch_size`. Every key is 3-D only (a 2-D experiment refuses them); null takes the default.
+
+    - `sw_overlap`: overlap of neighbouring windows, as a share of the patch (null: 0.25).
+    - `sw_mode`: how overlapping windows are blended: `constant` (plain mean) or `gaussian` (centre-weighted);
+      null: constant.
+    - `sw_batch_size`: windows run through the network at once (null: 2); more is faster and needs more memory.
+    """
+
+    sw_overlap: float | None = Field(default=None, ge=0, lt=1)
+    sw_mode: Literal["constant", "gaussian"] | None = None
+    sw_batch_size: int | None = Field(default=None, ge=1, le=256)
+
+
+EVALUATION_DEFAULTS: dict[str, Any] = {"sw_overlap": 0.25, "sw_mode": "constant", "sw_batch_size": 2}
+
+
 class RuntimeSettings(_Section):
     """Threads for torch, sites trained side by side, mixed precision (CUDA only, bfloat16), and whether idle
     sites' models wait on the CPU.
@@ -225,6 +243,7 @@ class ExperimentConfig(_Section):
     - `cpa`: the conjoint prototype-aligned loss (methods with the CPA loss).
     - `baselines`: hyper-parameters of the comparison methods.
     - `diagnostics`: extra measurements that cost time.
+    - `evaluation`: how 3-D experiments score whole volumes (sliding-window inference).
     - `seed`: the experiment's seed: the common initialisation of every model, and per-site data order and
       augmentation (derived from the seed and the site's name).
     - `device`: `auto` (a CUDA GPU when there is one, else the CPU), `cpu` or `cuda`; aggregation runs
@@ -248,6 +267,7 @@ class ExperimentConfig(_Section):
     cpa: CPASettings = Field(default_factory=CPASettings)
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
     diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     seed: int = Field(default=0, ge=-(2**63), le=2**64 - 1)  # torch.manual_seed's range; at most 20 digits in names
     device: Literal["auto", "cpu", "cuda"] = "auto"
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
@@ -289,7 +309,32 @@ class ExperimentConfig(_Section):
             raise ValueError("a site config is listed twice")
         facts_for(self.task).check_experiment_classes(self.data.classes)
         check_network(facts_for(self.task), self.model.name, self.model.options)  # before torch loads
+        self._check_dims()
         return self
+
+    def _check_dims(self) -> None:
+        """3-D: a task that has it, patches the network can take, the sliding window's defaults filled in;
+        2-D: no sliding-window key."""
+        given = [key for key in EVALUATION_DEFAULTS if getattr(self.evaluation, key) is not None]
+        if self.data.dims == 2:
+            if given:
+                raise ValueError(f"key 'evaluation.{given[0]}' applies to 3-D experiments only (data.dims: 3); "
+                                 "this one is 2-D")
+            return
+        facts = facts_for(self.task)
+        if not facts.volumetric:
+            raise ValueError(f"data.dims 3 is for segmentation experiments only; a {self.task} experiment is 2-D")
+        multiple = downsampling_factor(facts, self.model.name, self.model.options)
+        patch = self.data.patch_size or ()
+        bad = [(axis, edge) for axis, edge in zip("xyz", patch, strict=True) if edge % multiple]
+        if bad:
+            axis, edge = bad[0]
+            raise ValueError(f"key 'data.patch_size' {list(patch)}: edge {axis} ({edge}) is not a multiple of "
+                             f"{multiple}, the total downsampling of model '{self.model.name}' (2^depth); use "
+                             f"{max(multiple, edge - edge % multiple)} or {edge - edge % multiple + multiple}")
+        for key, default in EVALUATION_DEFAULTS.items():
+            if getattr(self.evaluation, key) is None:
+                setattr(self.evaluation, key, default)
 
     @property
     def source_path(self) -> Path | None:

@@ -139,3 +139,19 @@ def check_network(task: Any, name: str, options: dict[str, Any]) -> None:
     if unknown:
         valid = ", ".join(networks[name].options) or "none"
         raise ValueError(f"model '{name}': unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+
+
+# Networks without a `strides` option halve their input this many times (MONAI's BasicUNet: four max-pools).
+DEFAULT_DOWNSAMPLINGS = 4
+
+
+def downsampling_factor(task: Any, name: str, options: dict[str, Any]) -> int:
+    """How many times network `name` shrinks its input in total: every input edge must be a multiple of it.
+    A network with `strides` (MONAI's UNet) shrinks by their product, others by 2^DEFAULT_DOWNSAMPLINGS."""
+    chosen = {**task_networks(task)[name].options, **options}
+    if "strides" in chosen:
+        factor = 1
+        for stride in chosen["strides"]:
+            factor *= int(stride) if isinstance(stride, int) else max(int(s) for s in stride)
+        return factor
+    return 2**DEFAULT_DOWNSAMPLINGS

@@ -45,6 +45,7 @@ class TaskFacts(ABC):
     bundle_packages: dict[str, str]  # pip name -> lowest version a MONAI bundle's runner needs to read the inputs
     bundle_batch_size: int
     predicts_volumes: bool = False  # `medfl predict` takes volumes (one mask each) rather than 2-D images
+    volumetric: bool = False  # experiments may set data.dims 3 (whole volumes, patches, sliding window)
     confusion_matrices: bool = False  # reports rescore the selected models into confusion matrices
     example_slices: bool = False  # reports draw test slices with truth and prediction
     # Keys of an export manifest's `preprocessing` that `medfl predict` reads (medfl.manifests requires them).
@@ -196,6 +197,7 @@ class SegmentationFacts(TaskFacts):
     bundle_batch_size = 1
     example_slices = True
     predicts_volumes = True  # medfl predict: volumes, one mask each, slice by slice
+    volumetric = True  # data.dims 3: medfl.tasks.volumetric
     manifest_preprocessing_keys = ("context_slices",)
 
     def classes(self, configured: Sequence[str] | None) -> list[str]:
@@ -212,6 +214,9 @@ class SegmentationFacts(TaskFacts):
         return f"{background} (mask value 0), {foreground} (any value > 0)"
 
     def check_settings(self, settings: DataSettings) -> list[str]:
+        if settings.dims == 3:
+            return [f"spacing {' x '.join(f'{s:g}' for s in settings.spacing)} mm, "
+                    f"patch {' x '.join(str(e) for e in settings.patch_size)} voxels"]
         return [f"training slices: {settings.slices}"]
 
     def scored_counts(self, records: Sequence[Mapping[str, Any]]) -> str:

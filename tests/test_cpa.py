@@ -10,6 +10,7 @@ from medfl.federated.cpa import (
     CPALoss,
     PrototypeAccumulator,
     SegmentationCPALoss,
+    foreground_target,
     global_prototypes,
     mitigation_factors,
     refinement_weights,
@@ -275,3 +276,19 @@ def test_refinement_weights_reject_bad_settings() -> None:
         refinement_weights(torch.ones(2, 2), torch.ones(2), torch.ones(2, 2), torch.ones(2).bool(), tau=-1.0, gamma_max=10.0)
     with pytest.raises(ValueError, match="gamma_max"):
         refinement_weights(torch.ones(2, 2), torch.ones(2), torch.ones(2, 2), torch.ones(2).bool(), 3.0, 0.5)
+
+
+def test_prototype_accumulator_3d_feature_map_nearest_mask() -> None:
+    # a (1, 1, 4, 4, 4) mask onto a (2, 2, 2) feature map: nearest keeps voxels at even indices on every axis
+    acc = PrototypeAccumulator(2)
+    mask = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    mask[0, 0, 0, 0, 0] = 1  # kept -> feature voxel (0, 0, 0)
+    mask[0, 0, 2, 2, 2] = 2  # kept (a second zone is prostate too) -> (1, 1, 1)
+    mask[0, 0, 1, 1, 1] = 1  # dropped
+    features = torch.arange(16, dtype=torch.float32).reshape(1, 2, 2, 2, 2)  # channel 0: 0..7, channel 1: 8..15
+    acc.update(features, foreground_target(mask))
+    protos, counts = acc.prototypes()
+    assert counts.tolist() == [6, 2]
+    background = [v for v in range(8) if v not in (0, 7)]
+    torch.testing.assert_close(protos, torch.tensor([[sum(background) / 6, 8 + sum(background) / 6], [3.5, 11.5]],
+                                                    dtype=protos.dtype))

@@ -196,3 +196,19 @@ def test_full_width_bodies_are_monai_networks_without_their_last_linear(name, mo
     assert {key: value.shape for key, value in body.items()} == {
         key: value.shape for key, value in reference.items()
     }
+
+
+def test_3d_unet_takes_thin_patches_and_keeps_the_head_and_features_cpa_reads():
+    # prostate volumes have few slices: a 3-D patch may be thin along z as long as it is a multiple of the
+    # UNet's downsampling (16) and the bottom map holds more than one voxel
+    unet = _tiny("segmentation", "unet", spatial_dims=3)
+    unet.check_input_size((32, 32, 16))
+    with pytest.raises(ConfigError, match=r"multiple of 16.*got \(32, 32, 8\)"):
+        unet.check_input_size((32, 32, 8))
+    with pytest.raises(ConfigError, match="at least one edge to be 32"):
+        unet.check_input_size((16, 16, 16))
+    assert isinstance(unet.final_classifier, nn.Conv3d) and unet.config["spatial_dims"] == 3
+    logits, features = unet(torch.randn(2, IN_CHANNELS, 32, 32, 16))
+    assert logits.shape == (2, NUM_CLASSES, 32, 32, 16)
+    assert features.shape == (2, unet.final_classifier.in_channels, 32, 32, 16)
+    logits.sum().backward()

@@ -407,3 +407,58 @@ def test_pfa_ratio_schedule() -> None:
 def test_pfa_ratio_rejects_rounds_out_of_range(round_: int, rounds: int) -> None:
     with pytest.raises(ValueError):
         pfa_ratio(round_, rounds, 0.7, 0.95)
+
+
+# ---- 3-D kernels (volumetric segmentation) ---------------------------------------------------------------
+
+
+def _rule_matrix(kernel: np.ndarray) -> np.ndarray:
+    """algorithm.md's rule for an n-D kernel (N_out, C_in, k1, ..., kn): permute to (C_in, k1, ..., kn, N_out),
+    flatten to (C_in*k1) x (k2*...*kn*N_out)."""
+    n_out, c_in, k1 = kernel.shape[:3]
+    return np.transpose(kernel, (1, *range(2, kernel.ndim), 0)).reshape(c_in * k1, -1)
+
+
+def _rule_kernel(matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The rule's reshape inverted exactly."""
+    permuted = matrix.reshape(*shape[1:], shape[0])
+    return np.transpose(permuted, (permuted.ndim - 1, *range(permuted.ndim - 1)))
+
+
+@pytest.mark.parametrize("role", [Role.CONV, Role.CONV_TRANSPOSE])
+def test_hand_made_3d_kernel_follows_the_spectral_rule(role: Role) -> None:
+    # Conv3d (N_out 2, C_in 2, 2 x 1 x 2) -> a 4 x 4 matrix, so that L = 0.5 gives a 2 x 2 box around DC;
+    # ConvTranspose3d stores (C_in, N_out, k...): first two axes swapped, then the same rule.
+    shape = (2, 2, 2, 1, 2)
+    generator = np.random.default_rng(0)
+    kernels = {site: generator.normal(size=shape) for site in ("a", "b")}
+    stored = {site: np.swapaxes(k, 0, 1) if role is Role.CONV_TRANSPOSE else k for site, k in kernels.items()}
+    out = pfa_aggregate({site: {"w": torch.from_numpy(k)} for site, k in stored.items()}, {"w": role}, 0.5)
+    matrices = numpy_pfa_signals([_rule_matrix(kernels[s]) for s in ("a", "b")], 0.5, [0.5, 0.5], True)
+    for site, matrix in zip(("a", "b"), matrices, strict=True):
+        expected = _rule_kernel(matrix, shape)
+        if role is Role.CONV_TRANSPOSE:
+            expected = np.swapaxes(expected, 0, 1)
+        np.testing.assert_allclose(out[site]["w"].numpy(), expected, atol=1e-12)
+    # hand values: constant kernels have only a DC bin, inside the box: both sites get the mean
+    constant = {"a": {"w": torch.full(shape, 1.0, dtype=torch.float64)},
+                "b": {"w": torch.full(shape, 3.0, dtype=torch.float64)}}
+    shared = pfa_aggregate(constant, {"w": role}, 0.5)
+    assert all(torch.allclose(shared[site]["w"], torch.full(shape, 2.0, dtype=torch.float64)) for site in "ab")
+
+
+def test_whole_3d_unet_equals_numpy_pfa() -> None:
+    torch.manual_seed(0)
+    model = build_model("unet", "segmentation", num_classes=2, in_channels=1, width=0.125, spatial_dims=3,
+                        channels=[16, 32, 64], strides=[2, 2], num_res_units=1)
+    roles = parameter_roles(model)
+    kinds = {type(module) for module in model.modules()}
+    assert {torch.nn.Conv3d, torch.nn.ConvTranspose3d} <= kinds
+    assert {Role.CONV, Role.CONV_TRANSPOSE, Role.CLASSIFIER} <= set(roles.values())
+    assert roles["final_classifier.weight"] is Role.CLASSIFIER
+    generator = torch.Generator().manual_seed(1)
+    states = {site: {key: tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
+                     if tensor.is_floating_point() else tensor for key, tensor in model.state_dict().items()}
+              for site in ("a", "b")}
+    out = pfa_aggregate(states, roles, 0.8)
+    assert max_difference(out, numpy_pfa_states(states, roles, 0.8, None, True)) <= 1e-5

@@ -1,4 +1,6 @@
-"""`medfl check SITE_CONFIG...`: validate sites and their data, print per-split, per-class counts and site shift.
+"""`medfl check SITE_CONFIG...` (or `--experiment EXPERIMENT`, its sites with its data settings): validate sites and
+their data, print per-split, per-class counts and site shift; with --experiment, what the task says about the
+experiment as a whole (3-D: spacing, the patch against each site's smallest volume, one batch's memory).
 
 Every site is checked, even after a bad one. Defaults match `DataSettings`: classes = each site's label-map
 targets in first-seen order (segmentation sites: always background and prostate), input size 64, split
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from medfl.data import SiteReport
     from medfl.data.shift import SampleStatistics, StatisticSet
     from medfl.errors import MedflError
+    from medfl.tasks import Task
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -45,7 +48,11 @@ def _names(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `medfl check`."""
-    parser.add_argument("configs", nargs="+", metavar="SITE_CONFIG", help="site config YAML files")
+    parser.add_argument("configs", nargs="*", metavar="SITE_CONFIG", help="site config YAML files")
+    parser.add_argument("--experiment", metavar="EXPERIMENT",
+                        help="check an experiment's sites with its data settings (then SITE_CONFIG and the data "
+                             "options below are not used); a 3-D experiment also says how its volumes meet the "
+                             "patch and what one training batch needs in memory")
     parser.add_argument("--classes", type=_names, default=None,
                         help="class list and order, e.g. nv,bkl,mel (default: each site's label-map targets; "
                              "ignored by segmentation sites)")
@@ -67,12 +74,10 @@ def _settings(args: argparse.Namespace) -> DataSettings:
     return validate_model(DataSettings, data, "command line options")
 
 
-def _print_report(console: Console, messages: Console, report: SiteReport) -> None:
+def _print_report(console: Console, messages: Console, report: SiteReport, task: Task) -> None:
     from rich.text import Text
 
-    from medfl.tasks import task_for
-
-    console.print(task_for(report.task).check_table(report))
+    console.print(task.check_table(report))
     if report.dropped:
         dropped = ", ".join(f"{label} {count}" for label, count in report.dropped.items())
         console.print(Text(f"dropped rows (null in label_map or not among the classes): {dropped}"), soft_wrap=True)
@@ -92,7 +97,8 @@ def _header(settings: DataSettings, tasks: set[str]) -> str:
     parts = [f"{task.key.value + ' ' if len(present) > 1 else ''}classes: {task.check_classes(settings)}"
              for task in present]
     fractions = "/".join(f"{f:g}" for f in settings.split_fractions)
-    parts.append(f"input size {settings.input_size}; split {fractions} (seed {settings.split_seed})")
+    size = f"input size {settings.input_size}" if settings.dims == 2 else "3-D volumes"
+    parts.append(f"{size}; split {fractions} (seed {settings.split_seed})")
     parts += [line for task in present for line in task.check_settings(settings)]
     return "; ".join(parts)
 
@@ -201,20 +207,38 @@ def _load(path: str) -> SiteConfig | MedflError | OSError:
         return error
 
 
+def _experiment(args: argparse.Namespace):
+    """The experiment of --experiment (None without it); site configs alongside it are a usage error."""
+    from medfl.errors import ConfigError
+
+    if args.experiment is None:
+        if not args.configs:
+            raise ConfigError("name the site configs to check, or an experiment with --experiment")
+        return None
+    if args.configs:
+        raise ConfigError("--experiment checks the experiment's own sites: give no site configs with it")
+    from medfl.experiment import load_experiment_config
+
+    return load_experiment_config(args.experiment)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Check every site config given; print a table per site, one line per problem, then the site shift."""
+    """Check every site config given (or an experiment's); print a table per site, one line per problem, then
+    the site shift, and with --experiment what the task says about the experiment as a whole."""
     from rich.text import Text
 
     from medfl.commands import output_console
     from medfl.errors import MedflError
 
     console, messages = output_console(), output_console(stderr=True)
-    settings = _settings(args)
-    configs = [_load(path) for path in args.configs]
+    experiment = _experiment(args)
+    settings = experiment.data if experiment is not None else _settings(args)
+    paths = [str(path) for path in experiment.sites] if experiment is not None else args.configs
+    configs = [_load(path) for path in paths]
     tasks = {config.task for config in configs if not isinstance(config, Exception)}
     console.print(Text(_header(settings, tasks)), soft_wrap=True)
     failed = 0
-    reports = []
+    reports, read = [], []
     for config in configs:
         try:
             if isinstance(config, Exception):
@@ -222,16 +246,24 @@ def run(args: argparse.Namespace) -> int:
             from medfl.data import inspect_site  # the readers (SimpleITK, nibabel): once a config is good
             from medfl.tasks import task_for
 
-            report = inspect_site(config, settings, task=task_for(config.task)).report
+            task = task_for(config.task, experiment or settings)
+            data = inspect_site(config, settings, task=task)
         except (MedflError, OSError) as error:
             messages.print(Text(f"error: {error}", style="red"), soft_wrap=True)
             failed += 1
             continue
-        _print_report(console, messages, report)
+        report = data.report
+        _print_report(console, messages, report, task)
         reports.append(report)
+        read.append(data)
         failed += bool(report.errors or (args.strict and report.warnings))
     _print_shift(console, reports)
-    total = len(args.configs)
+    if experiment is not None:
+        from medfl.tasks import task_for
+
+        for line in task_for(experiment.task, experiment).experiment_check(experiment, read):
+            console.print(Text(line), soft_wrap=True)
+    total = len(paths)
     summary = f"{total - failed} of {total} site(s) ready" + (f", {failed} with problems" if failed else "")
     console.print(summary, style="bold red" if failed else "bold green")
     return 1 if failed else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medfl.commands import DEVICE_CHOICES, DEVICE_HELP, existing_folder, file_to_write
+from medfl.commands import DEVICE_CHOICES, DEVICE_HELP, existing_folder, file_to_write, refuse_volumetric
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     existing_folder(args.export_dir, "export folder")
     site = load_site_config(args.site_config)
     folder, manifest = open_export(args.export_dir, args.site)
+    refuse_volumetric(manifest.get("data_settings") or {}, "evaluate", str(folder))
     check_site(manifest, site, args.split)
     if args.out:
         file_to_write(args.out, "--out")

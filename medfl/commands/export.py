@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from medfl.commands import existing_folder, folder_to_write
+from medfl.commands import existing_folder, folder_to_write, refuse_volumetric
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +29,12 @@ def run(args: argparse.Namespace) -> int:
     existing_folder(args.run_dir, "run folder")
     if args.out:
         folder_to_write(args.out, "--out")
+    from medfl.runfolder import RunFolder
+
+    config = RunFolder.open(args.run_dir).config()
+    refuse_volumetric(config.data, "export", str(args.run_dir))
 
     from medfl.deliver import export_run
-    from medfl.runfolder import RunFolder
     from medfl.tasks import task_for
 
     def report(export) -> None:
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
               f"{manifest['round']['selected']} (val {metric} {_number(scores['validation'].get(metric))}, "
               f"test {metric} {_number(scores['test'].get(metric))}) -> {export.folder}")
 
-    task = task_for(RunFolder.open(args.run_dir).config().task)  # the run's own task exports it
+    task = task_for(config.task)  # the run's own task exports it
     export_run(args.run_dir, out=args.out, round_=args.round, role=args.model, sites=args.sites, on_site=report,
                export_format=args.format, task=task)
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medfl.commands import DEVICE_CHOICES, existing_folder, folder_to_write
+from medfl.commands import DEVICE_CHOICES, existing_folder, folder_to_write, refuse_volumetric
 
 
 def _count(text: str) -> int:
@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
 
     for run_dir in args.runs:
         existing_folder(run_dir, "run folder")
-    group_runs([load_run(run_dir) for run_dir in args.runs])  # read again by write_report: a few small files
+    runs = [load_run(run_dir) for run_dir in args.runs]
+    for run in runs:
+        refuse_volumetric(run.config.get("data") or {}, "report", str(run.path))
+    group_runs(runs)  # read again by write_report: a few small files
     if args.out:
         folder_to_write(args.out, "--out")
     check_device(args.device)

@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace, config, run_dir) -> int:
         torch.set_num_threads(config.runtime.threads)
     with ProgressDisplay(quiet=args.quiet) as display:
         coordinator = Coordinator(config, run_dir, device, progress=display.event, parallel=args.parallel,
-                                  task=task_for(config.task))
+                                  task=task_for(config.task, config))
         try:
             summary = coordinator.run(resume=args.resume)
         except KeyboardInterrupt:

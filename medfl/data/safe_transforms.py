@@ -3,8 +3,8 @@
 A recipe comes from a file (a shipped recipe, an experiment's `data.*_recipe`, an export's
 eval_transforms.yaml, a run folder's config.yaml), and a file may have been written by someone else. Every
 transform listed here works on the arrays of its input record and nothing else: it neither reads nor writes
-files (LoadImaged reads the record's own `image` file, with an image reader named below), takes no callable
-and no file name, and passes no free keyword arguments on to other code (MONAI's `**kwargs` reach readers,
+files (LoadImaged reads the record's own `image` file, and a 3-D record's mask, with an image reader named
+below), takes no callable and no file name, and passes no free keyword arguments on to other code (MONAI's `**kwargs` reach readers,
 `numpy.load` or `numpy.pad`; none is allowed). So no SaveImage*, no Lambda*, no `reader: open` (MONAI
 imports a reader by name, and `open` is a name), no `select_fn`, no `pad_kwargs`.
 
@@ -46,6 +46,11 @@ ALLOWED_TRANSFORMS: dict[str, frozenset[str]] = {
     "Transposed": _KEYS | {"indices"},
     "AsChannelLastd": _KEYS | {"channel_dim"},
     # Geometry.
+    "Orientationd": _SPATIAL | {"axcodes", "as_closest_canonical", "labels"},
+    "Spacingd": _SPATIAL | {"pixdim", "diagonal", "mode", "padding_mode", "align_corners", "dtype", "scale_extent",
+                            "recompute_affine", "min_pixdim", "max_pixdim", "ensure_same_shape"},
+    "RandCropByPosNegLabeld": _SPATIAL | {"label_key", "spatial_size", "pos", "neg", "num_samples", "image_key",
+                                          "image_threshold", "fg_indices_key", "bg_indices_key", "allow_smaller"},
     "Resized": _SPATIAL | {"spatial_size", "size_mode", "mode", "align_corners", "anti_aliasing",
                            "anti_aliasing_sigma", "dtype"},
     "Flipd": _SPATIAL | {"spatial_axis"},
@@ -102,8 +107,10 @@ ALLOWED_TRANSFORMS: dict[str, frozenset[str]] = {
 
 # Image readers LoadImaged may name: each decodes one image file (no pickles, no keyword arguments).
 LOAD_READERS = ("PILReader", "ITKReader", "NibabelReader")
-# The one record item that holds a file path (classification records); LoadImaged reads nothing else.
+# The record items that may hold a file path: the image (classification and 3-D segmentation records) and, in
+# 3-D segmentation records, its mask; LoadImaged reads nothing else, and always the image.
 LOAD_KEY = "image"
+LOAD_KEYS = (LOAD_KEY, "label")
 _PLAIN = (str, int, float, bool, type(None))
 EXPRESSION_MARKERS = ("$", "%")  # what MONAI's config parser evaluates ("$") or resolves as a macro ("%")
 
@@ -158,5 +165,7 @@ def check_transform(name: str, arguments: Mapping[str, Any], where: str) -> None
         bad = [reader for reader in readers if reader not in LOAD_READERS]
         if bad:
             raise ConfigError(f"{where}: reader '{bad[0]}' is not allowed (use one of {', '.join(LOAD_READERS)})")
-        if _as_list(arguments.get("keys")) != [LOAD_KEY]:
-            raise ConfigError(f"{where}: LoadImaged may only load the record's '{LOAD_KEY}' file (keys: [{LOAD_KEY}])")
+        keys = _as_list(arguments.get("keys"))
+        if keys not in ([LOAD_KEY], list(LOAD_KEYS)):
+            raise ConfigError(f"{where}: LoadImaged may only load the record's '{LOAD_KEY}' file (keys: [{LOAD_KEY}]), "
+                              f"or its image and mask (keys: [{', '.join(LOAD_KEYS)}])")

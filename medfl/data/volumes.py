@@ -70,6 +70,11 @@ class CaseGeometry:
         return tuple(oriented.GetSize()), tuple(oriented.GetSpacing())
 
     @property
+    def oriented_grid(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """(size, spacing) of the volume in working orientation, (x, y, z) order (RAS has the same axes)."""
+        return self._oriented
+
+    @property
     def num_slices(self) -> int:
         """Axial slices in the working orientation."""
         return int(self._oriented[0][2])
@@ -241,9 +246,21 @@ def image_value_problem(volume: np.ndarray, mask: np.ndarray) -> str | None:
             "medfl trains on MRI intensities only")
 
 
-def prepare_case(case_id: str, image_path: Path, mask_path: Path,
-                 input_size: int) -> tuple[PreparedCase | None, list[tuple[Path, str]]]:
-    """Read, check and preprocess one case; problems come back as (file, message) pairs."""
+@dataclass
+class CheckedCase:
+    """A case read and checked, before any resizing: (Z, Y, X) float32 intensities and boolean mask in working
+    orientation, its geometry, and the intensities' INTENSITY_PERCENTILES (the clip limits)."""
+
+    case_id: str
+    volume: np.ndarray
+    labels: np.ndarray
+    geometry: CaseGeometry
+    clip: tuple[float, float]
+
+
+def check_case(case_id: str, image_path: Path, mask_path: Path) -> tuple[CheckedCase | None, list[tuple[Path, str]]]:
+    """Read and check one case (both files, their grids, the mask's and the image's values); problems come back
+    as (file, message) pairs. Slice-wise (prepare_case) and volumetric (medfl.data.volumetric) reading share it."""
     image, problem = read_volume(image_path, "image")
     if image is None:
         return None, [(image_path, problem or "unreadable image")]
@@ -266,8 +283,19 @@ def prepare_case(case_id: str, image_path: Path, mask_path: Path,
     if problem:
         return None, [(image_path, problem)]
     low, high = np.percentile(volume, INTENSITY_PERCENTILES)
-    image_slices = preprocess_volume(volume, input_size, clip=(low, high))
-    return PreparedCase(case_id, image_slices, resize_mask(labels, input_size), geometry, (float(low), float(high))), []
+    return CheckedCase(case_id, volume, labels, geometry, (low, high)), []
+
+
+def prepare_case(case_id: str, image_path: Path, mask_path: Path,
+                 input_size: int) -> tuple[PreparedCase | None, list[tuple[Path, str]]]:
+    """Read, check and preprocess one case; problems come back as (file, message) pairs."""
+    checked, problems = check_case(case_id, image_path, mask_path)
+    if checked is None:
+        return None, problems
+    low, high = checked.clip
+    image_slices = preprocess_volume(checked.volume, input_size, clip=(low, high))
+    return (PreparedCase(case_id, image_slices, resize_mask(checked.labels, input_size), checked.geometry,
+                         (float(low), float(high))), [])
 
 
 def resize_slices(volume: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:

@@ -41,6 +41,9 @@ class Coordinator:
         *,
         task: Task,
     ):
+        if task.spatial_dims != config.data.dims:
+            raise ValueError(f"a {task.spatial_dims}-D {task.key} task cannot run the {config.data.dims}-D experiment "
+                             f"'{config.name}' (task_for(key, experiment) gives the experiment's task)")
         self.config = config
         self.parallel = config.runtime.parallel_sites if parallel is None else parallel  # `medfl run --parallel`
         self.run_dir = Path(run_dir)

@@ -123,7 +123,7 @@ def _experiment_network(config: ExperimentConfig, task: Task, channels: int) -> 
     """The experiment's network, freshly built: what a site trains, for the estimates made before a run."""
     model = config.model
     return build_model(model.name, task.key, num_classes=len(config.classes), in_channels=channels,
-                       width=model.width, **model.options)
+                       width=model.width, spatial_dims=task.spatial_dims, **model.options)
 
 
 def site_memory_bytes(config: ExperimentConfig, task: Task) -> int:
@@ -143,7 +143,7 @@ def site_memory_bytes(config: ExperimentConfig, task: Task) -> int:
         saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    inputs = torch.randn(config.batch_size, channels, settings.input_size, settings.input_size)
+    inputs = torch.randn(config.batch_size, channels, *task.network_input_size(settings))
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         logits, _ = network(inputs)
     activations = sum(saved.values()) + logits.numel() * logits.element_size()
@@ -178,7 +178,7 @@ def estimated_site_seconds(config: ExperimentConfig, task: Task, device: torch.d
     network = _experiment_network(config, task, channels)
     device = device or torch.device("cpu")
     network = network.to(device)
-    inputs = torch.randn(config.batch_size, channels, settings.input_size, settings.input_size, device=device)
+    inputs = torch.randn(config.batch_size, channels, *task.network_input_size(settings), device=device)
     seconds = math.inf
     for _ in range(2):  # the first step pays one-off allocations
         tick = time.perf_counter()

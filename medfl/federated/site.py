@@ -61,6 +61,9 @@ class Site(ClientAlgo):
                  device: torch.device | str = "cpu", *, task: Task):
         if task.key != experiment.task:
             raise ValueError(f"a {task.key} task cannot run the {experiment.task} experiment '{experiment.name}'")
+        if task.spatial_dims != experiment.data.dims:
+            raise ValueError(f"a {task.spatial_dims}-D {task.key} task cannot run the {experiment.data.dims}-D experiment "
+                             f"'{experiment.name}' (task_for(key, experiment) gives the experiment's task)")
         self.config, self.experiment, self.name = site_config, experiment, site_config.name
         self.spec, self.task, self.classes = experiment.spec, task, experiment.classes
         self.used, self.receiving = self.spec.used_role, self.spec.receiving_role
@@ -82,7 +85,7 @@ class Site(ClientAlgo):
         if self.data is None:
             self.data = load_site(self.config, settings, task=self.task)
         self.in_channels = self.task.input_channels(self.data.splits["train"][0])
-        recipes = {stage: load_recipe(settings.recipe(self.task.key, stage), input_size=settings.input_size)
+        recipes = {stage: load_recipe(settings.recipe(self.task.key, stage), **self.task.recipe_variables(settings))
                    for stage in ("train", "eval")}
         self.train_transform, self.eval_transform = recipes["train"], recipes["eval"]
         self.datasets = {split: build_dataset(self.data.splits[split], recipes["train" if split == "train" else "eval"],
@@ -91,8 +94,8 @@ class Site(ClientAlgo):
         torch.manual_seed(self.experiment.seed)  # the common initialisation: the same at every site
         model = self.experiment.model
         first = build_model(model.name, self.task.key, num_classes=len(self.classes), in_channels=self.in_channels,
-                            width=model.width, **model.options)
-        first.check_input_size((settings.input_size, settings.input_size))
+                            width=model.width, spatial_dims=self.task.spatial_dims, **model.options)
+        first.check_input_size(self.task.network_input_size(settings))
         models = {role: first if role == self.used else copy.deepcopy(first) for role in self.spec.roles}
         for network in models.values():
             network.to(self.device)
@@ -253,7 +256,8 @@ class Site(ClientAlgo):
             settings = self.experiment.data
             self.datasets[split] = build_dataset(self.data.splits["train"], self.eval_transform,
                                                  cache_rate=settings.cache_rate, num_workers=settings.num_workers)
-        loader = DataLoader(self.datasets[split], batch_size=max(self.experiment.batch_size, 32), shuffle=False,
+        loader = DataLoader(self.datasets[split], batch_size=self.task.eval_batch_size(self.experiment.batch_size),
+                            shuffle=False,
                             num_workers=0)
         if split not in ("val", "test"):
             return loader
@@ -268,9 +272,9 @@ class Site(ClientAlgo):
         return batches
 
     def _spacing(self, case_id: str) -> tuple[float, float, float] | None:
-        """Voxel spacing (mm) of a reassembled (H, W, slices) volume at the experiment's input size."""
+        """Voxel spacing (mm) of a scored volume (2-D: reassembled (H, W, slices) at the experiment's input size)."""
         geometry = self.data.geometry.get(case_id)
-        return None if geometry is None else geometry.slice_volume_spacing(self.experiment.data.input_size)
+        return None if geometry is None else self.task.case_spacing(geometry, self.experiment.data)
 
     # ----------------------------------------------------------------- what leaves the site
     def evaluate(self, data: ExchangeObject | None = None, extra: dict | None = None) -> ExchangeObject:

@@ -6,6 +6,7 @@ classifier (aggregated class by class), and exports need a plain-dict descriptio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,13 +44,25 @@ class FeatureNet(nn.Module):
         return self.final_classifier(features), features
 
     def check_input_size(self, spatial_size: Sequence[int]) -> None:
-        """Raise ConfigError when inputs of `spatial_size` cannot pass through the network (before training)."""
+        """Raise ConfigError when inputs of `spatial_size` cannot pass through the network (before training).
+
+        3-D patches of a network that downsamples (a UNet) may be thin along an axis (prostate volumes have few
+        slices): each edge must then be a multiple of the downsampling, and the smallest feature map hold more
+        than one voxel, rather than every edge reach `min_input_size`."""
         name, multiple = self.config.get("name", type(self).__name__), self.input_size_multiple
         if len(spatial_size) != self.config["spatial_dims"]:
             raise ConfigError(
                 f"model '{name}' is {self.config['spatial_dims']}-D but the input size {tuple(spatial_size)} "
                 f"has {len(spatial_size)} dimensions"
             )
+        if len(spatial_size) == 3 and multiple > 1:
+            if any(edge < multiple or edge % multiple for edge in spatial_size) or math.prod(
+                    edge // multiple for edge in spatial_size) < 2:
+                raise ConfigError(
+                    f"model '{name}' needs every patch edge to be a multiple of {multiple} and at least one edge "
+                    f"to be {2 * multiple} or more, got {tuple(spatial_size)}"
+                )
+            return
         if any(edge < self.min_input_size or edge % multiple for edge in spatial_size):
             rule = f"at least {self.min_input_size}" + (
                 f" and a multiple of {multiple}" if multiple > 1 else ""

@@ -106,7 +106,7 @@ class SiteRunner:
         every site has reported)."""
         if self.site is None:
             site = Site(self.site_config, self.experiment, self.run_dir, self.device,
-                        task=task_for(self.experiment.task))
+                        task=task_for(self.experiment.task, self.experiment))
             site.initialize()
             self.site = site
         return self.site

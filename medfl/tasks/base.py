@@ -26,6 +26,30 @@ class Task(TaskFacts, ABC):
     call `task_for` and hand the Task (or the part needed: a reader, a loss, a scorer) down as an argument.
     """
 
+    spatial_dims: int = 2  # the network's spatial dimensions; an experiment's data.dims must match (task_for)
+
+    # ------------------------------------------------------------------ what a site builds (2-D defaults)
+    def recipe_variables(self, data: DataSettings) -> dict[str, Any]:
+        """The variables the task's recipes are loaded with."""
+        return {"input_size": data.input_size}
+
+    def network_input_size(self, data: DataSettings) -> tuple[int, ...]:
+        """The spatial size of the network's training inputs (checked before training)."""
+        return (data.input_size, data.input_size)
+
+    def eval_batch_size(self, batch_size: int) -> int:
+        """Samples per evaluation batch, given the experiment's training batch size."""
+        return max(batch_size, 32)
+
+    def experiment_check(self, experiment: Any, sites: Sequence[SiteData]) -> list[str]:
+        """Lines `medfl check --experiment` prints after the sites: what the experiment as a whole needs of them
+        (none for 2-D tasks)."""
+        return []
+
+    def case_spacing(self, geometry: Any, data: DataSettings) -> tuple[float, float, float]:
+        """The voxel spacing (mm) of a scored volume of a case (segmentation's HD95), from its geometry."""
+        return geometry.slice_volume_spacing(data.input_size)
+
     # ------------------------------------------------------------------ data
     @abstractmethod
     def read_site(self, site: SiteConfig, settings: DataSettings, log: ProblemLog) -> SiteContent:

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from medfl.config import DataSettings
 from medfl.task_facts import TaskKey
 from medfl.tasks.base import Task
 from medfl.tasks.classification import Classification
 from medfl.tasks.segmentation import Segmentation
+from medfl.tasks.volumetric import VolumetricSegmentation
 
 TASKS: dict[TaskKey, Task] = {task.key: task for task in (Classification(), Segmentation())}
 
 
-def task_for(key: str | TaskKey | Task) -> Task:
+def task_for(key: str | TaskKey | Task, settings: Any = None) -> Task:
     """The task of a config's `task` value (a Task is returned as it is); ValueError naming the valid keys
-    otherwise."""
+    otherwise. `settings` (an ExperimentConfig or its DataSettings) choose a variant: segmentation with data.dims 3
+    is VolumetricSegmentation, configured with the experiment's patch and sliding-window settings."""
     if isinstance(key, Task):
         return key
     try:
-        return TASKS[TaskKey(str(key))]
+        task = TASKS[TaskKey(str(key))]
     except ValueError:
         raise ValueError(f"unknown task '{key}'; valid tasks: {', '.join(k.value for k in TASKS)}") from None
+    data = settings if isinstance(settings, DataSettings) else getattr(settings, "data", None)
+    if data is not None and data.dims == 3 and task.volumetric:
+        return VolumetricSegmentation(data, getattr(settings, "evaluation", None))
+    return task

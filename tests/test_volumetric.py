@@ -1,0 +1,263 @@
+"""3-D prostate segmentation (data.dims 3): config, volume records and recipes, the task on a tiny federation,
+what `medfl check` says, and the commands that refuse 3-D runs for now."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import medfl.data.recipes as recipes_module
+from medfl.config import DataSettings, load_site_config, validate_model
+from medfl.data import inspect_site
+from medfl.data.recipes import load_recipe
+from medfl.data.volumetric import resampled_shape
+from medfl.errors import ConfigError
+from medfl.experiment import ExperimentConfig
+from medfl.tasks import task_for
+
+TRANSFORMS = Path(__file__).resolve().parents[1] / "transforms"
+RECIPES_3D = ("prostate3d_train", "prostate3d_eval")
+
+
+@pytest.fixture(autouse=True)
+def this_checkouts_recipes(monkeypatch):
+    """The shipped recipes of this checkout (medfl may be installed editable from another one)."""
+    monkeypatch.setattr(recipes_module, "RECIPES_DIR", TRANSFORMS)
+
+_BASE = {"task": "segmentation", "sites": ["site.yaml"], "model": {"name": "unet"}}
+
+
+def _experiment(**changes) -> ExperimentConfig:
+    return validate_model(ExperimentConfig, {**_BASE, **changes}, "exp.yaml")
+
+
+# ---- config ------------------------------------------------------------------------------------------------
+
+def test_two_d_stays_the_default_and_three_d_fills_its_defaults() -> None:
+    flat = _experiment()
+    assert flat.data.dims == 2 and flat.data.spacing is None and flat.evaluation.sw_overlap is None
+    volume = _experiment(data={"dims": 3})
+    assert volume.data.spacing == (2.0, 2.0, 3.0) and volume.data.patch_size == (64, 64, 16)
+    assert (volume.data.patches_per_volume, volume.data.foreground_ratio) == (2, 0.5)
+    assert (volume.evaluation.sw_overlap, volume.evaluation.sw_mode, volume.evaluation.sw_batch_size) == (
+        0.25, "constant", 2)
+    assert volume.data.recipe("segmentation", "train") == "prostate3d_train"
+    assert flat.data.recipe("segmentation", "eval") == "prostate_eval"
+    # a 3-D run's config.yaml states its defaults and reads back as the same config
+    assert validate_model(ExperimentConfig, volume.resolved(), "exp.yaml").resolved() == volume.resolved()
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"data": {"spacing": [1, 1, 1]}}, "'spacing' applies to 3-D experiments only"),
+    ({"data": {"patch_size": [32, 32, 16]}}, "'patch_size' applies to 3-D experiments only"),
+    ({"evaluation": {"sw_mode": "gaussian"}}, "'evaluation.sw_mode' applies to 3-D experiments only"),
+    ({"data": {"dims": 3, "patch_size": [64, 64, 20]}},
+     r"key 'data.patch_size' \[64, 64, 20\]: edge z \(20\) is not a multiple of 16"),
+    ({"data": {"dims": 3, "patch_size": [32, 32, 8]}, "model": {"name": "unet", "options": {"strides": [2, 2, 2]}}},
+     None),
+    ({"data": {"dims": 3, "patch_size": [32, 32, 8]}, "model": {"name": "basicunet"}}, r"edge z \(8\).*of 16"),
+    ({"data": {"dims": 3, "context_slices": 1}}, "'context_slices' \\(1\\) is 2.5-D input"),
+    ({"data": {"dims": 3, "spacing": [0, 1, 1]}}, "every spacing must be above 0"),
+    ({"data": {"dims": 3}, "evaluation": {"sw_overlap": 1.0}}, "evaluation.sw_overlap"),
+])
+def test_three_d_keys_are_validated(changes, message) -> None:
+    if message is None:
+        assert _experiment(**changes).data.patch_size == tuple(changes["data"]["patch_size"])
+        return
+    with pytest.raises(ConfigError, match=message):
+        _experiment(**changes)
+
+
+def test_three_d_is_for_segmentation_only() -> None:
+    with pytest.raises(ConfigError, match="data.dims 3 is for segmentation experiments only"):
+        validate_model(ExperimentConfig, {"task": "classification", "sites": ["s.yaml"],
+                                          "data": {"dims": 3, "classes": ["a", "b"]}}, "exp.yaml")
+    assert validate_model(DataSettings, {"dims": 3}, "options").patch_size == (64, 64, 16)
+
+
+# ---- volume records and the 3-D recipes --------------------------------------------------------------------
+
+SMALL = {"dims": 3, "spacing": [1.2, 1.2, 3.0], "patch_size": [16, 16, 8], "patches_per_volume": 2,
+         "foreground_ratio": 1.0, "num_workers": 0, "split_fractions": [0.5, 0.25, 0.25]}
+
+
+@pytest.mark.parametrize("layout", ["nifti", "metaimage"])
+def test_volume_records_load_as_the_2d_reader_finds_cases(prostate_site, layout) -> None:
+    site = load_site_config(prostate_site(layout=layout, cases=("Case00", "Case02", "Case05", "Case07")))
+    settings = validate_model(DataSettings, SMALL, "options")
+    task = task_for("segmentation", settings)
+    data = inspect_site(site, settings, task=task)
+    assert not data.report.errors and data.report.samples == {"train": 2, "val": 1, "test": 1}
+    record = data.splits["train"][0]
+    assert Path(record["image"]).is_file() and Path(record["label"]).is_file() and task.input_channels(record) == 1
+    # the eval recipe: RAS, resampled to the spacing, z-scored; the record's shape is the one MONAI makes
+    volume = load_recipe("prostate3d_eval", **task.recipe_variables(settings))(record)
+    assert tuple(volume["image"].shape) == (1, *record["shape"]) == (1, *resampled_shape(
+        data.geometry[record["case_id"]], settings.spacing))
+    assert abs(float(volume["image"].mean())) < 0.2 and str(volume["label"].dtype) == "torch.uint8"
+    assert int(volume["label"].max()) == 2  # zones kept, as in 2-D: any value > 0 is prostate
+    # the train recipe: patches_per_volume patches of the patch size (padded where the volume is smaller), all on
+    # prostate at a foreground ratio of 1
+    train = load_recipe("prostate3d_train", **task.recipe_variables(settings))
+    train.set_random_state(seed=0)
+    patches = train(record)
+    assert len(patches) == 2 and all(tuple(p["image"].shape) == (1, 16, 16, 8) for p in patches)
+    assert all(int((p["label"] > 0).sum()) > 0 for p in patches)
+    counts, with_prostate = task.split_counts(task.classes(None), data.splits["train"])
+    assert with_prostate == 2 and counts[1] > 0 and sum(counts) == sum(np.prod(r["shape"]) for r in data.splits["train"])
+
+
+def test_the_3d_recipes_pass_the_allow_list_and_load_only_the_records_files(tmp_path) -> None:
+    for name in RECIPES_3D:
+        assert (TRANSFORMS / f"{name}.yaml").is_file()
+        load_recipe(name)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("transforms:\n  - LoadImaged: {keys: [label, case_id]}\n")
+    with pytest.raises(ConfigError, match="may only load the record's 'image' file"):
+        load_recipe(evil)
+
+
+# ---- the task on a tiny synthetic 3-D federation --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> Path:
+    """`medfl synth`'s first two prostate sites at scale 0.01 (6 cases each; volumes of 64-80 voxels, 20-24 slices)."""
+    from medfl.synth import Minimums, generate
+
+    root = tmp_path_factory.mktemp("federation3d")
+    generate(root, scale=0.01, n_derm=0, n_prostate=2, minimums=Minimums(6, 3, 3))
+    return root
+
+
+def _tiny_3d(path: Path, federation: Path, method: str, **changes) -> Path:
+    import yaml
+
+    config = {"name": "tiny3d", "task": "segmentation", "method": method, "rounds": 1, "local_epochs": 1,
+              "batch_size": 2, "sites": [str(federation / "site_configs" / "prostate" / f"prost_{s}.yaml") for s in "ab"],
+              "data": {"dims": 3, "spacing": [6.0, 6.0, 6.0], "patch_size": [16, 16, 8], "patches_per_volume": 1,
+                       "num_workers": 0},
+              "model": {"name": "unet", "width": 0.125,
+                        "options": {"channels": [16, 32, 64], "strides": [2, 2], "num_res_units": 1}},
+              "evaluation": {"sw_mode": "gaussian"}, "optimizer": {"name": "adam", "lr": 1e-3},
+              "cpa": {"warmup_rounds": 0}, "device": "cpu", "runtime": {"threads": 1}, **changes}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_of(federation, tmp_path_factory):
+    """method -> the folder of a 1-round tiny 3-D run of it (each method runs once per module)."""
+    import torch
+
+    from medfl.experiment import load_experiment_config
+    from medfl.federated.coordinator import Coordinator
+
+    runs: dict[str, Path] = {}
+
+    def run(method: str) -> Path:
+        if method not in runs:
+            folder = tmp_path_factory.mktemp(f"run3d_{method}")
+            previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                config = load_experiment_config(_tiny_3d(folder / "exp.yaml", federation, method))
+                Coordinator(config, folder / "run", torch.device("cpu"), task=task_for(config.task, config)).run()
+            finally:
+                torch.set_num_threads(previous)
+            runs[method] = folder
+        return runs[method]
+
+    return run
+
+
+@pytest.mark.parametrize("method", ["local", "fedavg", "prr"])
+def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, method) -> None:
+    import csv
+
+    import torch
+
+    from medfl.experiment import load_experiment_config
+    from medfl.federated.coordinator import Coordinator
+    from medfl.tasks.volumetric import VolumetricSegmentation
+
+    config = load_experiment_config(_tiny_3d(tmp_path / "exp.yaml", federation, method))
+    task = task_for(config.task, config)
+    assert isinstance(task, VolumetricSegmentation) and task.sliding_window["sw_mode"] == "gaussian"
+    with pytest.raises(ValueError, match="2-D segmentation task cannot run the 3-D experiment"):
+        Coordinator(config, tmp_path / "wrong", torch.device("cpu"), task=task_for(config.task))
+    run = run_of(method) / "run"
+    with open(run / "metrics.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    dice = [float(r["value"]) for r in rows if r["metric"] == "dice"]
+    assert dice and all(0.0 <= value <= 1.0 for value in dice)
+    cases = {(r["site"], r["split"]): float(r["value"]) for r in rows if r["metric"] == "num_cases"}
+    assert cases[("prost_a", "val")] >= 1 and cases[("prost_a", "test")] >= 1  # whole volumes, scored per case
+    models = {r["model"] for r in rows}
+    assert models == ({"P", "D"} if method == "prr" else {"M"})
+    saved = torch.load(next(run.rglob("round_*.pt")), weights_only=True)
+    assert saved["network"]["spatial_dims"] == 3
+
+
+# ---- commands that do not support 3-D yet -------------------------------------------------------------------
+
+def _refused(capsys, argv: list[str], out: Path) -> None:
+    from medfl.cli import main
+
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert "a 3-D experiment (data.dims 3)" in error and "does not support 3-D yet" in error, error
+    assert len(error.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_run_folder_commands_refuse_a_3d_run(run_of, tmp_path, capsys, command) -> None:
+    out = tmp_path / "out"
+    _refused(capsys, [command, str(run_of("fedavg") / "run"), "--out", str(out)], out)
+
+
+def test_nvflare_job_refuses_a_3d_experiment(federation, tmp_path, capsys) -> None:
+    out = tmp_path / "job"
+    _refused(capsys, ["nvflare-job", str(_tiny_3d(tmp_path / "exp.yaml", federation, "prr")), "--out", str(out)], out)
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_export_commands_refuse_a_3d_export(federation, tmp_path, capsys, monkeypatch, command) -> None:
+    # `medfl export` refuses 3-D runs, so no 3-D export exists: one whose manifest says 3-D stands in for it
+    import medfl.deliver.bundle as bundle
+
+    export = tmp_path / "export"
+    export.mkdir()
+    monkeypatch.setattr(bundle, "open_export", lambda path, site=None: (export, {"data_settings": {"dims": 3}}))
+    out = tmp_path / "out"
+    site = federation / "site_configs" / "prostate" / "prost_a.yaml"
+    volume = next((federation / "prostate" / "prost_a").glob("*.nii.gz"))
+    argv = ([command, str(export), str(volume), "--out", str(out)] if command == "predict"
+            else [command, str(export), str(site), "--out", str(out / "scores.json")])
+    _refused(capsys, argv, out)
+
+
+# ---- medfl check --experiment --------------------------------------------------------------------------------
+
+def test_check_experiment_states_spacing_patch_fit_and_memory(federation, tmp_path, capsys) -> None:
+    from medfl.cli import main
+
+    experiment = _tiny_3d(tmp_path / "exp.yaml", federation, "prr",
+                          data={"dims": 3, "spacing": [4.0, 4.0, 4.0], "patch_size": [32, 32, 32], "num_workers": 0})
+    assert main(["check", "--experiment", str(experiment)]) == 0
+    out = capsys.readouterr().out
+    assert "spacing 4 x 4 x 4 mm, patch 32 x 32 x 32 voxels" in out
+    assert "3-D: volumes resampled to 4 x 4 x 4 mm" in out
+    assert "site 'prost_a' (segmentation, 3-D)" in out and "cases with prostate" in out
+    # prost_a: 64 x 64 x 20 voxels of 2.2 x 2.2 x 3.6 mm -> 36 x 36 x 18 at 4 mm: 14 voxels short of the patch in z
+    assert ("site 'prost_a': smallest volume 'Case02' resampled to 36 x 36 x 18 voxels against the patch 32 x 32 x 32 "
+            "voxels: smaller than the patch along z by 14 voxel(s)") in out
+    memory = next(line for line in out.splitlines() if line.startswith("memory of one training batch"))
+    assert float(memory.split("about ")[1].split(" MiB")[0]) > 0 and "2 model(s)" in memory
+    assert main(["check", "--experiment", str(experiment), str(experiment)]) == 1
+    assert "give no site configs with it" in capsys.readouterr().err
+    flat = _tiny_3d(tmp_path / "flat.yaml", federation, "prr", data={"num_workers": 0, "input_size": 32}, evaluation={})
+    assert main(["check", "--experiment", str(flat)]) == 0
+    out = capsys.readouterr().out
+    assert "input size 32" in out and "slices with prostate" in out and "3-D" not in out and "memory of" not in out
