@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from medfl.config import (
+    VOLUMETRIC_KEYS,
     DataSettings,
     SiteConfig,
     check_name_length,
@@ -416,8 +417,14 @@ class ExperimentConfig(_Section):
             )
 
     def resolved(self) -> dict[str, Any]:
-        """The config as plain data with absolute paths, as written to the run folder's config.yaml."""
-        return self.model_dump(mode="json")
+        """The config as plain data with absolute paths, as written to the run folder's config.yaml. A 2-D
+        experiment's leaves out the 3-D keys (data.dims and its volumetric keys, the evaluation section): its
+        config.yaml stays what it was before 3-D existed, so runs started earlier resume and compare equal."""
+        dumped = self.model_dump(mode="json")
+        if self.data.dims == 2:
+            dumped["data"] = {k: v for k, v in dumped["data"].items() if k not in ("dims", *VOLUMETRIC_KEYS)}
+            del dumped["evaluation"]
+        return dumped
 
 
 def load_experiment_config(path: str | Path, **overrides: Any) -> ExperimentConfig:

@@ -15,7 +15,7 @@ from medfl.data import recipes as recipes_module
 from medfl.data.safe_transforms import ALLOWED_TRANSFORMS, LOAD_READERS
 from medfl.errors import ConfigError
 
-SHIPPED = ("dermoscopy_train", "dermoscopy_eval", "prostate_train", "prostate_eval")
+SHIPPED = ("dermoscopy_train", "dermoscopy_eval", "prostate_train", "prostate_eval", "prostate3d_train", "prostate3d_eval")
 
 
 def _write(path, *steps):

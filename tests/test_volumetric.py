@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 import medfl.data.recipes as recipes_module
 from medfl.config import DataSettings, load_site_config, validate_model
@@ -47,6 +48,16 @@ def test_two_d_stays_the_default_and_three_d_fills_its_defaults() -> None:
     assert flat.data.recipe("segmentation", "eval") == "prostate_eval"
     # a 3-D run's config.yaml states its defaults and reads back as the same config
     assert validate_model(ExperimentConfig, volume.resolved(), "exp.yaml").resolved() == volume.resolved()
+
+
+def test_a_two_d_config_yaml_is_what_it_was_before_three_d() -> None:
+    """Runs started before 3-D existed resume (resume compares config.yaml key by key) and kept benchmark runs
+    compare equal: a 2-D experiment writes no 3-D key."""
+    written_before = yaml.safe_load((Path(__file__).parent / "data/compat_6c92377/run/config.yaml").read_text())
+    resolved = validate_model(ExperimentConfig, written_before, "config.yaml").resolved()
+    assert "evaluation" not in resolved and not {"dims", "spacing", "patch_size"} & set(resolved["data"])
+    assert resolved["data"] == written_before["data"]
+    assert validate_model(ExperimentConfig, resolved, "config.yaml").resolved() == resolved
 
 
 @pytest.mark.parametrize(("changes", "message"), [
