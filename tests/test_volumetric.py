@@ -347,6 +347,10 @@ def test_a_3d_bundle_runs_without_medfl_and_equals_predict(federation, run_of, t
     assert steps[:6] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "ClipIntensityPercentilesd",
                          "NormalizeIntensityd", "Spacingd"]
     assert [step["_target_"] for step in config["postprocessing"]["transforms"]] == ["AsDiscreted", "Invertd", "SaveImaged"]
+    verified = subprocess.run([sys.executable, "-c", BUNDLE_RUNNER, "verify_net_in_out", "network_def", "--meta_file",
+                               "configs/metadata.json", "--config_file", "configs/inference.json"],
+                              cwd=bundle / "prost_a", capture_output=True, text=True, timeout=600)
+    assert verified.returncode == 0, verified.stderr[-3000:]
     inputs = _inputs(federation, tmp_path / "in")
     export = tmp_path / "export"
     assert main(["export", str(run_of("prr") / "run"), "--site", "prost_a", "--out", str(export)]) == 0

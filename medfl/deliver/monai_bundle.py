@@ -323,6 +323,11 @@ def _score(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+def _input_size(size: list[int]) -> str:
+    """`64` for a 2-D network's 64 x 64 input; `16 x 16 x 8 voxels (patches)` for a 3-D network's patch."""
+    return str(size[0]) if len(size) == 2 else " x ".join(str(edge) for edge in size) + " voxels (patches)"
+
+
 def readme(manifest: dict[str, Any], meta: dict[str, Any], config: dict[str, Any], task: Task) -> str:
     """docs/README.md: what the model is, how it was trained and scored, its use, the exact commands."""
     site, round_ = manifest["site"], manifest["round"]
@@ -347,7 +352,7 @@ any clinical decision.
 ## The model
 - Task: {meta['task']}; classes in order: {', '.join(manifest['classes'])}.
 - Network: {manifest['network']['name']} ({manifest['input']['channels']} input channels, input size
-  {manifest['input']['size'][0]}), trained by federated learning across the federation's sites with method
+  {_input_size(manifest['input']['size'])}), trained by federated learning across the federation's sites with method
   `{manifest['model']['method']}` (experiment '{manifest['experiment']['name']}', {round_['rounds']} rounds planned, {round_['completed_rounds']} completed). This is site '{site}''s
   {manifest['model']['role']} model ({manifest['model']['name']}) at round {round_['selected']}.
 - Trained on {manifest['training_files']['count']} files of site '{site}'.
