@@ -120,7 +120,7 @@ def _site_manifest(run: RunRecord, site: str, checkpoint: dict[str, Any], role: 
                        "config_sha256": run.config_sha256, "run_dir": str(run.folder.resolve()),
                        "sites": list(run.summary["sites"])},
         "training_files": {"count": len(files), "sha256": files_sha256(files), "rule": FILES_RULE},
-        "data_settings": config.data.model_dump(mode="json"),
+        "data_settings": config.resolved()["data"],  # as config.yaml: a 2-D run's without the 3-D keys
         "program": {"file": PROGRAM, "dynamic_batch": True,
                     "usage": "torch.export.load('model.pt2').module()(x) -> logits"},
         "versions": _versions(),
