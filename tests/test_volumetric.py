@@ -259,6 +259,23 @@ def _inputs(federation: Path, folder: Path) -> list[Path]:
     return [nifti, folder / "oblique.mha"]
 
 
+def test_3d_inference_steps_are_the_eval_recipe_on_the_image_with_its_metadata() -> None:
+    from medfl.data.recipes import resolve_recipe
+    from medfl.deliver.volumes3d import build_transforms, inference_steps
+
+    steps = inference_steps(resolve_recipe("prostate3d_eval", spacing=[3.0, 3.0, 4.0]))
+    assert all(step["keys"] == "image" for step in steps)
+    spacing = next(step for step in steps if step["_target_"] == "Spacingd")
+    assert spacing["mode"] == "bilinear" and spacing["pixdim"] == [3.0, 3.0, 4.0]
+    assert next(step for step in steps if step["_target_"] == "CastToTyped")["dtype"] == "float32"
+    assert "track_meta" not in next(step for step in steps if step["_target_"] == "EnsureTyped")
+    assert len(build_transforms(steps).transforms) == len(steps)
+    random = {"transforms": [{"RandFlipd": {"keys": ["image", "label"], "prob": 0.5}}]}
+    with pytest.raises(ConfigError, match=r"transform 1 \(RandFlipd\): not a deterministic"):
+        inference_steps(random)
+    assert inference_steps({"transforms": [{"EnsureTyped": {"keys": ["label"]}}]}) == []
+
+
 @pytest.fixture(scope="module")
 def export_3d(run_of, tmp_path_factory) -> Path:
     """`medfl export` of the tiny 3-D prr run (personalized models, best round)."""

@@ -16,11 +16,16 @@ so the bundle's inference.json holds exactly `inference_steps`' list.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from medfl.data.safe_transforms import ALLOWED_TRANSFORMS
 from medfl.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from monai.transforms import Compose
 
 # Arguments that MONAI's dictionary transforms take per key (one entry per key, or one for all).
 _PER_KEY = ("mode", "padding_mode", "align_corners", "dtype")
@@ -57,7 +62,7 @@ def inference_steps(recipe: Mapping[str, Any]) -> list[dict[str, Any]]:
     return steps
 
 
-def build_transforms(steps: Sequence[Mapping[str, Any]]):
+def build_transforms(steps: Sequence[Mapping[str, Any]]) -> Compose:
     """`inference_steps` as a MONAI Compose, as MONAI's config parser builds the bundle's `preprocessing`."""
     import monai.transforms
 
@@ -77,7 +82,8 @@ def sliding_window(preprocessing: Mapping[str, Any]) -> dict[str, Any]:
             "overlap": float(window["sw_overlap"]), "mode": str(window["sw_mode"])}
 
 
-def predict_volume_mask(network, path: str, steps: Sequence[Mapping[str, Any]], window: Mapping[str, Any], device):
+def predict_volume_mask(network: Callable[[torch.Tensor], torch.Tensor], path: str, steps: Sequence[Mapping[str, Any]],
+                        window: Mapping[str, Any], device: torch.device) -> np.ndarray:
     """The mask (uint8 numpy array, the input file's own voxel axes as ITK reads them: x, y, z) of one volume:
     the bundle's pipeline run eagerly (preprocessing, SlidingWindowInferer on a batch of one, argmax, Invertd).
     `network` maps a batch of patches to logits."""
