@@ -76,10 +76,10 @@ class NetworkPart(_Part):
 
 class InputPart(_Part):
     """- `channels`: the network's input channels
-    - `size`: the network's input size [height, width] in pixels"""
+    - `size`: the network's input size [height, width] in pixels; for a 3-D network its patch [x, y, z] in voxels"""
 
     channels: StrictInt = Field(ge=1)
-    size: list[StrictInt] = Field(min_length=2, max_length=2)
+    size: list[StrictInt] = Field(min_length=2, max_length=3)
 
 
 class RoundPart(_Part):

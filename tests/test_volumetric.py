@@ -1,5 +1,6 @@
 """3-D prostate segmentation (data.dims 3): config, volume records and recipes, the task on a tiny federation,
-what `medfl check` says, and the commands that refuse 3-D runs for now."""
+what `medfl check` says, export, predict, evaluate and the MONAI bundle of a 3-D run, and the commands that refuse
+3-D runs for now (report, nvflare-job)."""
 
 from __future__ import annotations
 
@@ -222,10 +223,9 @@ def _refused(capsys, argv: list[str], out: Path) -> None:
     assert len(error.splitlines()) == 1 and not out.exists()
 
 
-@pytest.mark.parametrize("command", ["export", "report"])
-def test_run_folder_commands_refuse_a_3d_run(run_of, tmp_path, capsys, command) -> None:
+def test_report_refuses_a_3d_run(run_of, tmp_path, capsys) -> None:
     out = tmp_path / "out"
-    _refused(capsys, [command, str(run_of("fedavg") / "run"), "--out", str(out)], out)
+    _refused(capsys, ["report", str(run_of("fedavg") / "run"), "--out", str(out)], out)
 
 
 def test_nvflare_job_refuses_a_3d_experiment(federation, tmp_path, capsys) -> None:
@@ -233,20 +233,169 @@ def test_nvflare_job_refuses_a_3d_experiment(federation, tmp_path, capsys) -> No
     _refused(capsys, ["nvflare-job", str(_tiny_3d(tmp_path / "exp.yaml", federation, "prr")), "--out", str(out)], out)
 
 
-@pytest.mark.parametrize("command", ["predict", "evaluate"])
-def test_export_commands_refuse_a_3d_export(federation, tmp_path, capsys, monkeypatch, command) -> None:
-    # `medfl export` refuses 3-D runs, so no 3-D export exists: one whose manifest says 3-D stands in for it
-    import medfl.deliver.bundle as bundle
+# ---- export, predict, evaluate and the MONAI bundle of a 3-D run ------------------------------------------------
 
-    export = tmp_path / "export"
-    export.mkdir()
-    monkeypatch.setattr(bundle, "open_export", lambda path, site=None: (export, {"data_settings": {"dims": 3}}))
-    out = tmp_path / "out"
+_COS, _SIN = float(np.cos(np.radians(15))), float(np.sin(np.radians(15)))
+OBLIQUE = (_COS, -_SIN, 0.0, _SIN, _COS, 0.0, 0.0, 0.0, -1.0)  # rotated about z, superior-inferior flipped
+
+
+def _inputs(federation: Path, folder: Path) -> list[Path]:
+    """A prost_b case as NIfTI (LPS voxel axes: flipped against RAS) with qform code 2, and the same voxels as a
+    MetaImage volume on an oblique grid (another origin and spacing)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True)
+    case = sorted(p for p in (federation / "prostate" / "prost_b").glob("*.nii.gz") if "_seg" not in p.name.lower())[0]
+    nifti = folder / "case.nii.gz"
+    image = nib.load(case)
+    image.set_qform(image.affine, code=2)
+    nib.save(image, nifti)
+    oblique = sitk.ReadImage(str(case))
+    oblique.SetDirection(OBLIQUE)
+    oblique.SetOrigin((-12.5, 30.0, 7.25))
+    oblique.SetSpacing((1.9, 1.6, 3.3))
+    sitk.WriteImage(oblique, str(folder / "oblique.mha"))
+    return [nifti, folder / "oblique.mha"]
+
+
+def test_3d_inference_steps_are_the_eval_recipe_on_the_image_with_its_metadata() -> None:
+    from medfl.data.recipes import resolve_recipe
+    from medfl.deliver.volumes3d import build_transforms, inference_steps
+
+    steps = inference_steps(resolve_recipe("prostate3d_eval", spacing=[3.0, 3.0, 4.0]))
+    assert all(step["keys"] == "image" for step in steps)
+    spacing = next(step for step in steps if step["_target_"] == "Spacingd")
+    assert spacing["mode"] == "bilinear" and spacing["pixdim"] == [3.0, 3.0, 4.0]
+    assert next(step for step in steps if step["_target_"] == "CastToTyped")["dtype"] == "float32"
+    assert "track_meta" not in next(step for step in steps if step["_target_"] == "EnsureTyped")
+    assert len(build_transforms(steps).transforms) == len(steps)
+    random = {"transforms": [{"RandFlipd": {"keys": ["image", "label"], "prob": 0.5}}]}
+    with pytest.raises(ConfigError, match=r"transform 1 \(RandFlipd\): not a deterministic"):
+        inference_steps(random)
+    assert inference_steps({"transforms": [{"EnsureTyped": {"keys": ["label"]}}]}) == []
+
+
+@pytest.fixture(scope="module")
+def export_3d(run_of, tmp_path_factory) -> Path:
+    """`medfl export` of the tiny 3-D prr run (personalized models, best round)."""
+    from medfl.cli import main
+
+    out = tmp_path_factory.mktemp("export3d") / "export"
+    assert main(["export", str(run_of("prr") / "run"), "--out", str(out)]) == 0
+    return out
+
+
+def test_a_3d_export_records_what_3d_inference_needs(export_3d) -> None:
+    import json
+
+    manifest = json.loads((export_3d / "prost_a" / "manifest.json").read_text())
+    pre = manifest["preprocessing"]
+    assert (pre["dims"], pre["orientation"], pre["spacing"], pre["patch_size"]) == (3, "RAS", [6.0, 6.0, 6.0], [16, 16, 8])
+    assert pre["sliding_window"] == {"sw_overlap": 0.25, "sw_mode": "gaussian", "sw_batch_size": 2}
+    assert [next(iter(step)) for step in pre["transforms"]][:6] == [
+        "LoadImaged", "EnsureChannelFirstd", "Orientationd", "ClipIntensityPercentilesd", "NormalizeIntensityd", "Spacingd"]
+    assert next(iter(pre["transforms"][5].values()))["pixdim"] == [6.0, 6.0, 6.0]  # the run's spacing, not the recipe's
+    assert manifest["input"]["size"] == [16, 16, 8] and manifest["output"]["logits"] == ["batch", 2, 16, 16, 8]
+
+
+def test_predict_a_3d_export_writes_masks_on_the_inputs_grid(federation, export_3d, tmp_path, capsys) -> None:
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from medfl.cli import main
+
+    inputs = _inputs(federation, tmp_path / "in")
+    assert main(["predict", str(export_3d / "prost_a"), *map(str, inputs), "--out", str(tmp_path / "masks")]) == 0
+    assert "2 of 2 input(s) predicted" in capsys.readouterr().out
+    source, mask = nib.load(inputs[0]), nib.load(tmp_path / "masks" / "case_mask.nii.gz")
+    assert mask.shape == source.shape and np.allclose(mask.affine, source.affine, atol=1e-5)
+    assert (int(mask.header["qform_code"]), int(mask.header["sform_code"])) == (2, int(source.header["sform_code"]))
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    image, predicted = sitk.ReadImage(str(inputs[1])), sitk.ReadImage(str(tmp_path / "masks" / "oblique_mask.mha"))
+    assert predicted.GetSize() == image.GetSize() and np.allclose(predicted.GetDirection(), OBLIQUE)
+    assert np.allclose(predicted.GetOrigin(), image.GetOrigin()) and np.allclose(predicted.GetSpacing(), image.GetSpacing())
+    assert set(np.unique(sitk.GetArrayFromImage(predicted))) <= {0, 1}
+
+
+def test_evaluate_a_3d_export_gives_the_runs_test_dice(federation, export_3d, tmp_path, capsys) -> None:
+    """The same recipe, sliding window and scorer as the run's test scoring: the same Dice per site."""
+    import json
+
+    from medfl.cli import main
+
+    manifest = json.loads((export_3d / "prost_a" / "manifest.json").read_text())
     site = federation / "site_configs" / "prostate" / "prost_a.yaml"
-    volume = next((federation / "prostate" / "prost_a").glob("*.nii.gz"))
-    argv = ([command, str(export), str(volume), "--out", str(out)] if command == "predict"
-            else [command, str(export), str(site), "--out", str(out / "scores.json")])
-    _refused(capsys, argv, out)
+    out = tmp_path / "scores.json"
+    assert main(["evaluate", str(export_3d / "prost_a"), str(site), "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert scores["metrics"]["num_cases"] == manifest["metrics"]["test"]["num_cases"]
+    for metric in ("dice", "hd95"):
+        assert scores["metrics"][metric] == pytest.approx(manifest["metrics"]["test"][metric], abs=1e-6, nan_ok=True)
+
+
+# Runs `python -m monai.bundle` commands (a JSON list of argument lists) in one process where importing medfl fails;
+# stops at the first that does not end with status 0.
+BUNDLE_RUNNER = """
+import json, runpy, sys
+sys.modules["medfl"] = None
+for arguments in json.loads(sys.argv[1]):
+    sys.argv = ["python -m monai.bundle", *arguments]
+    try:
+        runpy.run_module("monai.bundle", run_name="__main__")
+    except SystemExit as stop:
+        if stop.code:
+            raise
+"""
+
+
+@pytest.mark.slow
+def test_a_3d_bundle_runs_without_medfl_and_equals_predict(federation, run_of, tmp_path, capsys) -> None:
+    import json
+    import subprocess
+    import sys
+
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from medfl.cli import main
+
+    for package in ("ignite", "fire", "itk"):
+        pytest.importorskip(package, reason="the bundle runner's packages: pip install 'medfl[bundle]'")
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(run_of("prr") / "run"), "--format", "bundle", "--site", "prost_a", "--out",
+                 str(bundle)]) == 0
+    config = json.loads((bundle / "prost_a" / "configs" / "inference.json").read_text())
+    assert config["inferer"] == {"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 8], "sw_batch_size": 2,
+                                 "overlap": 0.25, "mode": "gaussian"}
+    steps = [step["_target_"] for step in config["preprocessing"]["transforms"]]
+    assert steps[:6] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "ClipIntensityPercentilesd",
+                         "NormalizeIntensityd", "Spacingd"]
+    assert [step["_target_"] for step in config["postprocessing"]["transforms"]] == ["AsDiscreted", "Invertd", "SaveImaged"]
+    inputs = _inputs(federation, tmp_path / "in")
+    export = tmp_path / "export"
+    assert main(["export", str(run_of("prr") / "run"), "--site", "prost_a", "--out", str(export)]) == 0
+    assert main(["predict", str(export / "prost_a"), *map(str, inputs), "--out", str(tmp_path / "predicted")]) == 0
+    outputs = {extension: tmp_path / f"bundle_out{extension.replace('.', '_')}" for extension in (".nii.gz", ".mha")}
+    commands = [["verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file",
+                 "configs/inference.json"]]
+    commands += [["run", "--config_file", "configs/inference.json", "--input_dir", str(tmp_path / "in"), "--output_dir",
+                  str(out), "--input_ext", extension] for extension, out in outputs.items()]
+    result = subprocess.run([sys.executable, "-c", BUNDLE_RUNNER, json.dumps(commands)], cwd=bundle / "prost_a",
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for extension, name in ((".nii.gz", "case"), (".mha", "oblique")):
+        out = outputs[extension]
+        ours = tmp_path / "predicted" / f"{name}_mask{extension}"
+        theirs = out / f"{name}_mask{extension}"
+        if extension == ".nii.gz":
+            a, b = nib.load(ours), nib.load(theirs)
+            assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)) and np.allclose(a.affine, b.affine, atol=1e-5)
+        else:
+            a, b = sitk.ReadImage(str(ours)), sitk.ReadImage(str(theirs))
+            assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+            for get in ("GetOrigin", "GetSpacing", "GetDirection"):
+                assert np.allclose(getattr(a, get)(), getattr(b, get)(), atol=1e-5), get
 
 
 # ---- medfl check --experiment --------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medfl.commands import DEVICE_CHOICES, DEVICE_HELP, existing_folder, file_to_write, refuse_volumetric
+from medfl.commands import DEVICE_CHOICES, DEVICE_HELP, existing_folder, file_to_write
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,6 @@ def run(args: argparse.Namespace) -> int:
     existing_folder(args.export_dir, "export folder")
     site = load_site_config(args.site_config)
     folder, manifest = open_export(args.export_dir, args.site)
-    refuse_volumetric(manifest.get("data_settings") or {}, "evaluate", str(folder))
     check_site(manifest, site, args.split)
     if args.out:
         file_to_write(args.out, "--out")
@@ -42,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from medfl.deliver import evaluate_export, load_export
     from medfl.deliver.evaluate import default_output
     from medfl.devices import resolve_device
-    from medfl.tasks import task_for
+    from medfl.tasks import task_for_export
 
     export = load_export(folder, device=resolve_device(args.device))
-    result = evaluate_export(export, args.site_config, args.split, task=task_for(export.task))
+    result = evaluate_export(export, args.site_config, args.split, task=task_for_export(export.manifest))
     split = "all splits" if args.split == "all" else f"{args.split} split"
     print(f"{export.describe()} on site '{result['site']}', {split} ({result['scored']}):")
     for name, value in result["metrics"].items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from medfl.commands import existing_folder, folder_to_write, refuse_volumetric
+from medfl.commands import existing_folder, folder_to_write
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,6 @@ def run(args: argparse.Namespace) -> int:
     from medfl.runfolder import RunFolder
 
     config = RunFolder.open(args.run_dir).config()
-    refuse_volumetric(config.data, "export", str(args.run_dir))
 
     from medfl.deliver import export_run
     from medfl.tasks import task_for
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
               f"{manifest['round']['selected']} (val {metric} {_number(scores['validation'].get(metric))}, "
               f"test {metric} {_number(scores['test'].get(metric))}) -> {export.folder}")
 
-    task = task_for(config.task)  # the run's own task exports it
+    task = task_for(config.task, config)  # the run's own task exports it (3-D: with its patch and sliding window)
     export_run(args.run_dir, out=args.out, round_=args.round, role=args.model, sites=args.sites, on_site=report,
                export_format=args.format, task=task)
     return 0

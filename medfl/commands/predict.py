@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medfl.commands import DEVICE_CHOICES, DEVICE_HELP, existing_folder, folder_to_write, refuse_volumetric
+from medfl.commands import DEVICE_CHOICES, DEVICE_HELP, existing_folder, folder_to_write
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     existing_folder(args.export_dir, "export folder")
     folder_to_write(args.out, "--out (where predictions.csv or the masks go)")
     folder, manifest = open_export(args.export_dir, args.site)
-    refuse_volumetric(manifest.get("data_settings") or {}, "predict", str(folder))
     inputs = [Path(path) for path in args.inputs]
     problems = path_problems(inputs, manifest["task"], Path(args.out))
     check_device(args.device)

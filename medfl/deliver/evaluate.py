@@ -3,7 +3,9 @@
 The site (its own or any other with the same task) is read with the run's data settings from the manifest,
 so the splits of a site that took part are the ones the run used: `--split test` is its held-out data.
 Inputs go through the export's evaluation recipe and `medfl.federated.evaluation.evaluate_model`, the
-function the run scored with; a site that did not take part can be scored on all its data (`all`).
+function the run scored with (for a 3-D export, the task the command builds from the manifest scores whole volumes
+with the run's sliding window, on the grid the run scored on); a site that did not take part can be scored on all
+its data (`all`).
 """
 
 from __future__ import annotations
@@ -83,11 +85,11 @@ def evaluate_export(export: ExportedModel, site_config: str | Path, split: str =
     # Cached whole, as in the run: evaluate_model runs the loader without MetaTensors, which the recipe's
     # head (channel-first detection) needs, so the head must run when the cache is filled.
     dataset = build_dataset(records, load_recipe(export.recipe_path), cache_rate=1.0)
-    loader = DataLoader(dataset, batch_size=32, shuffle=False, num_workers=0)
+    loader = DataLoader(dataset, batch_size=task.eval_batch_size(32), shuffle=False, num_workers=0)
 
-    def spacing_of(case_id: str) -> tuple[float, float, float] | None:
+    def spacing_of(case_id: str) -> tuple[float, float, float] | None:  # as the run's sites score (Task.case_spacing)
         geometry = data.geometry.get(case_id)
-        return geometry.slice_volume_spacing(settings.input_size) if geometry else None
+        return task.case_spacing(geometry, settings) if geometry else None
 
     metrics = evaluate_model(export.network, loader, task, export.classes, export.device, spacing_of)
     return {

@@ -49,15 +49,17 @@ DEFAULT_OUT = {"medfl": "export", "bundle": "bundle"}  # default export folder i
 FILES_RULE = "sha256 of the sorted training file paths (relative to data_root), UTF-8, one per line, each ending in \\n"
 
 
-def export_program(network: nn.Module, in_channels: int, input_size: int) -> torch.export.ExportedProgram:
-    """torch.export of the network in eval mode: (batch, C, S, S) float32 -> logits, any batch size."""
+def export_program(network: nn.Module, in_channels: int, input_size: int | Sequence[int]) -> torch.export.ExportedProgram:
+    """torch.export of the network in eval mode: (batch, C, S, S) float32 -> logits, any batch size; with the
+    spatial size as a list (a 3-D network's patch), (batch, C, *size)."""
     # start-up: torch loads only when a model is exported (the command checks its arguments first)
     import torch
 
     from medfl.deliver.programs import LogitsOnly
 
     wrapper = LogitsOnly(network).eval()
-    example = torch.zeros(2, in_channels, input_size, input_size)
+    spatial = [input_size, input_size] if isinstance(input_size, int) else [int(edge) for edge in input_size]
+    example = torch.zeros(2, in_channels, *spatial)
     batch = torch.export.Dim("batch", min=1)
     return torch.export.export(wrapper, (example,), dynamic_shapes={"x": {0: batch}})
 
@@ -96,6 +98,7 @@ def _site_manifest(run: RunRecord, site: str, checkpoint: dict[str, Any], role: 
     """Everything but the file hashes: the manifest's description of one site's model."""
     config, network = run.config, checkpoint["network"]
     size, channels = config.data.input_size, int(network["in_channels"])
+    spatial = [int(edge) for edge in task.network_input_size(config.data)]  # [S, S]; a 3-D network's patch
     record = run.files.site(site).record
     files = _trained_on(run, site)
     logits = task.logits_shape(config.classes, size)
@@ -106,7 +109,7 @@ def _site_manifest(run: RunRecord, site: str, checkpoint: dict[str, Any], role: 
         "classes": config.classes,
         "model": {"role": role, "name": key, "method": config.method},
         "network": network,
-        "input": {"channels": channels, "size": [size, size], "dtype": "float32", "shape": ["batch", channels, size, size]},
+        "input": {"channels": channels, "size": spatial, "dtype": "float32", "shape": ["batch", channels, *spatial]},
         "output": {"logits": logits, "probabilities": "softmax over axis 1"},
         "preprocessing": {**task.preprocessing(config.data, channels, recipe),
                           **record.inputs},
@@ -117,7 +120,7 @@ def _site_manifest(run: RunRecord, site: str, checkpoint: dict[str, Any], role: 
                        "config_sha256": run.config_sha256, "run_dir": str(run.folder.resolve()),
                        "sites": list(run.summary["sites"])},
         "training_files": {"count": len(files), "sha256": files_sha256(files), "rule": FILES_RULE},
-        "data_settings": config.data.model_dump(mode="json"),
+        "data_settings": config.resolved()["data"],  # as config.yaml: a 2-D run's without the 3-D keys
         "program": {"file": PROGRAM, "dynamic_batch": True,
                     "usage": "torch.export.load('model.pt2').module()(x) -> logits"},
         "versions": _versions(),
@@ -129,7 +132,7 @@ def _write_site(staging: Path, network: nn.Module, manifest: dict[str, Any], rec
     """Write the four files of one site's export into `staging`; the manifest last, with every file's sha256."""
     import torch
 
-    program = export_program(network, manifest["input"]["channels"], manifest["input"]["size"][0])
+    program = export_program(network, manifest["input"]["channels"], manifest["input"]["size"])
     contents = {
         WEIGHTS: _saved_bytes(torch.save, network.state_dict()),
         PROGRAM: _saved_bytes(torch.export.save, program),
@@ -155,7 +158,7 @@ def export_site(run: RunRecord, site: str, out: Path, role: str, request: str | 
     network = build_model(**checkpoint["network"])
     network.load_state_dict(checkpoint["models"][key])
     network.eval()
-    recipe = resolved_eval_recipe(run.config)
+    recipe = resolved_eval_recipe(run.config, task.recipe_variables(run.config.data))
     manifest = _site_manifest(run, site, checkpoint, role, key, request, round_, recipe, task)
     target = out / site
     with atomic_folder(target) as staging:

@@ -85,16 +85,18 @@ def quiet_jit(function, *args, **kwargs):
         return function(*args, **kwargs)
 
 
-def bundle_program(network: nn.Module, task: Task, in_channels: int, input_size: int,
+def bundle_program(network: nn.Module, task: Task, in_channels: int, input_size: int | list[int],
                    context_slices: int = 0) -> torch.jit.ScriptModule:
     """The bundle's TorchScript network: the traced logits network (B, C, S, S) -> logits, which the task may
-    wrap (segmentation: SliceWiseProgram, (1, 1, Z, Y, X) preprocessed volume -> (1, K, Z, Y, X) logits).
-    Checked against the eager network (another batch size, another volume shape) before it is used."""
+    wrap (segmentation: SliceWiseProgram, (1, 1, Z, Y, X) preprocessed volume -> (1, K, Z, Y, X) logits); with the
+    spatial size as a list (a 3-D network's patch), traced on (B, C, *size). Checked against the eager network
+    (another batch size, another volume shape) before it is used."""
     generator = torch.Generator().manual_seed(0)
     logits = LogitsOnly(network).eval()
-    example = torch.rand(2, in_channels, input_size, input_size, generator=generator)
+    spatial = [input_size, input_size] if isinstance(input_size, int) else list(input_size)
+    example = torch.rand(2, in_channels, *spatial, generator=generator)
     traced = quiet_jit(torch.jit.trace, logits, example)
-    program, eager, probe = task.bundle_program(traced, logits, in_channels, input_size, context_slices, generator)
+    program, eager, probe = task.bundle_program(traced, logits, in_channels, spatial[0], context_slices, generator)
     program.eval()
     with torch.no_grad():
         expected, got = eager(probe), program(probe)
@@ -191,6 +193,7 @@ def inference_config(manifest: dict[str, Any], recipe: dict[str, Any], task: Tas
     or written. The task's `input_report` runs first: it says which files are left out, or stops the run on
     an input that cannot be predicted."""
     part = task.bundle_inference(recipe, manifest)
+    inferer = part.pop("inferer", {"_target_": "SimpleInferer"})  # 3-D: SlidingWindowInferer over patches
     config: dict[str, Any] = {
         "imports": ["$import glob", "$import os", "$import sys", "$from monai.apps.utils import check_hash",
                     *part.pop("imports")],
@@ -214,7 +217,7 @@ def inference_config(manifest: dict[str, Any], recipe: dict[str, Any], task: Tas
     config |= {
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": task.bundle_batch_size,
                        "shuffle": False, "num_workers": 0},
-        "inferer": {"_target_": "SimpleInferer"},
+        "inferer": inferer,
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers", "amp": False},
@@ -320,6 +323,11 @@ def _score(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+def _input_size(size: list[int]) -> str:
+    """`64` for a 2-D network's 64 x 64 input; `16 x 16 x 8 voxels (patches)` for a 3-D network's patch."""
+    return str(size[0]) if len(size) == 2 else " x ".join(str(edge) for edge in size) + " voxels (patches)"
+
+
 def readme(manifest: dict[str, Any], meta: dict[str, Any], config: dict[str, Any], task: Task) -> str:
     """docs/README.md: what the model is, how it was trained and scored, its use, the exact commands."""
     site, round_ = manifest["site"], manifest["round"]
@@ -344,7 +352,7 @@ any clinical decision.
 ## The model
 - Task: {meta['task']}; classes in order: {', '.join(manifest['classes'])}.
 - Network: {manifest['network']['name']} ({manifest['input']['channels']} input channels, input size
-  {manifest['input']['size'][0]}), trained by federated learning across the federation's sites with method
+  {_input_size(manifest['input']['size'])}), trained by federated learning across the federation's sites with method
   `{manifest['model']['method']}` (experiment '{manifest['experiment']['name']}', {round_['rounds']} rounds planned, {round_['completed_rounds']} completed). This is site '{site}''s
   {manifest['model']['role']} model ({manifest['model']['name']}) at round {round_['selected']}.
 - Trained on {manifest['training_files']['count']} files of site '{site}'.
@@ -395,7 +403,8 @@ def write_bundle(folder: Path, network: nn.Module, manifest: dict[str, Any], rec
     check_manifest(manifest, f"the manifest of site '{manifest.get('site')}'")
     context = int(manifest["preprocessing"].get("context_slices", 0))
     config = inference_config(manifest, recipe, task)
-    program = bundle_program(network, task, manifest["input"]["channels"], manifest["input"]["size"][0], context)
+    size = manifest["input"]["size"]
+    program = bundle_program(network, task, manifest["input"]["channels"], size[0] if len(size) == 2 else size, context)
     contents = {
         PROGRAM: quiet_jit(_saved, torch.jit.save, program),
         WEIGHTS: _saved(torch.save, network.state_dict()),

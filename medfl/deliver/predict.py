@@ -5,7 +5,9 @@ probabilities (softmax, summing to 1) and the predicted class. Volumes are reori
 orientation, then go through the very pipeline of the MONAI bundle (medfl.deliver.programs: MONAI's
 percentile clip and z-score, then the slice-wise program: in-plane resize, context slices, network, logits
 back to the slice size), so that both give the same masks and both reproduce the data layer's
-preprocessing; they come back as a mask on the input's voxel grid, in the input's format.
+preprocessing; they come back as a mask on the input's voxel grid, in the input's format. A 3-D export's
+volumes go through the bundle's 3-D pipeline (medfl.deliver.volumes3d: the run's evaluation recipe, MONAI's
+sliding window, Invertd back to the input's grid).
 Each input stands alone: a bad one gets a one-line reason and the others are still predicted. An RGBA image
 whose alpha is 255 everywhere is an RGB image with an unused channel: it is read without the alpha channel
 (PIL's RGBA to RGB conversion drops alpha and leaves the colours as they are); one with transparent pixels is
@@ -41,6 +43,7 @@ from medfl.deliver.inputs import (
     stem,
 )
 from medfl.deliver.programs import LogitsOnly, SliceWiseProgram, normalise_volume
+from medfl.deliver.volumes3d import inference_steps, predict_volume_mask, sliding_window
 from medfl.errors import ConfigError, WriteError
 from medfl.task_facts import facts_for
 
@@ -154,6 +157,8 @@ def _segment(export: ExportedModel, case_id: str, path: Path, image: sitk.Image)
     if len(values) <= MASK_VALUES and np.array_equal(values, np.round(values)):
         shown = ", ".join(str(int(v)) for v in values)
         return None, f"holds only the values {shown}: a mask or a blank volume, not an MRI volume"
+    if export.manifest["preprocessing"].get("dims") == 3:
+        return _segment_3d(export, path, image)
     context = int(export.manifest["preprocessing"]["context_slices"])
     program = SliceWiseProgram(LogitsOnly(export.network), export.input_size, context).eval()
     prepared = normalise_volume(torch.from_numpy(volume)).to(export.device)
@@ -161,6 +166,21 @@ def _segment(export: ExportedModel, case_id: str, path: Path, image: sitk.Image)
         mask = program(prepared)[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
     found = int(mask.reshape(mask.shape[0], -1).any(axis=1).sum())
     return geometry.to_image(mask), f"prostate in {found} of {mask.shape[0]} slices"
+
+
+def _segment_3d(export: ExportedModel, path: Path, image: sitk.Image) -> tuple[sitk.Image, str]:
+    """A 3-D export's mask on the input's grid: the bundle's pipeline (medfl.deliver.volumes3d), eagerly."""
+    preprocessing = export.manifest["preprocessing"]
+    steps = inference_steps(resolve_recipe(export.recipe_path))  # the export's recipe file, checked at load
+    mask = predict_volume_mask(LogitsOnly(export.network).eval(), str(path), steps, sliding_window(preprocessing),
+                               export.device)
+    array = np.ascontiguousarray(mask.transpose(2, 1, 0))  # ITK's (x, y, z) voxel axes -> SimpleITK's (z, y, x)
+    if array.shape != sitk.GetArrayViewFromImage(image).shape:
+        raise ValueError(f"the mask came back with shape {array.shape[::-1]}, not the input's {image.GetSize()}")
+    result = sitk.GetImageFromArray(array)
+    result.CopyInformation(image)
+    found = int(array.reshape(array.shape[0], -1).any(axis=1).sum())
+    return result, f"prostate in {found} of {array.shape[0]} slices"
 
 
 def _write_image(image: sitk.Image, target: Path, source: Path) -> None:

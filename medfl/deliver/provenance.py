@@ -100,15 +100,21 @@ def files_sha256(files: list[str]) -> str:
     return hashlib.sha256("".join(f"{name}\n" for name in files).encode("utf-8")).hexdigest()
 
 
-def resolved_eval_recipe(config: ExperimentConfig) -> dict[str, Any]:
-    """The run's evaluation recipe with its variables (input size included) substituted: a recipe mapping
-    that `medfl.data.load_recipe` builds into the very transforms the run evaluated with."""
+def resolved_eval_recipe(config: ExperimentConfig, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's evaluation recipe with its variables substituted (`variables`: the task's recipe variables, as
+    the run loaded it; default the input size): a recipe mapping that `medfl.data.load_recipe` builds into the
+    very transforms the run evaluated with."""
     # start-up: MONAI loads once the run and its round are checked
     from medfl.data.recipes import resolve_recipe
 
-    recipe = resolve_recipe(config.data.recipe(config.task, "eval"), input_size=config.data.input_size)
+    if variables is None or set(variables) == {"input_size"}:
+        recipe = resolve_recipe(config.data.recipe(config.task, "eval"), input_size=config.data.input_size)
+        what = f"input size {config.data.input_size}"
+    else:
+        recipe = resolve_recipe(config.data.recipe(config.task, "eval"), **variables)
+        what = ", ".join(f"{name} {value}" for name, value in variables.items() if name in ("spacing",))
     path, transforms = recipe["path"], recipe["transforms"]
-    description = f"{recipe['description']} (from {path.name}, input size {config.data.input_size})"
+    description = f"{recipe['description']} (from {path.name}, {what})"
     return {"description": description, "transforms": transforms}
 
 

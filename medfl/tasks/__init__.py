@@ -12,6 +12,6 @@ Importing this package loads neither torch nor MONAI: `medfl check` reads sites 
 """
 
 from medfl.tasks.base import Task
-from medfl.tasks.registry import TASKS, task_for
+from medfl.tasks.registry import TASKS, task_for, task_for_export
 
-__all__ = ["TASKS", "Task", "task_for"]
+__all__ = ["TASKS", "Task", "task_for", "task_for_export"]

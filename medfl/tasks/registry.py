@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 from medfl.config import DataSettings
@@ -28,3 +30,14 @@ def task_for(key: str | TaskKey | Task, settings: Any = None) -> Task:
     if data is not None and data.dims == 3 and task.volumetric:
         return VolumetricSegmentation(data, getattr(settings, "evaluation", None))
     return task
+
+
+def task_for_export(manifest: Mapping[str, Any]) -> Task:
+    """The task of an export's manifest (checked by medfl.manifests): for a 3-D export, configured with the data
+    settings and the sliding window it records, so that `medfl evaluate` scores as the run scored."""
+    from medfl.experiment import EvaluationSettings
+
+    data = DataSettings.model_validate(manifest["data_settings"])
+    window = manifest["preprocessing"].get("sliding_window") if data.dims == 3 else None
+    evaluation = EvaluationSettings.model_validate(window) if window else None
+    return task_for(manifest["task"], SimpleNamespace(data=data, evaluation=evaluation))

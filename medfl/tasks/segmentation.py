@@ -123,6 +123,11 @@ class Segmentation(SegmentationFacts, Task):
         # start-up: torch and MONAI, only when exporting
         from medfl.deliver.monai_bundle import volume_transforms
 
+        return self.volume_inference(volume_transforms(recipe), manifest)
+
+    def volume_inference(self, preprocessing: list[dict[str, Any]], manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """The bundle's part for MRI volumes around the `preprocessing` components: the input folder's volumes of
+        one extension without the site's masks, argmax, Invertd back to the input's grid, SaveImaged."""
         return {
             "imports": [],
             "input_ext": ".nii.gz",
@@ -136,7 +141,7 @@ class Segmentation(SegmentationFacts, Task):
             "input_report": "$print('Left out ' + str(len(@left_out)) + ' file(s) whose name ends in the mask "
                             "suffix ' + repr(@mask_suffix) + ' (masks, not volumes; --mask_suffix sets another): ' "
                             "+ ', '.join(os.path.basename(path) for path in @left_out)) if @left_out else None",
-            "preprocessing": {"_target_": "Compose", "transforms": volume_transforms(recipe)},
+            "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
             "dataset": {"_target_": "Dataset", "data": "$[{'image': path} for path in @datalist]",
                         "transform": "@preprocessing"},
             "postprocessing": {"_target_": "Compose", "transforms": [

@@ -6,8 +6,9 @@ experiment's data settings choose this variant (`medfl.tasks.task_for(key, exper
 task: records are one per case and name its files (medfl.data.volumetric), the recipes are
 transforms/prostate3d_*.yaml, the network is 3-D, and validation and test volumes are scored whole with MONAI's
 sliding-window inference (evaluation.sw_*). Losses, CPA, DET, PFA and the strategies are the same: they see only
-the model and batches. Exports, predictions, bundles and reports of 3-D runs are not supported yet: the commands
-refuse them (`refuses_volumes`).
+the model and batches. Exports, predictions, evaluations and MONAI bundles of 3-D runs run the same recipe and
+sliding window (medfl.deliver.volumes3d); reports and NVFlare jobs of 3-D runs are not supported yet (the commands
+refuse them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from medfl.data.volumetric import read_volumetric_site, volume_counts
+from medfl.data.volumes import INTENSITY_PERCENTILES
+from medfl.data.volumetric import VOLUME_ORIENTATION, read_volumetric_site, volume_counts
 from medfl.experiment import EVALUATION_DEFAULTS
 from medfl.tasks.segmentation import Segmentation
 
@@ -122,6 +124,78 @@ class VolumetricSegmentation(Segmentation):
         window = self.sliding_window
         return score_volumes(model, batches, device, spacing_of, distances, self.data.patch_size,
                              window["sw_overlap"], window["sw_mode"], window["sw_batch_size"])
+
+    # ------------------------------------------------------------------ exports and MONAI bundles
+    def logits_shape(self, classes: Sequence[str], size: int) -> list[Any]:
+        return ["batch", len(classes), *self.data.patch_size]
+
+    def preprocessing(self, data: DataSettings, in_channels: int, recipe: Mapping[str, Any]) -> dict[str, Any]:
+        """What 3-D inference needs (medfl.deliver.volumes3d reads it): the spacing, the patch, the sliding window
+        and the run's resolved evaluation recipe."""
+        low, high = INTENSITY_PERCENTILES
+        return {
+            "kind": "MRI volume, predicted whole with a sliding window (3-D)",
+            "input": "a 3-D single-channel volume (NIfTI or MetaImage)",
+            "dims": 3,
+            "orientation": VOLUME_ORIENTATION,
+            "spacing": list(data.spacing),
+            "patch_size": list(data.patch_size),
+            "sliding_window": dict(self.sliding_window),
+            "intensity_percentiles": [low, high],
+            "normalisation": "clip to the percentiles, then z-score over the whole volume (before resampling)",
+            "context_slices": 0,
+            "channels": in_channels,
+            "transforms": recipe["transforms"],
+            "inverse": "argmax of the sliding-window logits, then MONAI's Invertd (nearest): the resampling and the "
+                       "reorientation undone, onto the input's voxel grid",
+        }
+
+    def bundle_program(self, traced: Any, eager: nn.Module, in_channels: int, input_size: int, context_slices: int,
+                       generator: torch.Generator) -> tuple[Any, nn.Module, Any]:
+        """The traced network itself: MONAI's SlidingWindowInferer feeds it patches."""
+        import torch
+
+        probe = torch.randn(3, in_channels, *self.data.patch_size, generator=generator)
+        return traced, eager, probe
+
+    def bundle_inference(self, recipe: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """The run's evaluation recipe on the image (medfl.deliver.volumes3d), MONAI's SlidingWindowInferer with the
+        run's settings, and the slice-wise task's input listing, argmax, Invertd and SaveImaged."""
+        from medfl.deliver.volumes3d import inference_steps, sliding_window
+
+        part = self.volume_inference(inference_steps(recipe), manifest)
+        part["inferer"] = {"_target_": "SlidingWindowInferer", **sliding_window(manifest["preprocessing"])}
+        return part
+
+    def bundle_data_format(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        from medfl.deliver.monai_bundle import tensor_format
+
+        classes = {str(i): name for i, name in enumerate(manifest["classes"])}
+        low, high = INTENSITY_PERCENTILES
+        patch = list(self.data.patch_size)
+        volume = {"0": f"MRI patch in {VOLUME_ORIENTATION} orientation (x, y, z) at "
+                       f"{_shape(self.data.spacing, 'mm')}, clipped to its {low:g}-{high:g} percentiles and z-scored"}
+        return {
+            "inputs": {"image": {**tensor_format("image", "magnitude", "MR", 1, patch, "float32", [], volume),
+                                 "is_patch_data": True}},
+            "outputs": {"pred": {**tensor_format("image", "labels", "MR", len(classes), patch, "float32", [], classes),
+                                 "is_patch_data": True}},
+            "post_processed_outputs": {
+                "pred": tensor_format("image", "segmentation", "MR", 1, ["*", "*", "*"], "uint8",
+                                      [0, len(classes) - 1], classes)},
+        }
+
+    def bundle_texts(self, manifest: Mapping[str, Any]) -> dict[str, str]:
+        texts = super().bundle_texts(manifest)
+        window = manifest["preprocessing"]["sliding_window"]
+        return {
+            **texts,
+            "what": "prostate segmentation of T2-weighted MRI volumes, whole volumes with a sliding window (3-D)",
+            "program": (f"MONAI's SlidingWindowInferer runs models/model.ts on windows of "
+                        f"{_shape(self.data.patch_size, 'voxels')} (overlap {window['sw_overlap']:g}, "
+                        f"{window['sw_mode']} blending, {window['sw_batch_size']} windows at once); then argmax, and "
+                        "Invertd undoes the resampling and the reorientation, so the mask lies on the input's grid"),
+        }
 
 
 def _shape(values: Sequence[float], unit: str) -> str:
