@@ -186,6 +186,7 @@ def run_of(federation, tmp_path_factory):
 @pytest.mark.parametrize("method", ["local", "fedavg", "prr"])
 def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, method) -> None:
     import csv
+    import json
 
     import torch
 
@@ -209,6 +210,11 @@ def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, met
     assert models == ({"P", "D"} if method == "prr" else {"M"})
     saved = torch.load(next(run.rglob("round_*.pt")), weights_only=True)
     assert saved["network"]["spatial_dims"] == 3
+    summary = json.loads((run / "summary.json").read_text())
+    for site in summary["sites"].values():  # test scores on each case's own voxel grid too
+        assert 0.0 <= site["test"]["dice_original"] <= 1.0
+        assert {"hd95_original", "hd95_original_missing"} <= set(site["test"])
+    assert not any(r["metric"] == "dice_original" for r in rows if r["split"] != "test")
 
 
 # ---- commands that do not support 3-D yet -------------------------------------------------------------------

@@ -82,8 +82,15 @@ class Task(TaskFacts, ABC):
 
     @abstractmethod
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
-                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool) -> dict[str, float]:
-        """The task's metrics of `model` (eval mode already set) over `batches`."""
+                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool,
+                 originals: Callable[[str], Any] | None = None) -> dict[str, float]:
+        """The task's metrics of `model` (eval mode already set) over `batches`; with `originals` (case id ->
+        `original_case`), segmentation adds the scores on each case's own voxel grid."""
+
+    def original_case(self, data: SiteData, case_id: str) -> Any | None:
+        """What scoring a case on its own voxel grid compares with (segmentation: its original mask), or None
+        (every task without such scores)."""
+        return None
 
     # ------------------------------------------------------------------ reports and exports
     @abstractmethod

@@ -115,13 +115,23 @@ class VolumetricSegmentation(Segmentation):
 
     # ------------------------------------------------------------------ learning
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
-                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool) -> dict[str, float]:
+                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool,
+                 originals: Callable[[str], Any] | None = None) -> dict[str, float]:
         # start-up: torch and MONAI, as in the slice-wise task
         from medfl.federated.evaluation import score_volumes
 
         window = self.sliding_window
         return score_volumes(model, batches, device, spacing_of, distances, self.data.patch_size,
-                             window["sw_overlap"], window["sw_mode"], window["sw_batch_size"])
+                             window["sw_overlap"], window["sw_mode"], window["sw_batch_size"], originals,
+                             self.data.spacing)
+
+    def original_case(self, data: SiteData, case_id: str) -> Any | None:
+        """The case's mask file (its record's label), read again when the case is scored on its own grid."""
+        for split in ("test", "val", "train"):
+            for record in data.splits.get(split, []):
+                if record["case_id"] == case_id:
+                    return record["label"]
+        return None
 
 
 def _shape(values: Sequence[float], unit: str) -> str:
