@@ -278,3 +278,35 @@ def test_check_experiment_states_spacing_patch_fit_and_memory(federation, tmp_pa
     assert main(["check", "--experiment", str(flat)]) == 0
     out = capsys.readouterr().out
     assert "input size 32" in out and "slices with prostate" in out and "3-D" not in out and "memory of" not in out
+
+
+def test_check_and_run_refuse_a_3d_experiment_whose_batch_cannot_fit(federation, tmp_path, capsys, monkeypatch) -> None:
+    import medfl.devices
+    from medfl.cli import main
+
+    experiment = _tiny_3d(tmp_path / "exp.yaml", federation, "prr")
+    monkeypatch.setattr(medfl.devices, "available_memory_bytes", lambda device: 100 * 2**10)  # 100 KiB left
+    assert main(["check", "--experiment", str(experiment)]) == 1
+    captured = capsys.readouterr()
+    error = next(line for line in captured.err.splitlines() if "cannot fit in memory" in line)
+    assert "one training batch needs about" in error and "2 model(s), 2 patch(es) of 16 x 16 x 8 voxels" in error
+    assert "only 100.0 KiB is available in RAM" in error and "smaller data.patch_size, batch_size" in error
+    assert "does not fit in memory" in captured.out
+    out = tmp_path / "run"
+    assert main(["run", str(experiment), "--out", str(out), "--quiet"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "cannot fit in memory" in error and not out.exists()
+    monkeypatch.setattr(medfl.devices, "available_memory_bytes", lambda device: 2**40)
+    assert main(["check", "--experiment", str(experiment)]) == 0
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path, monkeypatch) -> None:
+    import torch
+
+    import medfl.devices
+
+    assert medfl.devices.available_memory_bytes(torch.device("cpu")) > 0
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n")
+    monkeypatch.setattr(medfl.devices, "MEMINFO", meminfo)
+    assert medfl.devices.available_memory_bytes(torch.device("cpu")) == 8000000 * 1024

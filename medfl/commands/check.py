@@ -258,12 +258,21 @@ def run(args: argparse.Namespace) -> int:
         read.append(data)
         failed += bool(report.errors or (args.strict and report.warnings))
     _print_shift(console, reports)
+    refusal = None
     if experiment is not None:
         from medfl.tasks import task_for
 
-        for line in task_for(experiment.task, experiment).experiment_check(experiment, read):
+        whole = task_for(experiment.task, experiment)
+        for line in whole.experiment_check(experiment, read):
             console.print(Text(line), soft_wrap=True)
+        try:
+            refusal = whole.memory_refusal(experiment)
+        except MedflError as error:  # the experiment's device cannot be used here (cuda without a GPU)
+            refusal = str(error)
+        if refusal:
+            messages.print(Text(f"error: {refusal}", style="red"), soft_wrap=True)
     total = len(paths)
     summary = f"{total - failed} of {total} site(s) ready" + (f", {failed} with problems" if failed else "")
-    console.print(summary, style="bold red" if failed else "bold green")
-    return 1 if failed else 0
+    summary += "; the experiment's training does not fit in memory (above)" if refusal else ""
+    console.print(summary, style="bold red" if failed or refusal else "bold green")
+    return 1 if failed or refusal else 0

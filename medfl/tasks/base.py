@@ -46,6 +46,11 @@ class Task(TaskFacts, ABC):
         (none for 2-D tasks)."""
         return []
 
+    def memory_refusal(self, experiment: Any, device: torch.device | None = None) -> str | None:
+        """Why the experiment's training cannot fit into the memory `device` (default: the experiment's) has
+        available, with the numbers and what to change; None when it fits or the task makes no estimate (2-D)."""
+        return None
+
     def case_spacing(self, geometry: Any, data: DataSettings) -> tuple[float, float, float]:
         """The voxel spacing (mm) of a scored volume of a case (segmentation's HD95), from its geometry."""
         return geometry.slice_volume_spacing(data.input_size)
