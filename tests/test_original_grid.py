@@ -118,3 +118,26 @@ def test_volumes_are_taken_back_to_their_grid_and_scored_there(tmp_path):
     with pytest.raises(ValueError, match="case 'z': prediction of shape"):
         score_volumes(Fixed(), batches[:1], CPU, None, True, resampled, 0.0, "constant", 1, files.get, (1.0, 1.0, 1.0))
     assert not math.isnan(result["dice"])
+
+
+def test_a_site_read_slice_wise_keeps_its_test_cases_masks_aligned_with_the_slices(prostate_site):
+    # The reader keeps each val and test case's mask on its own grid. The phantom's prostate (rows 6..13 of 20,
+    # columns 8..15 of 24, slices 1..5 of 8) survives the resize to 16 x 16 and back whole, so a prediction that is
+    # perfect at the input size is perfect on the original grid: slices, rows and columns line up.
+    from medfl.config import DataSettings, load_site_config, validate_model
+    from medfl.data import load_site
+    from medfl.tasks import task_for
+
+    task = task_for("segmentation")
+    settings = validate_model(DataSettings, {"input_size": 16, "num_workers": 0}, "settings")
+    data = load_site(load_site_config(prostate_site(depth=8)), settings, task=task)
+    scored = {r["case_id"] for split in ("val", "test") for r in data.splits[split]}
+    assert set(data.original_masks) == scored
+    batches = []
+    for record in data.splits["test"]:
+        label = torch.as_tensor(np.asarray(record["label"])).float()
+        batches.append({"image": torch.cat([torch.zeros_like(label), 2 * label - 1])[None], "label": label[None],
+                        "case_id": [record["case_id"]], "slice_index": torch.tensor([record["slice_index"]]),
+                        "num_slices": torch.tensor([record["num_slices"]])})
+    result = score_segmenter(Fixed(), batches, CPU, None, True, lambda case: task.original_case(data, case))
+    assert result["dice"] == 1.0 and result["dice_original"] == 1.0 and result["hd95_original"] == 0.0
