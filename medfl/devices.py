@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,3 +74,28 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError(NO_CUDA)
     return torch.device(choice)
+
+
+MEMINFO = Path("/proc/meminfo")
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a run on `device` can still take: a CUDA GPU's free memory as the driver reports it; on the CPU the
+    RAM the kernel says is available without swapping (MemAvailable in /proc/meminfo; elsewhere the free pages);
+    None when the system does not tell."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in MEMINFO.read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None

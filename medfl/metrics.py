@@ -189,6 +189,16 @@ def summarize_cases(per_case: Mapping[str, Mapping[str, float]]) -> dict[str, fl
     return summary
 
 
+ORIGINAL_GRID_KEYS = {"dice": "dice_original", "hd95": "hd95_original", "hd95_missing": "hd95_original_missing"}
+
+
+def summarize_original_cases(per_case: Mapping[str, Mapping[str, float]]) -> dict[str, float | int]:
+    """`summarize_cases` of cases scored on their original voxel grids, under the keys of ORIGINAL_GRID_KEYS:
+    mean Dice over all cases; mean HD95 (mm) over the cases where it is finite, the others counted as missing."""
+    summary = summarize_cases(per_case)
+    return {name: summary[key] for key, name in ORIGINAL_GRID_KEYS.items()}
+
+
 def running_best(values: Sequence[float]) -> int:
     """Index of the round a running selection keeps: the first, replaced by every later value strictly above
     the kept one (NaN never replaces; ties keep the earlier round)."""

@@ -210,6 +210,9 @@ def test_segmentation_runs(method, prostate_experiment, tmp_path):
         assert 0.0 <= site["test"]["dice"] <= 1.0
         assert site["test"]["num_cases"] >= 1
         assert "hd95_missing" in site["test"]
+        # the same cases on their own voxel grids (the original in-plane size and spacing)
+        assert 0.0 <= site["test"]["dice_original"] <= 1.0
+        assert {"hd95_original", "hd95_original_missing"} <= set(site["test"])
 
 
 def test_prefetching_trains_exactly_as_loading_inline(derm_experiment, tmp_path, monkeypatch):

@@ -187,6 +187,7 @@ def run_of(federation, tmp_path_factory):
 @pytest.mark.parametrize("method", ["local", "fedavg", "prr"])
 def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, method) -> None:
     import csv
+    import json
 
     import torch
 
@@ -210,6 +211,11 @@ def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, met
     assert models == ({"P", "D"} if method == "prr" else {"M"})
     saved = torch.load(next(run.rglob("round_*.pt")), weights_only=True)
     assert saved["network"]["spatial_dims"] == 3
+    summary = json.loads((run / "summary.json").read_text())
+    for site in summary["sites"].values():  # test scores on each case's own voxel grid too
+        assert 0.0 <= site["test"]["dice_original"] <= 1.0
+        assert {"hd95_original", "hd95_original_missing"} <= set(site["test"])
+    assert not any(r["metric"] == "dice_original" for r in rows if r["split"] != "test")
 
 
 # ---- commands that do not support 3-D yet -------------------------------------------------------------------
@@ -421,3 +427,35 @@ def test_check_experiment_states_spacing_patch_fit_and_memory(federation, tmp_pa
     assert main(["check", "--experiment", str(flat)]) == 0
     out = capsys.readouterr().out
     assert "input size 32" in out and "slices with prostate" in out and "3-D" not in out and "memory of" not in out
+
+
+def test_check_and_run_refuse_a_3d_experiment_whose_batch_cannot_fit(federation, tmp_path, capsys, monkeypatch) -> None:
+    import medfl.devices
+    from medfl.cli import main
+
+    experiment = _tiny_3d(tmp_path / "exp.yaml", federation, "prr")
+    monkeypatch.setattr(medfl.devices, "available_memory_bytes", lambda device: 100 * 2**10)  # 100 KiB left
+    assert main(["check", "--experiment", str(experiment)]) == 1
+    captured = capsys.readouterr()
+    error = next(line for line in captured.err.splitlines() if "cannot fit in memory" in line)
+    assert "one training batch needs about" in error and "2 model(s), 2 patch(es) of 16 x 16 x 8 voxels" in error
+    assert "only 100.0 KiB is available in RAM" in error and "smaller data.patch_size, batch_size" in error
+    assert "does not fit in memory" in captured.out
+    out = tmp_path / "run"
+    assert main(["run", str(experiment), "--out", str(out), "--quiet"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "cannot fit in memory" in error and not out.exists()
+    monkeypatch.setattr(medfl.devices, "available_memory_bytes", lambda device: 2**40)
+    assert main(["check", "--experiment", str(experiment)]) == 0
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path, monkeypatch) -> None:
+    import torch
+
+    import medfl.devices
+
+    assert medfl.devices.available_memory_bytes(torch.device("cpu")) > 0
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n")
+    monkeypatch.setattr(medfl.devices, "MEMINFO", meminfo)
+    assert medfl.devices.available_memory_bytes(torch.device("cpu")) == 8000000 * 1024

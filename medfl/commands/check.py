@@ -1,6 +1,7 @@
 """`medfl check SITE_CONFIG...` (or `--experiment EXPERIMENT`, its sites with its data settings): validate sites and
 their data, print per-split, per-class counts and site shift; with --experiment, what the task says about the
-experiment as a whole (3-D: spacing, the patch against each site's smallest volume, one batch's memory).
+experiment as a whole (3-D: spacing, the patch against each site's smallest volume, one batch's memory, and an
+error when that batch cannot fit into the memory the experiment's device has available).
 
 Every site is checked, even after a bad one. Defaults match `DataSettings`: classes = each site's label-map
 targets in first-seen order (segmentation sites: always background and prostate), input size 64, split
@@ -8,7 +9,8 @@ targets in first-seen order (segmentation sites: always background and prostate)
 site's distance from the pooled sites in within-site standard deviations (medfl.data.shift), their mean (the
 federation's one figure), a paragraph on what the shift sweep measured at that shift (medfl.data.regimes) and
 the site means; with one site, its own statistics and one line saying why there is no advice.
-Exit status 0 when no site has an error (warnings are allowed, unless --strict), 1 otherwise. Errors: unreadable configs,
+Exit status 0 when no site has an error (warnings are allowed, unless --strict) and the experiment fits in
+memory, 1 otherwise. Errors: unreadable configs,
 missing or corrupt data, unknown labels, bad masks, duplicate ids, no samples, an empty train or validation
 split. Warnings: a class absent from a split, an empty test split, a class the label map never produces.
 Tables and the summary go to stdout, error and warning lines to stderr.
@@ -258,12 +260,21 @@ def run(args: argparse.Namespace) -> int:
         read.append(data)
         failed += bool(report.errors or (args.strict and report.warnings))
     _print_shift(console, reports)
+    refusal = None
     if experiment is not None:
         from medfl.tasks import task_for
 
-        for line in task_for(experiment.task, experiment).experiment_check(experiment, read):
+        whole = task_for(experiment.task, experiment)
+        for line in whole.experiment_check(experiment, read):
             console.print(Text(line), soft_wrap=True)
+        try:
+            refusal = whole.memory_refusal(experiment)
+        except MedflError as error:  # the experiment's device cannot be used here (cuda without a GPU)
+            refusal = str(error)
+        if refusal:
+            messages.print(Text(f"error: {refusal}", style="red"), soft_wrap=True)
     total = len(paths)
     summary = f"{total - failed} of {total} site(s) ready" + (f", {failed} with problems" if failed else "")
-    console.print(summary, style="bold red" if failed else "bold green")
-    return 1 if failed else 0
+    summary += "; the experiment's training does not fit in memory (above)" if refusal else ""
+    console.print(summary, style="bold red" if failed or refusal else "bold green")
+    return 1 if failed or refusal else 0

@@ -68,13 +68,19 @@ def _run(args: argparse.Namespace, config, run_dir) -> int:
     from medfl.tasks import task_for
 
     device = resolve_device(config.device)
+    task = task_for(config.task, config)
+    refusal = task.memory_refusal(config, device)  # 3-D: a batch that cannot fit stops the run before it starts
+    if refusal:
+        from medfl.errors import ConfigError
+
+        raise ConfigError(refusal)
     if config.runtime.threads:
         import torch
 
         torch.set_num_threads(config.runtime.threads)
     with ProgressDisplay(quiet=args.quiet) as display:
         coordinator = Coordinator(config, run_dir, device, progress=display.event, parallel=args.parallel,
-                                  task=task_for(config.task, config))
+                                  task=task)
         try:
             summary = coordinator.run(resume=args.resume)
         except KeyboardInterrupt:

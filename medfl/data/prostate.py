@@ -212,6 +212,8 @@ def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: Proble
             else range(case.image.shape[0])
         )
         content.splits[split] += [slice_record(case, i, settings.context_slices, site.name) for i in indices]
+        if split != "train" and case.original is not None:
+            content.original_masks[case.case_id] = case.original  # scored whole, on its own grid too
     content.statistics = SampleStatistics.from_rows(PROSTATE, statistics)
     return content
 

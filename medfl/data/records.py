@@ -32,3 +32,5 @@ class SiteContent:
     geometry: dict[str, Any] = field(default_factory=dict)
     statistics: SampleStatistics | None = None  # per-sample statistics for site shift (medfl.data.shift)
     file_digests: dict[str, str] = field(default_factory=dict)  # sha256 of every file the split records read
+    # slice-wise segmentation: the val and test cases' masks on their own grid (medfl.data.volumes.OriginalMask)
+    original_masks: dict[str, Any] = field(default_factory=dict)

@@ -25,7 +25,7 @@ from medfl.data.problems import Problem, ProblemLog
 from medfl.data.records import SiteContent
 from medfl.data.shift import SampleStatistics
 from medfl.data.splits import SPLITS
-from medfl.data.volumes import CaseGeometry
+from medfl.data.volumes import CaseGeometry, OriginalMask
 from medfl.errors import DataError
 
 
@@ -85,6 +85,9 @@ class SiteData:
     geometry: dict[str, CaseGeometry] = field(default_factory=dict)
     config: SiteConfig | None = None
     file_digests: dict[str, str] = field(default_factory=dict)  # path -> sha256 of every file the records read
+    # slice-wise segmentation: val and test cases' masks on their own grid, for scores there (not fingerprinted:
+    # the masks' files are, in file_digests)
+    original_masks: dict[str, OriginalMask] = field(default_factory=dict)
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Per-class counts of a split, in class order (images, or pixels for segmentation)."""
@@ -142,7 +145,7 @@ def inspect_site(site: SiteConfig, settings: DataSettings | None = None, *, task
     _check_splits(site, settings, report, log)
     report.problems = log.problems()
     return SiteData(site.name, site.task, content.classes, content.splits, report, content.geometry, site,
-                    content.file_digests)
+                    content.file_digests, content.original_masks)
 
 
 def validate_site(site: SiteConfig, settings: DataSettings | None = None, *, task: SiteReader) -> list[Problem]:

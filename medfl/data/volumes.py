@@ -112,6 +112,30 @@ class PreparedCase:
     mask: np.ndarray
     geometry: CaseGeometry
     raw_range: tuple[float, float] = (float("nan"), float("nan"))
+    original: OriginalMask | None = None
+
+
+@dataclass(frozen=True)
+class OriginalMask:
+    """A case's mask on its own voxel grid, in working orientation as a (Z, Y, X) array, and that grid's spacing:
+    what the scores on the original grid compare a prediction with. Kept packed (one bit a voxel)."""
+
+    bits: np.ndarray
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]  # mm, in the array's (z, y, x) order
+
+    @classmethod
+    def of(cls, labels: np.ndarray, geometry: CaseGeometry) -> OriginalMask:
+        """`labels` (Z, Y, X) in working orientation, as `check_case` reads them; the spacing from `geometry`."""
+        _, (spacing_x, spacing_y, spacing_z) = geometry.oriented_grid
+        return cls(np.packbits(np.asarray(labels, dtype=bool), axis=None), tuple(int(n) for n in labels.shape),
+                   (float(spacing_z), float(spacing_y), float(spacing_x)))
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The boolean (Z, Y, X) mask."""
+        count = int(np.prod(self.shape))
+        return np.unpackbits(self.bits, count=count).reshape(self.shape).astype(bool)
 
 
 def _itk_message(error: Exception) -> str:
@@ -295,7 +319,7 @@ def prepare_case(case_id: str, image_path: Path, mask_path: Path,
     low, high = checked.clip
     image_slices = preprocess_volume(checked.volume, input_size, clip=(low, high))
     return (PreparedCase(case_id, image_slices, resize_mask(checked.labels, input_size), checked.geometry,
-                         (float(low), float(high))), [])
+                         (float(low), float(high)), OriginalMask.of(checked.labels, checked.geometry)), [])
 
 
 def resize_slices(volume: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:

@@ -26,9 +26,10 @@ class SiteScores:
 
     def __init__(self, site: str, task: Task, classes: Sequence[str], models: Mapping[ModelRole, nn.Module],
                  device: torch.device, batches: Callable[[str], Iterable[Mapping[str, Any]]],
-                 spacing_of: Callable[[str], Sequence[float] | None], size_of: Callable[[str], int]):
+                 spacing_of: Callable[[str], Sequence[float] | None], size_of: Callable[[str], int],
+                 original_of: Callable[[str], Any] | None = None):
         self.site, self.task, self.classes, self.models, self.device = site, task, list(classes), models, device
-        self.batches, self.spacing_of, self.size_of = batches, spacing_of, size_of
+        self.batches, self.spacing_of, self.size_of, self.original_of = batches, spacing_of, size_of, original_of
         self.metric = task.metric
         self.history: list[dict[str, Any]] = []  # metric rows (round, epoch, site, model, split, metric, value)
         self.det_log: list[dict[str, Any]] = []
@@ -44,13 +45,16 @@ class SiteScores:
         self._cache = {key: value for key, value in self._cache.items() if key[0] != role}
 
     def score(self, role: ModelRole, split: str) -> dict[str, float]:
-        """Metrics of model `role` on `split`, computed once per model state. Distance metrics (HD95) only on
-        test: validation and the training split serve phi and selection, which read the task metric only."""
+        """Metrics of model `role` on `split`, computed once per model state. Distance metrics (HD95) and the
+        scores on each case's own voxel grid only on test: validation and the training split serve phi and
+        selection, which read the task metric only."""
         key = (role, split)
         if key not in self._cache:
             tick = time.perf_counter()
+            test = split == "test"
             self._cache[key] = evaluate_model(self.models[role], self.batches(split), self.task, self.classes,
-                                              self.device, self.spacing_of, distances=split == "test")
+                                              self.device, self.spacing_of, distances=test,
+                                              originals=self.original_of if test else None)
             self.eval_seconds += time.perf_counter() - tick
             self.eval_samples += self.size_of(split)
         return self._cache[key]

@@ -103,7 +103,8 @@ class Site(ClientAlgo):
         loss = self.task.supervised_loss(self.spec.loss, self.class_counts, self.experiment.cpa.beta)
         self.trainer = LocalTrainer(models, self.experiment, self.task, loss, self.device)
         self.scores = SiteScores(self.name, self.task, self.classes, models, self.device, self._eval_batches,
-                                 self._spacing, lambda split: len(self.datasets[split]))
+                                 self._spacing, lambda split: len(self.datasets[split]),
+                                 original_of=lambda case_id: self.task.original_case(self.data, case_id))
         self.record = SiteRecord(schema_version=SCHEMA_VERSION, site=self.name,
                                  site_config_sha256=site_config_sha256(self.config),
                                  data_fingerprint=data_fingerprint(self.data), training_files=self.task.training_files(self.data),

@@ -46,6 +46,11 @@ class Task(TaskFacts, ABC):
         (none for 2-D tasks)."""
         return []
 
+    def memory_refusal(self, experiment: Any, device: torch.device | None = None) -> str | None:
+        """Why the experiment's training cannot fit into the memory `device` (default: the experiment's) has
+        available, with the numbers and what to change; None when it fits or the task makes no estimate (2-D)."""
+        return None
+
     def case_spacing(self, geometry: Any, data: DataSettings) -> tuple[float, float, float]:
         """The voxel spacing (mm) of a scored volume of a case (segmentation's HD95), from its geometry."""
         return geometry.slice_volume_spacing(data.input_size)
@@ -82,8 +87,15 @@ class Task(TaskFacts, ABC):
 
     @abstractmethod
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
-                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool) -> dict[str, float]:
-        """The task's metrics of `model` (eval mode already set) over `batches`."""
+                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool,
+                 originals: Callable[[str], Any] | None = None) -> dict[str, float]:
+        """The task's metrics of `model` (eval mode already set) over `batches`; with `originals` (case id ->
+        `original_case`), segmentation adds the scores on each case's own voxel grid."""
+
+    def original_case(self, data: SiteData, case_id: str) -> Any | None:
+        """What scoring a case on its own voxel grid compares with (segmentation: its original mask), or None
+        (every task without such scores)."""
+        return None
 
     # ------------------------------------------------------------------ reports and exports
     @abstractmethod

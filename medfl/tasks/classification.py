@@ -70,7 +70,8 @@ class Classification(ClassificationFacts, Task):
         return CPALoss(class_counts, beta) if kind == "cpa" else CrossEntropy()
 
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
-                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool) -> dict[str, float]:
+                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool,
+                 originals: Callable[[str], Any] | None = None) -> dict[str, float]:
         # start-up: torch and MONAI, as above
         from medfl.federated.evaluation import score_classifier
 

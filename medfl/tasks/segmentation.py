@@ -73,11 +73,16 @@ class Segmentation(SegmentationFacts, Task):
         return SegmentationCPALoss(class_counts, beta) if kind == "cpa" else CrossEntropyDice()
 
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
-                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool) -> dict[str, float]:
+                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool,
+                 originals: Callable[[str], Any] | None = None) -> dict[str, float]:
         # start-up: torch and MONAI, as above
         from medfl.federated.evaluation import score_segmenter
 
-        return score_segmenter(model, batches, device, spacing_of, distances)
+        return score_segmenter(model, batches, device, spacing_of, distances, originals)
+
+    def original_case(self, data: SiteData, case_id: str) -> Any | None:
+        """The case's mask on its own grid (`OriginalMask`, kept by the reader for val and test cases), or None."""
+        return data.original_masks.get(case_id)
 
     # ------------------------------------------------------------------ reports and exports
     def result_columns(self, classes: Sequence[str], metric: str) -> list[Column]:

@@ -115,15 +115,54 @@ class VolumetricSegmentation(Segmentation):
                      "gradients and optimizer state)")
         return lines
 
+    def memory_refusal(self, experiment: ExperimentConfig, device: torch.device | None = None) -> str | None:
+        """One training batch's estimated memory (`training_batch_memory`) against what the device has available:
+        a CUDA GPU's free memory, the CPU's available RAM. The run is refused before it starts rather than failing
+        out of memory in its first step."""
+        # start-up: torch loads for the estimate, as in experiment_check
+        from medfl.devices import available_memory_bytes, resolve_device
+
+        device = device if device is not None else resolve_device(experiment.device)
+        available = available_memory_bytes(device)
+        if available is None:
+            return None
+        estimate = training_batch_memory(experiment, self)
+        if estimate["total"] <= available:
+            return None
+        data = experiment.data
+        where = f"free on the GPU ({device})" if device.type == "cuda" else "available in RAM"
+        return (f"3-D training cannot fit in memory: one training batch needs about {_bytes(estimate['total'])} "
+                f"({estimate['models']} model(s), {estimate['patches']} patch(es) of "
+                f"{_shape(data.patch_size, 'voxels')}: batch_size {experiment.batch_size} x patches_per_volume "
+                f"{data.patches_per_volume}), and only {_bytes(available)} is {where}; use a smaller data.patch_size, "
+                "batch_size or data.patches_per_volume (or a smaller model)")
+
     # ------------------------------------------------------------------ learning
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
-                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool) -> dict[str, float]:
+                 spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool,
+                 originals: Callable[[str], Any] | None = None) -> dict[str, float]:
         # start-up: torch and MONAI, as in the slice-wise task
         from medfl.federated.evaluation import score_volumes
 
         window = self.sliding_window
         return score_volumes(model, batches, device, spacing_of, distances, self.data.patch_size,
-                             window["sw_overlap"], window["sw_mode"], window["sw_batch_size"])
+                             window["sw_overlap"], window["sw_mode"], window["sw_batch_size"], originals,
+                             self.data.spacing)
+
+    def original_case(self, data: SiteData, case_id: str) -> Any | None:
+        """The case's mask file (its record's label), read again when the case is scored on its own grid."""
+        for split in ("test", "val", "train"):
+            for record in data.splits.get(split, []):
+                if record["case_id"] == case_id:
+                    return record["label"]
+        return None
+
+
+def _bytes(count: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count / 2**10:.1f} KiB"
 
     # ------------------------------------------------------------------ exports and MONAI bundles
     def logits_shape(self, classes: Sequence[str], size: int) -> list[Any]:
