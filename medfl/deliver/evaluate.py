@@ -91,7 +91,9 @@ def evaluate_export(export: ExportedModel, site_config: str | Path, split: str =
         geometry = data.geometry.get(case_id)
         return task.case_spacing(geometry, settings) if geometry else None
 
-    metrics = evaluate_model(export.network, loader, task, export.classes, export.device, spacing_of)
+    # segmentation: each case scored on its own grid too, as the run's test scoring does
+    metrics = evaluate_model(export.network, loader, task, export.classes, export.device, spacing_of,
+                             originals=lambda case_id: task.original_case(data, case_id))
     return {
         "export": {"site": export.site, "folder": str(export.folder.resolve()), "model": export.manifest["model"],
                    "round": export.manifest["round"]["selected"], "weights_sha256": export.manifest["files"][WEIGHTS]},

@@ -158,12 +158,6 @@ class VolumetricSegmentation(Segmentation):
         return None
 
 
-def _bytes(count: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count / 2**10:.1f} KiB"
-
     # ------------------------------------------------------------------ exports and MONAI bundles
     def logits_shape(self, classes: Sequence[str], size: int) -> list[Any]:
         return ["batch", len(classes), *self.data.patch_size]
@@ -239,6 +233,13 @@ def _bytes(count: float) -> str:
 
 def _shape(values: Sequence[float], unit: str) -> str:
     return " x ".join(f"{value:g}" for value in values) + f" {unit}"
+
+
+def _bytes(count: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count / 2**10:.1f} KiB"
 
 
 def training_batch_memory(experiment: ExperimentConfig, task: VolumetricSegmentation) -> dict[str, int]:
