@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import tiny_3d_experiment
 
 import medfl.data.recipes as recipes_module
 from medfl.config import DataSettings, load_site_config, validate_model
@@ -143,21 +144,6 @@ def federation(tmp_path_factory) -> Path:
     return root
 
 
-def _tiny_3d(path: Path, federation: Path, method: str, **changes) -> Path:
-    import yaml
-
-    config = {"name": "tiny3d", "task": "segmentation", "method": method, "rounds": 1, "local_epochs": 1,
-              "batch_size": 2, "sites": [str(federation / "site_configs" / "prostate" / f"prost_{s}.yaml") for s in "ab"],
-              "data": {"dims": 3, "spacing": [6.0, 6.0, 6.0], "patch_size": [16, 16, 8], "patches_per_volume": 1,
-                       "num_workers": 0},
-              "model": {"name": "unet", "width": 0.125,
-                        "options": {"channels": [16, 32, 64], "strides": [2, 2], "num_res_units": 1}},
-              "evaluation": {"sw_mode": "gaussian"}, "optimizer": {"name": "adam", "lr": 1e-3},
-              "cpa": {"warmup_rounds": 0}, "device": "cpu", "runtime": {"threads": 1}, **changes}
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 @pytest.fixture(scope="module")
 def run_of(federation, tmp_path_factory):
     """method -> the folder of a 1-round tiny 3-D run of it (each method runs once per module)."""
@@ -174,7 +160,7 @@ def run_of(federation, tmp_path_factory):
             previous = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                config = load_experiment_config(_tiny_3d(folder / "exp.yaml", federation, method))
+                config = load_experiment_config(tiny_3d_experiment(folder / "exp.yaml", federation, method))
                 Coordinator(config, folder / "run", torch.device("cpu"), task=task_for(config.task, config)).run()
             finally:
                 torch.set_num_threads(previous)
@@ -194,7 +180,7 @@ def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, met
     from medfl.federated.coordinator import Coordinator
     from medfl.tasks.volumetric import VolumetricSegmentation
 
-    config = load_experiment_config(_tiny_3d(tmp_path / "exp.yaml", federation, method))
+    config = load_experiment_config(tiny_3d_experiment(tmp_path / "exp.yaml", federation, method))
     task = task_for(config.task, config)
     assert isinstance(task, VolumetricSegmentation) and task.sliding_window["sw_mode"] == "gaussian"
     with pytest.raises(ValueError, match="2-D segmentation task cannot run the 3-D experiment"):
@@ -226,11 +212,6 @@ def _refused(capsys, argv: list[str], out: Path) -> None:
 def test_report_refuses_a_3d_run(run_of, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     _refused(capsys, ["report", str(run_of("fedavg") / "run"), "--out", str(out)], out)
-
-
-def test_nvflare_job_refuses_a_3d_experiment(federation, tmp_path, capsys) -> None:
-    out = tmp_path / "job"
-    _refused(capsys, ["nvflare-job", str(_tiny_3d(tmp_path / "exp.yaml", federation, "prr")), "--out", str(out)], out)
 
 
 # ---- export, predict, evaluate and the MONAI bundle of a 3-D run ------------------------------------------------
@@ -403,7 +384,7 @@ def test_a_3d_bundle_runs_without_medfl_and_equals_predict(federation, run_of, t
 def test_check_experiment_states_spacing_patch_fit_and_memory(federation, tmp_path, capsys) -> None:
     from medfl.cli import main
 
-    experiment = _tiny_3d(tmp_path / "exp.yaml", federation, "prr",
+    experiment = tiny_3d_experiment(tmp_path / "exp.yaml", federation, "prr",
                           data={"dims": 3, "spacing": [4.0, 4.0, 4.0], "patch_size": [32, 32, 32], "num_workers": 0})
     assert main(["check", "--experiment", str(experiment)]) == 0
     out = capsys.readouterr().out
@@ -417,7 +398,7 @@ def test_check_experiment_states_spacing_patch_fit_and_memory(federation, tmp_pa
     assert float(memory.split("about ")[1].split(" MiB")[0]) > 0 and "2 model(s)" in memory
     assert main(["check", "--experiment", str(experiment), str(experiment)]) == 1
     assert "give no site configs with it" in capsys.readouterr().err
-    flat = _tiny_3d(tmp_path / "flat.yaml", federation, "prr", data={"num_workers": 0, "input_size": 32}, evaluation={})
+    flat = tiny_3d_experiment(tmp_path / "flat.yaml", federation, "prr", data={"num_workers": 0, "input_size": 32}, evaluation={})
     assert main(["check", "--experiment", str(flat)]) == 0
     out = capsys.readouterr().out
     assert "input size 32" in out and "slices with prostate" in out and "3-D" not in out and "memory of" not in out
