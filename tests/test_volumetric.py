@@ -1,6 +1,6 @@
 """3-D prostate segmentation (data.dims 3): config, volume records and recipes, the task on a tiny federation,
-what `medfl check` says, export, predict, evaluate and the MONAI bundle of a 3-D run, and the commands that refuse
-3-D runs for now (report, nvflare-job)."""
+what `medfl check` says, the report, export, predict, evaluate and the MONAI bundle of a 3-D run (its NVFlare job:
+tests/test_nvflare.py)."""
 
 from __future__ import annotations
 
@@ -198,20 +198,41 @@ def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, met
     assert saved["network"]["spatial_dims"] == 3
 
 
-# ---- commands that do not support 3-D yet -------------------------------------------------------------------
+# ---- the report of a 3-D run ------------------------------------------------------------------------------
 
-def _refused(capsys, argv: list[str], out: Path) -> None:
+def test_report_of_a_3d_run_draws_three_planes_through_each_example_case(run_of, tmp_path, capsys) -> None:
+    import torch
+
     from medfl.cli import main
+    from medfl.experiment import load_experiment_config
+    from medfl.report.predictions import VIEWS, SplitCache, choose_volume_examples, predict_volume_examples
+    from medfl.report.runs import load_run
 
-    assert main(argv) == 1
-    error = capsys.readouterr().err.strip()
-    assert "a 3-D experiment (data.dims 3)" in error and "does not support 3-D yet" in error, error
-    assert len(error.splitlines()) == 1 and not out.exists()
+    run_dir = run_of("fedavg") / "run"
+    out = tmp_path / "report"
+    assert main(["report", str(run_dir), "--out", str(out), "--examples", "1", "--device", "cpu"]) == 0
+    assert "report written to" in capsys.readouterr().out
+    text = (out / "report.md").read_text()
+    assert "(validation_curves.png)" in text  # curves and tables as in 2-D
+    assert "![Segmentation examples, three planes per case](segmentation_planes.png)" in text
+    assert "## Test results per site" in text and "dice" in text.lower()
+    assert (out / "segmentation_planes.png").stat().st_size > 0 and not (out / "segmentation_examples.png").exists()
+    # the planes: axial, coronal, sagittal through the mask's centre of mass, the prediction cut the same way
+    run = load_run(run_dir)
+    config = load_experiment_config(run_dir / "config.yaml")
+    splits = SplitCache(task_for(config.task, config))
+    examples = choose_volume_examples(run, splits, 1)
+    predicted = predict_volume_examples(run, examples, splits, torch.device("cpu"))
+    for site, planes in examples.items():
+        assert [p.view for p in planes] == list(VIEWS) and len({p.case_id for p in planes}) == 1
+        x, y, z = planes[0].centre
+        assert [p.slice_index for p in planes] == [z, y, x] and all(p.truth.any() for p in planes)
+        assert [m.shape for m in predicted[site]] == [p.image.shape for p in planes] == [p.truth.shape for p in planes]
+        assert planes[1].aspect == planes[2].aspect == 1.0  # 6 mm voxels: square pixels
+    from medfl.report.writer import write_report
 
-
-def test_report_refuses_a_3d_run(run_of, tmp_path, capsys) -> None:
-    out = tmp_path / "out"
-    _refused(capsys, ["report", str(run_of("fedavg") / "run"), "--out", str(out)], out)
+    with pytest.raises(ConfigError, match="a 3-D run, and the report's task is 2-D"):
+        write_report([run_dir], tmp_path / "wrong", task=task_for("segmentation"))
 
 
 # ---- export, predict, evaluate and the MONAI bundle of a 3-D run ------------------------------------------------

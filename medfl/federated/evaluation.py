@@ -98,21 +98,27 @@ def score_segmenter(model: nn.Module, loader, device: torch.device, spacing_of, 
     return dict(summarize_cases(per_case))
 
 
-def score_volumes(model: nn.Module, loader, device: torch.device, spacing_of, distances: bool, roi_size: Sequence[int],
-                  overlap: float, mode: str, sw_batch_size: int) -> dict[str, float]:
-    """Whole volumes predicted with MONAI's sliding-window inference (windows of `roi_size`, blended by `mode`
-    with `overlap`) and scored per case with the same metrics as slices reassembled into volumes: Dice, and
-    unless ``distances`` is False HD95 with ``spacing_of(case_id)``; the split's means."""
+def sliding_window_logits(model: nn.Module, images: Tensor, roi_size: Sequence[int], overlap: float, mode: str,
+                          sw_batch_size: int) -> Tensor:
+    """`model`'s logits over whole volumes (batch, channel, x, y, z) with MONAI's sliding-window inference: windows
+    of `roi_size`, blended by `mode` with `overlap`."""
     from monai.inferers import sliding_window_inference
 
     def logits_of(inputs: Tensor) -> Tensor:
         return model(inputs)[0]
 
+    return sliding_window_inference(images, list(roi_size), sw_batch_size, logits_of, overlap=overlap, mode=mode)
+
+
+def score_volumes(model: nn.Module, loader, device: torch.device, spacing_of, distances: bool, roi_size: Sequence[int],
+                  overlap: float, mode: str, sw_batch_size: int) -> dict[str, float]:
+    """Whole volumes predicted with MONAI's sliding-window inference (windows of `roi_size`, blended by `mode`
+    with `overlap`) and scored per case with the same metrics as slices reassembled into volumes: Dice, and
+    unless ``distances`` is False HD95 with ``spacing_of(case_id)``; the split's means."""
     per_case = {}
     for batch in loader:
         images = plain(batch["image"]).to(device)
-        logits = sliding_window_inference(images, list(roi_size), sw_batch_size, logits_of, overlap=overlap,
-                                          mode=mode)
+        logits = sliding_window_logits(model, images, roi_size, overlap, mode, sw_batch_size)
         predictions = logits.max(dim=1).indices.to(torch.uint8).cpu().numpy()
         label = torch.as_tensor(batch["label"])
         if label.ndim == logits.ndim:

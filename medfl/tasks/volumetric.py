@@ -7,8 +7,8 @@ task: records are one per case and name its files (medfl.data.volumetric), the r
 transforms/prostate3d_*.yaml, the network is 3-D, and validation and test volumes are scored whole with MONAI's
 sliding-window inference (evaluation.sw_*). Losses, CPA, DET, PFA and the strategies are the same: they see only
 the model and batches. Exports, predictions, evaluations and MONAI bundles of 3-D runs run the same recipe and
-sliding window (medfl.deliver.volumes3d); reports and NVFlare jobs of 3-D runs are not supported yet (the commands
-refuse them).
+sliding window (medfl.deliver.volumes3d); NVFlare sites build this task from the job's experiment, and reports
+draw three planes through each example case (medfl.report.predictions.choose_volume_examples).
 """
 
 from __future__ import annotations
@@ -124,6 +124,14 @@ class VolumetricSegmentation(Segmentation):
         window = self.sliding_window
         return score_volumes(model, batches, device, spacing_of, distances, self.data.patch_size,
                              window["sw_overlap"], window["sw_mode"], window["sw_batch_size"])
+
+    def predict_labels(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Whole volumes through the sliding window that scoring uses, then argmax."""
+        from medfl.federated.evaluation import sliding_window_logits
+
+        window = self.sliding_window
+        return sliding_window_logits(model, images, self.data.patch_size, window["sw_overlap"], window["sw_mode"],
+                                     window["sw_batch_size"]).argmax(dim=1)
 
     # ------------------------------------------------------------------ exports and MONAI bundles
     def logits_shape(self, classes: Sequence[str], size: int) -> list[Any]:
