@@ -127,6 +127,7 @@ class VolumetricSegmentation(Segmentation):
 
     def predict_labels(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Whole volumes through the sliding window that scoring uses, then argmax."""
+        # start-up: torch and MONAI, as in evaluate
         from medfl.federated.evaluation import sliding_window_logits
 
         window = self.sliding_window
