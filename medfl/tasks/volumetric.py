@@ -170,6 +170,7 @@ class VolumetricSegmentation(Segmentation):
     def bundle_inference(self, recipe: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
         """The run's evaluation recipe on the image (medfl.deliver.volumes3d), MONAI's SlidingWindowInferer with the
         run's settings, and the slice-wise task's input listing, argmax, Invertd and SaveImaged."""
+        # only when exporting a bundle
         from medfl.deliver.volumes3d import inference_steps, sliding_window
 
         part = self.volume_inference(inference_steps(recipe), manifest)
@@ -177,6 +178,7 @@ class VolumetricSegmentation(Segmentation):
         return part
 
     def bundle_data_format(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        # start-up: torch and MONAI, only when exporting
         from medfl.deliver.monai_bundle import tensor_format
 
         classes = {str(i): name for i, name in enumerate(manifest["classes"])}
