@@ -245,6 +245,23 @@ def tiny_experiment(path: Path, federation: Path, task: str, sites: Sequence[str
     return path
 
 
+def tiny_3d_experiment(path: Path, federation: Path, method: str, **changes: Any) -> Path:
+    """Write a tiny 3-D prostate experiment (data.dims 3) on `federation`'s prost_a and prost_b at `path`: 1 round
+    x 1 epoch, 6 mm voxels, 16 x 16 x 8 patches, a 3-level UNet x0.125, one thread on the CPU. `changes` replace
+    top-level entries."""
+    config = {"name": "tiny3d", "task": "segmentation", "method": method, "rounds": 1, "local_epochs": 1,
+              "batch_size": 2, "sites": [str(federation / "site_configs" / "prostate" / f"prost_{s}.yaml") for s in "ab"],
+              "data": {"dims": 3, "spacing": [6.0, 6.0, 6.0], "patch_size": [16, 16, 8], "patches_per_volume": 1,
+                       "num_workers": 0},
+              "model": {"name": "unet", "width": 0.125,
+                        "options": {"channels": [16, 32, 64], "strides": [2, 2], "num_res_units": 1}},
+              "evaluation": {"sw_mode": "gaussian"}, "optimizer": {"name": "adam", "lr": 1e-3},
+              "cpa": {"warmup_rounds": 0}, "device": "cpu", "runtime": {"threads": 1}, **changes}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 # ---- another process holding a folder's lock --------------------------------------------------------------
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import yaml
 
 pytest.importorskip("nvflare")
 
-from conftest import held_by_another_process, tiny_experiment  # noqa: E402
+from conftest import held_by_another_process, tiny_3d_experiment, tiny_experiment  # noqa: E402
 from monai.fl.utils.exchange_object import ExchangeObject  # noqa: E402
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils  # noqa: E402
 from nvflare.app_opt.pt.decomposers import TensorDecomposer  # noqa: E402
@@ -63,14 +63,15 @@ def table(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(stream))
 
 
-def assert_same_results(reference: Path, run: Path, site_folders: dict[str, Path] | None = None) -> None:
+def assert_same_results(reference: Path, run: Path, site_folders: dict[str, Path] | None = None,
+                        sites: tuple[str, ...] = SITES) -> None:
     """Every site's metrics, DET states, retrogress, selection and saved models are identical (the models where
     each site keeps its part of the run: the run folder, or its own folder)."""
     for name in COMPARED:
         assert table(run / name) == table(reference / name), name
     assert json.loads((run / "summary.json").read_text())["sites"] == json.loads(
         (reference / "summary.json").read_text())["sites"]
-    for site in SITES:
+    for site in sites:
         kept = (site_folders or {}).get(site, run)
         for saved in sorted((reference / "sites" / site / "models").glob("round_*.pt")):
             expected = torch.load(saved, weights_only=True)["models"]
@@ -108,7 +109,7 @@ class Loopback(MedflController):
     """
 
     def __init__(self, config, run_dir: Path, lost=(), crash_after=None):
-        super().__init__(sites=list(SITES), run_dir=str(run_dir))
+        super().__init__(sites=[site.name for site in config.load_sites()], run_dir=str(run_dir))
         self.runners = {s.name: SiteRunner(s, config, run_dir, "cpu") for s in config.load_sites()}
         self.lost = set(lost)
         self.crash_after = crash_after  # (round, site): the server dies right after this site's work
@@ -262,6 +263,24 @@ def test_controller_and_site_runners_reproduce_the_in_process_run(experiment, in
     assert_same_results(in_process, tmp_path / "fl")
     assert {(r["round"], r["status"]) for r in table(tmp_path / "fl" / "participation.csv")} == {
         ("0", "answered"), ("1", "answered")}
+
+
+@pytest.mark.slow
+def test_a_3d_job_is_written_and_its_sites_reproduce_the_in_process_run(tiny_federation, tmp_path, one_thread, capsys):
+    """data.dims 3: `medfl nvflare-job` writes the job, each site builds the 3-D task from the carried experiment,
+    and one round through the controller and site runners equals the in-process coordinator's."""
+    experiment = tiny_3d_experiment(tmp_path / "exp.yaml", tiny_federation, "prr")
+    assert medfl_main(["nvflare-job", str(experiment), "--out", str(tmp_path / "job")]) == 0
+    assert "prost_a, prost_b" in capsys.readouterr().out
+    carried = tmp_path / "job" / "app_prost_a" / "config" / CONFIG_FOLDER
+    runner = build_runner(carried, "prost_a")
+    assert runner.experiment.data.dims == 3 and runner.experiment.data.patch_size == (16, 16, 8)
+    config = load_experiment_config(experiment)
+    Coordinator(config, tmp_path / "in_process", torch.device("cpu"), task=task_for(config.task, config)).run()
+    Loopback(config, tmp_path / "fl").run_experiment(config)
+    assert_same_results(tmp_path / "in_process", tmp_path / "fl", sites=("prost_a", "prost_b"))
+    saved = torch.load(next((tmp_path / "fl" / "sites" / "prost_a" / "models").glob("round_*.pt")), weights_only=True)
+    assert saved["network"]["spatial_dims"] == 3
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """3-D prostate segmentation (data.dims 3): config, volume records and recipes, the task on a tiny federation,
-what `medfl check` says, export, predict, evaluate and the MONAI bundle of a 3-D run, and the commands that refuse
-3-D runs for now (report, nvflare-job)."""
+what `medfl check` says, the report, export, predict, evaluate and the MONAI bundle of a 3-D run (its NVFlare job:
+tests/test_nvflare.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import tiny_3d_experiment
 
 import medfl.data.recipes as recipes_module
 from medfl.config import DataSettings, load_site_config, validate_model
@@ -143,21 +144,6 @@ def federation(tmp_path_factory) -> Path:
     return root
 
 
-def _tiny_3d(path: Path, federation: Path, method: str, **changes) -> Path:
-    import yaml
-
-    config = {"name": "tiny3d", "task": "segmentation", "method": method, "rounds": 1, "local_epochs": 1,
-              "batch_size": 2, "sites": [str(federation / "site_configs" / "prostate" / f"prost_{s}.yaml") for s in "ab"],
-              "data": {"dims": 3, "spacing": [6.0, 6.0, 6.0], "patch_size": [16, 16, 8], "patches_per_volume": 1,
-                       "num_workers": 0},
-              "model": {"name": "unet", "width": 0.125,
-                        "options": {"channels": [16, 32, 64], "strides": [2, 2], "num_res_units": 1}},
-              "evaluation": {"sw_mode": "gaussian"}, "optimizer": {"name": "adam", "lr": 1e-3},
-              "cpa": {"warmup_rounds": 0}, "device": "cpu", "runtime": {"threads": 1}, **changes}
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 @pytest.fixture(scope="module")
 def run_of(federation, tmp_path_factory):
     """method -> the folder of a 1-round tiny 3-D run of it (each method runs once per module)."""
@@ -174,7 +160,7 @@ def run_of(federation, tmp_path_factory):
             previous = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                config = load_experiment_config(_tiny_3d(folder / "exp.yaml", federation, method))
+                config = load_experiment_config(tiny_3d_experiment(folder / "exp.yaml", federation, method))
                 Coordinator(config, folder / "run", torch.device("cpu"), task=task_for(config.task, config)).run()
             finally:
                 torch.set_num_threads(previous)
@@ -195,7 +181,7 @@ def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, met
     from medfl.federated.coordinator import Coordinator
     from medfl.tasks.volumetric import VolumetricSegmentation
 
-    config = load_experiment_config(_tiny_3d(tmp_path / "exp.yaml", federation, method))
+    config = load_experiment_config(tiny_3d_experiment(tmp_path / "exp.yaml", federation, method))
     task = task_for(config.task, config)
     assert isinstance(task, VolumetricSegmentation) and task.sliding_window["sw_mode"] == "gaussian"
     with pytest.raises(ValueError, match="2-D segmentation task cannot run the 3-D experiment"):
@@ -218,25 +204,41 @@ def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, met
     assert not any(r["metric"] == "dice_original" for r in rows if r["split"] != "test")
 
 
-# ---- commands that do not support 3-D yet -------------------------------------------------------------------
+# ---- the report of a 3-D run ------------------------------------------------------------------------------
 
-def _refused(capsys, argv: list[str], out: Path) -> None:
+def test_report_of_a_3d_run_draws_three_planes_through_each_example_case(run_of, tmp_path, capsys) -> None:
+    import torch
+
     from medfl.cli import main
+    from medfl.experiment import load_experiment_config
+    from medfl.report.predictions import VIEWS, SplitCache, choose_volume_examples, predict_volume_examples
+    from medfl.report.runs import load_run
 
-    assert main(argv) == 1
-    error = capsys.readouterr().err.strip()
-    assert "a 3-D experiment (data.dims 3)" in error and "does not support 3-D yet" in error, error
-    assert len(error.splitlines()) == 1 and not out.exists()
+    run_dir = run_of("fedavg") / "run"
+    out = tmp_path / "report"
+    assert main(["report", str(run_dir), "--out", str(out), "--examples", "1", "--device", "cpu"]) == 0
+    assert "report written to" in capsys.readouterr().out
+    text = (out / "report.md").read_text()
+    assert "(validation_curves.png)" in text  # curves and tables as in 2-D
+    assert "![Segmentation examples, three planes per case](segmentation_planes.png)" in text
+    assert "## Test results per site" in text and "dice" in text.lower()
+    assert (out / "segmentation_planes.png").stat().st_size > 0 and not (out / "segmentation_examples.png").exists()
+    # the planes: axial, coronal, sagittal through the mask's centre of mass, the prediction cut the same way
+    run = load_run(run_dir)
+    config = load_experiment_config(run_dir / "config.yaml")
+    splits = SplitCache(task_for(config.task, config))
+    examples = choose_volume_examples(run, splits, 1)
+    predicted = predict_volume_examples(run, examples, splits, torch.device("cpu"))
+    for site, planes in examples.items():
+        assert [p.view for p in planes] == list(VIEWS) and len({p.case_id for p in planes}) == 1
+        x, y, z = planes[0].centre
+        assert [p.slice_index for p in planes] == [z, y, x] and all(p.truth.any() for p in planes)
+        assert [m.shape for m in predicted[site]] == [p.image.shape for p in planes] == [p.truth.shape for p in planes]
+        assert planes[1].aspect == planes[2].aspect == 1.0  # 6 mm voxels: square pixels
+    from medfl.report.writer import write_report
 
-
-def test_report_refuses_a_3d_run(run_of, tmp_path, capsys) -> None:
-    out = tmp_path / "out"
-    _refused(capsys, ["report", str(run_of("fedavg") / "run"), "--out", str(out)], out)
-
-
-def test_nvflare_job_refuses_a_3d_experiment(federation, tmp_path, capsys) -> None:
-    out = tmp_path / "job"
-    _refused(capsys, ["nvflare-job", str(_tiny_3d(tmp_path / "exp.yaml", federation, "prr")), "--out", str(out)], out)
+    with pytest.raises(ConfigError, match="a 3-D run, and the report's task is 2-D"):
+        write_report([run_dir], tmp_path / "wrong", task=task_for("segmentation"))
 
 
 # ---- export, predict, evaluate and the MONAI bundle of a 3-D run ------------------------------------------------
@@ -409,7 +411,7 @@ def test_a_3d_bundle_runs_without_medfl_and_equals_predict(federation, run_of, t
 def test_check_experiment_states_spacing_patch_fit_and_memory(federation, tmp_path, capsys) -> None:
     from medfl.cli import main
 
-    experiment = _tiny_3d(tmp_path / "exp.yaml", federation, "prr",
+    experiment = tiny_3d_experiment(tmp_path / "exp.yaml", federation, "prr",
                           data={"dims": 3, "spacing": [4.0, 4.0, 4.0], "patch_size": [32, 32, 32], "num_workers": 0})
     assert main(["check", "--experiment", str(experiment)]) == 0
     out = capsys.readouterr().out
@@ -423,7 +425,7 @@ def test_check_experiment_states_spacing_patch_fit_and_memory(federation, tmp_pa
     assert float(memory.split("about ")[1].split(" MiB")[0]) > 0 and "2 model(s)" in memory
     assert main(["check", "--experiment", str(experiment), str(experiment)]) == 1
     assert "give no site configs with it" in capsys.readouterr().err
-    flat = _tiny_3d(tmp_path / "flat.yaml", federation, "prr", data={"num_workers": 0, "input_size": 32}, evaluation={})
+    flat = tiny_3d_experiment(tmp_path / "flat.yaml", federation, "prr", data={"num_workers": 0, "input_size": 32}, evaluation={})
     assert main(["check", "--experiment", str(flat)]) == 0
     out = capsys.readouterr().out
     assert "input size 32" in out and "slices with prostate" in out and "3-D" not in out and "memory of" not in out
@@ -433,7 +435,7 @@ def test_check_and_run_refuse_a_3d_experiment_whose_batch_cannot_fit(federation,
     import medfl.devices
     from medfl.cli import main
 
-    experiment = _tiny_3d(tmp_path / "exp.yaml", federation, "prr")
+    experiment = tiny_3d_experiment(tmp_path / "exp.yaml", federation, "prr")
     monkeypatch.setattr(medfl.devices, "available_memory_bytes", lambda device: 100 * 2**10)  # 100 KiB left
     assert main(["check", "--experiment", str(experiment)]) == 1
     captured = capsys.readouterr()

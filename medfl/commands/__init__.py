@@ -6,7 +6,7 @@ The checks here run before torch or MONAI is imported, so that a wrong path is r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -14,17 +14,6 @@ if TYPE_CHECKING:
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DEVICE_HELP = "where to run the model: auto (a CUDA GPU when there is one, else the CPU; the default), cpu or cuda"
 UNBOUNDED_WIDTH = 10_000  # columns of a redirected console: wider than any table medfl prints
-
-
-def refuse_volumetric(data: Any, command: str, what: str) -> None:
-    """A ConfigError in one line when `data` (an experiment's data settings, as a model or plain data) choose 3-D
-    (data.dims 3), which `medfl <command>` does not support yet; called before anything is written."""
-    from medfl.errors import ConfigError
-
-    dims = data.get("dims", 2) if isinstance(data, dict) else getattr(data, "dims", 2)
-    if dims == 3:
-        raise ConfigError(f"{what}: a 3-D experiment (data.dims 3); `medfl {command}` does not support 3-D yet "
-                          "(docs/volumetric.md says what does); nothing was written")
 
 
 def existing_folder(path: str | Path, what: str) -> Path:

@@ -21,12 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medfl.commands import refuse_volumetric
     from medfl.experiment import load_experiment_config
     from medfl.nvflare import refuse_in_process_only, require_nvflare
 
     config = load_experiment_config(args.experiment, rounds=args.rounds, method=args.method, seed=args.seed)
-    refuse_volumetric(config.data, "nvflare-job", str(args.experiment))
     sites = [site.name for site in config.load_sites()]  # validated before NVFlare, torch and MONAI load
     refuse_in_process_only(config)
     require_nvflare()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medfl.commands import DEVICE_CHOICES, existing_folder, folder_to_write, refuse_volumetric
+from medfl.commands import DEVICE_CHOICES, existing_folder, folder_to_write
 
 
 def _count(text: str) -> int:
@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip confusion matrices and segmentation examples (they rescore the selected "
                              "models on the sites' test data)")
     parser.add_argument("--examples", type=_count, default=2, metavar="N",
-                        help="segmentation example slices per site (default 2)")
+                        help="segmentation example slices per site (default 2; in 3-D, cases per site, each drawn "
+                        "as three planes)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="device for rescoring the selected models: auto (the default: a CUDA GPU when there "
                              "is one), cpu or cuda")
@@ -45,20 +46,20 @@ def run(args: argparse.Namespace) -> int:
     for run_dir in args.runs:
         existing_folder(run_dir, "run folder")
     runs = [load_run(run_dir) for run_dir in args.runs]
-    for run in runs:
-        refuse_volumetric(run.config.get("data") or {}, "report", str(run.path))
     group_runs(runs)  # read again by write_report: a few small files
     if args.out:
         folder_to_write(args.out, "--out")
     check_device(args.device)
 
     from medfl.devices import resolve_device
-    from medfl.report.runs import load_run
     from medfl.report.writer import write_report
+    from medfl.runfolder import RunFolder
     from medfl.tasks import task_for
 
+    first = runs[0]  # its config chooses the task's variant (data.dims 3: the volumetric one)
+    task = task_for(first.task, RunFolder.open(first.path).config())
     report = write_report(args.runs, args.out, predictions=not args.no_predictions, examples=args.examples,
-                          device=resolve_device(args.device), task=task_for(load_run(args.runs[0]).task))
+                          device=resolve_device(args.device), task=task)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"report written to {report.path} ({len(report.figures)} figures)")

@@ -167,6 +167,18 @@ class _OriginalSlices:
         return dict(summarize_original_cases(self.per_case))
 
 
+def sliding_window_logits(model: nn.Module, images: Tensor, roi_size: Sequence[int], overlap: float, mode: str,
+                          sw_batch_size: int) -> Tensor:
+    """`model`'s logits over whole volumes (batch, channel, x, y, z) with MONAI's sliding-window inference: windows
+    of `roi_size`, blended by `mode` with `overlap`."""
+    from monai.inferers import sliding_window_inference
+
+    def logits_of(inputs: Tensor) -> Tensor:
+        return model(inputs)[0]
+
+    return sliding_window_inference(images, list(roi_size), sw_batch_size, logits_of, overlap=overlap, mode=mode)
+
+
 def score_volumes(model: nn.Module, loader, device: torch.device, spacing_of, distances: bool, roi_size: Sequence[int],
                   overlap: float, mode: str, sw_batch_size: int, originals: Callable[[str], object | None] | None = None,
                   target_spacing: Sequence[float] | None = None) -> dict[str, float]:
@@ -178,16 +190,10 @@ def score_volumes(model: nn.Module, loader, device: torch.device, spacing_of, di
     prediction is also brought back to the case's own voxel grid (MONAI's inverse of the recipe's resampling,
     nearest neighbour) and scored there against the mask as read (`dice_original`, `hd95_original` in mm,
     `hd95_original_missing`); left out when a case has no mask file."""
-    from monai.inferers import sliding_window_inference
-
-    def logits_of(inputs: Tensor) -> Tensor:
-        return model(inputs)[0]
-
     per_case, on_original, unscored = {}, {}, 0
     for batch in loader:
         images = plain(batch["image"]).to(device)
-        logits = sliding_window_inference(images, list(roi_size), sw_batch_size, logits_of, overlap=overlap,
-                                          mode=mode)
+        logits = sliding_window_logits(model, images, roi_size, overlap, mode, sw_batch_size)
         predictions = logits.max(dim=1).indices.to(torch.uint8).cpu().numpy()
         label = torch.as_tensor(batch["label"])
         if label.ndim == logits.ndim:

@@ -166,29 +166,29 @@ def segmentation_overlays(
 ) -> Figure | None:
     """Rows: example slices; columns: the image with its truth (green outline), then each method's
     prediction (red) over it. ``predictions[label][site][i]`` is method ``label``'s mask of example i."""
-    rows = [example for site_examples in examples.values() for example in site_examples]
+    rows = [(index, example) for site_examples in examples.values() for index, example in enumerate(site_examples)]
     if not rows:
         return None
     labels = list(predictions)
     figure = Figure(figsize=(2.2 * (1 + len(labels)), 2.3 * len(rows)), layout="constrained")
     axes = figure.subplots(len(rows), 1 + len(labels), squeeze=False)
     red = ListedColormap(["#d62728"])
-    for row, example in enumerate(rows):
-        index = examples[example.site].index(example)
+    for row, (index, example) in enumerate(rows):
         panels: list[tuple[str, np.ndarray | None]] = [("truth", None)]
         for label in labels:
             masks = predictions[label].get(example.site)
             panels.append((label, masks[index] if masks else None))
         for column, (title, mask) in enumerate(panels):
             ax = axes[row, column]
-            ax.imshow(example.image, cmap="gray", interpolation="nearest")
+            ax.imshow(example.image, cmap="gray", interpolation="nearest", aspect=example.aspect)
             if mask is not None:
-                ax.imshow(np.ma.masked_where(~mask, mask), cmap=red, alpha=0.45, interpolation="nearest")
+                ax.imshow(np.ma.masked_where(~mask, mask), cmap=red, alpha=0.45, interpolation="nearest",
+                          aspect=example.aspect)
             ax.contour(example.truth, levels=[0.5], colors="#2ca02c", linewidths=1.0)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(title, fontsize="small")
             if column == 0:
-                ax.set_ylabel(f"{example.site}\n{example.case_id} slice {example.slice_index}", fontsize="small")
+                ax.set_ylabel(f"{example.site}\n{example.case_id} {example.view} {example.slice_index}", fontsize="small")
     return figure

@@ -1,4 +1,5 @@
-"""Predictions of each site's selected-round model on its test split: confusion matrices, example slices.
+"""Predictions of each site's selected-round model on its test split: confusion matrices, example slices (in 3-D,
+three planes through each example case).
 
 A run folder keeps every round's models (each site's part: medfl.runfolder.SiteFolder) but no predictions, so the
 report rebuilds each site's test split from the run's config.yaml (load_site and the eval recipe: the same
@@ -11,9 +12,9 @@ own, so a site whose data is out of reach is left out alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from monai.data import DataLoader, Dataset
 from torch import nn
 
 from medfl.data.recipes import build_dataset, load_recipe
-from medfl.data.site import SiteReader, load_site
+from medfl.data.site import load_site
 from medfl.errors import DataError, MedflError
 from medfl.federated.training import plain_tensors
 from medfl.metrics import confusion_matrix
@@ -29,12 +30,19 @@ from medfl.models import build_model
 from medfl.report.runs import Run, RunGroup
 from medfl.runfolder import RunFolder
 
+if TYPE_CHECKING:
+    from medfl.tasks import Task
+
 BATCH_SIZE = 32
+
+
+VIEWS = ("axial", "coronal", "sagittal")  # the planes drawn through a 3-D example, in this order
 
 
 @dataclass
 class SliceExample:
-    """One test slice of a segmentation site, chosen for an overlay: its record, image and truth."""
+    """One test slice of a segmentation site, chosen for an overlay: its record, image and truth. In 3-D, one of
+    the three planes through a case's prostate centre (`view`, at voxel `slice_index` of its axis)."""
 
     site: str
     case_id: str
@@ -42,6 +50,9 @@ class SliceExample:
     record: dict[str, Any]
     image: np.ndarray  # (H, W): the slice itself (the middle channel of 2.5-D inputs)
     truth: np.ndarray  # (H, W) bool: prostate
+    view: str = "slice"  # "slice" in 2-D; in 3-D one of VIEWS
+    aspect: float = 1.0  # a pixel's height over its width (3-D voxels need not be cubes)
+    centre: tuple[int, int, int] | None = None  # 3-D: the voxel (x, y, z) the three planes pass through
 
 
 def load_selected_model(run: Run, site: str, device: torch.device) -> nn.Module:
@@ -64,8 +75,8 @@ class SplitCache:
     Every site is read alone, from its own site config (found by name): a site whose config or data cannot be
     read here (another hospital's folder, an unset variable) keeps only itself from being scored."""
 
-    def __init__(self, task: SiteReader) -> None:
-        self._task = task  # the runs' task: its reader splits each site as the run did
+    def __init__(self, task: Task) -> None:
+        self.task = task  # the runs' task: its reader splits each site as the run did, it predicts as the run did
         self._configs: dict[str, tuple[Any, Any]] = {}
         self._records: dict[tuple[str, str], list[dict[str, Any]] | str] = {}
         self._datasets: dict[tuple[str, str], Dataset] = {}
@@ -79,7 +90,7 @@ class SplitCache:
         key = self._key(run)
         if key not in self._configs:
             config = RunFolder.open(run.path).config()
-            recipe = load_recipe(config.data.recipe(config.task, "eval"), input_size=config.data.input_size)
+            recipe = load_recipe(config.data.recipe(config.task, "eval"), **self.task.recipe_variables(config.data))
             self._configs[key] = (config, recipe)
         return self._configs[key]
 
@@ -90,7 +101,7 @@ class SplitCache:
         if key not in self._records:
             config, _ = self.config(run)
             try:
-                self._records[key] = load_site(config.load_site(site), config.data, task=self._task).splits["test"]
+                self._records[key] = load_site(config.load_site(site), config.data, task=self.task).splits["test"]
             except MedflError as error:
                 self._records[key] = one_line(error, site)
         records = self._records[key]
@@ -204,4 +215,64 @@ def predict_examples(run: Run, examples: Mapping[str, list[SliceExample]], split
             batch = next(iter(DataLoader(dataset, batch_size=len(site_examples))))
             logits, _ = model(torch.as_tensor(batch["image"]).to(device))
         masks[site] = list(logits.argmax(dim=1).cpu().numpy() > 0)
+    return masks
+
+
+def volume_planes(volume: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
+    """The axial, coronal and sagittal planes of an (x, y, z) volume in RAS through voxel `centre`, as images
+    (row 0 at the top): anterior up in the axial plane, superior up in the others, the patient's right and
+    anterior to the right."""
+    x, y, z = (int(i) for i in centre)
+    return [np.flipud(volume[:, :, z].T), np.flipud(volume[:, y, :].T), np.flipud(volume[x, :, :].T)]
+
+
+def _plane_aspects(spacing: Sequence[float]) -> list[float]:
+    sx, sy, sz = (float(s) for s in spacing)
+    return [sy / sx, sz / sx, sz / sy]
+
+
+def choose_volume_examples(run: Run, splits: SplitCache, count: int) -> dict[str, list[SliceExample]]:
+    """Per site, the ``count`` test cases with the most prostate (after the run's eval recipe), each as three
+    planes (VIEWS) through the centre of mass of its prostate mask.
+
+    Chosen from the data alone, so that every method is shown on the same planes."""
+    spacing = splits.config(run)[0].data.spacing
+    chosen: dict[str, list[SliceExample]] = {}
+    for site, records in splits.records(run).items():
+        dataset = splits.dataset(run, site)
+        sizes = [(int(np.count_nonzero(np.asarray(dataset[i]["label"]))), i) for i in range(len(dataset))]
+        ranked = sorted((item for item in sizes if item[0]), key=lambda item: (-item[0], str(records[item[1]]["case_id"])))
+        chosen[site] = []
+        for _, index in ranked[:count]:
+            item = dataset[index]
+            image, truth = np.asarray(item["image"], dtype=np.float32)[0], np.asarray(item["label"])[0] > 0
+            centre = tuple(int(round(c)) for c in np.argwhere(truth).mean(axis=0))
+            for view, plane, aspect, truth_plane, at in zip(
+                    VIEWS, volume_planes(image, centre), _plane_aspects(spacing), volume_planes(truth, centre),
+                    (centre[2], centre[1], centre[0]), strict=True):
+                chosen[site].append(SliceExample(site, str(records[index]["case_id"]), at, records[index], plane,
+                                                 truth_plane, view, aspect, centre))
+    return chosen
+
+
+@torch.no_grad()
+def predict_volume_examples(run: Run, examples: Mapping[str, list[SliceExample]], splits: SplitCache,
+                            device: torch.device) -> dict[str, list[np.ndarray]]:
+    """The selected-round model's prostate mask on each plane of each 3-D example of each site of ``run``: each
+    case is predicted whole, as the run scored it (the task's sliding window), then cut into its planes."""
+    masks: dict[str, list[np.ndarray]] = {}
+    for site, site_examples in examples.items():
+        if site not in run.sites or not site_examples:
+            continue
+        model = load_selected_model(run, site, device)
+        predicted: dict[str, np.ndarray] = {}
+        masks[site] = []
+        for example in site_examples:
+            if example.case_id not in predicted:
+                item = splits.transform(run, [example.record])[0]
+                with plain_tensors():
+                    images = torch.as_tensor(item["image"])[None].to(device)
+                    predicted[example.case_id] = splits.task.predict_labels(model, images)[0].cpu().numpy() > 0
+            planes = volume_planes(predicted[example.case_id], example.centre or (0, 0, 0))
+            masks[site].append(planes[VIEWS.index(example.view)])
     return masks

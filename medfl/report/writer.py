@@ -18,7 +18,14 @@ import torch
 from medfl.checkpoints import atomic_write_text
 from medfl.errors import ConfigError, MedflError
 from medfl.report import plots
-from medfl.report.predictions import SplitCache, choose_examples, confusion_matrices, predict_examples
+from medfl.report.predictions import (
+    SplitCache,
+    choose_examples,
+    choose_volume_examples,
+    confusion_matrices,
+    predict_examples,
+    predict_volume_examples,
+)
 from medfl.report.runs import RunGroup, group_runs, load_run, site_names
 from medfl.report.tables import confusion_table, result_columns, results_table, runs_table
 
@@ -31,6 +38,7 @@ FIGURES = {
     "retrogress.png": "Retrogress per round",
     "det_states.png": "DET states",
     "segmentation_examples.png": "Segmentation examples",
+    "segmentation_planes.png": "Segmentation examples, three planes per case",
 }
 
 
@@ -102,18 +110,22 @@ def _skipped_notes(what: str, skipped: dict[str, dict[str, str]], groups: int) -
 
 
 def _overlay_figure(groups: list[RunGroup], splits: SplitCache, count: int, device: torch.device,
-                    notes: list[str]):
+                    notes: list[str], volumes: bool):
+    """Example slices (2-D) or three planes through each example case (3-D, ``volumes``), truth and predictions."""
+    first = groups[0].first
+    predict = predict_volume_examples if volumes else predict_examples
     try:
-        examples = choose_examples(splits.records(groups[0].first), count)
+        examples = (choose_volume_examples(first, splits, count) if volumes
+                    else choose_examples(splits.records(first), count))
     except MedflError as error:
         notes.append(f"segmentation examples were not drawn: {error}")
         return None
-    skipped = splits.unreadable(groups[0].first)
+    skipped = splits.unreadable(first)
     notes += _skipped_notes("segmentation examples", {site: {"": why} for site, why in skipped.items()}, 1)
     predictions = {}
     for group in groups:
         try:
-            predictions[group.label] = predict_examples(group.first, examples, splits, device)
+            predictions[group.label] = predict(group.first, examples, splits, device)
         except MedflError as error:
             notes.append(f"segmentation examples of {group.label} were not predicted: {error}")
     return plots.segmentation_overlays(examples, predictions)
@@ -128,7 +140,9 @@ def _figures(groups: list[RunGroup], sites: list[str], out: Path, predictions: b
         "det_states.png": plots.det_states(groups),
     }
     if task.example_slices and predictions and examples > 0:
-        figures["segmentation_examples.png"] = _overlay_figure(groups, splits, examples, device, notes)
+        volumes = task.spatial_dims == 3
+        name = "segmentation_planes.png" if volumes else "segmentation_examples.png"
+        figures[name] = _overlay_figure(groups, splits, examples, device, notes, volumes)
     return [plots.save_png(figure, out / name) for name, figure in figures.items() if figure is not None]
 
 
@@ -141,6 +155,10 @@ CAPTIONS = {
     "det_states.png": "DET's state per site and local epoch (first seed of each method).",
     "segmentation_examples.png": "Test slices with the most prostate: truth outlined in green, each method's "
     "prediction (selected round, first seed) in red.",
+    "segmentation_planes.png": "Test cases with the most prostate, each as its axial, coronal and sagittal plane "
+    "through the centre of mass of its prostate mask (the resampled grid; anterior or superior up, the patient's "
+    "right to the right): truth outlined in green, each method's prediction (selected round, first seed, the "
+    "run's sliding window over the whole volume) in red.",
 }
 
 
@@ -166,6 +184,12 @@ def write_report(
     groups = group_runs([load_run(path) for path in run_dirs])
     if groups[0].first.task != task.key:
         raise ConfigError(f"{groups[0].first.path}: a {groups[0].first.task} run, not a {task.key} one")
+    for group in groups:
+        for run in group.runs:
+            dims = int((run.config.get("data") or {}).get("dims", 2))
+            if dims != task.spatial_dims:
+                raise ConfigError(f"{run.path}: a {dims}-D run, and the report's task is {task.spatial_dims}-D "
+                                  "(2-D and 3-D runs go in separate reports)")
     sites = site_names(groups)
     out = Path(out) if out is not None else default_out(run_dirs)
     device = torch.device(device)

@@ -98,6 +98,11 @@ class Task(TaskFacts, ABC):
         return None
 
     # ------------------------------------------------------------------ reports and exports
+    def predict_labels(self, model: nn.Module, images: Tensor) -> Tensor:
+        """`model`'s class index per input (or per pixel or voxel) of a batch, as scoring predicts it; torch and
+        MONAI only (a report redraws examples with it)."""
+        return model(images)[0].argmax(dim=1)
+
     @abstractmethod
     def result_columns(self, classes: Sequence[str], metric: str) -> list[Column]:
         """The test columns of a report's results table, then the last round's selection metric."""

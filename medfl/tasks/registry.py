@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from medfl.config import DataSettings
+from medfl.experiment import EvaluationSettings
 from medfl.task_facts import TaskKey
 from medfl.tasks.base import Task
 from medfl.tasks.classification import Classification
@@ -35,8 +36,6 @@ def task_for(key: str | TaskKey | Task, settings: Any = None) -> Task:
 def task_for_export(manifest: Mapping[str, Any]) -> Task:
     """The task of an export's manifest (checked by medfl.manifests): for a 3-D export, configured with the data
     settings and the sliding window it records, so that `medfl evaluate` scores as the run scored."""
-    from medfl.experiment import EvaluationSettings
-
     data = DataSettings.model_validate(manifest["data_settings"])
     window = manifest["preprocessing"].get("sliding_window") if data.dims == 3 else None
     evaluation = EvaluationSettings.model_validate(window) if window else None

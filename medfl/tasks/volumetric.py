@@ -7,8 +7,8 @@ task: records are one per case and name its files (medfl.data.volumetric), the r
 transforms/prostate3d_*.yaml, the network is 3-D, and validation and test volumes are scored whole with MONAI's
 sliding-window inference (evaluation.sw_*). Losses, CPA, DET, PFA and the strategies are the same: they see only
 the model and batches. Exports, predictions, evaluations and MONAI bundles of 3-D runs run the same recipe and
-sliding window (medfl.deliver.volumes3d); reports and NVFlare jobs of 3-D runs are not supported yet (the commands
-refuse them).
+sliding window (medfl.deliver.volumes3d); NVFlare sites build this task from the job's experiment, and reports
+draw three planes through each example case (medfl.report.predictions.choose_volume_examples).
 """
 
 from __future__ import annotations
@@ -158,6 +158,15 @@ class VolumetricSegmentation(Segmentation):
         return None
 
 
+    def predict_labels(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Whole volumes through the sliding window that scoring uses, then argmax."""
+        # start-up: torch and MONAI, as in evaluate
+        from medfl.federated.evaluation import sliding_window_logits
+
+        window = self.sliding_window
+        return sliding_window_logits(model, images, self.data.patch_size, window["sw_overlap"], window["sw_mode"],
+                                     window["sw_batch_size"]).argmax(dim=1)
+
     # ------------------------------------------------------------------ exports and MONAI bundles
     def logits_shape(self, classes: Sequence[str], size: int) -> list[Any]:
         return ["batch", len(classes), *self.data.patch_size]
@@ -194,6 +203,7 @@ class VolumetricSegmentation(Segmentation):
     def bundle_inference(self, recipe: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
         """The run's evaluation recipe on the image (medfl.deliver.volumes3d), MONAI's SlidingWindowInferer with the
         run's settings, and the slice-wise task's input listing, argmax, Invertd and SaveImaged."""
+        # only when exporting a bundle
         from medfl.deliver.volumes3d import inference_steps, sliding_window
 
         part = self.volume_inference(inference_steps(recipe), manifest)
@@ -201,6 +211,7 @@ class VolumetricSegmentation(Segmentation):
         return part
 
     def bundle_data_format(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        # start-up: torch and MONAI, only when exporting
         from medfl.deliver.monai_bundle import tensor_format
 
         classes = {str(i): name for i, name in enumerate(manifest["classes"])}
