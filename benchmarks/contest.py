@@ -232,8 +232,8 @@ def committed_choice(path: Path = CHOICE) -> tuple[dict[str, Any], str]:
     relative = path.relative_to(BENCHMARKS.parent).as_posix()
     if not path.is_file():
         raise SystemExit(f"{relative} does not exist: run `contest.py --stage select --choose` and commit it first")
-    commit = git("log", "-1", "--format=%H", "--", relative)
-    if not commit or git("status", "--porcelain", "--", relative):
+    commit = git("log", "-1", "--format=%H", "--", str(path))  # a path git reads relative to benchmarks/ otherwise
+    if not commit or git("status", "--porcelain", "--", str(path)):
         raise SystemExit(f"{relative} is not committed as it is: commit the picks before any confirmation run")
     if not descends(git("rev-parse", "HEAD"), commit):
         raise SystemExit(f"this checkout does not descend from the pre-registration commit {commit[:12]}")
