@@ -33,11 +33,11 @@ def keep_freed_memory() -> bool:
 
     PyTorch has no caching allocator on the CPU: every training step allocates its activations, and glibc
     returns large freed blocks to the system (mmap'ed blocks at once, the heap's top beyond a threshold), so the
-    next step faults the same pages in again. On an idle AMD EPYC core, at the reference's 128 px and full width
-    (benchmarks/speed.py --det-profile), keeping freed memory made a single-model step 12% faster and a DET step
-    20% faster (its two models' activations are alive together): DET went from 2.29x a single-model epoch to
-    2.07x. The price: a process keeps its peak memory until it ends, which for a training process is what it
-    needs anyway. Applies to this process (`mallopt`) and, through glibc's environment variables unless the
+    next step faults the same pages in again. A 6-batch probe on an idle AMD EPYC core (128 px, full width) saw
+    a single-model step 12% faster with it and DET at 2.07x a single-model epoch instead of 2.29x; the committed
+    12-batch `speed.py --det-profile` run measured 2.08x without it, so that gain is not established
+    (benchmarks/README.md). The price: a process keeps its peak memory until it ends, which for a training
+    process is what it needs anyway. Applies to this process (`mallopt`) and, through glibc's environment variables unless the
     user set them, to the processes it starts (the site workers).
     """
     if not sys.platform.startswith("linux"):
