@@ -461,3 +461,18 @@ def test_available_memory_is_read_from_meminfo(tmp_path, monkeypatch) -> None:
     meminfo.write_text("MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n")
     monkeypatch.setattr(medfl.devices, "MEMINFO", meminfo)
     assert medfl.devices.available_memory_bytes(torch.device("cpu")) == 8000000 * 1024
+
+
+def test_the_shipped_3d_experiment_checks_on_the_synthetic_sites(federation, tmp_path, capsys) -> None:
+    """site_configs/experiments/prostate3d.yaml (the README's 3-D walkthrough) as shipped, on synth's sites."""
+    from medfl.cli import main
+
+    shipped = yaml.safe_load((TRANSFORMS.parent / "site_configs" / "experiments" / "prostate3d.yaml").read_text())
+    assert shipped["data"]["dims"] == 3
+    shipped["sites"] = [str(federation / "site_configs" / "prostate" / f"prost_{s}.yaml") for s in "ab"]
+    shipped["data"]["num_workers"] = 0
+    path = tmp_path / "prostate3d.yaml"
+    path.write_text(yaml.safe_dump(shipped), encoding="utf-8")
+    assert main(["check", "--experiment", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "spacing 2 x 2 x 3 mm, patch 64 x 64 x 16 voxels" in out and "memory of one training batch" in out
