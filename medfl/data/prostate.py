@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -30,6 +31,8 @@ from medfl.data.volumes import PreparedCase, prepare_case
 LAYOUT_EXTENSIONS = {"nifti": (".nii.gz", ".nii"), "metaimage": (".mhd",)}
 _HEADER_LIMIT = 1 << 16  # a MetaImage header is a few hundred bytes; ElementDataFile is its last field
 _PATTERN_LIMIT = 4096
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,28 @@ def case_file_digests(case: CaseFiles) -> dict[str, str]:
     return {str(path): file_sha256(path) for path in files}
 
 
+def read_cases(files: Sequence[CaseFiles], read: Callable[[CaseFiles], tuple[T | None, list[tuple[Path, str]]]],
+               workers: int, log: ProblemLog) -> tuple[list[tuple[CaseFiles, T]], dict[str, dict[str, str]]]:
+    """`read` (a case's files -> what it made of them, or None, and the problems it found) over every case in
+    `workers` threads, problems to `log`; the cases read, in order, with the sha256 of each file by case id
+    (the site's fingerprint). The slice-wise and the volumetric readers differ only in `read`."""
+
+    def one(case: CaseFiles) -> tuple[T | None, list[tuple[Path, str]], dict[str, str]]:
+        result, problems = read(case)
+        return result, problems, case_file_digests(case) if result is not None else {}
+
+    kept: list[tuple[CaseFiles, T]] = []
+    digests: dict[str, dict[str, str]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for case, (result, problems, case_digests) in zip(files, pool.map(one, files), strict=True):
+            for path, message in problems:
+                log.error(message, path)
+            if result is not None:
+                kept.append((case, result))
+                digests[case.case_id] = case_digests
+    return kept, digests
+
+
 def select_slices(mask: np.ndarray, mode: str, empty_fraction: float, seed: int, case_id: str) -> list[int]:
     """Training slice indices: all, or those with foreground plus a seeded share of the empty ones."""
     depth = mask.shape[0]
@@ -176,22 +201,10 @@ def slice_record(case: PreparedCase, index: int, context: int, site: str) -> dic
 def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: ProblemLog) -> SiteContent:
     """Slice records of a segmentation site, split by case; every problem goes to `log`."""
     content = SiteContent(["background", "prostate"])
-    files = find_cases(site, log)
-    prepared: list[PreparedCase] = []
-
-    digests: dict[str, dict[str, str]] = {}  # case id -> sha256 of each of its files
-
-    def prepare(case: CaseFiles) -> tuple[PreparedCase | None, list[tuple[Path, str]], dict[str, str]]:
-        result, problems = prepare_case(case.case_id, case.image, case.mask, settings.input_size)
-        return result, problems, case_file_digests(case) if result is not None else {}
-
-    with ThreadPoolExecutor(max_workers=max(1, settings.num_workers)) as pool:
-        for result, problems, case_digests in pool.map(prepare, files):
-            for path, message in problems:
-                log.error(message, path)
-            if result is not None:
-                prepared.append(result)
-                digests[result.case_id] = case_digests
+    read, digests = read_cases(
+        find_cases(site, log), lambda case: prepare_case(case.case_id, case.image, case.mask, settings.input_size),
+        settings.num_workers, log)
+    prepared = [case for _, case in read]
     cases = {case.case_id: case.case_id.lower() for case in prepared}  # a case is its own group
     assignment = assign_splits(cases, dict.fromkeys(cases.values(), "case"), site.split_path,
                                settings.split_fractions, settings.split_seed, log, ignore_case=True)

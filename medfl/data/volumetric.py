@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medfl.config import DataSettings, SiteConfig
 from medfl.data.problems import ProblemLog
-from medfl.data.prostate import CaseFiles, case_file_digests, find_cases
+from medfl.data.prostate import CaseFiles, find_cases, read_cases
 from medfl.data.records import SiteContent
 from medfl.data.shift import PROSTATE, SampleStatistics, grid_statistics, intensity_statistics
 from medfl.data.splits import assign_splits
@@ -66,20 +64,9 @@ def read_volumetric_site(site: SiteConfig, settings: DataSettings, log: ProblemL
     content = SiteContent(["background", "prostate"])
     spacing = settings.spacing or (1.0, 1.0, 1.0)
     files = {case.case_id: case for case in find_cases(site, log)}
-
-    def read(case: CaseFiles) -> tuple[CheckedCase | None, list[tuple[Path, str]], dict[str, str]]:
-        checked, problems = check_case(case.case_id, case.image, case.mask)
-        return checked, problems, case_file_digests(case) if checked is not None else {}
-
-    checked_cases: list[CheckedCase] = []
-    digests: dict[str, dict[str, str]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, settings.num_workers)) as pool:
-        for checked, problems, case_digests in pool.map(read, files.values()):
-            for path, message in problems:
-                log.error(message, path)
-            if checked is not None:
-                checked_cases.append(checked)
-                digests[checked.case_id] = case_digests
+    read, digests = read_cases(list(files.values()), lambda case: check_case(case.case_id, case.image, case.mask),
+                               settings.num_workers, log)
+    checked_cases = [checked for _, checked in read]
     cases = {case.case_id: case.case_id.lower() for case in checked_cases}  # a case is its own group
     assignment = assign_splits(cases, dict.fromkeys(cases.values(), "case"), site.split_path,
                                settings.split_fractions, settings.split_seed, log, ignore_case=True)
