@@ -165,6 +165,26 @@ def read_cases(files: Sequence[CaseFiles], read: Callable[[CaseFiles], tuple[T |
     return kept, digests
 
 
+def split_by_case(case_ids: Sequence[str], site: SiteConfig, settings: DataSettings,
+                  log: ProblemLog) -> dict[str, str]:
+    """Each case's split (a case is its own group; ids compared without case), by the site's split file or the
+    settings' fractions and seed; cases without one are left out."""
+    cases = {case_id: case_id.lower() for case_id in case_ids}
+    assignment = assign_splits(cases, dict.fromkeys(cases.values(), "case"), site.split_path,
+                               settings.split_fractions, settings.split_seed, log, ignore_case=True)
+    return {case_id: assignment[key] for case_id, key in cases.items() if key in assignment}
+
+
+def add_case(content: SiteContent, case_id: str, split: str, geometry: Any, digests: dict[str, str],
+             statistics: list[np.ndarray], row: np.ndarray) -> None:
+    """What a site's content records of every case it keeps, whatever its records: grid, file digests, the
+    split's case count and the case's shift statistics."""
+    statistics.append(row)
+    content.geometry[case_id] = geometry
+    content.file_digests.update(digests)
+    content.groups[split] += 1
+
+
 def select_slices(mask: np.ndarray, mode: str, empty_fraction: float, seed: int, case_id: str) -> list[int]:
     """Training slice indices: all, or those with foreground plus a seeded share of the empty ones."""
     depth = mask.shape[0]
@@ -205,20 +225,16 @@ def read_segmentation_site(site: SiteConfig, settings: DataSettings, log: Proble
         find_cases(site, log), lambda case: prepare_case(case.case_id, case.image, case.mask, settings.input_size),
         settings.num_workers, log)
     prepared = [case for _, case in read]
-    cases = {case.case_id: case.case_id.lower() for case in prepared}  # a case is its own group
-    assignment = assign_splits(cases, dict.fromkeys(cases.values(), "case"), site.split_path,
-                               settings.split_fractions, settings.split_seed, log, ignore_case=True)
-    statistics = []
+    assignment = split_by_case([case.case_id for case in prepared], site, settings, log)
+    statistics: list[np.ndarray] = []
     for case in prepared:
-        split = assignment.get(case.case_id.lower())
+        split = assignment.get(case.case_id)
         if split is None:
             continue
         grid = case.geometry
-        statistics.append(np.concatenate([intensity_statistics(case.image, case.mask),
-                                          grid_statistics(grid.size, grid.spacing, grid.direction, case.raw_range[1])]))
-        content.geometry[case.case_id] = case.geometry
-        content.file_digests.update(digests[case.case_id])
-        content.groups[split] += 1
+        add_case(content, case.case_id, split, grid, digests[case.case_id], statistics,
+                 np.concatenate([intensity_statistics(case.image, case.mask),
+                                 grid_statistics(grid.size, grid.spacing, grid.direction, case.raw_range[1])]))
         indices = (
             select_slices(case.mask, settings.slices, settings.empty_slice_fraction, settings.split_seed, case.case_id)
             if split == "train"

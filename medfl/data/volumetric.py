@@ -19,10 +19,9 @@ import numpy as np
 
 from medfl.config import DataSettings, SiteConfig
 from medfl.data.problems import ProblemLog
-from medfl.data.prostate import CaseFiles, find_cases, read_cases
+from medfl.data.prostate import CaseFiles, add_case, find_cases, read_cases, split_by_case
 from medfl.data.records import SiteContent
 from medfl.data.shift import PROSTATE, SampleStatistics, grid_statistics, intensity_statistics
-from medfl.data.splits import assign_splits
 from medfl.data.volumes import CaseGeometry, CheckedCase, check_case
 
 VOLUME_ORIENTATION = "RAS"  # MONAI's Orientationd axcodes in the 3-D recipes: array axes (x, y, z)
@@ -67,20 +66,16 @@ def read_volumetric_site(site: SiteConfig, settings: DataSettings, log: ProblemL
     read, digests = read_cases(list(files.values()), lambda case: check_case(case.case_id, case.image, case.mask),
                                settings.num_workers, log)
     checked_cases = [checked for _, checked in read]
-    cases = {case.case_id: case.case_id.lower() for case in checked_cases}  # a case is its own group
-    assignment = assign_splits(cases, dict.fromkeys(cases.values(), "case"), site.split_path,
-                               settings.split_fractions, settings.split_seed, log, ignore_case=True)
-    statistics = []
+    assignment = split_by_case([case.case_id for case in checked_cases], site, settings, log)
+    statistics: list[np.ndarray] = []
     for checked in checked_cases:
-        split = assignment.get(checked.case_id.lower())
+        split = assignment.get(checked.case_id)
         if split is None:
             continue
         grid = checked.geometry
-        statistics.append(np.concatenate([intensity_statistics(_normalised(checked), checked.labels),
-                                          grid_statistics(grid.size, grid.spacing, grid.direction, checked.clip[1])]))
-        content.geometry[checked.case_id] = grid
-        content.file_digests.update(digests[checked.case_id])
-        content.groups[split] += 1
+        add_case(content, checked.case_id, split, grid, digests[checked.case_id], statistics,
+                 np.concatenate([intensity_statistics(_normalised(checked), checked.labels),
+                                 grid_statistics(grid.size, grid.spacing, grid.direction, checked.clip[1])]))
         content.splits[split].append(volume_record(checked, files[checked.case_id], site.name, spacing))
     content.statistics = SampleStatistics.from_rows(PROSTATE, statistics)
     return content
