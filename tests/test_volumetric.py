@@ -18,6 +18,7 @@ from medfl.data.recipes import load_recipe
 from medfl.data.volumetric import resampled_shape
 from medfl.errors import ConfigError
 from medfl.experiment import ExperimentConfig
+from medfl.methods import method_spec
 from medfl.tasks import task_for
 
 TRANSFORMS = Path(__file__).resolve().parents[1] / "transforms"
@@ -170,7 +171,7 @@ def run_of(federation, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("method", ["local", "fedavg", "prr"])
+@pytest.mark.parametrize("method", ["local", "fedavg", "prr", "ditto", "pooled"])
 def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, method) -> None:
     import csv
     import json
@@ -194,7 +195,7 @@ def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, met
     cases = {(r["site"], r["split"]): float(r["value"]) for r in rows if r["metric"] == "num_cases"}
     assert cases[("prost_a", "val")] >= 1 and cases[("prost_a", "test")] >= 1  # whole volumes, scored per case
     models = {r["model"] for r in rows}
-    assert models == ({"P", "D"} if method == "prr" else {"M"})
+    assert models == ({"P", "D"} if method_spec(method).two_models else {"M"})
     saved = torch.load(next(run.rglob("round_*.pt")), weights_only=True)
     assert saved["network"]["spatial_dims"] == 3
     summary = json.loads((run / "summary.json").read_text())
@@ -202,6 +203,44 @@ def test_federated_methods_run_unchanged_in_3d(federation, run_of, tmp_path, met
         assert 0.0 <= site["test"]["dice_original"] <= 1.0
         assert {"hd95_original", "hd95_original_missing"} <= set(site["test"])
     assert not any(r["metric"] == "dice_original" for r in rows if r["split"] != "test")
+
+
+def test_3d_sites_side_by_side_equal_one_after_another(federation, run_of, tmp_path) -> None:
+    """Worker processes train 3-D sites as the coordinator's own process does: the same scores and weights."""
+    import torch
+
+    from medfl.experiment import load_experiment_config
+    from medfl.federated.coordinator import Coordinator
+    from medfl.federated.parallel import ParallelSites
+
+    config = load_experiment_config(tiny_3d_experiment(tmp_path / "exp.yaml", federation, "prr"))
+    coordinator = Coordinator(config, tmp_path / "parallel", torch.device("cpu"), parallel=2,
+                              task=task_for(config.task, config))
+    assert isinstance(coordinator.federation, ParallelSites)
+    coordinator.run()
+    sequential = run_of("prr") / "run"
+    assert (sequential / "metrics.csv").read_bytes() == (tmp_path / "parallel" / "metrics.csv").read_bytes()
+    files = sorted(p.relative_to(sequential) for p in sequential.rglob("*.pt"))
+    assert files and files == sorted(p.relative_to(tmp_path / "parallel") for p in (tmp_path / "parallel").rglob("*.pt"))
+    for file in files:
+        one, other = (dict(_tensors(torch.load(run / file, weights_only=True)))
+                      for run in (sequential, tmp_path / "parallel"))
+        assert one and one.keys() == other.keys(), file
+        assert all(torch.equal(value, other[key]) for key, value in one.items()), file
+
+
+def _tensors(value, path=""):
+    """Every tensor inside a loaded torch file, by its path in the nesting."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{path}/{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{path}/{index}")
 
 
 # ---- the report of a 3-D run ------------------------------------------------------------------------------
