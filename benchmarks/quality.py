@@ -52,6 +52,7 @@ REPOSITORY = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 EXPERIMENTS = REPOSITORY / "site_configs" / "experiments"
 MAIN_METHODS = ("local", "fedavg", "fedbn", "fml", "prr")
+THREED_METHODS = ("local", "fedavg", "prr")  # the 2-D against 3-D comparison (--threed)
 ABLATIONS = ("fedavg_det", "pfa_only", "prr_ce", "prr_amplitude", "prr_phi_train")
 BATCHNORM_UNET = ("fedavg_bnunet", "fedbn_bnunet", "prr_bnunet")
 # Ablations that are a method with other options: label -> (method, experiment overrides).
@@ -169,13 +170,33 @@ REALISTIC_PROSTATE = TaskPlan(  # scale 3.4: the smallest site (prost_f, 324 sli
 )
 # The 3-D plan (`--threed`): the same sites, cases and optimizer as REALISTIC_PROSTATE, in 3-D. SIZING TBD.
 THREED_PROSTATE = TaskPlan(
-    rounds=4, local_epochs=2, seeds=1, scale=3.4, methods=("local", "fedavg", "prr"), ablations=(),
+    rounds=4, local_epochs=2, seeds=1, scale=3.4, methods=THREED_METHODS, ablations=(),
     overrides={"data": {"spacing": [2.0, 2.0, 3.0], "patch_size": [64, 64, 16], "patches_per_volume": 2,
                         "foreground_ratio": 0.5},
                "model": {"width": 0.25}, "batch_size": 2,
                "evaluation": {"sw_overlap": 0.25, "sw_mode": "gaussian", "sw_batch_size": 2},
                "diagnostics": {"bn_reestimation": True},
                "optimizer": REALISTIC_PROSTATE.overrides["optimizer"]},
+)
+FULL_PROSTATE = TaskPlan(  # the reference's prostate settings (algorithm.md), for a GPU
+    rounds=20, local_epochs=5, seeds=2, warmup_rounds=1,
+    overrides={"data": {"input_size": 256}, "model": {"width": 1.0}, "batch_size": 8,
+               "optimizer": {"name": "sgd", "lr": 1e-3, "momentum": 0.0}},
+)
+# The 3-D reference-scale plan (`--full-3d`, for a GPU; written, not run): FULL_PROSTATE's sites, rounds, epochs and
+# optimizer in 3-D. Spacing: the synthetic sites' median voxel spacing over cases (0.625 mm in-plane, 3.0 mm
+# slices), nnU-Net's choice of target spacing, giving 192-384 voxels across the fields of view (120-240 mm) and
+# 22-24 slices. Patches of 256 x 256 x 16 (most of a field of view; 16 of the slices, every edge a multiple of 16),
+# 2 volumes x 4 patches per step, UNet x1; sliding window as nnU-Net (overlap 0.5, gaussian). One prr training step
+# is estimated at 6.5 GiB (medfl.tasks.volumetric.training_batch_memory on the meta device: 2 models x 3.2 GiB of
+# activations); data caches and the sliding window come on top.
+THREED_FULL_PROSTATE = TaskPlan(
+    rounds=20, local_epochs=5, seeds=2, warmup_rounds=1, methods=THREED_METHODS, ablations=(),
+    overrides={"data": {"spacing": [0.625, 0.625, 3.0], "patch_size": [256, 256, 16], "patches_per_volume": 4,
+                        "foreground_ratio": 0.5},
+               "model": {"width": 1.0}, "batch_size": 2,
+               "evaluation": {"sw_overlap": 0.5, "sw_mode": "gaussian", "sw_batch_size": 4},
+               "optimizer": {"name": "sgd", "lr": 1e-3, "momentum": 0.0}},
 )
 
 PRESETS: dict[str, Preset] = {
@@ -218,12 +239,25 @@ PRESETS: dict[str, Preset] = {
                 overrides={"data": {"input_size": 128}, "model": {"width": 1.0}, "batch_size": 16,
                            "optimizer": {"name": "sgd", "lr": 1e-2, "momentum": 0.0}},
             ),
-            "prostate": TaskPlan(
-                rounds=20, local_epochs=5, seeds=2, warmup_rounds=1,
-                overrides={"data": {"input_size": 256}, "model": {"width": 1.0}, "batch_size": 8,
-                           "optimizer": {"name": "sgd", "lr": 1e-3, "momentum": 0.0}},
-            ),
+            "prostate": FULL_PROSTATE,
         },
+    ),
+    "threed": Preset(
+        "prostate in 2-D and in 3-D on the realistic federation's sites (`medfl synth --shift realistic`, scale 3.4, "
+        "the default plan's cases): local, fedavg and prr; 2-D as the default plan (64 px UNet x0.25, 4 rounds x 5 "
+        "epochs); 3-D at 2 x 2 x 3 mm, patches of 64 x 64 x 16, UNet x0.25, rounds and epochs sized from a measured "
+        "epoch (THREED_PROSTATE); one seed, every run of a seed before the next seed's",
+        scale=3.4, device="cpu", shift="realistic", seeds_first=True, fresh_processes=True, probe=False,
+        tasks={"prostate": replace(REALISTIC_PROSTATE, seeds=1, methods=THREED_METHODS, ablations=()),
+               "prostate3d": THREED_PROSTATE},
+    ),
+    "threed_full": Preset(
+        "`--threed` at the reference scale, for a GPU (written, not run): the `--full` prostate plan (synthetic scale "
+        "1, 256 px UNet x1, SGD lr 1e-3, 20 rounds x 5 epochs, warm-up 1) in 2-D and in 3-D at 0.625 x 0.625 x 3 mm, "
+        "patches of 256 x 256 x 16; local, fedavg and prr, 2 seeds",
+        scale=1.0, device="auto", shift="realistic", seeds_first=True, fresh_processes=True, probe=False,
+        tasks={"prostate": replace(FULL_PROSTATE, methods=THREED_METHODS, ablations=()),
+               "prostate3d": THREED_FULL_PROSTATE},
     ),
 }  # fmt: skip
 # --smoke: every step of the benchmark (runs of every main method, a variant per task, summaries, the aggregation
@@ -237,9 +271,11 @@ SMOKE = Preset(
         "prostate": TaskPlan(rounds=2, local_epochs=1, seeds=1, ablations=("prr_bnunet",),
                              overrides={"data": {"input_size": 32}, "model": {"width": 0.125},
                                         "diagnostics": {"bn_reestimation": True}}),
-        # One 3-D run (prr: DET, CPA and PFA in 3-D) on the same sites: the 3-D path and the 2-D/3-D table.
+        # One 3-D run (prr: DET, CPA and PFA in 3-D) on the same sites: the 3-D path and the 2-D/3-D table. At
+        # 4 x 4 x 6 mm a volume is a few sliding windows of the patch (at 2 x 2 x 3 mm the run took 2 CPU s more).
         "prostate3d": TaskPlan(rounds=2, local_epochs=1, seeds=1, methods=("prr",), ablations=(),
-                               overrides={"data": {"patch_size": [32, 32, 16], "patches_per_volume": 1},
+                               overrides={"data": {"spacing": [4.0, 4.0, 6.0], "patch_size": [32, 32, 16],
+                                                   "patches_per_volume": 1},
                                           "model": {"width": 0.125}, "batch_size": 1,
                                           "diagnostics": {"bn_reestimation": True}}),
     },
