@@ -168,10 +168,24 @@ REALISTIC_PROSTATE = TaskPlan(  # scale 3.4: the smallest site (prost_f, 324 sli
                "optimizer": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-6, "lr_step_rounds": 5, "lr_gamma": 0.5,
                              "reset_every_round": True}},
 )
-# The 3-D plan (`--threed`): the same sites, cases and optimizer as REALISTIC_PROSTATE, in 3-D. SIZING TBD.
+# The 3-D plan (`--threed`): REALISTIC_PROSTATE's sites, cases, rounds, local epochs and optimizer, in 3-D. Volumes at
+# 2 x 2 x 3 mm (the shipped prostate3d.yaml's): 61-121 voxels across the sites' 120-240 mm fields of view (prost_b 61,
+# prost_e 65, prost_d 81, prost_c 88, prost_a 91, prost_f 121) and 21-24 slices; patches of 64 x 64 x 16, 2 volumes x
+# 4 patches per step, UNet x0.25 (the 2-D plan's width), sliding window as shipped.
+# Sized from CPU seconds measured on these sites with 1 torch thread (benchmarks/README.md, "3-D plan"; a 2-core
+# AMD EPYC at load 6-7): a step of 8 patches 0.44 s for one model, 0.87 s for DET's two (prr; 0.21 and 0.42 s at 4
+# patches, prost_d's 16 steps); 141 steps per epoch over the 6 sites (279 training volumes), so an epoch is 61 s
+# (local, fedavg) and 123 s (prr); a validation pass of one model over the 34 validation volumes 3.8 s; a test pass
+# over the 68 test volumes 27 s with a compact prediction (sliding window, HD95, the original grid) and up to 270 s
+# with an untrained model's noisy one (HD95's surface search: prost_e 4.05 s a volume); the set-up (reading,
+# resampling, caching 395 volumes) about 120 s. At 4 rounds x 5 epochs: local or fedavg 120 + 20 x 61 + 24 x 3.8 +
+# (4 x 27 + 270) = 1810 s (30 min); prr 120 + 20 x 123 + 48 x 3.8 + (5 x 27 + 270) = 3170 s (53 min). Two runs in
+# parallel on 2 cores: prr on one, local then fedavg on the other, so the three end after about 60 min of an
+# otherwise idle machine, inside the 90 min budget with a 1.5x margin for the estimate; the 2-D runs of the seed then
+# take about 10 min more (the default plan's: prr 550 CPU s, local 280, fedavg 290).
 THREED_PROSTATE = TaskPlan(
-    rounds=4, local_epochs=2, seeds=1, scale=3.4, methods=THREED_METHODS, ablations=(),
-    overrides={"data": {"spacing": [2.0, 2.0, 3.0], "patch_size": [64, 64, 16], "patches_per_volume": 2,
+    rounds=4, local_epochs=5, seeds=1, scale=3.4, methods=THREED_METHODS, ablations=(),
+    overrides={"data": {"spacing": [2.0, 2.0, 3.0], "patch_size": [64, 64, 16], "patches_per_volume": 4,
                         "foreground_ratio": 0.5},
                "model": {"width": 0.25}, "batch_size": 2,
                "evaluation": {"sw_overlap": 0.25, "sw_mode": "gaussian", "sw_batch_size": 2},
@@ -244,9 +258,10 @@ PRESETS: dict[str, Preset] = {
     ),
     "threed": Preset(
         "prostate in 2-D and in 3-D on the realistic federation's sites (`medfl synth --shift realistic`, scale 3.4, "
-        "the default plan's cases): local, fedavg and prr; 2-D as the default plan (64 px UNet x0.25, 4 rounds x 5 "
-        "epochs); 3-D at 2 x 2 x 3 mm, patches of 64 x 64 x 16, UNet x0.25, rounds and epochs sized from a measured "
-        "epoch (THREED_PROSTATE); one seed, every run of a seed before the next seed's",
+        "the default plan's cases): local, fedavg and prr, 4 rounds x 5 local epochs, Adam; 2-D as the default plan "
+        "(64 px slices, UNet x0.25); 3-D at 2 x 2 x 3 mm, 2 volumes x 4 patches of 64 x 64 x 16 per step, UNet x0.25, "
+        "sized from a measured epoch to about 1 h for the three 3-D runs on 2 cores; one seed (`--seeds N` adds "
+        "seeds), every run of a seed before the next seed's",
         scale=3.4, device="cpu", shift="realistic", seeds_first=True, fresh_processes=True, probe=False,
         tasks={"prostate": replace(REALISTIC_PROSTATE, seeds=1, methods=THREED_METHODS, ablations=()),
                "prostate3d": THREED_PROSTATE},
