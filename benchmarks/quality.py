@@ -16,10 +16,15 @@ against fedavg and fedbn answer the benchmark's question.
     python benchmarks/quality.py             # both tasks, the 2-core CPU plan (see PRESETS)
     python benchmarks/quality.py --imbalanced   # dermoscopy with rare classes kept rare, 2 seeds
     python benchmarks/quality.py --full      # the reference settings, for a GPU machine
+    python benchmarks/quality.py --threed    # prostate in 2-D and 3-D on the same sites: local, fedavg, prr, 1 seed
+    python benchmarks/quality.py --threed --seeds 3   # more seeds (finished runs are reused)
+    python benchmarks/quality.py --full-3d   # --threed at the reference scale, for a GPU machine
     python benchmarks/quality.py --smoke     # every step on tiny data, one worker, nothing kept (the suite runs it)
 
 Runs go to benchmarks/results/tmp/quality/<preset>/ (finished runs are reused, interrupted ones resumed);
-results to benchmarks/results/quality[.quick|.full].{json,md,png} and quality[...].<task>.curves.png.
+results to benchmarks/results/quality[.quick|.full|.threed|...].{json,md,png} and quality[...].<task>.curves.png.
+The prostate3d task is prostate in 3-D (data.dims 3) on the prostate task's sites: where a preset has both, the
+results open with a table of the two side by side on the same test cases (Dice and HD95 on each case's own grid).
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@
    (one-way) jointly and teacher first (one model's graph alive at a time); and each op's self CPU time from
    torch's profiler: where DET's cost beyond two model passes goes.
 
+7. 3-D prostate (last in the main run, in each device's `volumetric`): quality.py's --threed 3-D experiment on
+   two realistic prostate sites at scale 0.34: the Site's set-up per volume, an epoch of one model and of DET's
+   two on patches (per epoch and per batch), the sliding window per validation and test volume, the scoring of a
+   compact prediction, and one prr round through the Coordinator: the evaluation share of the sites' time.
+
 `--device auto` measures the CPU and, when a GPU is present, the same again on CUDA, reported separately with
 the card's name. Writes benchmarks/results/speed.{json,md,png} (speed.cuda.png for the GPU). Runs and data go
 to benchmarks/results/tmp/speed/.
