@@ -1046,8 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--full", action="store_true", help="the reference settings, for a GPU machine")
     group.add_argument("--threed", action="store_true",
                        help="prostate in 2-D and 3-D on the same realistic sites: local, fedavg, prr, one seed "
-                            "(~1.5 h for the 3-D runs on 2 cores; see benchmarks/README.md); with --full-3d the GPU "
-                            "settings")
+                            "(about 1 h for the 3-D runs, 1.3 h for all six, on 2 cores: benchmarks/README.md)")
     group.add_argument("--full-3d", action="store_true",
                        help="--threed at the reference scale, for a GPU machine (results quality.threed_full.*)")
     group.add_argument("--mild", action="store_true", help="the earlier plan on the mild federation")
