@@ -16,10 +16,15 @@ against fedavg and fedbn answer the benchmark's question.
     python benchmarks/quality.py             # both tasks, the 2-core CPU plan (see PRESETS)
     python benchmarks/quality.py --imbalanced   # dermoscopy with rare classes kept rare, 2 seeds
     python benchmarks/quality.py --full      # the reference settings, for a GPU machine
+    python benchmarks/quality.py --threed    # prostate in 2-D and 3-D on the same sites: local, fedavg, prr, 1 seed
+    python benchmarks/quality.py --threed --seeds 3   # more seeds (finished runs are reused)
+    python benchmarks/quality.py --full-3d   # --threed at the reference scale, for a GPU machine
     python benchmarks/quality.py --smoke     # every step on tiny data, one worker, nothing kept (the suite runs it)
 
 Runs go to benchmarks/results/tmp/quality/<preset>/ (finished runs are reused, interrupted ones resumed);
-results to benchmarks/results/quality[.quick|.full].{json,md,png} and quality[...].<task>.curves.png.
+results to benchmarks/results/quality[.quick|.full|.threed|...].{json,md,png} and quality[...].<task>.curves.png.
+The prostate3d task is prostate in 3-D (data.dims 3) on the prostate task's sites: where a preset has both, the
+results open with a table of the two side by side on the same test cases (Dice and HD95 on each case's own grid).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import copy
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -36,7 +42,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -51,6 +57,7 @@ REPOSITORY = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 EXPERIMENTS = REPOSITORY / "site_configs" / "experiments"
 MAIN_METHODS = ("local", "fedavg", "fedbn", "fml", "prr")
+THREED_METHODS = ("local", "fedavg", "prr")  # the 2-D against 3-D comparison (--threed)
 ABLATIONS = ("fedavg_det", "pfa_only", "prr_ce", "prr_amplitude", "prr_phi_train")
 BATCHNORM_UNET = ("fedavg_bnunet", "fedbn_bnunet", "prr_bnunet")
 # Ablations that are a method with other options: label -> (method, experiment overrides).
@@ -66,7 +73,12 @@ VARIANTS = {
 # site, they are FedAvg or FedBN plus local fine-tuning, and the tables call them so.
 FINE_TUNED = {"fedavg": "fedavg-FT", "fedbn": "fedbn-FT", "pfa_only": "pfa_only-FT", "fedavg_bnunet": "fedavg_bnunet-FT",
               "fedbn_bnunet": "fedbn_bnunet-FT"}
-TASKS = {"dermoscopy": ("classification", "dermoscopy.yaml"), "prostate": ("segmentation", "prostate.yaml")}
+TASKS = {"dermoscopy": ("classification", "dermoscopy.yaml"), "prostate": ("segmentation", "prostate.yaml"),
+         "prostate3d": ("segmentation", "prostate3d.yaml")}
+# Tasks that read another task's synthetic sites: the 3-D plan segments the very cases the 2-D one does, so that
+# both are scored on the same test cases.
+DATA_OF = {"prostate3d": "prostate"}
+SEGMENTATION = ("prostate", "prostate3d")
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,7 @@ class TaskPlan:
     overrides: dict[str, Any] = field(default_factory=dict)
     ablations: tuple[str, ...] | None = None  # None: the preset's list
     scale: float | None = None  # this task's synthetic data scale (None: the preset's)
+    methods: tuple[str, ...] = MAIN_METHODS  # the main methods run (with `seeds` seeds each)
 
     @property
     def warmup(self) -> int:
@@ -99,6 +112,9 @@ class Preset:
     minimums: tuple[int, ...] | None = None  # synth's minimums (train, val, test[, prostate cases]); None: its defaults
     shift: str = "mild"  # `medfl synth --shift`: how much the sites differ
     sites: dict[str, int] = field(default_factory=lambda: {"dermoscopy": 4, "prostate": 6})  # sites per task
+    seeds_first: bool = False  # run every planned run of seed 0 before any of seed 1 (else longest runs first)
+    fresh_processes: bool = False  # each run in a fresh process, so that its peak memory is its own
+    probe: bool = True  # the aggregation probe on prr's first seed (2-D tasks only)
 
     def scale_of(self, task: str) -> float:
         return self.tasks[task].scale or self.scale
@@ -108,16 +124,29 @@ class Preset:
         into the same folder: sites are independent of each other)."""
         from medfl.synth import Minimums
 
-        arguments = {"scale": self.scale_of(task), "n_derm": self.sites["dermoscopy"] if task == "dermoscopy" else 0,
-                     "n_prostate": self.sites["prostate"] if task == "prostate" else 0,
+        data = DATA_OF.get(task, task)
+        arguments = {"scale": self.scale_of(task), "n_derm": self.sites["dermoscopy"] if data == "dermoscopy" else 0,
+                     "n_prostate": self.sites["prostate"] if data == "prostate" else 0,
                      "minimums": Minimums(*self.minimums) if self.minimums else None}
         return {**arguments, "shift": self.shift} if self.shift != "mild" else arguments
 
     def data_text(self) -> str:
         minimums = f", minimums=Minimums{self.minimums}" if self.minimums else ""
         shift = f", shift={self.shift!r}" if self.shift != "mild" else ""
-        return "; ".join(f"{task}: `medfl.synth.generate(scale={self.scale_of(task)}{minimums}{shift})`"
+        return "; ".join(f"{task}: the {DATA_OF[task]} sites" if DATA_OF.get(task) in self.tasks else
+                         f"{task}: `medfl.synth.generate(scale={self.scale_of(task)}{minimums}{shift})`"
                          for task in self.tasks)
+
+    def data_sets(self) -> list[dict[str, Any]]:
+        """The `generate` arguments of each synthetic data set the tasks read, each once (the 2-D and the 3-D
+        prostate plans read one set). Tasks that share a set must ask for the same one: the second call would
+        overwrite the first's files."""
+        chosen: dict[str, dict[str, Any]] = {}
+        for task in self.tasks:
+            data, arguments = DATA_OF.get(task, task), self.generate_arguments(task)
+            if chosen.setdefault(data, arguments) != arguments:
+                raise ValueError(f"task {task} reads the {data} sites with other synth arguments than another task")
+        return list(chosen.values())
 
     def ablations_of(self, task: str) -> tuple[str, ...]:
         listed = self.tasks[task].ablations
@@ -143,6 +172,50 @@ REALISTIC_PROSTATE = TaskPlan(  # scale 3.4: the smallest site (prost_f, 324 sli
                # reference's plain SGD would learn within the same budget.
                "optimizer": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-6, "lr_step_rounds": 5, "lr_gamma": 0.5,
                              "reset_every_round": True}},
+)
+# The 3-D plan (`--threed`): REALISTIC_PROSTATE's sites, cases, rounds, local epochs and optimizer, in 3-D. Volumes at
+# 2 x 2 x 3 mm (the shipped prostate3d.yaml's): 61-121 voxels across the sites' 120-240 mm fields of view (prost_b 61,
+# prost_e 65, prost_d 81, prost_c 88, prost_a 91, prost_f 121) and 21-24 slices; patches of 64 x 64 x 16, 2 volumes x
+# 4 patches per step, UNet x0.25 (the 2-D plan's width), sliding window as shipped.
+# Sized from CPU seconds measured on these sites with 1 torch thread (benchmarks/README.md, "3-D plan"; a 2-core
+# AMD EPYC at load 6-7): a step of 8 patches 0.44 s for one model, 0.87 s for DET's two (prr; 0.21 and 0.42 s at 4
+# patches, prost_d's 16 steps); 141 steps per epoch over the 6 sites (279 training volumes), so an epoch is 61 s
+# (local, fedavg) and 123 s (prr); a validation pass of one model over the 34 validation volumes 3.8 s; a test pass
+# over the 68 test volumes 27 s with a compact prediction (sliding window, HD95, the original grid) and up to 270 s
+# with an untrained model's noisy one (HD95's surface search: prost_e 4.05 s a volume); the set-up (reading,
+# resampling, caching 395 volumes) about 120 s. At 4 rounds x 5 epochs: local or fedavg 120 + 20 x 61 + 24 x 3.8 +
+# (4 x 27 + 270) = 1810 s (30 min); prr 120 + 20 x 123 + 48 x 3.8 + (5 x 27 + 270) = 3170 s (53 min). Two runs in
+# parallel on 2 cores: prr on one, local then fedavg on the other, so the three end after about 60 min of an
+# otherwise idle machine, inside the 90 min budget with a 1.5x margin for the estimate; the 2-D runs of the seed then
+# take about 10 min more (the default plan's: prr 550 CPU s, local 280, fedavg 290).
+THREED_PROSTATE = TaskPlan(
+    rounds=4, local_epochs=5, seeds=1, scale=3.4, methods=THREED_METHODS, ablations=(),
+    overrides={"data": {"spacing": [2.0, 2.0, 3.0], "patch_size": [64, 64, 16], "patches_per_volume": 4,
+                        "foreground_ratio": 0.5},
+               "model": {"width": 0.25}, "batch_size": 2,
+               "evaluation": {"sw_overlap": 0.25, "sw_mode": "gaussian", "sw_batch_size": 2},
+               "diagnostics": {"bn_reestimation": True},
+               "optimizer": REALISTIC_PROSTATE.overrides["optimizer"]},
+)
+FULL_PROSTATE = TaskPlan(  # the reference's prostate settings (algorithm.md), for a GPU
+    rounds=20, local_epochs=5, seeds=2, warmup_rounds=1,
+    overrides={"data": {"input_size": 256}, "model": {"width": 1.0}, "batch_size": 8,
+               "optimizer": {"name": "sgd", "lr": 1e-3, "momentum": 0.0}},
+)
+# The 3-D reference-scale plan (`--full-3d`, for a GPU; written, not run): FULL_PROSTATE's sites, rounds, epochs and
+# optimizer in 3-D. Spacing: the synthetic sites' median voxel spacing over cases (0.625 mm in-plane, 3.0 mm
+# slices), nnU-Net's choice of target spacing, giving 192-384 voxels across the fields of view (120-240 mm) and
+# 22-24 slices. Patches of 256 x 256 x 16 (most of a field of view; 16 of the slices, every edge a multiple of 16),
+# 2 volumes x 4 patches per step, UNet x1; sliding window as nnU-Net (overlap 0.5, gaussian). One prr training step
+# is estimated at 6.5 GiB (medfl.tasks.volumetric.training_batch_memory on the meta device: 2 models x 3.2 GiB of
+# activations); data caches and the sliding window come on top.
+THREED_FULL_PROSTATE = TaskPlan(
+    rounds=20, local_epochs=5, seeds=2, warmup_rounds=1, methods=THREED_METHODS, ablations=(),
+    overrides={"data": {"spacing": [0.625, 0.625, 3.0], "patch_size": [256, 256, 16], "patches_per_volume": 4,
+                        "foreground_ratio": 0.5},
+               "model": {"width": 1.0}, "batch_size": 2,
+               "evaluation": {"sw_overlap": 0.5, "sw_mode": "gaussian", "sw_batch_size": 4},
+               "optimizer": {"name": "sgd", "lr": 1e-3, "momentum": 0.0}},
 )
 
 PRESETS: dict[str, Preset] = {
@@ -185,12 +258,26 @@ PRESETS: dict[str, Preset] = {
                 overrides={"data": {"input_size": 128}, "model": {"width": 1.0}, "batch_size": 16,
                            "optimizer": {"name": "sgd", "lr": 1e-2, "momentum": 0.0}},
             ),
-            "prostate": TaskPlan(
-                rounds=20, local_epochs=5, seeds=2, warmup_rounds=1,
-                overrides={"data": {"input_size": 256}, "model": {"width": 1.0}, "batch_size": 8,
-                           "optimizer": {"name": "sgd", "lr": 1e-3, "momentum": 0.0}},
-            ),
+            "prostate": FULL_PROSTATE,
         },
+    ),
+    "threed": Preset(
+        "prostate in 2-D and in 3-D on the realistic federation's sites (`medfl synth --shift realistic`, scale 3.4, "
+        "the default plan's cases): local, fedavg and prr, 4 rounds x 5 local epochs, Adam; 2-D as the default plan "
+        "(64 px slices, UNet x0.25); 3-D at 2 x 2 x 3 mm, 2 volumes x 4 patches of 64 x 64 x 16 per step, UNet x0.25, "
+        "sized from a measured epoch to about 1 h for the three 3-D runs on 2 cores; one seed (`--seeds N` adds "
+        "seeds), every run of a seed before the next seed's",
+        scale=3.4, device="cpu", shift="realistic", seeds_first=True, fresh_processes=True, probe=False,
+        tasks={"prostate": replace(REALISTIC_PROSTATE, seeds=1, methods=THREED_METHODS, ablations=()),
+               "prostate3d": THREED_PROSTATE},
+    ),
+    "threed_full": Preset(
+        "`--threed` at the reference scale, for a GPU (written, not run): the `--full` prostate plan (synthetic scale "
+        "1, 256 px UNet x1, SGD lr 1e-3, 20 rounds x 5 epochs, warm-up 1) in 2-D and in 3-D at 0.625 x 0.625 x 3 mm, "
+        "patches of 256 x 256 x 16; local, fedavg and prr, 2 seeds",
+        scale=1.0, device="auto", shift="realistic", seeds_first=True, fresh_processes=True, probe=False,
+        tasks={"prostate": replace(FULL_PROSTATE, methods=THREED_METHODS, ablations=()),
+               "prostate3d": THREED_FULL_PROSTATE},
     ),
 }  # fmt: skip
 # --smoke: every step of the benchmark (runs of every main method, a variant per task, summaries, the aggregation
@@ -204,6 +291,13 @@ SMOKE = Preset(
         "prostate": TaskPlan(rounds=2, local_epochs=1, seeds=1, ablations=("prr_bnunet",),
                              overrides={"data": {"input_size": 32}, "model": {"width": 0.125},
                                         "diagnostics": {"bn_reestimation": True}}),
+        # One 3-D run (prr: DET, CPA and PFA in 3-D) on the same sites: the 3-D path and the 2-D/3-D table. At
+        # 4 x 4 x 6 mm a volume is a few sliding windows of the patch (at 2 x 2 x 3 mm the run took 2 CPU s more).
+        "prostate3d": TaskPlan(rounds=2, local_epochs=1, seeds=1, methods=("prr",), ablations=(),
+                               overrides={"data": {"spacing": [4.0, 4.0, 6.0], "patch_size": [32, 32, 16],
+                                                   "patches_per_volume": 1},
+                                          "model": {"width": 0.125}, "batch_size": 1,
+                                          "diagnostics": {"bn_reestimation": True}}),
     },
 )  # fmt: skip
 
@@ -235,7 +329,7 @@ def experiment_dict(task: str, plan: TaskPlan, label: str, seed: int, synth_root
     method, options = VARIANTS.get(label, (label, {}))
     planned = deep_merge(base, {
         **plan.overrides,
-        "sites": site_configs(synth_root, task),
+        "sites": site_configs(synth_root, DATA_OF.get(task, task)),
         "method": method, "seed": seed, "rounds": plan.rounds, "local_epochs": plan.local_epochs,
         "cpa": {"warmup_rounds": plan.warmup},
         "device": device, "runtime": {"threads": threads},
@@ -246,12 +340,13 @@ def experiment_dict(task: str, plan: TaskPlan, label: str, seed: int, synth_root
 
 
 def plan_jobs(preset: Preset, root: Path, threads: int, device: str) -> list[dict[str, Any]]:
-    """Every (task, method, seed) run of the preset, two-model methods first (they take longest)."""
+    """Every (task, method, seed) run of the preset, two-model methods first (they take longest); with
+    `seeds_first`, every run of a seed before any of the next (then 3-D before 2-D, two-model methods first)."""
     synth_root = root / "synth"
     jobs = []
     for task, plan in preset.tasks.items():
-        for label in MAIN_METHODS + preset.ablations_of(task):
-            seeds = plan.seeds if label in MAIN_METHODS else min(preset.ablation_seeds, plan.seeds)
+        for label in plan.methods + preset.ablations_of(task):
+            seeds = plan.seeds if label in plan.methods else min(preset.ablation_seeds, plan.seeds)
             for seed in range(seeds):
                 name = f"{task}-{label}-seed{seed}"
                 config_path = root / "configs" / f"{name}.yaml"
@@ -259,15 +354,32 @@ def plan_jobs(preset: Preset, root: Path, threads: int, device: str) -> list[dic
                     experiment_dict(task, plan, label, seed, synth_root, threads, device), sort_keys=False))
                 jobs.append({"name": name, "task": task, "method": VARIANTS.get(label, (label,))[0], "label": label,
                              "seed": seed, "threads": threads, "config": str(config_path),
-                             "run_dir": str(root / "runs" / name)})
+                             "run_dir": str(root / "runs" / name), "fresh_process": preset.fresh_processes})
+    if preset.seeds_first:
+        return sorted(jobs, key=lambda job: (job["seed"], job["task"] != "prostate3d",
+                                             not method_spec(job["method"]).two_models))
     return sorted(jobs, key=lambda job: (not method_spec(job["method"]).two_models, job["task"] != "prostate"))
 
 
 # ---- running (one process per run, so that runs can share the cores) ----------------------------------------
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss where /proc is missing). Linux carries ru_maxrss
+    across exec, so a spawned worker would report its parent's peak; VmHWM is the process's own."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Run (or resume, or reuse) one experiment with the Coordinator; its wall and process CPU seconds."""
+    """Run (or resume, or reuse) one experiment with the Coordinator; its wall and process CPU seconds, the CPU
+    seconds of its set-up and of each round (from the Coordinator's progress events) and the process's peak RSS
+    (the run's own where the job ran in a fresh process, `fresh_process`; else the peak of every run the worker
+    ran so far)."""
     import torch
 
     from medfl.devices import resolve_device
@@ -288,9 +400,23 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     resume = (run_dir / "run.json").is_file()  # a started run continues (one that completed no round restarts)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     wall, cpu = time.perf_counter(), time.process_time()
-    Coordinator(config, run_dir, resolve_device(config.device), task=task_for(config.task)).run(resume=resume)
+    marks: dict[str, float | None] = {"cpu": cpu, "setup": None}
+    rounds_cpu: list[float] = []
+
+    def observe(event: str, info: dict[str, Any]) -> None:
+        if event in ("start", "round"):
+            now = time.process_time()
+            if event == "start":
+                marks["setup"] = now - marks["cpu"]
+            else:
+                rounds_cpu.append(now - marks["cpu"])
+            marks["cpu"] = now
+
+    Coordinator(config, run_dir, resolve_device(config.device), progress=observe,
+                task=task_for(config.task, config)).run(resume=resume)
     timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "resumed": resume,
-              "load_average_1min": load}
+              "load_average_1min": load, "setup_cpu_s": marks["setup"], "round_cpu_s": rounds_cpu,
+              "peak_rss_mb": peak_rss_mb(), "fresh_process": bool(job.get("fresh_process"))}
     atomic_write_json(record, timing)
     return {**job, **timing, "reused": False}
 
@@ -301,12 +427,14 @@ def load_range(done: list[dict[str, Any]]) -> str:
     return f", {min(loads):.1f}-{max(loads):.1f} when its runs started" if loads else ""
 
 
-def run_all(jobs: list[dict[str, Any]], workers: int, runner=run_job) -> list[dict[str, Any]]:
+def run_all(jobs: list[dict[str, Any]], workers: int, runner=run_job, fresh: bool = False) -> list[dict[str, Any]]:
     """Run the jobs on `workers` processes with `runner` (a module-level function: it is pickled); one line per
-    finished run."""
+    finished run. `fresh`: every job in a new process (its peak memory is then its own, at the cost of a start-up
+    per run: importing torch and MONAI again)."""
     done = []
     start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                             max_tasks_per_child=1 if fresh else None) as pool:
         futures = {pool.submit(runner, job): job for job in jobs}
         failed = []
         for future in as_completed(futures):
@@ -402,8 +530,14 @@ def task_metrics(task: str, rarest: str | None) -> dict[str, tuple[str, str]]:
                 "macro_f1": ("test", "macro_f1"), f"f1_{rarest}": ("test", f"f1_{rarest}"),
                 "auc": ("test", "auc"), "accuracy": ("test", "accuracy"),
                 "macro_f1_last_round": ("test_last_round", "macro_f1"), **dynamics}
+    # dice and hd95 are scored on the grid the run scores on (2-D: the slices at input_size; 3-D: data.spacing);
+    # the *_original ones on each test case's own voxel grid, the same for 2-D and 3-D (runs from before medfl
+    # scored there lack them: NaN).
     return {"ref_dice": ("reference", "dice"), "ref_hd95": ("reference", "hd95"),
+            "ref_dice_original": ("reference", "dice_original"), "ref_hd95_original": ("reference", "hd95_original"),
             "dice": ("test", "dice"), "hd95": ("test", "hd95"), "hd95_missing": ("test", "hd95_missing"),
+            "dice_original": ("test", "dice_original"), "hd95_original": ("test", "hd95_original"),
+            "hd95_original_missing": ("test", "hd95_original_missing"),
             "dice_last_round": ("test_last_round", "dice"), **dynamics}
 
 
@@ -421,9 +555,24 @@ def nanmean(values: list[float]) -> float:
     return statistics.fmean(defined) if defined else math.nan
 
 
-def summarise_task(task: str, runs: list, scratch: Path) -> dict[str, Any]:
-    """Per method: per-site and mean-over-sites values across seeds, DET shares, prr's paired differences, and
-    the aggregation probe on prr's first seed."""
+def run_cost(run) -> dict[str, float]:
+    """What a run cost: mean wall seconds per round (its timing.csv), mean process CPU seconds per round and peak
+    RSS (the benchmark's record of the run, benchmark_job.json; NaN in records written before they were kept)."""
+    from medfl.runfolder import RunFolder
+
+    record_path = run.path / "benchmark_job.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    rounds = RunFolder(run.path).timing()
+    rounds_cpu = record.get("round_cpu_s") or []
+    return {"round_wall_s": statistics.fmean(float(r["round_s"]) for r in rounds) if rounds else math.nan,
+            "round_cpu_s": statistics.fmean(rounds_cpu) if rounds_cpu else math.nan,
+            "run_wall_s": float(record.get("wall_s", math.nan)),
+            "peak_rss_mb": float(record.get("peak_rss_mb") or math.nan)}
+
+
+def summarise_task(task: str, runs: list, scratch: Path, probe: bool = True) -> dict[str, Any]:
+    """Per method: per-site and mean-over-sites values across seeds, what the runs cost, DET shares, prr's
+    paired differences, and (`probe`, 2-D tasks) the aggregation probe on prr's first seed."""
     counts, totals, classes, rarest = {}, [], None, None
     if task == "dermoscopy":
         counts = train_counts(runs[0].config)
@@ -433,9 +582,11 @@ def summarise_task(task: str, runs: list, scratch: Path) -> dict[str, Any]:
     metrics = task_metrics(task, rarest)
     names = list(metrics) + ["communication_dips"]
     by_method: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
+    costs: dict[str, list[dict[str, float]]] = {}
     shares: dict[str, list[dict[str, float]]] = {}
     for run in runs:
         by_method.setdefault(label_of(run), {})[run.seed] = site_values(run, metrics)
+        costs.setdefault(label_of(run), []).append(run_cost(run))
         if det_shares(run):
             shares.setdefault(label_of(run), []).append(det_shares(run))
     sites = list(runs[0].summary["sites"])
@@ -447,6 +598,7 @@ def summarise_task(task: str, runs: list, scratch: Path) -> dict[str, Any]:
             "mean": {n: spread([site_means[seed][n] for seed in seeds]) for n in names},
             "sites": {s: {n: spread([seeds[seed][s][n] for seed in seeds]) for n in names} for s in sites},
             "per_seed": {str(seed): {"mean": site_means[seed], "sites": values} for seed, values in seeds.items()},
+            "cost": {n: spread([c[n] for c in costs[method]]) for n in costs[method][0]},
             "det_states": {k: statistics.fmean(d[k] for d in shares[method]) for k in shares[method][0]}
             if method in shares else None,
         }
@@ -462,9 +614,13 @@ def summarise_task(task: str, runs: list, scratch: Path) -> dict[str, Any]:
                            for s in common]) for n in compared
             }
     probe_run = next((run for run in runs if label_of(run) == "prr"), None)
-    probe = aggregation_probe(probe_run, scratch / task) if probe_run is not None else None
+    # The probe scores 2-D slices (evaluate_model on batches of slices); a 3-D run's deputies are not probed.
+    probed = probe and probe_run is not None and probe_run.config["data"].get("dims", 2) == 2
+    probe = aggregation_probe(probe_run, scratch / task) if probed else None
+    setting = {key: runs[0].config.get(key) for key in ("data", "model", "batch_size", "evaluation")}
     return {"sites": sites, "train_counts": counts, "class_totals": totals, "classes": classes, "rarest_class": rarest,
-            "metrics": names, "methods": methods, "paired_differences": paired, "aggregation_probe": probe}
+            "metrics": names, "methods": methods, "paired_differences": paired, "aggregation_probe": probe,
+            "setting": setting}
 
 
 def _circular_signals(signals: list, ratio: float, weights) -> list:
@@ -589,7 +745,9 @@ def aggregation_probe(run, scratch: Path) -> dict[str, Any]:
 
 
 LABELS = {"macro_f1": "macro-F1", "auc": "AUC", "accuracy": "accuracy", "dice": "Dice", "hd95": "HD95 (mm)",
-          "hd95_missing": "cases w/o HD95", "macro_f1_last_round": "macro-F1 last round",
+          "hd95_missing": "cases w/o HD95", "dice_original": "Dice, original grid",
+          "hd95_original": "HD95 (mm), original grid", "hd95_original_missing": "cases w/o HD95, original grid",
+          "macro_f1_last_round": "macro-F1 last round",
           "dice_last_round": "Dice last round", "retrogress": "retrogress (receiving)",
           "retrogress_bn": "retrogress after BN re-estimation", "recovery": "recovery (receiving)",
           "curve_dips": "curve dips (used)", "communication_dips": "of which at communication",
@@ -624,7 +782,8 @@ def ordered_methods(result: dict[str, Any]) -> list[str]:
 def quality_table(result: dict[str, Any], names: list[str], methods: list[str], fine_tuned: bool) -> str:
     return table(["method", "seeds"] + [label(n) for n in names],
                  [[FINE_TUNED.get(m, m) if fine_tuned else m, str(len(result["methods"][m]["seeds"]))]
-                  + [cell(result["methods"][m]["mean"][n], 2 if n.endswith("hd95") else 3) for n in names]
+                  + [cell(result["methods"][m]["mean"][n], 2 if n.endswith(("hd95", "hd95_original")) else 3)
+                     for n in names]
                   for m in methods])
 
 
@@ -700,6 +859,73 @@ def task_markdown(task: str, result: dict[str, Any], plan: dict[str, Any]) -> st
     return "\n".join(lines)
 
 
+def missing_total(result: dict[str, Any], method: str, name: str) -> dict[str, Any]:
+    """Test cases without an HD95 (no prostate predicted, or none in the mask), summed over sites; spread across
+    seeds."""
+    per_seed = result["methods"][method]["per_seed"].values()
+    return spread([sum(v[name] for v in entry["sites"].values()) for entry in per_seed])
+
+
+def setting_text(result: dict[str, Any]) -> str:
+    """The network and data grid of a task's runs, from its first run's resolved config."""
+    data, model, window = result["setting"]["data"], result["setting"]["model"], result["setting"]["evaluation"]
+    network = f"UNet x{model['width']:g}, batch {result['setting']['batch_size']}"
+    if data.get("dims", 2) == 2:
+        return f"2-D: axial slices at {data['input_size']} px, {network} slices"
+    return (f"3-D: volumes at {' x '.join(f'{v:g}' for v in data['spacing'])} mm, patches of "
+            f"{' x '.join(map(str, data['patch_size']))} voxels, {data['patches_per_volume']} per volume "
+            f"({data['foreground_ratio']:g} on prostate), {network} volumes; sliding window overlap "
+            f"{window['sw_overlap']:g}, {window['sw_mode']}")
+
+
+def dims_markdown(two: dict[str, Any], three: dict[str, Any], plans: dict[str, dict[str, Any]],
+                  fresh: bool) -> str:
+    """2-D against 3-D, method by method, on the same test cases: Dice and HD95 on each case's own voxel grid
+    (the only grid the two share), the resampled Dice each run selects on, and what a round costs."""
+    methods = [m for m in MAIN_METHODS if m in two["methods"] or m in three["methods"]]
+
+    def pair(value, digits: int) -> list[str]:
+        """Per method, "2-D / 3-D" of value(result, method), a spread across seeds."""
+        return [" / ".join(cell(value(r, m), digits) if m in r["methods"] else "–" for r in (two, three))
+                for m in methods]
+
+    def mean(name: str):
+        return lambda result, method: result["methods"][method]["mean"][name]
+
+    def cost(name: str):
+        return lambda result, method: result["methods"][method]["cost"][name]
+
+    columns = {
+        "seeds": [" / ".join(str(len(r["methods"][m]["seeds"])) if m in r["methods"] else "0" for r in (two, three))
+                  for m in methods],
+        "Dice, original grid": pair(mean("dice_original"), 3),
+        "HD95 (mm), original grid": pair(mean("hd95_original"), 2),
+        "cases w/o HD95, original grid": pair(lambda r, m: missing_total(r, m, "hd95_original_missing"), 1),
+        "Dice, original grid, reference protocol": pair(mean("ref_dice_original"), 3),
+        "Dice, resampled grid": pair(mean("dice"), 3),
+        "s per round (wall)": pair(cost("round_wall_s"), 0),
+        "CPU s per round": pair(cost("round_cpu_s"), 0),
+        "peak RSS (MB)": pair(cost("peak_rss_mb"), 0),
+    }
+    rows = [[FINE_TUNED.get(m, m)] + [values[i] for values in columns.values()] for i, m in enumerate(methods)]
+    plan_text = "; ".join(f"{'2-D' if task == 'prostate' else '3-D'}: {plans[task]['rounds']} rounds x "
+                          f"{plans[task]['local_epochs']} local epochs" for task in ("prostate", "prostate3d"))
+    memory = ("each run in a fresh process, so the peak is the run's own" if fresh else
+              "runs shared worker processes, so a peak is the largest of the runs its worker had run")
+    return "\n".join([
+        "## prostate, 2-D against 3-D on the same test cases", "",
+        f"{setting_text(two)}. {setting_text(three)}. {plan_text}. Each cell is 2-D / 3-D, mean over sites, mean ± "
+        "sd across seeds. Scores are the per-site fine-tuned protocol (after local training, each site's own "
+        "validation choice; fedavg is then fedavg-FT) unless the column says otherwise. The original grid is each "
+        "test case's own voxel grid (the 2-D slices' logits upsampled to the original in-plane size, the 3-D "
+        "prediction taken back through the inverse of the resampling), scored against the mask as read: the same "
+        "cases, voxels and spacing for both; HD95 in mm, averaged over the cases that have one, the cases without "
+        "one summed over sites. The resampled Dice is the one each run selects on (2-D: slices at the input size; "
+        "3-D: the resampled volume), for continuity with the other tables. Time per round: wall seconds from the "
+        f"run's timing.csv, process CPU seconds from the benchmark's record; peak RSS: {memory}.", "",
+        table(["method"] + list(columns), rows)])
+
+
 def bar_figure(results: dict[str, Any], path: Path) -> None:
     """Mean-over-sites test score per method with the spread across seeds, one panel per reported score."""
     from matplotlib.figure import Figure
@@ -770,6 +996,8 @@ def write_outputs(stem: Path, preset_name: str, preset: Preset, results: dict[st
         "`medfl report benchmarks/results/tmp/quality/<preset>/runs/<run>...` gives the full report of any runs.",
     ]
     body = [task_markdown(task, result, plans[task]) for task, result in results.items()]
+    if "prostate" in results and "prostate3d" in results:
+        body.insert(0, dims_markdown(results["prostate"], results["prostate3d"], plans, preset.fresh_processes))
     atomic_write_text(with_suffix(stem, ".md"), "\n".join(header) + "\n\n" + "\n\n".join(body) + "\n")
     bar_figure(results, with_suffix(stem, ".png"))
     curve_figures(task_runs, stem)
@@ -816,11 +1044,19 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--imbalanced", action="store_true",
                        help="dermoscopy with the reference's rare classes kept rare, 2 seeds (~20 min)")
     group.add_argument("--full", action="store_true", help="the reference settings, for a GPU machine")
+    group.add_argument("--threed", action="store_true",
+                       help="prostate in 2-D and 3-D on the same realistic sites: local, fedavg, prr, one seed "
+                            "(about 1 h for the 3-D runs, 1.3 h for all six, on 2 cores: benchmarks/README.md)")
+    group.add_argument("--full-3d", action="store_true",
+                       help="--threed at the reference scale, for a GPU machine (results quality.threed_full.*)")
     group.add_argument("--mild", action="store_true", help="the earlier plan on the mild federation")
     group.add_argument("--smoke", action="store_true",
                        help="every step on tiny data, one worker; runs and results go to a temporary folder that is "
                             "removed")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (default 2: one per core)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds of the main methods (default: the preset's); finished runs are reused, so "
+                             "rerunning with more seeds adds only the new seeds' runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the preset's device")
     parser.add_argument("--root", type=Path, default=RESULTS / "tmp" / "quality", help="where runs are kept")
@@ -833,8 +1069,19 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             args.root, args.output, args.workers = Path(tmp) / "runs", Path(tmp) / "quality.smoke", 1
             return benchmark(args, "smoke", SMOKE, argv)
-    preset_name = next((name for name in ("quick", "imbalanced", "full", "mild") if getattr(args, name)), "default")
-    return benchmark(args, preset_name, PRESETS[preset_name], argv)
+    preset_name = next((name for name in ("quick", "imbalanced", "full", "mild", "threed", "full_3d")
+                        if getattr(args, name)), "default")
+    preset_name = {"full_3d": "threed_full"}.get(preset_name, preset_name)
+    return benchmark(args, preset_name, with_seeds(PRESETS[preset_name], args.seeds), argv)
+
+
+def with_seeds(preset: Preset, seeds: int | None) -> Preset:
+    """The preset with `seeds` seeds for every task's main methods (None: as planned)."""
+    if seeds is None:
+        return preset
+    if seeds < 1:
+        raise SystemExit("--seeds: at least 1")
+    return replace(preset, tasks={task: replace(plan, seeds=seeds) for task, plan in preset.tasks.items()})
 
 
 def benchmark(args: argparse.Namespace, preset_name: str, preset: Preset, argv: list[str] | None) -> int:
@@ -851,21 +1098,22 @@ def benchmark(args: argparse.Namespace, preset_name: str, preset: Preset, argv: 
     info = machine(resolve_device(device))
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     start = time.perf_counter()
-    for task in preset.tasks:
-        generate(root / "synth", **preset.generate_arguments(task))
+    for arguments in preset.data_sets():
+        generate(root / "synth", **arguments)
     jobs = plan_jobs(preset, root, args.threads, device)
     if args.only:
         return reproduce(args.only, jobs, with_suffix(stem, ".json"), args.workers)
     print(f"preset {preset_name}: {len(jobs)} runs on {args.workers} workers", flush=True)
-    done = run_all(jobs, args.workers)
+    done = run_all(jobs, args.workers, fresh=preset.fresh_processes)
     info["benchmark"] = {"wall_s": time.perf_counter() - start, "cpu_s": sum(d["cpu_s"] for d in done),
                          "workers": args.workers, "threads": args.threads,
                          "reused": sum(d["reused"] for d in done), "runs": len(done),
                          "run_wall_s": sum(d["wall_s"] for d in done),
                          "run_loads": load_range(done),
-                         "per_run": {d["name"]: {"wall_s": d["wall_s"], "cpu_s": d["cpu_s"]} for d in done}}
+                         "per_run": {d["name"]: {"wall_s": d["wall_s"], "cpu_s": d["cpu_s"],
+                                                 "peak_rss_mb": d.get("peak_rss_mb")} for d in done}}
     task_runs = {task: [load_run(job["run_dir"]) for job in jobs if job["task"] == task] for task in preset.tasks}
-    results = {task: summarise_task(task, runs, root / "probe") for task, runs in task_runs.items()}
+    results = {task: summarise_task(task, runs, root / "probe", probe=preset.probe) for task, runs in task_runs.items()}
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_outputs(stem, preset_name, preset, results, task_runs, info, command.strip())
     print(with_suffix(stem, ".md").read_text())

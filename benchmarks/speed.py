@@ -34,6 +34,11 @@
    (one-way) jointly and teacher first (one model's graph alive at a time); and each op's self CPU time from
    torch's profiler: where DET's cost beyond two model passes goes.
 
+7. 3-D prostate (last in the main run, in each device's `volumetric`): quality.py's --threed 3-D experiment on
+   two realistic prostate sites at scale 0.34: the Site's set-up per volume, an epoch of one model and of DET's
+   two on patches (per epoch and per batch), the sliding window per validation and test volume, the scoring of a
+   compact prediction, and one prr round through the Coordinator: the evaluation share of the sites' time.
+
 `--device auto` measures the CPU and, when a GPU is present, the same again on CUDA, reported separately with
 the card's name. Writes benchmarks/results/speed.{json,md,png} (speed.cuda.png for the GPU). Runs and data go
 to benchmarks/results/tmp/speed/.
@@ -79,6 +84,8 @@ from aggregation import (  # noqa: E402 - the sibling benchmark script, found th
     reference_pfa,
     site_states,
 )
+from quality import SMOKE as QUALITY_SMOKE  # noqa: E402 - the 3-D plans measured in section 7
+from quality import THREED_PROSTATE, TaskPlan, experiment_dict  # noqa: E402
 
 RESULTS = BENCHMARKS / "results"
 EXPERIMENTS = BENCHMARKS.parent / "site_configs" / "experiments"
@@ -107,10 +114,24 @@ class Plan:
     demo_synth: dict[str, Any] = field(default_factory=dict)  # the demo experiments' data ({}: `medfl synth`'s)
     demo_budget: dict[str, Any] = field(default_factory=dict)  # overrides of the shipped demos ({}: as shipped)
     demo_tasks: tuple[str, ...] = ("dermoscopy", "prostate")  # the demo experiments measured
+    volumetric: Volumetric | None = None  # section 7 (None: not measured)
+
+
+@dataclass(frozen=True)
+class Volumetric:
+    """Section 7: a 3-D experiment (quality.py's 3-D plan: spacing, patch, network, local epochs) on prostate
+    sites, measured on one site (epochs, the sliding window) and as one round of prr on `sites` sites."""
+
+    plan: TaskPlan  # quality.py's plan of the 3-D prostate runs (its overrides and local epochs)
+    synth: dict[str, Any] | None  # medfl.synth.generate's arguments of the prostate sites; None: the plan's synth
+    sites: int  # sites of the measured round
 
 
 PLANS = {
-    "full": Plan(NETWORKS, 4, EPOCH_CASES, 3, {"scale": 0.1, "n_prostate": 1}),
+    # Section 7 on the realistic prostate sites of the quality benchmark's 3-D plan, fewer cases: every site's
+    # scanner (matrix, spacing, slices) is the same at any scale, so the per-volume costs are those of the plan.
+    "full": Plan(NETWORKS, 4, EPOCH_CASES, 3, {"scale": 0.1, "n_prostate": 1},
+                 volumetric=Volumetric(THREED_PROSTATE, {"scale": 0.34, "n_prostate": 2, "shift": "realistic"}, 2)),
     "smoke": Plan(
         SMOKE_NETWORKS, 2,
         {"dermoscopy": ("dermoscopy", "dermoscopy.yaml", "derm_a", NARROW, True),
@@ -120,6 +141,7 @@ PLANS = {
         demo_synth={"scale": 0.01, "n_derm": 2, "n_prostate": 0, "minimums": TINY_MINIMUMS},
         demo_budget={"rounds": 2, "local_epochs": 1, **NARROW, "data": {"input_size": 32}},
         demo_tasks=("dermoscopy",),  # one: the code path is the same, and each demo run is a fresh process
+        volumetric=Volumetric(QUALITY_SMOKE.tasks["prostate3d"], None, 1),  # the smoke's one tiny prostate site
     ),
 }  # fmt: skip
 SMOKE_SITES = [2]  # the values of K of --smoke (one: the growth with K is then not measured)
@@ -452,6 +474,175 @@ def scale_rows(synth: Path, ks: list[int], device: torch.device, threads: int, r
     return {"rows": rows, "rounds": rounds, "loglog_slope": growth}
 
 
+# ---- 7. 3-D prostate ----------------------------------------------------------------------------------------
+
+
+def volumetric_config(name: str, method: str, sites: list[str], plan: TaskPlan, rounds: int, synth: Path,
+                      device: str, threads: int, run_root: Path):
+    """quality.py's 3-D experiment (its plan's overrides and local epochs) for these sites, method and rounds."""
+    from dataclasses import replace
+
+    from medfl.experiment import load_experiment_config
+
+    data = experiment_dict("prostate3d", replace(plan, rounds=rounds), method, 0, synth, threads, device)
+    data.update({"sites": sites, "output_dir": str(run_root)})
+    path = run_root / "configs" / f"{name}-{method}.yaml"
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    return load_experiment_config(path)
+
+
+def volumetric_section(root: Path, synth: Path, device: torch.device, threads: int, repeats: int,
+                       spec: Volumetric) -> dict[str, Any]:
+    """A 3-D experiment's costs. On the first site: reading, resampling and caching its volumes (the Site's
+    set-up), one local epoch of one model (local) and of DET's two (prr, state Exchange) on patches, and the
+    sliding-window scoring of a validation volume (Dice only, as selection scores it) and of a test volume (HD95
+    and the original grid too); each `repeats` times after a warm-up. Then one round of prr on `spec.sites`
+    sites through the Coordinator: the share of the sites' time spent scoring (their timing.csv) and the
+    process CPU time of the set-up and the round."""
+    from monai.data import ThreadDataLoader
+
+    from medfl.config import load_site_config
+    from medfl.federated.coordinator import Coordinator
+    from medfl.federated.det import DetState
+    from medfl.federated.evaluation import volume_on_original_grid
+    from medfl.federated.site import PREFETCH_BATCHES, Site
+    from medfl.federated.training import EpochPlan, train_epoch
+    from medfl.metrics import segmentation_case_metrics
+    from medfl.runfolder import RunFolder
+    from medfl.synth import generate
+    from medfl.tasks import task_for
+
+    run_root = root / "volumetric"
+    if spec.synth is not None:
+        synth = root / "volumetric-synth"
+        generate(synth, n_derm=0, **spec.synth)
+    configs = sorted(str(path) for path in (synth / "site_configs" / "prostate").glob("*.yaml"))
+    sites, setup = {}, {}
+    for method in ("local", "prr"):
+        config = volumetric_config("volumetric", method, configs[:1], spec.plan, 1, synth, device.type, threads,
+                                   run_root)
+        site = Site(load_site_config(configs[0]), config, run_root / "sites" / method, device,
+                    task=task_for(config.task, config))
+        setup[method] = timed(site.initialize, device)
+        sites[method] = site
+    site = sites["local"]
+    batch_size, data = site.experiment.batch_size, site.experiment.data
+    volumes = {split: len(site.datasets[split]) for split in ("train", "val", "test")}
+    shapes = [tuple(int(n) for n in batch["image"].shape[2:]) for batch in site._eval_batches("val")]
+    measured: dict[str, list[dict[str, float]]] = {"local": [], "prr": [], "val": [], "test": []}
+    role = next(iter(site.models))
+    for repeat in range(repeats + 1):  # the first pass warms up (allocator, caches, lazy imports): not kept
+        for method, state in (("local", None), ("prr", DetState.EXCHANGE)):
+            s, plan = sites[method], EpochPlan(state=state)
+            loader = TimedLoader(ThreadDataLoader(s.datasets["train"], buffer_size=PREFETCH_BATCHES,
+                                                  batch_size=batch_size, shuffle=True, num_workers=0))
+            wall, cpu = timed(lambda s=s, t=loader, p=plan: train_epoch(
+                s.models, s.trainer.optimizers, t, s.trainer.loss, p, s.task, device), device)
+            if repeat:
+                measured[method].append({"wall_s": wall, "cpu_s": cpu, "load_cpu_s": loader.cpu})
+        for split in ("val", "test"):
+            site.scores.forget(role)
+            wall, cpu = timed(lambda split=split, role=role: site.scores.score(role, split), device)
+            if repeat:
+                measured[split].append({"wall_s": wall, "cpu_s": cpu})
+    median = {key: {name: statistics.median(row[name] for row in rows) for name in rows[0]}
+              for key, rows in measured.items()}
+    # HD95's cost grows with the predicted surface: the barely trained network above predicts noise, the worst
+    # case. A trained model's prediction is compact; the truth itself stands for it here.
+    compact = []
+    for batch in site._eval_batches("test"):
+        cases = batch["case_id"] if isinstance(batch["case_id"], (list, tuple)) else [batch["case_id"]]
+        truths = (torch.as_tensor(batch["label"])[:, 0] > 0).to(torch.uint8).numpy()
+        for case, truth in zip(cases, truths, strict=True):
+            tick = time.process_time()
+            segmentation_case_metrics(truth, truth, site._spacing(str(case)))
+            mask_file = str(site.task.original_case(site.data, str(case)))
+            segmentation_case_metrics(*volume_on_original_grid(truth, mask_file, data.spacing, str(case)))
+            compact.append(time.process_time() - tick)
+    batches = math.ceil(volumes["train"] / batch_size)
+    patches = batch_size * data.patches_per_volume
+    result: dict[str, Any] = {
+        "site": site.name, "spacing": list(data.spacing), "patch_size": list(data.patch_size),
+        "patches_per_volume": data.patches_per_volume, "batch_size": batch_size, "patches_per_batch": patches,
+        "width": site.experiment.model.width, "sliding_window": dict(site.task.sliding_window),
+        "volumes": volumes, "val_shapes": shapes, "median": median, "repeats": measured,
+        "setup_cpu_s_per_volume": setup["local"][1] / sum(volumes.values()),
+        "epoch_cpu_s": {m: median[m]["cpu_s"] for m in ("local", "prr")},
+        "batch_cpu_s": {m: median[m]["cpu_s"] / batches for m in ("local", "prr")},
+        "loading_share": {m: median[m]["load_cpu_s"] / median[m]["cpu_s"] for m in ("local", "prr")},
+        "val_cpu_s_per_volume": median["val"]["cpu_s"] / volumes["val"],
+        "test_cpu_s_per_volume": median["test"]["cpu_s"] / volumes["test"],
+        "compact_scoring_cpu_s_per_volume": statistics.fmean(compact),
+    }
+    print(f"  3-D epoch on {site.name} ({volumes['train']} volumes, {batches} batches of {patches} patches): "
+          f"local {median['local']['cpu_s']:.1f} CPU s, prr {median['prr']['cpu_s']:.1f} CPU s; sliding window "
+          f"{result['val_cpu_s_per_volume']:.2f} CPU s per validation volume, "
+          f"{result['test_cpu_s_per_volume']:.2f} per test volume", flush=True)
+    # One round of prr through the Coordinator, as a run plays it.
+    chosen = configs[:spec.sites]
+    config = volumetric_config("volumetric-round", "prr", chosen, spec.plan, 1, synth, device.type, threads, run_root)
+    run_dir = run_root / "runs" / f"prr-{len(chosen)}sites"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    marks = {"cpu": time.process_time()}
+    cpu: dict[str, float] = {}
+
+    def observe(event: str, info: dict[str, Any]) -> None:
+        if event in ("start", "round"):
+            cpu["setup_s" if event == "start" else "round_s"] = time.process_time() - marks["cpu"]
+            marks["cpu"] = time.process_time()
+
+    Coordinator(config, run_dir, device, progress=observe, task=task_for(config.task, config)).run()
+    timing = RunFolder(run_dir).timing()[0]
+    train_s, eval_s = float(timing["train_s"]), float(timing["eval_s"])
+    result["round"] = {"sites": len(chosen), "method": "prr", "local_epochs": config.local_epochs,
+                       "round_s": float(timing["round_s"]), "train_s": train_s, "eval_s": eval_s,
+                       "eval_share": eval_s / (train_s + eval_s), "eval_volumes": int(float(timing["eval_samples"])),
+                       "setup_cpu_s": cpu["setup_s"], "round_cpu_s": cpu["round_s"],
+                       "peak_rss_mb": float(timing["peak_rss_mb"])}
+    print(f"  3-D round, prr on {len(chosen)} site(s): evaluation {100 * result['round']['eval_share']:.1f}% of the "
+          f"sites' time", flush=True)
+    return result
+
+
+def volumetric_markdown(v: dict[str, Any]) -> str:
+    r, median = v["round"], v["median"]
+    epochs = r["local_epochs"]
+    window = v["sliding_window"]
+    shapes = v["val_shapes"]
+    lines = [
+        f"### 3-D prostate (`data.dims: 3`), site {v['site']}", "",
+        f"Volumes resampled to {' x '.join(f'{x:g}' for x in v['spacing'])} mm (validation volumes "
+        f"{', '.join(' x '.join(map(str, shape)) for shape in shapes)} voxels), UNet x{v['width']:g}, batches of "
+        f"{v['batch_size']} volumes x {v['patches_per_volume']} patches of {' x '.join(map(str, v['patch_size']))}; "
+        f"sliding window overlap {window['sw_overlap']:g}, {window['sw_mode']}, {window['sw_batch_size']} windows at "
+        f"once. {v['volumes']['train']} / {v['volumes']['val']} / {v['volumes']['test']} training / validation / "
+        "test volumes; median of the repeats.", "",
+        "| measure | CPU s | wall s |", "|:---|---:|---:|",
+        f"| set-up: reading, resampling and caching, per volume | {v['setup_cpu_s_per_volume']:.2f} | |",
+    ]
+    for method, text in (("local", "one model (local)"), ("prr", "DET, two models (prr, Exchange)")):
+        m = median[method]
+        lines += [f"| epoch, {text} | {m['cpu_s']:.2f} | {m['wall_s']:.2f} |",
+                  f"| of which waiting for batches (cropping, augmenting) | {m['load_cpu_s']:.2f} | |",
+                  f"| per batch of {v['patches_per_batch']} patches, {text} | {v['batch_cpu_s'][method]:.2f} | |"]
+    lines += [f"| sliding window per validation volume (Dice) | {v['val_cpu_s_per_volume']:.2f} "
+              f"| {median['val']['wall_s'] / v['volumes']['val']:.2f} |",
+              f"| sliding window per test volume (Dice, HD95, original grid too), the barely trained network "
+              f"| {v['test_cpu_s_per_volume']:.2f} | {median['test']['wall_s'] / v['volumes']['test']:.2f} |",
+              f"| scoring a test volume's compact prediction (the truth itself: HD95 and the original grid; "
+              f"add the sliding window) | {v['compact_scoring_cpu_s_per_volume']:.2f} | |",
+              "", "HD95 searches the nearest surface point for every surface point, so scoring costs more the larger "
+              "the predicted surface: a barely trained network's noisy prediction is the worst case, a trained one's "
+              "compact prediction costs about what the truth itself does.",
+              "", f"One round of prr ({epochs} local epoch{'s' if epochs > 1 else ''}, the round is the run's last, so "
+              "both models are scored on test, by networks that have trained one round only) on {r['sites']} site(s) through the Coordinator: the sites trained "
+              f"{r['train_s']:.1f} s and scored {r['eval_s']:.1f} s ({r['eval_volumes']} volumes), an evaluation "
+              f"share of **{100 * r['eval_share']:.1f}%** (target for the 2-D demos: ≤ "
+              f"{100 * TARGETS['evaluation_share']:.0f}%); process CPU {r['setup_cpu_s']:.1f} s of set-up and "
+              f"{r['round_cpu_s']:.1f} s for the round; peak RSS {r['peak_rss_mb']:.0f} MB."]
+    return "\n".join(lines)
+
+
 # ---- output ----------------------------------------------------------------------------------------------
 
 
@@ -532,6 +723,8 @@ def device_markdown(section: dict[str, Any]) -> str:
     lines += ["", "Log-log slopes against K: " + ", ".join(f"{k} {v:.2f}" for k, v in growth.items())
               + " (1 = linear; round_s_vs_train_samples is against the total number of training samples "
               "rather than K, since the extra sites differ in size)."]
+    if "volumetric" in section:
+        lines += ["", volumetric_markdown(section["volumetric"])]
     return "\n".join(lines)
 
 
@@ -617,6 +810,9 @@ def measure_device(device: torch.device, args: argparse.Namespace, synth: Path, 
     if device.type == "cpu":
         section["loading_ms_per_image"] = loading_breakdown(synth, args.repeats)
     section["scale"] = scale_rows(synth, args.sites, device, args.threads, run_root, plan.scale_rounds)
+    if plan.volumetric is not None:  # last: the sections before it measure as they did without it
+        section["volumetric"] = volumetric_section(run_root, synth, device, args.threads, args.repeats,
+                                                   plan.volumetric)
     info["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     return section
 

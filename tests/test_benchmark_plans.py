@@ -80,3 +80,29 @@ def test_the_default_plan_has_the_prostate_optimizer_variant() -> None:
     assert ("default", "prostate", "local_sgd") in VARIANT_RUNS
     plan = quality.PRESETS["default"].tasks["prostate"]
     assert plan.overrides["optimizer"]["name"] == "adam"
+
+
+THREED_PRESETS = ("threed", "threed_full")
+
+
+@pytest.mark.parametrize("preset", THREED_PRESETS)
+def test_the_3d_plans_differ_from_the_2d_ones_only_in_dimensions(preset: str, tmp_path: Path) -> None:
+    """2-D and 3-D runs of one method read the same sites (so they score the same test cases) with the same
+    method, seed, rounds, epochs and optimizer; the 3-D experiment is valid as written (patch, spacing, window)."""
+    plans = quality.PRESETS[preset].tasks
+    quality.PRESETS[preset].data_sets()  # one synthetic data set for both: refused if they asked for two
+    for method in quality.THREED_METHODS:
+        two = resolved(quality.experiment_dict("prostate", plans["prostate"], method, 0, tmp_path, 1, "cpu"))
+        three = resolved(quality.experiment_dict("prostate3d", plans["prostate3d"], method, 0, tmp_path, 1, "cpu"))
+        assert (two["data"].get("dims", 2), three["data"]["dims"]) == (2, 3)  # 2-D configs resolve without it
+        for key in ("method", "seed", "rounds", "local_epochs", "optimizer", "cpa", "task"):
+            assert two[key] == three[key], key
+
+
+def test_the_3d_preset_runs_every_seed_before_the_next(tmp_path: Path) -> None:
+    """--threed --seeds 2: all six runs of seed 0 (3-D first) before any of seed 1, each in a fresh process."""
+    preset = quality.with_seeds(quality.PRESETS["threed"], 2)
+    jobs = quality.plan_jobs(preset, tmp_path, 1, "cpu")
+    assert [job["seed"] for job in jobs] == [0] * 6 + [1] * 6
+    assert [job["task"] for job in jobs[:3]] == ["prostate3d"] * 3
+    assert all(job["fresh_process"] for job in jobs)
