@@ -51,7 +51,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -85,7 +84,7 @@ from aggregation import (  # noqa: E402 - the sibling benchmark script, found th
     site_states,
 )
 from quality import SMOKE as QUALITY_SMOKE  # noqa: E402 - the 3-D plans measured in section 7
-from quality import THREED_PROSTATE, TaskPlan, experiment_dict  # noqa: E402
+from quality import THREED_PROSTATE, TaskPlan, experiment_dict, peak_rss_mb  # noqa: E402
 
 RESULTS = BENCHMARKS / "results"
 EXPERIMENTS = BENCHMARKS.parent / "site_configs" / "experiments"
@@ -357,17 +356,6 @@ def loading_breakdown(synth: Path, repeats: int) -> dict[str, float]:
 
 
 # ---- 4. scale: K sites through the coordinator -------------------------------------------------------------
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child
-    started by a big parent would report the parent's peak."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def tensor_bytes(values: Iterable[Any]) -> int:

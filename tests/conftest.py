@@ -291,3 +291,19 @@ def wait_for_files(paths: Sequence[Path], processes: Sequence[subprocess.Popen],
         assert not ended, f"ended before it was ready: {ended}"
         assert time.monotonic() < deadline, f"timed out waiting for {paths}"
         time.sleep(0.01)
+
+
+# ---- saved torch files ------------------------------------------------------------------------------------
+
+def tensors(value, path=""):
+    """Every tensor inside a loaded torch file, by its path."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from tensors(item, f"{path}/{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from tensors(item, f"{path}/{index}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_experiment, wait_for_files
+from conftest import tensors, tiny_experiment, wait_for_files
 
 from medfl.errors import ConfigError, DataError
 from medfl.experiment import load_experiment_config
@@ -48,18 +48,6 @@ pytestmark = pytest.mark.slow
 def experiment(tiny_federation, tmp_path_factory):
     return tiny_experiment(tmp_path_factory.mktemp("parallel") / "exp.yaml", tiny_federation, "classification",
                            runtime={"threads": 1})
-
-
-def tensors(value, path=""):
-    """Every tensor inside a loaded torch file, by its path."""
-    if isinstance(value, torch.Tensor):
-        yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from tensors(item, f"{path}/{key}")
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            yield from tensors(item, f"{path}/{index}")
 
 
 def without_timing(value):

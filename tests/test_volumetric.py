@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import tiny_3d_experiment
+from conftest import tensors, tiny_3d_experiment
 
 import medfl.data.recipes as recipes_module
 from medfl.config import DataSettings, load_site_config, validate_model
@@ -223,24 +223,10 @@ def test_3d_sites_side_by_side_equal_one_after_another(federation, run_of, tmp_p
     files = sorted(p.relative_to(sequential) for p in sequential.rglob("*.pt"))
     assert files and files == sorted(p.relative_to(tmp_path / "parallel") for p in (tmp_path / "parallel").rglob("*.pt"))
     for file in files:
-        one, other = (dict(_tensors(torch.load(run / file, weights_only=True)))
+        one, other = (dict(tensors(torch.load(run / file, weights_only=True)))
                       for run in (sequential, tmp_path / "parallel"))
         assert one and one.keys() == other.keys(), file
         assert all(torch.equal(value, other[key]) for key, value in one.items()), file
-
-
-def _tensors(value, path=""):
-    """Every tensor inside a loaded torch file, by its path in the nesting."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _tensors(item, f"{path}/{key}")
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            yield from _tensors(item, f"{path}/{index}")
 
 
 # ---- the report of a 3-D run ------------------------------------------------------------------------------
