@@ -215,7 +215,7 @@ THREED_FULL_PROSTATE = TaskPlan(
                         "foreground_ratio": 0.5},
                "model": {"width": 1.0}, "batch_size": 2,
                "evaluation": {"sw_overlap": 0.5, "sw_mode": "gaussian", "sw_batch_size": 4},
-               "optimizer": {"name": "sgd", "lr": 1e-3, "momentum": 0.0}},
+               "optimizer": FULL_PROSTATE.overrides["optimizer"]},
 )
 
 PRESETS: dict[str, Preset] = {
