@@ -100,13 +100,19 @@ def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray, num_classes: int
 
 
 def reassemble_volumes(
-    case_ids: Sequence[str], slice_indices: Sequence[int], slices: Sequence[np.ndarray | torch.Tensor]
+    case_ids: Sequence[str],
+    slice_indices: Sequence[int],
+    slices: Sequence[np.ndarray | torch.Tensor],
+    whole_cases: bool = True,
 ) -> dict[str, np.ndarray]:
     """Stack each case's 2-D slices into a volume, ordered by slice index, whatever order they came in.
 
     The slice axis is the LAST axis: slices of shape (x, y) give a volume (x, y, z), so a spacing for
     `segmentation_case_metrics` is given in that order too. A case's indices must be exactly 0..n-1 (the
-    volume's slices, none lost, none twice); otherwise ValueError naming the case.
+    volume's slices, none lost, none twice); otherwise ValueError naming the case. `whole_cases=False`: a case
+    may hold a selection of its slices (the training split keeps the foreground slices and a share of the empty
+    ones, `data.slices: foreground`); they are stacked in index order, gaps closed: a stack that Dice can score,
+    not a volume for distances. A slice given twice is still an error.
     """
     if not len(case_ids) == len(slice_indices) == len(slices):
         raise ValueError(
@@ -122,7 +128,7 @@ def reassemble_volumes(
     volumes = {}
     for case, case_slices in by_case.items():
         missing = sorted(set(range(len(case_slices))) - set(case_slices))
-        if missing:
+        if missing and whole_cases:
             raise ValueError(
                 f"case '{case}': slices {missing} are missing (has {len(case_slices)} slices, "
                 f"indices {min(case_slices)}..{max(case_slices)})"
@@ -130,7 +136,7 @@ def reassemble_volumes(
         shapes = {image.shape for image in case_slices.values()}
         if len(shapes) > 1:
             raise ValueError(f"case '{case}': slices of different shapes {sorted(shapes)}")
-        volumes[case] = np.stack([case_slices[i] for i in range(len(case_slices))], axis=-1)
+        volumes[case] = np.stack([case_slices[i] for i in sorted(case_slices)], axis=-1)
     return volumes
 
 

@@ -114,6 +114,23 @@ def test_phi_from_the_training_split_steers_det(tiny_federation, tmp_path, one_t
     assert summary["finished"]
 
 
+def test_phi_from_the_training_split_of_selected_slices_scores_each_case_on_its_slices(tiny_federation, tmp_path,
+                                                                                       one_thread):
+    """Prostate with `data.slices: foreground` keeps a case's foreground slices and a share of its empty ones for
+    training: phi from the training split scores each case on the slices it has (it stopped the run before:
+    "slices [...] are missing"); validation and test still score whole volumes."""
+    _, summary = _run(tmp_path, tiny_federation, "segmentation", rounds=1, local_epochs=1,
+                      det={"phi_source": "train"}, data={"slices": "foreground", "empty_slice_fraction": 0.2})
+    metrics = _rows(tmp_path / "run" / "metrics.csv")
+    train_dice = {(r["site"], r["round"], r["epoch"], r["model"]): float(r["value"])
+                  for r in metrics if r["split"] == "train" and r["metric"] == "dice"}
+    det = _rows(tmp_path / "run" / "det_states.csv")
+    assert train_dice and det
+    for row in det:
+        assert float(row["phi_P"]) == pytest.approx(train_dice[(row["site"], row["round"], row["epoch"], "P")])
+    assert summary["finished"] and all(not math.isnan(s["test"]["dice"]) for s in summary["sites"].values())
+
+
 def test_batchnorm_reestimation_diagnostic_is_recorded(tiny_federation, tmp_path, one_thread):
     _, summary = _run(tmp_path, tiny_federation, method="fedavg", rounds=2, local_epochs=1,
                       diagnostics={"bn_reestimation": True})

@@ -186,6 +186,18 @@ def test_reassembly_orders_slices_by_index_on_the_last_axis():
         np.testing.assert_array_equal(volumes[case], volume)
 
 
+def test_reassembly_of_a_selection_of_slices_closes_the_gaps_in_index_order():
+    """The training split of `data.slices: foreground` keeps some of a case's slices: stacked in index order."""
+    volume = np.random.default_rng(0).random((4, 5, 6))
+    kept = [5, 0, 3, 1]
+    stacked = reassemble_volumes(["p1"] * 4, kept, [volume[..., k] for k in kept], whole_cases=False)
+    np.testing.assert_array_equal(stacked["p1"], volume[..., [0, 1, 3, 5]])
+    with pytest.raises(ValueError, match="case 'p1'.*missing"):
+        reassemble_volumes(["p1"] * 4, kept, [volume[..., k] for k in kept])
+    with pytest.raises(ValueError, match="case 'p1'.*twice"):
+        reassemble_volumes(["p1"] * 2, [3, 3], [volume[..., 3]] * 2, whole_cases=False)
+
+
 def test_reassembly_errors_name_the_case():
     image = np.zeros((4, 4))
     with pytest.raises(ValueError, match="case 'p7'.*missing"):

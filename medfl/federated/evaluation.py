@@ -39,15 +39,18 @@ def evaluate_model(
     spacing_of: Callable[[str], Sequence[float] | None] | None = None,
     distances: bool = True,
     originals: Callable[[str], object | None] | None = None,
+    whole_cases: bool = True,
 ) -> dict[str, float]:
     """The task's metrics of ``model`` (in eval mode) on every batch of ``loader``; its mode is restored.
     ``originals`` (segmentation): a case's mask on its own voxel grid (what the task's `original_case` gives), to
-    score there too; None scores only as the run has always scored."""
+    score there too; None scores only as the run has always scored. ``whole_cases=False`` (slice-wise
+    segmentation): the loader may hold a selection of each case's slices (the training split), each case is
+    scored on the slices it has (Dice only: ``distances`` must be False)."""
     was_training = model.training
     model.eval()
     try:
         with plain_tensors():
-            return task.evaluate(model, loader, classes, device, spacing_of, distances, originals)
+            return task.evaluate(model, loader, classes, device, spacing_of, distances, originals, whole_cases)
     finally:
         model.train(was_training)
 
@@ -76,14 +79,20 @@ def score_classifier(model: nn.Module, loader, classes: Sequence[str], device: t
 
 
 def score_segmenter(model: nn.Module, loader, device: torch.device, spacing_of, distances: bool,
-                    originals: Callable[[str], object | None] | None = None) -> dict[str, float]:
+                    originals: Callable[[str], object | None] | None = None,
+                    whole_cases: bool = True) -> dict[str, float]:
     """Slices predicted, reassembled into volumes by (case_id, slice_index) and scored per case: Dice, and
     unless ``distances`` is False HD95 with ``spacing_of(case_id)`` in physical units; the split's means.
 
     With ``originals`` (case id -> its `OriginalMask`, or None), each case is also scored on its own voxel grid
     as `medfl predict` delivers it: the slice logits upsampled bilinearly to the original in-plane size, their
     argmax against the original mask, HD95 with the original spacing (`dice_original`, `hd95_original`,
-    `hd95_original_missing`); left out when a case has no original mask."""
+    `hd95_original_missing`); left out when a case has no original mask.
+
+    ``whole_cases=False``: each case may come as a selection of its slices (the training split with
+    `data.slices: foreground`), scored on the slices it has; Dice only (distances need whole volumes)."""
+    if not whole_cases and (distances or originals is not None):
+        raise ValueError("a selection of each case's slices is scored by Dice only: no distances, no original grid")
     case_ids: list[str] = []
     indices: list[int] = []
     predictions: list[np.ndarray] = []
@@ -104,8 +113,8 @@ def score_segmenter(model: nn.Module, loader, device: torch.device, spacing_of, 
         if on_original is not None:
             depths = _as_list(batch["num_slices"]) if "num_slices" in batch else [None] * len(batch_cases)
             on_original.add(batch_cases, batch_indices, depths, logits)
-    predicted = reassemble_volumes(case_ids, indices, predictions)
-    truth = reassemble_volumes(case_ids, indices, truths)
+    predicted = reassemble_volumes(case_ids, indices, predictions, whole_cases)
+    truth = reassemble_volumes(case_ids, indices, truths, whole_cases)
     per_case = {
         case: segmentation_case_metrics(predicted[case], truth[case], spacing_of(case) if spacing_of else None,
                                         distances=distances)

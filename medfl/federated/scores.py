@@ -52,9 +52,11 @@ class SiteScores:
         if key not in self._cache:
             tick = time.perf_counter()
             test = split == "test"
+            # the training split may keep a selection of each case's slices (data.slices: foreground)
             self._cache[key] = evaluate_model(self.models[role], self.batches(split), self.task, self.classes,
                                               self.device, self.spacing_of, distances=test,
-                                              originals=self.original_of if test else None)
+                                              originals=self.original_of if test else None,
+                                              whole_cases=split != "train_eval")
             self.eval_seconds += time.perf_counter() - tick
             self.eval_samples += self.size_of(split)
         return self._cache[key]

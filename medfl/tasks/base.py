@@ -88,9 +88,10 @@ class Task(TaskFacts, ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
                  spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool,
-                 originals: Callable[[str], Any] | None = None) -> dict[str, float]:
+                 originals: Callable[[str], Any] | None = None, whole_cases: bool = True) -> dict[str, float]:
         """The task's metrics of `model` (eval mode already set) over `batches`; with `originals` (case id ->
-        `original_case`), segmentation adds the scores on each case's own voxel grid."""
+        `original_case`), segmentation adds the scores on each case's own voxel grid. `whole_cases=False`: the
+        batches may hold a selection of each case's slices (the training split), scored as they are."""
 
     def original_case(self, data: SiteData, case_id: str) -> Any | None:
         """What scoring a case on its own voxel grid compares with (segmentation: its original mask), or None

@@ -71,7 +71,7 @@ class Classification(ClassificationFacts, Task):
 
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
                  spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool,
-                 originals: Callable[[str], Any] | None = None) -> dict[str, float]:
+                 originals: Callable[[str], Any] | None = None, whole_cases: bool = True) -> dict[str, float]:
         # start-up: torch and MONAI, as above
         from medfl.federated.evaluation import score_classifier
 

@@ -74,11 +74,11 @@ class Segmentation(SegmentationFacts, Task):
 
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
                  spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool,
-                 originals: Callable[[str], Any] | None = None) -> dict[str, float]:
+                 originals: Callable[[str], Any] | None = None, whole_cases: bool = True) -> dict[str, float]:
         # start-up: torch and MONAI, as above
         from medfl.federated.evaluation import score_segmenter
 
-        return score_segmenter(model, batches, device, spacing_of, distances, originals)
+        return score_segmenter(model, batches, device, spacing_of, distances, originals, whole_cases)
 
     def original_case(self, data: SiteData, case_id: str) -> Any | None:
         """The case's mask on its own grid (`OriginalMask`, kept by the reader for val and test cases), or None."""

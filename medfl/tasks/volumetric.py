@@ -140,7 +140,7 @@ class VolumetricSegmentation(Segmentation):
     # ------------------------------------------------------------------ learning
     def evaluate(self, model: nn.Module, batches: Any, classes: Sequence[str], device: torch.device,
                  spacing_of: Callable[[str], Sequence[float] | None] | None, distances: bool,
-                 originals: Callable[[str], Any] | None = None) -> dict[str, float]:
+                 originals: Callable[[str], Any] | None = None, whole_cases: bool = True) -> dict[str, float]:
         # start-up: torch and MONAI, as in the slice-wise task
         from medfl.federated.evaluation import score_volumes
 
