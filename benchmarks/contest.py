@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,6 +60,7 @@ from quality import (  # noqa: E402 - the sibling benchmark script, found throug
     run_job,
     spread,
     train_counts,
+    worker_pool,
 )
 
 from medfl.checkpoints import atomic_write_json, atomic_write_text  # noqa: E402
@@ -545,8 +547,9 @@ def reproduce_kept(job: dict[str, Any], scratch: Path) -> int:
     return 1 if differences else 0
 
 
-def confirm(args: argparse.Namespace, commit: str) -> int:
-    """Run (or reuse) every confirmation run, then write contest.confirm.{json,md,png} from the kept runs."""
+def confirm(args: argparse.Namespace, commit: str, pool: ProcessPoolExecutor | None = None) -> int:
+    """Run (or reuse) every confirmation run, then write contest.confirm.{json,md,png} from the kept runs; `pool`:
+    run_all's (the smoke's, shared with the select stage)."""
     from medfl.synth import generate
 
     preset, seeds, replicates = CONFIRMATION, CONFIRMATION_SEEDS, BOOTSTRAP_REPLICATES
@@ -589,7 +592,7 @@ def confirm(args: argparse.Namespace, commit: str) -> int:
     pending = [job for job in jobs if job["name"] not in {r["name"] for r in reused}]
     print(f"  {len(reused)} finished run(s) reused from {kept_root}", flush=True)
     if not args.report:
-        run_all(pending, args.workers, runner=recorded_job)
+        run_all(pending, args.workers, runner=recorded_job, pool=pool)
     results = summarise_confirmation(jobs, rarest_classes(root / "synth", preset), replicates)
     planned = {t: sum(j["task"] == t for j in jobs) for t in preset.tasks}
     finished = {t: sum(j["task"] == t and (Path(j["kept"]) / "cases.json").is_file() for j in jobs)
@@ -638,18 +641,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="confirm stage: rerun these finished runs (e.g. dermoscopy-prr-seed0) from scratch in a "
                              "scratch folder and compare them with the kept ones, exactly; exit 1 on any difference")
     args = parser.parse_args(argv)
-    from medfl.synth import generate
-
     commit = commit_of(BENCHMARKS)
+    if args.smoke:  # one worker for both stages' runs, as each new process imports torch and MONAI again (the
+        args.workers = 1  # reproduction check still reruns a run in a fresh process of its own)
+        if args.stage == "select":
+            with worker_pool(1) as pool:
+                return select(args, commit, pool)
     if args.stage == "confirm":
         return confirm(args, commit)
+    return select(args, commit)
+
+
+def select(args: argparse.Namespace, commit: str, pool: ProcessPoolExecutor | None = None) -> int:
+    """Run (or reuse) every run of the grid, then write contest.select.{json,md} (and, --choose, the picks); the
+    smoke goes on to the confirmation stage on the same `pool`."""
+    from medfl.synth import generate
+
     plan, preset, root = REALISTIC_DERMOSCOPY, DEVELOPMENT, args.root.resolve() / "select"
     if args.smoke:
         import tempfile
 
         root = Path(tempfile.mkdtemp(prefix="contest-smoke-"))
         plan = TaskPlan(rounds=2, local_epochs=1, seeds=1, scale=0.01, overrides=REALISTIC_DERMOSCOPY.overrides)
-        preset = Preset("smoke", scale=0.01, device="cpu", shift="realistic", tasks={"dermoscopy": plan})
+        preset = Preset("smoke", scale=0.01, device="cpu", shift="realistic", tasks={"dermoscopy": plan},
+                        sites={"dermoscopy": 2, "prostate": 0})  # 2 sites, as the confirmation smoke's
     generate(root / "synth", **preset.generate_arguments("dermoscopy"))
     grid = {"local": GRID["local"][:2], "ditto": GRID["ditto"][:1]} if args.smoke else GRID
     kept_root = (root / "kept") if args.smoke else RESULTS / "contest" / "select"
@@ -660,13 +675,13 @@ def main(argv: list[str] | None = None) -> int:
     reused = [result for result in map(kept_result, jobs) if result is not None]
     pending = [job for job in jobs if job["name"] not in {r["name"] for r in reused}]
     print(f"  {len(reused)} finished run(s) reused from {kept_root}", flush=True)
-    done = reused + run_all(pending, args.workers, runner=recorded_job)
+    done = reused + run_all(pending, args.workers, runner=recorded_job, pool=pool)
     picks = choose(jobs, grid)
     text = selection_markdown(picks)
     print(text)
     if args.smoke:
         shutil.rmtree(root)
-        return confirm(args, commit)  # the confirmation's code path too, on its own tiny federation
+        return confirm(args, commit, pool)  # the confirmation's code path too, on its own tiny federation
     runs = {d["name"]: {k: d.get(k) for k in ("commit", "started", "wall_s", "cpu_s", "reused")} for d in done}
     result = {"stage": "select", "grid": {m: [t.__dict__ for t in ts] for m, ts in GRID.items()},
               "federation": preset.data_text(), "seed": SELECTION_SEED, "picks": picks, "runs": runs,

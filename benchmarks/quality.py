@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -282,13 +283,15 @@ PRESETS: dict[str, Preset] = {
 }  # fmt: skip
 # --smoke: every step of the benchmark (runs of every main method, a variant per task, summaries, the aggregation
 # probe, tables and figures) on the fewest images and cases synth allows, narrow networks, 2 rounds of 1 epoch.
+# Prostate runs the methods of the 2-D/3-D comparison (the --threed preset's): every main method's code path is the
+# same for both tasks (dermoscopy runs them all), and a run costs a few CPU seconds.
 SMOKE = Preset(
     "smoke test: tiny mild federation, narrow networks, 2 rounds x 1 epoch, one seed", scale=0.01, device="cpu",
     minimums=(1, 1, 1, 3), sites={"dermoscopy": 2, "prostate": 2},
     tasks={
         "dermoscopy": TaskPlan(rounds=2, local_epochs=1, seeds=1, ablations=("prr_amplitude",),
                                overrides={"model": {"width": 0.125}, "diagnostics": {"bn_reestimation": True}}),
-        "prostate": TaskPlan(rounds=2, local_epochs=1, seeds=1, ablations=("prr_bnunet",),
+        "prostate": TaskPlan(rounds=2, local_epochs=1, seeds=1, ablations=("prr_bnunet",), methods=THREED_METHODS,
                              overrides={"data": {"input_size": 32}, "model": {"width": 0.125},
                                         "diagnostics": {"bn_reestimation": True}}),
         # One 3-D run (prr: DET, CPA and PFA in 3-D) on the same sites: the 3-D path and the 2-D/3-D table. At
@@ -427,14 +430,21 @@ def load_range(done: list[dict[str, Any]]) -> str:
     return f", {min(loads):.1f}-{max(loads):.1f} when its runs started" if loads else ""
 
 
-def run_all(jobs: list[dict[str, Any]], workers: int, runner=run_job, fresh: bool = False) -> list[dict[str, Any]]:
+def worker_pool(workers: int, fresh: bool = False) -> ProcessPoolExecutor:
+    """`workers` spawned processes for runs; `fresh`: a new process for every job."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                               max_tasks_per_child=1 if fresh else None)
+
+
+def run_all(jobs: list[dict[str, Any]], workers: int, runner=run_job, fresh: bool = False,
+            pool: ProcessPoolExecutor | None = None) -> list[dict[str, Any]]:
     """Run the jobs on `workers` processes with `runner` (a module-level function: it is pickled); one line per
     finished run. `fresh`: every job in a new process (its peak memory is then its own, at the cost of a start-up
-    per run: importing torch and MONAI again)."""
+    per run: importing torch and MONAI again). `pool`: an open worker_pool to run on instead of a new one, left open
+    (contest.py's smoke runs both of its stages on one worker: a new process imports torch and MONAI again)."""
     done = []
     start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                             max_tasks_per_child=1 if fresh else None) as pool:
+    with nullcontext(pool) if pool is not None else worker_pool(workers, fresh) as pool:
         futures = {pool.submit(runner, job): job for job in jobs}
         failed = []
         for future in as_completed(futures):

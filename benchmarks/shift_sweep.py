@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-advice", action="store_true",
                         help=f"write {FIGURES.relative_to(REPOSITORY)} from the kept runs (every run must exist)")
     parser.add_argument("--smoke", action="store_true",
-                        help="every step on tiny data, 2 sites, prr and fedavg at their defaults, one seed, "
-                             "2 rounds x 1 epoch; nothing written to results/ or medfl/")
+                        help="every step on tiny data, 2 sites, strengths 0.5 and 1, prr and fedavg at their "
+                             "defaults, one seed, 2 rounds x 1 epoch, one worker; nothing written to results/ or medfl/")
     args = parser.parse_args(argv)
     from medfl.data.regimes import check_advice, figures_from_dict
     from medfl.synth import generate
@@ -288,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = TaskPlan(rounds=2, local_epochs=1, seeds=1, scale=0.01, overrides=REALISTIC_DERMOSCOPY.overrides)
         preset = Preset("smoke", scale=0.01, device="cpu", shift="realistic", tasks={"dermoscopy": plan},
                         sites={"dermoscopy": 2, "prostate": 0})
-        methods, strengths = ("prr", "fedavg"), {0.5: (0,), DEVELOPMENT_STRENGTH: (0,), 1.5: (0,)}
+        # one strength of the sweep's own and the development one: the two ways a run is named, found and kept
+        methods, strengths = ("prr", "fedavg"), {0.5: (0,), DEVELOPMENT_STRENGTH: (0,)}
         picks = {method: {"trial": "default", "options": {}} for method in methods}
+        args.workers = 1  # a second worker would import torch and MONAI again for seconds of tiny runs
     else:
         picks = picks_of(CHOICE, methods)
     start = time.perf_counter()
