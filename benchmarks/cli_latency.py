@@ -26,8 +26,8 @@ busy machine every number grows.
 
 `--medfl` times another installation's `medfl` executable (e.g. an older checkout's, for a before/after
 comparison); by default the one beside this interpreter. Writes <output>.json and <output>.md. `--smoke`: one
-call per case, every error case and four output cases (SMOKE_OUTPUT_CASES), results in a temporary folder that
-is removed (the suite runs it).
+call per case, every error case and four output cases (SMOKE_OUTPUT_CASES; the timed `run` makes the fixture's
+run, exported before the other cases), results in a temporary folder that is removed (the suite runs it).
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ runtime: {threads: 1}
 """
 SMOKE_OUTPUT_CASES = ("help", "version", "check", "run")
 SYNTH = ["--scale", "0.01", "--derm-sites", "2", "--prostate-sites", "0", "--min-per-class", "3,2,2"]
+# The fixture's commands, in order: a tiny synthetic federation, a one-round run, its export.
+FIXTURE_SYNTH = ["synth", "--out", "data", *SYNTH]
+FIXTURE_RUN = ["run", "tiny.yaml", "--out", "run", "--quiet"]
+FIXTURE_EXPORT = ["export", "run", "--out", "exports"]
 
 
 @dataclass
@@ -90,8 +94,10 @@ def _no_gpu_build(medfl: str) -> bool:
     return result.stdout.strip() == "True"
 
 
-def prepare(folder: Path, medfl: str) -> None:
-    """The fixture, untimed: configs, a tiny synthetic federation, a one-round run and its export, odd paths."""
+def prepare(folder: Path, medfl: str, commands: tuple[list[str], ...] = (FIXTURE_SYNTH, FIXTURE_RUN, FIXTURE_EXPORT)
+            ) -> None:
+    """The fixture, untimed: configs, odd paths and `commands` (a tiny synthetic federation, a one-round run and
+    its export)."""
     (folder / "site_misspelt.yaml").write_text(SITE, encoding="utf-8")
     (folder / "site.yaml").write_text(GOOD_SITE, encoding="utf-8")
     (folder / "experiment.yaml").write_text(EXPERIMENT, encoding="utf-8")
@@ -101,19 +107,23 @@ def prepare(folder: Path, medfl: str) -> None:
     (folder / "used_job").mkdir()
     (folder / "used_job" / "kept.txt").write_text("a job folder in use", encoding="utf-8")
     (folder / "no_docs").mkdir()
-    for arguments in (["synth", "--out", "data", *SYNTH], ["run", "tiny.yaml", "--out", "run", "--quiet"],
-                      ["export", "run", "--out", "exports"]):
+    run_fixture(folder, medfl, commands)
+    # an older medfl without `init` is still timed: its init cases then show exit status 2
+    subprocess.run([medfl, "init", "started"], cwd=folder, capture_output=True, timeout=60)
+
+
+def run_fixture(folder: Path, medfl: str, commands: tuple[list[str], ...]) -> None:
+    """The fixture's `medfl` commands, one after another, untimed; SystemExit when one fails."""
+    for arguments in commands:
         result = subprocess.run([medfl, *arguments], cwd=folder, capture_output=True, text=True, timeout=1800)
         if result.returncode != 0:
             raise SystemExit(f"preparing `medfl {' '.join(arguments)}` failed:\n{result.stderr}")
-    # an older medfl without `init` is still timed: its init cases then show exit status 2
-    subprocess.run([medfl, "init", "started"], cwd=folder, capture_output=True, timeout=60)
 
 
 def cases(folder: Path, gpu_build: bool, smoke: bool = False) -> dict[str, Case]:
     """Name -> case; paths are relative to `folder`, where every call runs. `smoke`: the error cases and
     SMOKE_OUTPUT_CASES only (the script's code path is the same for every case; each output case costs a start-up
-    of torch and MONAI)."""
+    of torch and MONAI). In smoke mode the `run` case writes the fixture's run (measure times it first)."""
     images = sorted(str(p.relative_to(folder)) for p in (folder / "data" / "dermoscopy" / "derm_b").rglob("*.jpg"))[:2]
     derm_a, derm_b = (f"data/site_configs/dermoscopy/{site}.yaml" for site in ("derm_a", "derm_b"))
     plan = {
@@ -148,6 +158,7 @@ def cases(folder: Path, gpu_build: bool, smoke: bool = False) -> dict[str, Case]
     }
     if smoke:  # every error case (each answers before torch loads) and the output cases of both kinds of stream
         plan = {name: case for name, case in plan.items() if case.status or name in SMOKE_OUTPUT_CASES}
+        plan["run"] = Case(FIXTURE_RUN, 0, "stderr")  # the same run as the fixture's: it is the fixture's run
     if gpu_build:  # a cuda request is answered by torch itself there, and may well succeed
         plan = {name: case for name, case in plan.items() if not name.endswith("_device_cuda")}
     return plan
@@ -226,19 +237,33 @@ def measure(args: argparse.Namespace) -> int:
     env_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        prepare(folder, args.medfl)
+        # --smoke: the timed `run` case is the fixture's run, so that the run costs one start-up of torch and MONAI,
+        # not two: the fixture without run and export, the `run` case timed first, its export, every other case.
+        prepare(folder, args.medfl, (FIXTURE_SYNTH,) if args.smoke else (FIXTURE_SYNTH, FIXTURE_RUN, FIXTURE_EXPORT))
         plan = cases(folder, gpu_build=not _no_gpu_build(args.medfl), smoke=args.smoke)
         firsts: dict[str, list[float | None]] = {name: [] for name in plan}
         exits: dict[str, list[float]] = {name: [] for name in plan}
         statuses: dict[str, set[int]] = {name: set() for name in plan}
+
+        def call(name: str, i: int) -> None:
+            case = plan[name]
+            command = [args.medfl, *(part.replace("{i}", str(i)) for part in case.arguments)]
+            first, elapsed, status = time_call(command, folder)
+            firsts[name].append(first[case.stream])
+            exits[name].append(elapsed)
+            statuses[name].add(status)
+
         time_call([args.medfl, "--version"], folder)  # warm the file cache once, untimed
-        for i in range(args.repeats):
-            for name, case in plan.items():
-                command = [args.medfl, *(part.replace("{i}", str(i)) for part in case.arguments)]
-                first, elapsed, status = time_call(command, folder)
-                firsts[name].append(first[case.stream])
-                exits[name].append(elapsed)
-                statuses[name].add(status)
+        if args.smoke:  # one call per case
+            call("run", 0)
+            run_fixture(folder, args.medfl, (FIXTURE_EXPORT,))
+            for name in plan:
+                if name != "run":
+                    call(name, 0)
+        else:
+            for i in range(args.repeats):
+                for name in plan:
+                    call(name, i)
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

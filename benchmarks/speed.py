@@ -47,6 +47,7 @@ to benchmarks/results/tmp/speed/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -114,6 +115,7 @@ class Plan:
     demo_budget: dict[str, Any] = field(default_factory=dict)  # overrides of the shipped demos ({}: as shipped)
     demo_tasks: tuple[str, ...] = ("dermoscopy", "prostate")  # the demo experiments measured
     volumetric: Volumetric | None = None  # section 7 (None: not measured)
+    worker_imports: str = "import torch, monai.data, medfl.federated.site"  # section 5's timed worker start-up
 
 
 @dataclass(frozen=True)
@@ -137,14 +139,57 @@ PLANS = {
          "prostate": ("prostate", "prostate.yaml", "prost_a", {**NARROW, "data": {"input_size": 32}}, True),
          "dermoscopy-no-loader-variants": ("dermoscopy", "dermoscopy.yaml", "derm_a", NARROW, False)},
         2, {"scale": 0.01, "n_prostate": 1, "minimums": TINY_MINIMUMS},
-        demo_synth={"scale": 0.01, "n_derm": 2, "n_prostate": 0, "minimums": TINY_MINIMUMS},
+        # the data of sections 1-4 (its two dermoscopy sites; generated once, `synthetic`)
+        demo_synth={"scale": 0.01, "n_derm": 2, "n_prostate": 1, "minimums": TINY_MINIMUMS},
         demo_budget={"rounds": 2, "local_epochs": 1, **NARROW, "data": {"input_size": 32}},
-        demo_tasks=("dermoscopy",),  # one: the code path is the same, and each demo run is a fresh process
+        demo_tasks=("dermoscopy",),  # one: the code path is the same for both tasks
         volumetric=Volumetric(QUALITY_SMOKE.tasks["prostate3d"], None, 1),  # the smoke's one tiny prostate site
+        # The start-up is timed the same way in a fresh interpreter that imports medfl only (no torch): the
+        # workers' modules are imported by the smoke's own runs, side by side included.
+        worker_imports="import medfl",
     ),
 }  # fmt: skip
 SMOKE_SITES = [2]  # the values of K of --smoke (one: the growth with K is then not measured)
 SMOKE_PARALLEL_SITES = [2]  # and of its section 5
+
+
+class Spawner:
+    """Runs `function(job)` in a spawned interpreter and returns its result: by default a fresh interpreter for
+    every job, so that each job's peak memory and CPU time are its own. `shared` (--smoke): one spawned
+    interpreter for every job of the invocation, the same code path (the job and its result pickled, the job's
+    imports and work in a spawned process) at one start-up of torch and MONAI rather than one per job; its
+    numbers are then not each job's own (peak memory, the fork server's CPU time add up), and are not read."""
+
+    def __init__(self, shared: bool = False):
+        self.shared = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) if shared else None
+
+    def __call__(self, function: Callable[[dict[str, Any]], dict[str, Any]], job: dict[str, Any]) -> dict[str, Any]:
+        if self.shared is not None:
+            return self.shared.submit(function, job).result()
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            return pool.submit(function, job).result()
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.shutdown()
+
+
+GENERATED: dict[str, Path] = {}  # medfl.synth.generate's arguments -> the folder this process generated them into
+
+
+def synthetic(folder: Path, **arguments: Any) -> Path:
+    """`medfl.synth.generate(folder, **arguments)`, or the folder of an earlier call in this process with the
+    same arguments: --smoke runs every section in one process, and some generate the same data (an invocation
+    of the benchmark runs one section, which generates each data set once)."""
+    from medfl.synth import generate
+
+    key = repr(sorted(arguments.items()))
+    if key not in GENERATED:
+        generate(folder, **arguments)
+        for other in [other for other, written in GENERATED.items() if written == folder]:
+            del GENERATED[other]  # the folder holds the data of this call now
+        GENERATED[key] = folder
+    return GENERATED[key]
 
 
 # ---- 1. aggregation ----------------------------------------------------------------------------------------
@@ -435,7 +480,7 @@ def slope(xs: list[float], values: list[float]) -> float:
 
 
 def scale_rows(synth: Path, ks: list[int], device: torch.device, threads: int, run_root: Path,
-               rounds: int) -> dict[str, Any]:
+               rounds: int, spawn: Spawner) -> dict[str, Any]:
     """Round time, aggregation share, peak memory and bytes per round for every K, each K in its own process."""
     configs = sorted((synth / "site_configs" / "dermoscopy").glob("*.yaml"))
     rows = []
@@ -444,8 +489,7 @@ def scale_rows(synth: Path, ks: list[int], device: torch.device, threads: int, r
                             rounds, 1, run_root)
         job = {"config": str(config.source_path), "run_dir": str(run_root / "scale" / f"{device.type}-k{k}"),
                "device": str(device), "threads": threads}
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            row = pool.submit(scale_run, job).result()
+        row = spawn(scale_run, job)
         rows.append(row)
         print(f"  K={k}: round {row['round_s']:.1f} s, aggregation {100 * row['aggregation_share']:.2f}%, "
               f"peak RSS {row['peak_rss_mb']:.0f} MB, up {row['upload_bytes_per_round'] / 2**20:.2f} MiB/round",
@@ -797,7 +841,7 @@ def measure_device(device: torch.device, args: argparse.Namespace, synth: Path, 
               f"{100 * e['loading_share_single']:.1f}% / {100 * e['loading_share_det']:.1f}%", flush=True)
     if device.type == "cpu":
         section["loading_ms_per_image"] = loading_breakdown(synth, args.repeats)
-    section["scale"] = scale_rows(synth, args.sites, device, args.threads, run_root, plan.scale_rounds)
+    section["scale"] = scale_rows(synth, args.sites, device, args.threads, run_root, plan.scale_rounds, args.spawn)
     if plan.volumetric is not None:  # last: the sections before it measure as they did without it
         section["volumetric"] = volumetric_section(run_root, synth, device, args.threads, args.repeats,
                                                    plan.volumetric)
@@ -808,12 +852,10 @@ def measure_device(device: torch.device, args: argparse.Namespace, synth: Path, 
 def demo_experiments(demo: Path, plan: Plan, device: str, threads: int | None) -> Iterator[tuple[str, Any]]:
     """The shipped demo experiments on `make demo`'s data (the plan's), with their own rounds and epochs; threads
     as given, or None: the shipped `runtime.threads` (else one per core)."""
-    from medfl.synth import generate
-
-    generate(demo / "synth", **plan.demo_synth)
+    synth = synthetic(demo / "synth", **plan.demo_synth)
     for task in plan.demo_tasks:
         shipped = f"{task}.yaml"
-        sites = sorted(str(p) for p in (demo / "synth" / "site_configs" / task).glob("*.yaml"))
+        sites = sorted(str(p) for p in (synth / "site_configs" / task).glob("*.yaml"))
         base = yaml.safe_load((EXPERIMENTS / shipped).read_text(encoding="utf-8"))
         budget = {**base, **plan.demo_budget}
         overrides = {k: v for k, v in plan.demo_budget.items() if k not in ("rounds", "local_epochs")}
@@ -863,12 +905,13 @@ def evaluation_markdown(rows: list[dict[str, Any]]) -> str:
 # ---- 5. sites side by side --------------------------------------------------------------------------------
 
 
-def worker_startup_s() -> float:
-    """What a worker process pays before it can read data: a fresh interpreter importing torch and MONAI."""
+def worker_startup_s(imports: str) -> float:
+    """What a worker process pays before it can read data: a fresh interpreter running `imports` (the plan's:
+    importing torch and MONAI)."""
     import subprocess
 
     tick = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, monai.data, medfl.federated.site"], check=True)
+    subprocess.run([sys.executable, "-c", imports], check=True)
     return time.perf_counter() - tick
 
 
@@ -935,7 +978,8 @@ def proc_cpu_s(pid: int) -> float:
     return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def parallel_rows(synth: Path, ks: list[int], threads: int, run_root: Path, rounds: int) -> list[dict[str, Any]]:
+def parallel_rows(synth: Path, ks: list[int], threads: int, run_root: Path, rounds: int,
+                  spawn: Spawner) -> list[dict[str, Any]]:
     """For every K: the same prr run sequential and with K workers, each in a fresh process."""
     configs = sorted((synth / "site_configs" / "dermoscopy").glob("*.yaml"))
     rows = []
@@ -946,8 +990,7 @@ def parallel_rows(synth: Path, ks: list[int], threads: int, run_root: Path, roun
                                 threads * workers, rounds, 1, run_root)  # the same threads per site
             job = {"config": str(config.source_path), "run_dir": str(run_root / "parallel" / f"{label}-k{k}"),
                    "threads": threads, "parallel": workers}
-            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                row[label] = pool.submit(parallel_run, job).result()
+            row[label] = spawn(parallel_run, job)
             result = row[label]
             result["round_over_slowest_site"] = result["round_s"] / result["slowest_site_train_s"]
         rows.append(row)
@@ -975,7 +1018,7 @@ def parallel_markdown(rows: list[dict[str, Any]], startup_s: float) -> str:
     return "\n".join(lines)
 
 
-def demo_rows(root: Path, plan: Plan) -> list[dict[str, Any]]:
+def demo_rows(root: Path, plan: Plan, spawn: Spawner) -> list[dict[str, Any]]:
     """The demo experiments as `make demo` runs them (their data, rounds, epochs and `runtime.threads`), each run
     as shipped (`parallel_sites: 1`) and with `parallel_sites: auto`, each in a fresh process."""
     demo = root / "demo"
@@ -987,8 +1030,7 @@ def demo_rows(root: Path, plan: Plan) -> list[dict[str, Any]]:
         for label, setting in (("sequential", 1), ("parallel", "auto")):
             job = {"config": str(config.source_path), "run_dir": str(demo / "runs" / f"{task}-{label}"),
                    "threads": threads, "parallel": setting}
-            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                row[label] = pool.submit(parallel_run, job).result()
+            row[label] = spawn(parallel_run, job)
         rows.append(row)
         print(f"  demo {task}: {row['sequential']['run_wall_s']:.1f} s as shipped, {row['parallel']['run_wall_s']:.1f} s "
               f"with parallel_sites auto ({row['parallel']['workers']} workers)", flush=True)
@@ -1038,15 +1080,13 @@ def parallel_figure(rows: list[dict[str, Any]], demos: list[dict[str, Any]], pat
 
 def sites_side_by_side(args: argparse.Namespace, command: str, plan_name: str) -> int:
     """Section 5 on the CPU; <output>.parallel.json and .md."""
-    from medfl.synth import generate
-
+    plan = PLANS[plan_name]
     root = args.root.resolve()
-    synth = root / "parallel-synth"
-    generate(synth, n_derm=max(args.sites), **PLANS[plan_name].synth)
+    synth = synthetic(root / "parallel-synth", n_derm=max(args.sites), **plan.synth)
     info = machine("cpu")
-    startup = worker_startup_s()
-    rows = parallel_rows(synth, args.sites, args.threads, root, PLANS[plan_name].scale_rounds)
-    demos = demo_rows(root, PLANS[plan_name])
+    startup = worker_startup_s(plan.worker_imports)
+    rows = parallel_rows(synth, args.sites, args.threads, root, plan.scale_rounds, args.spawn)
+    demos = demo_rows(root, plan, args.spawn)
     info["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     stem = args.output.parent / f"{args.output.name}.parallel"
     atomic_write_json(stem.parent / f"{stem.name}.json", {"command": command, "machine": info,
@@ -1217,14 +1257,11 @@ def det_phases_markdown(result: dict[str, Any]) -> str:
 
 def det_profile(args: argparse.Namespace, command: str, plan_name: str) -> int:
     """Section 6 on the CPU; <output>.det.json and .md."""
-    from medfl.synth import generate
-
     plan = PLANS[plan_name]
-    synth = args.root.resolve() / "synth"
-    generate(synth, n_derm=1, **{**plan.synth, "n_prostate": 0})
+    synth = synthetic(args.root.resolve() / "synth", n_derm=1, **{**plan.synth, "n_prostate": 0})
     case = DET_PROFILE_CASE if DET_PROFILE_CASE in plan.epoch_cases else next(iter(plan.epoch_cases))
     info = machine("cpu")
-    result = det_phases(case, plan.epoch_cases[case], synth, args.threads, args.repeats, 12 if plan_name == "full" else 2, args.root.resolve())
+    result = det_phases(case, plan.epoch_cases[case], synth, args.threads, args.repeats, 12 if plan_name == "full" else 1, args.root.resolve())
     info["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     stem = args.output.parent / f"{args.output.name}.det"
     atomic_write_json(stem.parent / f"{stem.name}.json", {"command": command, "machine": info, **result})
@@ -1254,8 +1291,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"only section 6, DET's cost by phase at {DET_PROFILE_CASE} (results in <output>.det.*)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"every section, the evaluation share and sites side by side too, on tiny data: narrow networks, K = "
-                             f"{', '.join(map(str, SMOKE_SITES))}, one repeat; data, runs and results go to a temporary "
-                             "folder that is removed")
+                             f"{', '.join(map(str, SMOKE_SITES))}, one repeat, the runs meant for fresh processes in one "
+                             "spawned process; data, runs and results go to a temporary folder that is removed")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -1263,8 +1300,9 @@ def main(argv: list[str] | None = None) -> int:
                "cpu": ["cpu"], "cuda": ["cuda"]}[args.device]
     torch.set_num_threads(args.threads)
     command = ("python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    args.spawn = Spawner()  # a fresh interpreter for every K and every run of section 5
     if args.smoke:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.closing(Spawner(shared=True)) as args.spawn:
             args.root, args.output = Path(tmp) / "root", Path(tmp) / "speed"
             args.repeats, args.sites = 1, SMOKE_SITES
             status = 0 if args.evaluation_only or args.parallel_sites else measure(args, devices, command, "smoke")
@@ -1303,10 +1341,7 @@ def evaluation(args: argparse.Namespace, devices: list[str], command: str, plan_
 def measure(args: argparse.Namespace, devices: list[str], command: str, plan_name: str) -> int:
     """Sections 1-4 on every device; <output>.json, .md and a figure per device. 1 when PFA differs from the
     reference-style PFA."""
-    from medfl.synth import generate
-
-    synth = args.root.resolve() / "synth"
-    generate(synth, n_derm=max(args.sites), **PLANS[plan_name].synth)
+    synth = synthetic(args.root.resolve() / "synth", n_derm=max(args.sites), **PLANS[plan_name].synth)
     start = time.perf_counter()
     sections = {name: measure_device(torch.device(name), args, synth, plan_name) for name in devices}
     atomic_write_json(args.output.with_suffix(".json"), {"command": command, "targets": TARGETS,

@@ -18,7 +18,7 @@ dermoscopy 32 px, prostate 64 px, one torch thread), written to `--synth` unless
     python benchmarks/startup_hashing.py [--synth benchmarks/results/tmp/quality/default/synth] [--repeats 2]
         [--tasks dermoscopy prostate] [--output benchmarks/results/startup_hashing]
     python benchmarks/startup_hashing.py --smoke    # the quality benchmark's smoke data, one start-up per
-                                                    # variant; nothing kept (the suite runs it)
+                                                    # variant, no warm-up; nothing kept (the suite runs it)
 
 Writes <output>.json and <output>.md and prints the table.
 """
@@ -124,15 +124,19 @@ def _in_fresh_process(config_path: Path, hashing: bool) -> dict[str, Any]:
         return pool.submit(start_up, str(config_path), hashing).result()
 
 
-def measure(task: str, synth: Path, folder: Path, repeats: int, preset: Preset = PRESET) -> dict[str, Any]:
-    """Start-ups of one task's run with and without hashing, taking turns after one untimed warm-up."""
+def measure(task: str, synth: Path, folder: Path, repeats: int, preset: Preset = PRESET,
+            warm_up: bool = True) -> dict[str, Any]:
+    """Start-ups of one task's run with and without hashing, taking turns after one untimed warm-up (`warm_up`:
+    the page cache then holds the data for both variants alike; --smoke, whose numbers are not read, skips it)."""
     _data(synth, task, preset)
     plan = preset.tasks[task]
     config = experiment_dict(task, plan, "prr", 0, synth, threads=1, device="cpu")
     config_path = atomic_write_text(folder / f"{task}.yaml", yaml.safe_dump(config, sort_keys=False))
     files = sum(1 for site in (synth / task).iterdir() for path in site.rglob("*") if path.is_file())
-    print(f"{task}: {len(config['sites'])} sites, {files} files; warm-up start-up ...", flush=True)
-    _in_fresh_process(config_path, True)
+    print(f"{task}: {len(config['sites'])} sites, {files} files{'; warm-up start-up ...' if warm_up else ''}",
+          flush=True)
+    if warm_up:
+        _in_fresh_process(config_path, True)
     runs: list[dict[str, Any]] = []
     for repeat in range(repeats):
         for hashing in (False, True) if repeat % 2 == 0 else (True, False):
@@ -188,22 +192,22 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=RESULTS / "startup_hashing")
     parser.add_argument("--smoke", action="store_true",
                         help="prostate (whose volumes the hashing reads most) on the quality benchmark's smoke data, "
-                             "one start-up per variant; data and results go to a temporary folder that is removed")
+                             "one start-up per variant and no warm-up; data and results go to a temporary folder that is removed")
     args = parser.parse_args()
     if args.smoke:
         with tempfile.TemporaryDirectory(prefix="medfl-startup-smoke-") as tmp:
             args.synth, args.output, args.repeats = Path(tmp) / "synth", Path(tmp) / "startup_hashing", 1
             args.tasks = ["prostate"]  # the code path is the task's own only in the data it hashes
-            return benchmark(args, SMOKE)
+            return benchmark(args, SMOKE, warm_up=False)
     return benchmark(args, PRESET)
 
 
-def benchmark(args: argparse.Namespace, preset: Preset) -> int:
+def benchmark(args: argparse.Namespace, preset: Preset, warm_up: bool = True) -> int:
     info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "repeats": args.repeats,
             "load_before": os.getloadavg()[0], "python": sys.version.split()[0]}
     folder = Path(tempfile.mkdtemp(prefix="medfl-startup-configs-"))
     try:
-        results = [measure(task, args.synth.resolve(), folder, args.repeats, preset) for task in args.tasks
+        results = [measure(task, args.synth.resolve(), folder, args.repeats, preset, warm_up) for task in args.tasks
                    if task in preset.tasks]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
