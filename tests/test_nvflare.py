@@ -225,16 +225,8 @@ def test_a_site_checks_its_config_against_its_nvflare_name_and_may_use_its_own(e
     assert site_config.source_path == own.resolve()
 
 
-def test_core_package_imports_and_explains_without_nvflare(experiment, tmp_path):
-    code = (
-        "import sys; sys.modules['nvflare'] = None\n"
-        "import medfl.cli, medfl.federated.coordinator, medfl.nvflare\n"
-        f"sys.exit(medfl.cli.main(['nvflare-job', {str(experiment)!r}, '--out', {str(tmp_path / 'job')!r}]))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1, result.stderr
-    assert "pip install 'medfl[nvflare]'" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "job").exists()
+# The core package without NVFlare (it imports, and `medfl nvflare-job` says how to install it): checked in
+# tests/test_trainer.py, in the fresh interpreter that checks what the trainer loads.
 
 
 def test_the_controller_and_each_site_hold_their_folders(experiment, tmp_path):
@@ -360,37 +352,19 @@ def test_a_restarted_job_resumes_after_the_last_completed_round(experiment, in_p
 
 # ---------------------------------------------------------------- the exported job in NVFlare's simulator
 @pytest.mark.slow
-def test_exported_job_in_the_simulator_matches_the_in_process_coordinator(experiment, in_process, tmp_path):
-    """Each hospital keeps its part of the run on its own machine (its own run folder); the job ends by sending
-    each its own results, so that it exports its model from its local folder alone."""
+def test_exported_job_in_the_simulator_matches_in_process_and_each_hospital_exports_with_its_own_files(
+        tiny_federation, in_process, tmp_path, capsys):
+    """One job in NVFlare's simulator (each a fresh process, so the two checks share it):
+
+    It equals the in-process coordinator. Each hospital keeps its data and its part of the run in a folder of
+    its own (the models stay there); the job ends by sending each its own results, so that it exports its model
+    from its local folder alone.
+
+    After the job, the job writer's site configs (named in every run folder's config.yaml) and the other
+    hospital's files are gone: the hospital still exports, and reports, from its own run folder, whose
+    config.yaml is the one the job sent."""
     from medfl.deliver.export import export_run
 
-    job = write_job(load_experiment_config(experiment), tmp_path / "job", run_dir=tmp_path / "fl")
-    hospitals = {site: tmp_path / "hospital" / site for site in SITES}
-    for site, folder in hospitals.items():
-        (job / f"app_{site}" / "config" / CONFIG_FOLDER / "job.yaml").write_text(yaml.safe_dump({"run_dir": str(folder)}))
-    nvflare = Path(sys.executable).with_name("nvflare")
-    result = subprocess.run([str(nvflare), "simulator", str(job), "-w", str(tmp_path / "workspace"), "-t", "2"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((tmp_path / "fl" / "summary.json").read_text())
-    assert summary["finished"], result.stdout[-3000:]
-    assert not (tmp_path / "fl" / "sites").exists(), "the models stay at the hospitals"
-    assert_same_results(in_process, tmp_path / "fl", hospitals)
-    for site, folder in hospitals.items():
-        kept = json.loads((folder / "summary.json").read_text())
-        assert list(kept["sites"]) == [site], "a hospital receives its own results only"
-        assert {row["site"] for row in table(folder / "metrics.csv")} == {site}
-        (exported,) = export_run(folder, task=task_for("classification"))
-        assert exported.site == site
-        assert exported.manifest["round"]["selected"] == summary["sites"][site]["selected_round"]
-
-
-@pytest.mark.slow
-def test_a_hospital_exports_after_the_job_with_only_its_own_files(tiny_federation, tmp_path, capsys):
-    """Each hospital keeps its data and its part of the run in a folder of its own. After the job, the job
-    writer's site configs (named in every run folder's config.yaml) and the other hospital's files are gone:
-    the hospital still exports, and reports, from its own run folder, whose config.yaml is the one the job sent."""
     writer = tmp_path / "writer"
     hospitals = {site: tmp_path / "hospital" / site for site in SITES}
     for site, folder in hospitals.items():
@@ -399,8 +373,9 @@ def test_a_hospital_exports_after_the_job_with_only_its_own_files(tiny_federatio
         path = writer / "site_configs" / "dermoscopy" / f"{site}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump({**config, "data_root": str(folder / "data")}))
-    experiment = tiny_experiment(writer / "exp.yaml", writer, "classification", sites=SITES, name="hospitals",
-                                 rounds=1, runtime={"threads": 1}, device="cpu", output_dir=str(writer / "runs"))
+    # the `experiment` fixture's settings (the in-process reference's), on the hospitals' copies of the data
+    experiment = tiny_experiment(writer / "exp.yaml", writer, "classification", sites=SITES, name="tiny",
+                                 runtime={"threads": 1}, device="cpu", output_dir=str(writer / "runs"))
     job = write_job(load_experiment_config(experiment), tmp_path / "job", run_dir=tmp_path / "fl")
     for site, folder in hospitals.items():
         (job / f"app_{site}" / "config" / CONFIG_FOLDER / "job.yaml").write_text(
@@ -409,7 +384,17 @@ def test_a_hospital_exports_after_the_job_with_only_its_own_files(tiny_federatio
     result = subprocess.run([str(nvflare), "simulator", str(job), "-w", str(tmp_path / "workspace"), "-t", "2"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads((tmp_path / "fl" / "summary.json").read_text())["finished"], result.stdout[-3000:]
+    summary = json.loads((tmp_path / "fl" / "summary.json").read_text())
+    assert summary["finished"], result.stdout[-3000:]
+    assert not (tmp_path / "fl" / "sites").exists(), "the models stay at the hospitals"
+    assert_same_results(in_process, tmp_path / "fl", {site: folder / "run" for site, folder in hospitals.items()})
+    for site, folder in hospitals.items():
+        kept = json.loads((folder / "run" / "summary.json").read_text())
+        assert list(kept["sites"]) == [site], "a hospital receives its own results only"
+        assert {row["site"] for row in table(folder / "run" / "metrics.csv")} == {site}
+    (exported,) = export_run(hospitals["derm_b"] / "run", task=task_for("classification"))
+    assert exported.site == "derm_b"
+    assert exported.manifest["round"]["selected"] == summary["sites"]["derm_b"]["selected_round"]
     sent = (tmp_path / "fl" / "config.yaml").read_bytes()
     assert all((folder / "run" / "config.yaml").read_bytes() == sent for folder in hospitals.values())
 
@@ -420,6 +405,7 @@ def test_a_hospital_exports_after_the_job_with_only_its_own_files(tiny_federatio
     manifest = json.loads((run / "export" / "derm_a" / "manifest.json").read_text())
     selected = json.loads((run / "summary.json").read_text())["sites"]["derm_a"]["selected_round"]
     assert manifest["site"] == "derm_a" and manifest["round"]["selected"] == selected
+    assert selected == summary["sites"]["derm_a"]["selected_round"]
     weights = torch.load(run / "export" / "derm_a" / "model.pt", weights_only=True)
     saved = torch.load(run / "sites" / "derm_a" / "models" / f"round_{selected:04d}.pt", weights_only=True)
     assert all(torch.equal(weights[k], v) for k, v in saved["models"]["P"].items())

@@ -1,4 +1,8 @@
-"""A run killed with SIGKILL mid-round and resumed ends with the same metrics as an uninterrupted run."""
+"""A run killed with SIGKILL mid-round and resumed ends with the same metrics as an uninterrupted run.
+
+Each run (the uninterrupted one, the killed one, the resume) is `medfl run` in a process of its own, forked from
+a server that imported medfl once (tests/medfl_process.py): the kill is a real SIGKILL of a process, and the
+resume knows nothing but what the killed process left in the run folder."""
 
 from __future__ import annotations
 
@@ -13,13 +17,21 @@ import time
 import pytest
 import torch
 from conftest import tiny_experiment
+from medfl_process import MedflProcess
 
 pytestmark = pytest.mark.slow
 
 
 def medfl(*args, **kwargs):
+    """`python -m medfl.cli ARGS`: a fresh interpreter, for commands that end before torch loads."""
     return subprocess.Popen([sys.executable, "-m", "medfl.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def medfl_run(experiment, out, method, *extra) -> MedflProcess:
+    """`medfl run` of `method` into `out`, in a process of its own; its output goes beside `out`."""
+    return MedflProcess(["run", str(experiment), "--out", str(out), "--method", method, "--quiet", *extra],
+                        out.with_name(f"{out.name}{''.join(extra)}.log"))
 
 
 def completed_rounds(run_dir):
@@ -34,38 +46,46 @@ def table(path):
         return list(csv.DictReader(stream))
 
 
+def finished(process: MedflProcess) -> str:
+    """The output of a process that must end well."""
+    assert process.wait(timeout=900) == 0, process.output()[-3000:]
+    return process.output()
+
+
+def killed_at(process: MedflProcess, ready) -> None:
+    """SIGKILL `process` as soon as `ready()` holds."""
+    deadline = time.monotonic() + 600
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, f"it ended before the kill:\n{process.output()[-3000:]}"
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+
+
 @pytest.fixture(scope="module")
 def experiment(tiny_federation, tmp_path_factory):
+    """3 rounds: the kill lands in round 1, and the resumed run plays round 2 from what it computed itself. One
+    local epoch: a run restarts after its last completed round, so the epochs inside a round are not part of
+    what a restart restores."""
     return tiny_experiment(tmp_path_factory.mktemp("resume") / "exp.yaml", tiny_federation, "classification",
-                           rounds=3, local_epochs=2, runtime={"threads": 1})
+                           rounds=3, local_epochs=1, runtime={"threads": 1})
 
 
 @pytest.mark.parametrize("method", ["prr", "ditto"])  # ditto: P's start and w_r travel in the restart state
 def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path, method):
-    whole = tmp_path / "whole"
-    process = medfl("run", str(experiment), "--out", str(whole), "--method", method, "--quiet")
-    output, _ = process.communicate(timeout=900)
-    assert process.returncode == 0, output
-
-    killed = tmp_path / "killed"
-    process = medfl("run", str(experiment), "--out", str(killed), "--method", method, "--quiet")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    finished(medfl_run(experiment, whole, method))
+    process = medfl_run(experiment, killed, method)
     # Kill inside round 1, once derm_a has finished it (its state and audit entries written) and derm_b trains.
     first_site_done = killed / "sites" / "derm_a" / "state_round_0001.pt"
-    deadline = time.monotonic() + 600
-    while not first_site_done.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    killed_at(process, first_site_done.exists)
     assert completed_rounds(killed) == 1, "the kill must land inside round 1"
     interrupted_at = completed_rounds(killed)
     assert not json.loads((killed / "summary.json").read_text())["finished"]
     audit = killed / "sites" / "derm_a" / "audit.jsonl"
     assert any(json.loads(line)["round"] == 1 for line in audit.read_text().splitlines()), "round 1 had left"
 
-    resumed = medfl("run", str(experiment), "--out", str(killed), "--resume", "--method", method, "--quiet")
-    output, _ = resumed.communicate(timeout=900)
-    assert resumed.returncode == 0, output
+    output = finished(medfl_run(experiment, killed, method, "--resume"))
     assert f"rounds {interrupted_at}..2" in output
 
     for name in ("metrics.csv", "det_states.csv", "retrogress.csv"):
@@ -84,25 +104,12 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(experiment, tmp_path
 def test_pooled_training_killed_mid_round_resumes_as_uninterrupted(experiment, tmp_path):
     """Every site holds the one pooled model and its optimizer in its restart state; the kill lands while the
     union trains in round 1 (nothing of round 1 saved yet)."""
-    whole = tmp_path / "whole"
-    process = medfl("run", str(experiment), "--out", str(whole), "--method", "pooled", "--quiet")
-    output, _ = process.communicate(timeout=900)
-    assert process.returncode == 0, output
-
-    killed = tmp_path / "killed"
-    process = medfl("run", str(experiment), "--out", str(killed), "--method", "pooled", "--quiet")
-    deadline = time.monotonic() + 600
-    while completed_rounds(killed) < 1 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    finished(medfl_run(experiment, whole, "pooled"))
+    killed_at(medfl_run(experiment, killed, "pooled"), lambda: completed_rounds(killed) >= 1)
     assert completed_rounds(killed) == 1, "the kill must land inside round 1"
 
-    resumed = medfl("run", str(experiment), "--out", str(killed), "--resume", "--method", "pooled", "--quiet")
-    output, _ = resumed.communicate(timeout=900)
-    assert resumed.returncode == 0, output
-    assert "rounds 1..2" in output
+    assert "rounds 1..2" in finished(medfl_run(experiment, killed, "pooled", "--resume"))
     for name in ("metrics.csv", "det_states.csv", "retrogress.csv"):
         assert table(killed / name) == table(whole / name), name
     assert json.loads((killed / "summary.json").read_text())["sites"] == json.loads(

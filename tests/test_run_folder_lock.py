@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import held_by_another_process, tiny_experiment, wait_for_files
+from medfl_process import MedflProcess
 
 from medfl.cli import main
 from medfl.experiment import load_experiment_config
@@ -48,22 +49,17 @@ def finished(experiment, tmp_path_factory, one_thread):
 
 
 def started_together(signals: Path, *argument_lists: list[str]) -> list[tuple[int, int, str]]:
-    """Run one `medfl` process per argument list, all calling the command at the same moment: each loads
-    medfl, writes a file saying it is ready and waits for the test's go file. (pid, exit status, stderr) each."""
+    """Run one `medfl` process per argument list (tests/medfl_process.py), all calling the command at the same
+    moment: each loads medfl, writes a file saying it is ready and waits for the test's go file. (pid, exit
+    status, stderr) each."""
     signals.mkdir()
     go = signals / "go"
     ready = [signals / f"ready{i}" for i in range(len(argument_lists))]
-    processes = []
-    for flag, arguments in zip(ready, argument_lists, strict=True):
-        code = ("import pathlib, sys, time\nfrom medfl.cli import main\n"
-                f"pathlib.Path({str(flag)!r}).touch()\n"
-                f"while not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.001)\n"
-                f"sys.exit(main({arguments!r}))\n")
-        processes.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, text=True))
+    processes = [MedflProcess(arguments, signals / f"stdout{i}", signals / f"stderr{i}", ready=flag, go=go)
+                 for i, (flag, arguments) in enumerate(zip(ready, argument_lists, strict=True))]
     wait_for_files(ready, processes)
     go.touch()
-    return [(process.pid, process.wait(timeout=600), process.stderr.read()) for process in processes]
+    return [(process.pid, process.wait(timeout=600), process.errors()) for process in processes]
 
 
 def audit(run_dir: Path, site: str) -> list[tuple[int, str]]:

@@ -140,11 +140,29 @@ def test_state_dict_round_trip_restores_models_optimizers_and_prototypes():
     assert all(torch.equal(local.models[D].state_dict()[k], v) for k, v in other.models[D].state_dict().items())
 
 
-def test_the_trainer_needs_no_federated_learning_engine():
-    """Neither NVFlare nor medfl's engine adapters (the ClientAlgo, the round loop) load with the trainer."""
+def test_the_trainer_needs_no_federated_learning_engine_and_medfl_none_without_nvflare(tiny_federation, tmp_path):
+    """Neither NVFlare nor medfl's engine adapters (the ClientAlgo, the round loop) load with the trainer.
+
+    Then, in the same fresh interpreter (one start of torch and MONAI for both checks), with NVFlare made
+    unimportable as where the `[nvflare]` extra is not installed: the core package imports, and `medfl
+    nvflare-job` says in one line how to install it and writes nothing."""
     import subprocess
     import sys
 
+    from conftest import tiny_experiment
+
+    experiment, job = tiny_experiment(tmp_path / "exp.yaml", tiny_federation, "classification"), tmp_path / "job"
     engines = ("nvflare", "medfl.federated.site", "medfl.federated.coordinator", "medfl.federated.rounds")
-    code = f"import sys; import medfl.federated.trainer; sys.exit(any(m.startswith({engines!r}) for m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    code = (
+        "import sys\nimport medfl.federated.trainer\n"
+        f"loaded = sorted(m for m in sys.modules if m.startswith({engines!r}))\n"
+        "if loaded:\n    sys.exit(f'loaded with the trainer: {loaded}')\n"
+        "sys.modules['nvflare'] = None\n"
+        "import medfl.cli, medfl.federated.coordinator, medfl.nvflare\n"
+        f"sys.exit(medfl.cli.main(['nvflare-job', {str(experiment)!r}, '--out', {str(job)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "loaded with the trainer" not in result.stderr, result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "pip install 'medfl[nvflare]'" in result.stderr and "Traceback" not in result.stderr
+    assert not job.exists()
