@@ -307,3 +307,38 @@ def tensors(value, path=""):
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
             yield from tensors(item, f"{path}/{index}")
+
+
+# ---- finished tiny runs, shared across modules ------------------------------------------------------------
+
+_TINY_RUN_SUMMARIES: dict[str, dict[str, Any]] = {}
+
+
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, task: str, **changes: Any) -> tuple[Path, dict[str, Any]]:
+    """(run folder, the summary its run returned) of a finished run of `tiny_experiment(task, **changes)` on the
+    tiny federation, on one thread. Each distinct experiment (its resolved config, but for where it was written)
+    runs once per test process, so tests of any module that only read such a run share it: copy it before changing
+    anything in it."""
+    import hashlib
+    import json
+
+    import torch
+
+    from medfl.experiment import load_experiment_config
+    from medfl.federated.coordinator import Coordinator
+    from medfl.tasks import task_for
+
+    root = tmp_path_factory.getbasetemp() / "tiny_runs"
+    draft = tiny_experiment(root / "draft.yaml", tiny_federation_root(tmp_path_factory), task, **changes)
+    config = load_experiment_config(draft)
+    settings = {k: v for k, v in config.resolved().items() if k != "output_dir"}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    if key not in _TINY_RUN_SUMMARIES:
+        folder = root / key / "run"
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)  # two cores shared by many: one thread each is fastest
+        try:
+            _TINY_RUN_SUMMARIES[key] = Coordinator(config, folder, torch.device("cpu"), task=task_for(config.task)).run()
+        finally:
+            torch.set_num_threads(previous)
+    return root / key / "run", _TINY_RUN_SUMMARIES[key]

@@ -21,6 +21,10 @@ def _python(code: str, env: dict[str, str] | None = None) -> subprocess.Complete
                           env=env if env is not None else dict(os.environ))
 
 
+def _python_args(code: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True, text=True, timeout=600)
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
@@ -246,17 +250,52 @@ FAST_ANSWERS = {  # case -> (arguments with placeholders, a fragment of the one 
 }
 
 
+# Runs `medfl` commands (a JSON list of argument lists) one after another in this one fresh interpreter and prints,
+# as JSON, per command: its status, everything it printed, whether torch and MONAI were loaded by its end (a
+# module once loaded stays loaded, so each command is seen as by a fresh interpreter of its own unless an earlier
+# one loaded them, which fails that earlier case too) and which of the paths in argv[2] existed by its end.
+COMMANDS_RUNNER = """
+import contextlib, io, json, os, sys, traceback
+import medfl.cli
+results = []
+for arguments in json.loads(sys.argv[1]):
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        try:
+            status = medfl.cli.main(arguments)
+        except SystemExit as stop:
+            status = stop.code
+        except Exception:
+            status = None
+            traceback.print_exc()
+    results.append({"status": status, "torch": "torch" in sys.modules, "monai": "monai" in sys.modules,
+                    "printed": printed.getvalue(), "written": [p for p in json.loads(sys.argv[2]) if os.path.exists(p)]})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def fast_answers(delivered) -> dict[str, dict[str, object]]:
+    """case -> what its command did, every case of FAST_ANSWERS in one fresh interpreter (COMMANDS_RUNNER). The
+    cuda cases are left out on a GPU build of torch, where they ask torch itself."""
+    cases = [case for case in FAST_ANSWERS if "cuda" not in case or _no_gpu_build()]
+    commands = [[part.format(**delivered) for part in FAST_ANSWERS[case][0]] for case in cases]
+    watched = [str(delivered["odd"] / "p"), str(delivered["odd"] / "r")]
+    result = _python_args(COMMANDS_RUNNER, json.dumps(commands), json.dumps(watched))
+    assert result.returncode == 0, result.stderr
+    return dict(zip(cases, json.loads(result.stdout.splitlines()[-1]), strict=True))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(FAST_ANSWERS))
-def test_argument_path_manifest_and_device_errors_come_before_torch_and_monai(case: str, delivered) -> None:
+def test_argument_path_manifest_and_device_errors_come_before_torch_and_monai(case: str, fast_answers) -> None:
     if "cuda" in case and not _no_gpu_build():
         pytest.skip("a GPU build of torch: whether CUDA is usable is asked of torch itself (MONAI still not loaded)")
-    template, fragment = FAST_ANSWERS[case]
-    arguments = [part.format(**delivered) for part in template]
-    outcome, printed = _after(f"import medfl.cli\nstatus = medfl.cli.main({arguments!r})")
-    assert outcome == {"status": 1, "torch": False, "monai": False}, printed
-    assert fragment in printed and "Traceback" not in printed
-    assert not (delivered["odd"] / "p").exists() and not (delivered["odd"] / "r").exists()  # nothing written
+    answer = fast_answers[case]
+    printed = answer["printed"]
+    assert {k: answer[k] for k in ("status", "torch", "monai")} == {"status": 1, "torch": False, "monai": False}, printed
+    assert FAST_ANSWERS[case][1] in printed and "Traceback" not in printed
+    assert answer["written"] == []  # nothing written: neither predictions (p) nor a report (r)
 
 
 def test_the_torch_build_is_read_without_importing_torch() -> None:

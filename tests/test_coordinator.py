@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_experiment
+from conftest import tiny_experiment, tiny_run
 
 from medfl.errors import MedflError
 from medfl.experiment import load_experiment_config
@@ -27,11 +28,6 @@ def derm_experiment(tiny_federation, tmp_path_factory):
     return tiny_experiment(tmp_path_factory.mktemp("coordinator") / "derm.yaml", tiny_federation, "classification")
 
 
-@pytest.fixture(scope="module")
-def prostate_experiment(tiny_federation, tmp_path_factory):
-    return tiny_experiment(tmp_path_factory.mktemp("coordinator") / "prostate.yaml", tiny_federation, "segmentation")
-
-
 ALLOWED_STATISTICS = {"num_samples", "class_counts", "prototypes", "prototype_counts"}
 
 
@@ -45,11 +41,16 @@ def rows(path):
         return list(csv.DictReader(stream))
 
 
+@pytest.fixture(scope="module")
+def method_run(tmp_path_factory):
+    """method -> (run folder, the summary its run returned) of the tiny classification run of it (2 rounds x 1
+    epoch, derm_experiment's), run once per test process (conftest.tiny_run): tests that only read it share it."""
+    return lambda method: tiny_run(tmp_path_factory, "classification", method=method)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_runs_on_classification(method, derm_experiment, tmp_path):
-    config = load_experiment_config(derm_experiment, method=method)
-    coordinator, summary = run(config, tmp_path)
-    run_dir = tmp_path / "run"
+def test_every_method_runs_on_classification(method, method_run):
+    run_dir, summary = method_run(method)
     assert summary["finished"] and summary["completed_rounds"] == 2
     assert set(summary["sites"]) == {"derm_a", "derm_b"}
     for site in summary["sites"].values():
@@ -73,21 +74,41 @@ def test_every_method_runs_on_classification(method, derm_experiment, tmp_path):
     assert len(retrogress) == (2 if METHODS[method].sends_weights else 0)  # round 1 at each site
 
 
-def test_prr_records_det_states_retrogress_and_selects_on_validation(derm_experiment, tmp_path):
-    config = load_experiment_config(derm_experiment, rounds=3)
-    coordinator, summary = run(config, tmp_path)
-    det = rows(tmp_path / "run" / "det_states.csv")
+@pytest.fixture(scope="module")
+def spied_prr_run(derm_experiment, tmp_path_factory):
+    """A prr run of 3 rounds that records every object the coordinator receives from a site (the spies return
+    what they receive, unchanged): (config, summary, run folder, [(Site method, site, what it returned)])."""
+    received = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for method in ("get_weights", "get_data_stats", "evaluate"):
+            original = getattr(Site, method)
+
+            def spy(self, *args, _original=original, _method=method, **kwargs):
+                exchange = _original(self, *args, **kwargs)
+                received.append((_method, self, exchange))
+                return exchange
+
+            monkeypatch.setattr(Site, method, spy)
+        config = load_experiment_config(derm_experiment, rounds=3)
+        folder = tmp_path_factory.mktemp("prr_3_rounds")
+        _, summary = run(config, folder)
+    return config, summary, folder / "run", received
+
+
+def test_prr_records_det_states_retrogress_and_selects_on_validation(spied_prr_run):
+    config, summary, run_dir, _ = spied_prr_run
+    det = rows(run_dir / "det_states.csv")
     assert len(det) == 2 * 3 * config.local_epochs
     for row in det:
         if row["epoch"] == "1":
             assert row["state"] == "recover"  # the first epoch of every round
         assert row["state"] in {"recover", "exchange", "sublimate"}
-    retro = rows(tmp_path / "run" / "retrogress.csv")
+    retro = rows(run_dir / "retrogress.csv")
     assert {(r["site"], r["round"]) for r in retro} == {(s, str(t)) for s in ("derm_a", "derm_b") for t in (1, 2)}
     for row in retro:
         assert math.isclose(float(row["retrogress"]), float(row["before"]) - float(row["after"]), abs_tol=1e-12)
         assert math.isclose(float(row["recovery"]), float(row["after_first_epoch"]) - float(row["after"]), abs_tol=1e-12)
-    metrics = rows(tmp_path / "run" / "metrics.csv")
+    metrics = rows(run_dir / "metrics.csv")
     for site, result in summary["sites"].items():
         val = {
             int(r["round"]): float(r["value"]) for r in metrics
@@ -100,16 +121,17 @@ def test_prr_records_det_states_retrogress_and_selects_on_validation(derm_experi
             and r["metric"] == "macro_f1" and int(r["round"]) == result["selected_round"]
         ]
         assert result["test"]["macro_f1"] == pytest.approx(test_at_selected[0])
-        saved = torch.load(tmp_path / "run" / "sites" / site / "models" / f"round_{result['selected_round']:04d}.pt",
+        saved = torch.load(run_dir / "sites" / site / "models" / f"round_{result['selected_round']:04d}.pt",
                            weights_only=True)
         assert saved["used"] == "P" and set(saved["models"]) == {"P", "D"}
     assert not math.isnan(summary["mean"]["retrogress"])
 
 
-def test_personalised_model_is_untouched_by_communication(derm_experiment, tmp_path):
-    config = load_experiment_config(derm_experiment, rounds=2)
-    _, _ = run(config, tmp_path)
-    metrics = rows(tmp_path / "run" / "metrics.csv")
+def test_personalised_model_is_untouched_by_communication(derm_experiment, method_run):
+    config = load_experiment_config(derm_experiment)
+    assert config.method == "prr" and config.rounds == 2
+    run_dir, _ = method_run("prr")
+    metrics = rows(run_dir / "metrics.csv")
     for site in ("derm_a", "derm_b"):
         def value(model, round_, epoch, site=site):
             return next(float(r["value"]) for r in metrics if r["site"] == site and r["model"] == model
@@ -118,7 +140,7 @@ def test_personalised_model_is_untouched_by_communication(derm_experiment, tmp_p
         assert value("P", 1, 0) == value("P", 0, config.local_epochs)
 
 
-def test_only_allowed_objects_leave_a_site(derm_experiment, tmp_path, monkeypatch):
+def test_only_allowed_objects_leave_a_site(spied_prr_run):
     """Every object the coordinator receives from a site: weights of D, counts, prototypes and metrics only; no
     site sees another site's data.
 
@@ -126,18 +148,7 @@ def test_only_allowed_objects_leave_a_site(derm_experiment, tmp_path, monkeypatc
     every site's training split in one process, so the training data themselves leave the sites. It therefore
     runs only in process, NVIDIA FLARE refuses it before anything starts, and each site's audit log records that
     its training data left it (tests/test_pooled.py)."""
-    received = []
-    for method in ("get_weights", "get_data_stats", "evaluate"):
-        original = getattr(Site, method)
-
-        def spy(self, *args, _original=original, _method=method, **kwargs):
-            exchange = _original(self, *args, **kwargs)
-            received.append((_method, self, exchange))
-            return exchange
-
-        monkeypatch.setattr(Site, method, spy)
-    config = load_experiment_config(derm_experiment, rounds=3)
-    run(config, tmp_path)
+    _, _, run_dir, received = spied_prr_run
     assert {method for method, _, _ in received} == {"get_weights", "get_data_stats", "evaluate"}
     for method, site, exchange in received:
         assert exchange.optim is None
@@ -161,7 +172,7 @@ def test_only_allowed_objects_leave_a_site(derm_experiment, tmp_path, monkeypatc
                 assert set(row) == {"round", "epoch", "site", "model", "split", "metric", "value"}
                 assert isinstance(row["value"], float)
     for site in ("derm_a", "derm_b"):
-        audit = [json.loads(line) for line in (tmp_path / "run" / "sites" / site / "audit.jsonl").read_text().splitlines()]
+        audit = [json.loads(line) for line in (run_dir / "sites" / site / "audit.jsonl").read_text().splitlines()]
         assert [(e["round"], e["what"]) for e in audit] == [(0, "data_statistics")] + [
             (r, what) for r in range(3) for what in ("report", "upload")], "everything that left, once per round"
         upload = audit[2]
@@ -176,9 +187,10 @@ def test_only_allowed_objects_leave_a_site(derm_experiment, tmp_path, monkeypatc
             json.loads(json.dumps(r.metrics["rows"])) for r in reports]
 
 
-def test_an_earlier_run_is_never_overwritten(derm_experiment, tmp_path):
-    config = load_experiment_config(derm_experiment, rounds=1)
-    run(config, tmp_path)
+def test_an_earlier_run_is_never_overwritten(derm_experiment, method_run, tmp_path):
+    """A finished run (a copy of the shared one, which this test must not risk) is refused as a new run's folder."""
+    config = load_experiment_config(derm_experiment)
+    shutil.copytree(method_run("prr")[0], tmp_path / "run")
     before = (tmp_path / "run" / "summary.json").read_bytes()
     with pytest.raises(MedflError, match="already holds a run"):
         run(config, tmp_path)
@@ -202,9 +214,8 @@ def test_diverging_loss_names_site_round_and_epoch_and_keeps_checkpoint(derm_exp
 
 
 @pytest.mark.parametrize("method", ["prr", "fedavg"])
-def test_segmentation_runs(method, prostate_experiment, tmp_path):
-    config = load_experiment_config(prostate_experiment, method=method)
-    _, summary = run(config, tmp_path)
+def test_segmentation_runs(method, tmp_path_factory):
+    _, summary = tiny_run(tmp_path_factory, "segmentation", method=method)  # the tiny segmentation experiment
     assert summary["metric"] == "dice"
     for site in summary["sites"].values():
         assert 0.0 <= site["test"]["dice"] <= 1.0

@@ -18,7 +18,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from conftest import tiny_experiment, tiny_federation_root
+from conftest import tiny_experiment, tiny_federation_root, tiny_run
 
 from medfl.cli import main
 from medfl.data import load_site
@@ -36,33 +36,14 @@ DERM_SITES = ("derm_a", "derm_b")
 
 
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two finished tiny runs, built once per session: classification (2 dermoscopy sites, 2 rounds) and
-    segmentation (1 prostate site, 1 round, 2.5-D input with one context slice on each side).
-    "federation" is the synthetic data folder (with prost_b and derm sites' data and site configs)."""
-    from medfl.federated.coordinator import Coordinator
-
-    base = tmp_path_factory.getbasetemp() / "deliver_runs"
-    runs = {"federation": tiny_federation_root(tmp_path_factory), "classification": base / "classification",
-            "segmentation": base / "segmentation"}
-    if (base / "done").exists():
-        return runs
-    shutil.rmtree(base, ignore_errors=True)
-    experiments = {
-        "classification": tiny_experiment(base / "classification.yaml", runs["federation"], "classification",
-                                          sites=DERM_SITES),
-        "segmentation": tiny_experiment(base / "segmentation.yaml", runs["federation"], "segmentation",
-                                        sites=["prost_a"], data={"context_slices": 1},
-                                        rounds=1),
-    }
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two cores shared by many: one thread each is fastest
-    try:
-        for task, path in experiments.items():
-            Coordinator(load_experiment_config(path), runs[task], torch.device("cpu"), task=task_for(task)).run()
-    finally:
-        torch.set_num_threads(threads)
-    (base / "done").touch()
-    return runs
+    """Two finished tiny runs, built once per session (conftest.tiny_run, whose runs other modules share):
+    classification (2 dermoscopy sites, 2 rounds) and segmentation (1 prostate site, 1 round, 2.5-D input with
+    one context slice on each side). "federation" is the synthetic data folder (with prost_b and derm sites' data
+    and site configs)."""
+    return {"federation": tiny_federation_root(tmp_path_factory),
+            "classification": tiny_run(tmp_path_factory, "classification", sites=DERM_SITES)[0],
+            "segmentation": tiny_run(tmp_path_factory, "segmentation", sites=["prost_a"], data={"context_slices": 1},
+                                     rounds=1)[0]}
 
 
 SITE_VARIABLES = {"derm_a": "MEDFL_TEST_DERM_A_ROOT", "derm_b": "MEDFL_TEST_DERM_B_ROOT"}

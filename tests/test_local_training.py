@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_experiment
+from conftest import tiny_experiment, tiny_run
 
 import medfl.federated.trainer as trainer_module
-from medfl.experiment import load_experiment_config
+from medfl.experiment import DETSettings, load_experiment_config
 from medfl.federated.coordinator import Coordinator
 from medfl.metrics import reference_window_start
 from medfl.runlog import det_state_changes
@@ -131,10 +131,28 @@ def test_phi_from_the_training_split_of_selected_slices_scores_each_case_on_its_
     assert summary["finished"] and all(not math.isnan(s["test"]["dice"]) for s in summary["sites"].values())
 
 
-def test_batchnorm_reestimation_diagnostic_is_recorded(tiny_federation, tmp_path, one_thread):
-    _, summary = _run(tmp_path, tiny_federation, method="fedavg", rounds=2, local_epochs=1,
-                      diagnostics={"bn_reestimation": True})
-    retro = _rows(tmp_path / "run" / "retrogress.csv")
+@pytest.fixture(scope="module")
+def bn_diagnostic_run(tiny_federation, tmp_path_factory, one_thread):
+    """(method, reestimate_bn_on_receive) -> (run folder, summary) of a 2-round run with the BatchNorm
+    re-estimation diagnostic, run once per module (the diagnostic's own test reads the fedavg run without the
+    option, which is the default)."""
+    runs = {}
+
+    def get(method, option):
+        if (method, option) not in runs:
+            folder = tmp_path_factory.mktemp(f"bn_{method}_{option}")
+            _, summary = _run(folder, tiny_federation, method=method, rounds=2, local_epochs=1,
+                              diagnostics={"bn_reestimation": True}, det={"reestimate_bn_on_receive": option})
+            runs[method, option] = folder / "run", summary
+        return runs[method, option]
+
+    return get
+
+
+def test_batchnorm_reestimation_diagnostic_is_recorded(bn_diagnostic_run):
+    run_dir, summary = bn_diagnostic_run("fedavg", False)
+    assert DETSettings().reestimate_bn_on_receive is False  # so this is the diagnostic's run with the defaults
+    retro = _rows(run_dir / "retrogress.csv")
     assert retro and all(r["after_bn_reestimated"] != "" for r in retro)
     for row in retro:
         assert float(row["retrogress_bn_reestimated"]) == pytest.approx(
@@ -143,16 +161,14 @@ def test_batchnorm_reestimation_diagnostic_is_recorded(tiny_federation, tmp_path
 
 
 @pytest.mark.parametrize("method", ["fedavg_det", "fedavg"])
-def test_batchnorm_reestimation_on_receive_trains_from_the_sites_own_statistics(method, tiny_federation, tmp_path,
-                                                                                 one_thread):
+def test_batchnorm_reestimation_on_receive_trains_from_the_sites_own_statistics(method, bn_diagnostic_run):
     """With the training option, the received model's score right after communication is the one the diagnostic
     measures after re-estimation (the same statistics, computed twice); without it, the averaged statistics."""
     scores = {}
     for option in (False, True):
-        _run(tmp_path, tiny_federation, name=f"{method}-{option}", method=method, rounds=2, local_epochs=1,
-             diagnostics={"bn_reestimation": True}, det={"reestimate_bn_on_receive": option})
+        run_dir, _ = bn_diagnostic_run(method, option)
         scores[option] = [(float(r["after"]), float(r["after_bn_reestimated"]))
-                          for r in _rows(tmp_path / f"{method}-{option}" / "retrogress.csv")]
+                          for r in _rows(run_dir / "retrogress.csv")]
     assert scores[True] and all(after == reestimated for after, reestimated in scores[True])
     assert any(after != reestimated for after, reestimated in scores[False])
 
@@ -174,9 +190,10 @@ def test_batchnorm_reestimation_changes_statistics_only():
     assert not reestimate_batchnorm(unet, loader, torch.device("cpu"))
 
 
-def test_reference_protocol_selects_one_round_by_the_mean_validation_score(tiny_federation, tmp_path, one_thread):
-    _, summary = _run(tmp_path, tiny_federation, method="fedavg", rounds=3, local_epochs=1)
-    metrics = _rows(tmp_path / "run" / "metrics.csv")
+def test_reference_protocol_selects_one_round_by_the_mean_validation_score(tmp_path_factory):
+    # test_run_folder's fresh 3-round fedavg run: the same experiment, run once per test process
+    run_dir, summary = tiny_run(tmp_path_factory, "classification", method="fedavg", rounds=3, local_epochs=1)
+    metrics = _rows(run_dir / "metrics.csv")
     window = list(range(reference_window_start(3), 3))
     assert window == [2]
     protocol = summary["reference_protocol"]

@@ -50,6 +50,15 @@ def experiment(tiny_federation, tmp_path_factory):
                            runtime={"threads": 1})
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(experiment, tmp_path_factory, one_thread):
+    """The 3-round run of `experiment`, sequential and uninterrupted: what interrupted runs resume to."""
+    config = load_experiment_config(experiment, rounds=3)
+    folder = tmp_path_factory.mktemp("uninterrupted") / "run"
+    Coordinator(config, folder, torch.device("cpu"), task=task_for(config.task)).run()
+    return folder
+
+
 def without_timing(value):
     if isinstance(value, dict):
         return {k: without_timing(v) for k, v in value.items() if k not in ("timing", "device")}
@@ -155,6 +164,7 @@ def test_a_killed_worker_names_its_sites_and_the_round_is_not_kept(experiment, t
 
 
 def test_an_interrupt_stops_every_worker_and_a_resume_with_workers_equals_an_uninterrupted_run(experiment, tmp_path,
+                                                                                               uninterrupted,
                                                                                                one_thread):
     """Ctrl-C reaches the whole process group: the workers ignore it, the parent stops them; the last completed
     round is kept, and workers resume from the sites' saved state. Each worker holds the run folder's lock file
@@ -180,9 +190,8 @@ def test_an_interrupt_stops_every_worker_and_a_resume_with_workers_equals_an_uni
         assert not any(path.name == SITE_LOCK_FILE for files in held for path in files)
     assert RunFolder(tmp_path / "run").completed_rounds() == 1
     Coordinator(config, tmp_path / "run", torch.device("cpu"), parallel=2, task=task_for(config.task)).run(resume=True)
-    Coordinator(config, tmp_path / "whole", torch.device("cpu"), task=task_for(config.task)).run()
     for name in ("metrics.csv", "det_states.csv", "retrogress.csv"):
-        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+        assert (tmp_path / "run" / name).read_bytes() == (uninterrupted / name).read_bytes(), name
 
 
 def descendants(pid):
@@ -202,7 +211,8 @@ def descendants(pid):
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
-def test_workers_die_with_their_parent_and_the_run_resumes_as_if_uninterrupted(experiment, tmp_path, one_thread):
+def test_workers_die_with_their_parent_and_the_run_resumes_as_if_uninterrupted(experiment, tmp_path, uninterrupted,
+                                                                                one_thread):
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "medfl.cli", "run", str(experiment), "--out", str(killed),
                                 "--rounds", "3", "--parallel", "2", "--quiet"],
@@ -218,9 +228,8 @@ def test_workers_die_with_their_parent_and_the_run_resumes_as_if_uninterrupted(e
         time.sleep(0.01)
     config = load_experiment_config(experiment, rounds=3)
     Coordinator(config, killed, torch.device("cpu"), task=task_for(config.task)).run(resume=True)  # the folder is free: every worker is gone
-    Coordinator(config, tmp_path / "whole", torch.device("cpu"), task=task_for(config.task)).run()
     for name in ("metrics.csv", "det_states.csv", "retrogress.csv"):
-        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+        assert (killed / name).read_bytes() == (uninterrupted / name).read_bytes(), name
 
 
 def test_auto_starts_workers_only_where_the_training_outweighs_their_start_up(experiment):

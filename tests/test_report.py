@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_experiment
+from conftest import tiny_run
 
 from medfl import tensorboard
 from medfl.checkpoints import atomic_write_csv as write_csv
 from medfl.cli import main
 from medfl.errors import ConfigError, MedflError
-from medfl.experiment import load_experiment_config
-from medfl.federated.coordinator import Coordinator
 from medfl.report.plots import curve, retrogress_by_round
 from medfl.report.predictions import (
     SplitCache,
@@ -265,19 +263,13 @@ def test_round_scalars_are_readable_by_tensorboard(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tiny_federation, tmp_path_factory, one_thread):
-    """Real runs on a tiny synthetic federation: dermoscopy prr (seeds 0, 1) and fedavg, prostate prr."""
-    root = tmp_path_factory.mktemp("report_runs")
-    experiments = {"derm": tiny_experiment(root / "derm.yaml", tiny_federation, "classification", name="derm"),
-                   "prostate": tiny_experiment(root / "prostate.yaml", tiny_federation, "segmentation", name="prostate")}
-    runs = {}
-    for task, method, seed in [("derm", "prr", 0), ("derm", "prr", 1), ("derm", "fedavg", 0),
-                               ("prostate", "prr", 0)]:
-        config = load_experiment_config(experiments[task], method=method, seed=seed)
-        folder = root / "runs" / f"{task}-{method}-seed{seed}"
-        Coordinator(config, folder, torch.device("cpu"), task=task_for(config.task)).run()
-        runs[(task, method, seed)] = folder
-    return runs
+def tiny_runs(tmp_path_factory):
+    """Real runs on a tiny synthetic federation: dermoscopy prr (seeds 0, 1) and fedavg, prostate prr (the tiny
+    experiments; conftest.tiny_run, whose runs other modules share: tests here copy a run before changing it)."""
+    tasks = {"derm": "classification", "prostate": "segmentation"}
+    return {(data, method, seed): tiny_run(tmp_path_factory, tasks[data], method=method, seed=seed)[0]
+            for data, method, seed in [("derm", "prr", 0), ("derm", "prr", 1), ("derm", "fedavg", 0),
+                                       ("prostate", "prr", 0)]}
 
 
 @pytest.mark.slow
@@ -321,8 +313,8 @@ def test_report_command_compares_methods_and_seeds(tiny_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_segmentation_report_draws_example_slices(tiny_runs):
-    folder = tiny_runs[("prostate", "prr", 0)]
+def test_segmentation_report_draws_example_slices(tiny_runs, tmp_path):
+    folder = shutil.copytree(tiny_runs[("prostate", "prr", 0)], tmp_path / "run")  # the report goes inside
     report = write_report([folder], examples=1, task=task_for("segmentation"))
     text = report.path.read_text()
     assert "| Dice | HD95 (mm) |" in text and "Confusion" not in text and not report.notes

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_experiment
+from conftest import tiny_experiment, tiny_run
 from test_data_fingerprint import flip_one_bit_keeping_it_decodable
 
 import medfl.runfolder as runfolder_module
@@ -256,11 +256,15 @@ def test_resume_refuses_one_flipped_bit_and_a_site_record_of_the_size_only_finge
     assert main(["run", str(experiment), "--out", str(run_dir), "--resume", "--quiet"]) == 0
 
 
-def test_more_rounds_equal_a_fresh_longer_run_for_fedavg(experiment, tmp_path, one_thread):
+def test_more_rounds_equal_a_fresh_longer_run_for_fedavg(experiment, tmp_path, tmp_path_factory, one_thread):
     _run(experiment, tmp_path / "extended", rounds=2)
     _run(experiment, tmp_path / "extended", resume=True, rounds=3)
-    _run(experiment, tmp_path / "fresh", rounds=3)
-    extended, fresh = tmp_path / "extended", tmp_path / "fresh"
+    # A fresh run of `experiment` (3 rounds), shared with test_local_training's reference protocol test
+    fresh, _ = tiny_run(tmp_path_factory, "classification", method="fedavg", rounds=3, local_epochs=1)
+    extended = tmp_path / "extended"
+    configs = [{k: v for k, v in yaml.safe_load((run / "config.yaml").read_text()).items() if k != "output_dir"}
+               for run in (extended, fresh)]
+    assert configs[0] == configs[1], "the same experiment"
     for name in ("det_states.csv", "retrogress.csv"):
         assert _rows(extended / name) == _rows(fresh / name), name
     key = ("round", "epoch", "site", "model", "split", "metric")

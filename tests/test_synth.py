@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -27,6 +28,7 @@ from medfl.synth.sites import REFERENCE_DERM, REFERENCE_PROSTATE, site_name
 from medfl.tasks import task_for
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
 TINY = Minimums(train=2, val=1, test=1, cases=3)  # 12 lesions per class, 3 cases per prostate site
 ARGS = {"seed": 3, "scale": 0.01, "n_derm": 6, "n_prostate": 8, "minimums": TINY}
 
@@ -59,6 +61,15 @@ def test_same_arguments_give_identical_files_in_another_process(synth, tmp_path:
     first, second = _hashes(synth.out), _hashes(tmp_path)
     assert len(first) > 300
     assert first == second
+
+
+def test_mild_preset_keeps_todays_extra_sites_bit_for_bit(synth) -> None:
+    """The mild preset (the default shift) writes the bytes stored before `--shift` existed, the randomly drawn
+    extra sites included (tests/data/README.md; tests/test_synth_shift.py guards the default command's data)."""
+    expected = json.loads((DATA / "synth_mild_small_sha256.json").read_text())
+    written = _hashes(synth.out)
+    assert len(expected) == 445 and sorted(k for k in written.keys() | expected.keys()
+                                           if written.get(k) != expected.get(k)) == []
 
 
 def test_another_seed_gives_other_images(synth, tmp_path: Path) -> None:

@@ -3,7 +3,9 @@ readable by medfl's readers, and its sites differ in the documented ways."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -42,12 +44,12 @@ from medfl.tasks import task_for
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 SMALL = {"seed": 3, "scale": 0.01, "n_derm": 6, "n_prostate": 8, "minimums": Minimums(2, 1, 1, 3)}
+# The mild preset on SMALL is guarded bit for bit in tests/test_synth.py, on that module's fixture (the same data).
 # Realistic volumes are 1-3 M voxels: three cases per prostate site (train, val, test; prost_f ships a split file).
 REALISTIC = {"seed": 3, "scale": 0.01, "n_derm": 5, "n_prostate": 6, "minimums": Minimums(2, 1, 1, 3),
              "shift": "realistic"}
 # Determinism across processes on fewer volumes: one case of each of NIfTI int16, NIfTI float32 and MetaImage.
-DETERMINISM = {"seed": 3, "scale": 0.01, "n_derm": 5, "n_prostate": 4, "minimums": Minimums(2, 1, 1, 1),
-               "shift": "realistic"}
+# Its dermoscopy files are REALISTIC's (the case count is prostate's only); its prostate files are stored apart.
 DETERMINISM_SCRIPT = (
     "import sys; from medfl.synth import Minimums, generate; generate(sys.argv[1], seed=3, scale=0.01, n_derm=5, "
     "n_prostate=4, minimums=Minimums(2, 1, 1, 1), shift='realistic')"
@@ -71,17 +73,18 @@ def realistic(tmp_path_factory: pytest.TempPathFactory):
     return generate(tmp_path_factory.mktemp("realistic"), **REALISTIC)
 
 
+@pytest.fixture(scope="module")
+def mild(tmp_path_factory: pytest.TempPathFactory):
+    """The mild preset's dermoscopy sites with REALISTIC's arguments (the realistic class mix's minimums, given):
+    what the realistic sites are compared with. Its first four sites are those of `n_derm=4`."""
+    return generate(tmp_path_factory.mktemp("mild"), **{**REALISTIC, "shift": "mild", "n_prostate": 0})
+
+
 def test_mild_command_writes_todays_default_data_bit_for_bit(tmp_path: Path, capsys) -> None:
     assert main(["synth", "--out", str(tmp_path), "--shift", "mild"]) == 0
     assert "(mild shift)" in capsys.readouterr().out
     expected = json.loads((DATA / "synth_mild_default_sha256.json").read_text())
     assert _differences(_hashes(tmp_path), expected) == []
-
-
-def test_mild_preset_keeps_todays_extra_sites_bit_for_bit(tmp_path: Path) -> None:
-    generate(tmp_path, **SMALL, shift="mild")
-    expected = json.loads((DATA / "synth_mild_small_sha256.json").read_text())
-    assert len(expected) == 445 and _differences(_hashes(tmp_path), expected) == []
 
 
 def test_realistic_preset_keeps_its_files_bit_for_bit(realistic) -> None:
@@ -90,15 +93,19 @@ def test_realistic_preset_keeps_its_files_bit_for_bit(realistic) -> None:
     assert len(expected) == 364 and _differences(_hashes(realistic.out), expected) == []
 
 
-def test_realistic_files_are_identical_in_another_process(tmp_path: Path) -> None:
-    here = generate(tmp_path / "here", **DETERMINISM)
-    subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(tmp_path / "there")], check=True, cwd=REPO)
-    first, second = _hashes(here.out), _hashes(tmp_path / "there")
-    assert len(first) > 150 and first == second
-    assert any(name.endswith(".raw") for name in first) and any(name.endswith(".nii.gz") for name in first)
-    mild = generate(tmp_path / "mild", **{**DETERMINISM, "shift": "mild", "n_prostate": 0})
+def test_realistic_files_are_identical_in_another_process(mild, tmp_path: Path) -> None:
+    """A fresh interpreter writes the bytes stored from another process: the dermoscopy files of the realistic
+    guard and the one-case prostate sites of synth_realistic_determinism_sha256.json (tests/data/README.md)."""
+    there = tmp_path / "there"
+    subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(there)], check=True, cwd=REPO)
+    realistic = json.loads((DATA / "synth_realistic_small_sha256.json").read_text())
+    expected = {k: v for k, v in realistic.items() if k.startswith(("dermoscopy/", "site_configs/dermoscopy/"))}
+    expected.update(json.loads((DATA / "synth_realistic_determinism_sha256.json").read_text()))
+    written = _hashes(there)
+    assert len(written) > 150 and _differences(written, expected) == []
+    assert any(name.endswith(".raw") for name in written) and any(name.endswith(".nii.gz") for name in written)
     image = next(mild.derm[0].folder.rglob("*.jpg"))
-    twin = here.derm[0].folder / image.relative_to(mild.derm[0].folder)
+    twin = there / image.relative_to(mild.out)
     assert twin.is_file() and twin.read_bytes() != image.read_bytes()  # same ids and layout, other pixels
 
 
@@ -122,8 +129,7 @@ def test_readers_and_check_accept_the_realistic_sites(realistic, capsys) -> None
     assert f"{len(realistic.configs)} of {len(realistic.configs)} site(s) ready" in capsys.readouterr().out
 
 
-def test_realistic_sites_keep_names_layouts_and_configs(realistic, tmp_path: Path) -> None:
-    mild = generate(tmp_path, **{**REALISTIC, "shift": "mild", "n_prostate": 0})
+def test_realistic_sites_keep_names_layouts_and_configs(realistic, mild) -> None:
     assert [(s.name, s.layout) for s in realistic.derm] == [(s.name, s.layout) for s in mild.derm]
     for site in mild.configs:
         twin = realistic.out / site.relative_to(mild.out)
@@ -138,8 +144,7 @@ def _chromaticity(folder: Path) -> np.ndarray:
     return mean / mean.sum()
 
 
-def test_realistic_dermoscopy_sites_differ_in_colour_size_and_resolution(realistic, tmp_path: Path) -> None:
-    mild = generate(tmp_path, **{**REALISTIC, "shift": "mild", "n_derm": 4, "n_prostate": 0})
+def test_realistic_dermoscopy_sites_differ_in_colour_size_and_resolution(realistic, mild) -> None:
     spread = {}
     for name, result in (("mild", mild), ("realistic", realistic)):
         colours = np.array([_chromaticity(site.folder) for site in result.derm[:4]])
@@ -263,11 +268,14 @@ def test_a_site_seed_draws_other_hospitals_with_the_same_layouts_and_class_mixes
     assert protocols == [[getattr(s.scanner, k) for k in PROTOCOL] for s in other_p]  # extra sites: storage by --seed
 
 
-def test_site_seed_files_keep_the_tables_and_change_the_images(tmp_path: Path, capsys) -> None:
-    small = {"seed": 3, "scale": 0.01, "n_derm": 2, "n_prostate": 1, "minimums": Minimums(2, 1, 1, 3),
-             "shift": "realistic"}
-    today, other = generate(tmp_path / "today", **small), generate(tmp_path / "other", **small, site_seed=1)
-    before, after = _hashes(today.out), _hashes(other.out)
+def test_site_seed_files_keep_the_tables_and_change_the_images(realistic, tmp_path: Path, capsys) -> None:
+    small = {**REALISTIC, "n_derm": 2, "n_prostate": 1}
+    other = generate(tmp_path / "other", **small, site_seed=1)
+    # Today's files of those sites: the realistic fixture's first two dermoscopy sites and first prostate site.
+    names = {site.name for site in (*other.derm, *other.prostate)}
+    before = {k: v for k, v in _hashes(realistic.out).items()
+              if k.split("/")[1] in names or (k.startswith("site_configs/") and Path(k).stem in names)}
+    after = _hashes(other.out)
     assert before.keys() == after.keys(), "the same sites, layouts, ids and cases"
     tables = [k for k in before if k.endswith((".csv", ".yaml"))]
     images = [k for k in before if k.endswith((".jpg", ".nii.gz", ".mhd", ".raw"))]
@@ -286,25 +294,35 @@ STRENGTH_DATA = {"seed": 3, "scale": 0.01, "n_derm": 5, "n_prostate": 0, "minimu
 
 
 @pytest.fixture(scope="module")
-def strengths(tmp_path_factory: pytest.TempPathFactory) -> dict[float, object]:
+def strengths(tmp_path_factory: pytest.TempPathFactory) -> dict[float, tuple[Path, str]]:
+    """strength -> (output folder, what the command printed). Strength 1 is written through `medfl synth
+    --shift-strength 1`, the others by `generate`."""
     root = tmp_path_factory.mktemp("strengths")
-    return {s: generate(root / f"s{s:g}", **STRENGTH_DATA, shift_strength=s) for s in STRENGTHS}
+    written = {}
+    for s in STRENGTHS:
+        out = root / f"s{s:g}"
+        if s == 1.0:
+            with contextlib.redirect_stdout(io.StringIO()) as printed:
+                assert main(["synth", "--out", str(out), "--seed", "3", "--scale", "0.01", "--derm-sites", "5",
+                             "--prostate-sites", "0", "--min-per-class", "2,1,1", "--shift", "realistic",
+                             "--shift-strength", "1"]) == 0
+            written[s] = out, printed.getvalue()
+        else:
+            written[s] = generate(out, **STRENGTH_DATA, shift_strength=s).out, ""
+    return written
 
 
-def test_strength_one_writes_todays_realistic_files_bit_for_bit(strengths, tmp_path: Path, capsys) -> None:
+def test_strength_one_writes_todays_realistic_files_bit_for_bit(strengths) -> None:
     expected = json.loads((DATA / "synth_realistic_small_sha256.json").read_text())
     derm = {k: v for k, v in expected.items() if not k.startswith(("prostate/", "site_configs/prostate/"))}
-    assert len(derm) > 100 and _differences(_hashes(strengths[1.0].out), derm) == []
-    assert main(["synth", "--out", str(tmp_path), "--seed", "3", "--scale", "0.01", "--derm-sites", "2",
-                 "--prostate-sites", "0", "--min-per-class", "2,1,1", "--shift", "realistic", "--shift-strength", "1"]) == 0
-    assert "(realistic shift, strength 1)" in capsys.readouterr().out
-    written = _hashes(tmp_path)
-    assert len(written) > 40 and all(derm[name] == digest for name, digest in written.items())
+    out, printed = strengths[1.0]
+    assert "(realistic shift, strength 1)" in printed
+    assert len(derm) > 100 and _differences(_hashes(out), derm) == []
 
 
-def test_strength_zero_writes_the_mild_images_with_the_realistic_class_mix(strengths, tmp_path: Path) -> None:
-    mild = generate(tmp_path, **{**STRENGTH_DATA, "shift": "mild"})  # the same minimums, given
-    assert _hashes(strengths[0.0].out) == _hashes(mild.out)
+def test_strength_zero_writes_the_mild_images_with_the_realistic_class_mix(strengths, mild) -> None:
+    assert {**REALISTIC, "n_prostate": 0} == STRENGTH_DATA  # the mild fixture's arguments: the same minimums, given
+    assert _hashes(strengths[0.0][0]) == _hashes(mild.out)
 
 
 def test_strength_zero_and_one_are_the_mild_and_realistic_sites_with_any_site_seed() -> None:
@@ -374,12 +392,12 @@ def test_bad_strengths_are_one_line_errors(value: str, shift: str, fragment: str
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.jpg"))
 
 
-def _mean_site_shift(result) -> tuple[float, np.ndarray]:
+def _mean_site_shift(out: Path) -> tuple[float, np.ndarray]:
     """What `medfl check` measures on the generated dermoscopy sites: the mean site shift and the mean over sites
     of each statistic's distance."""
     settings = DataSettings(classes=list(CLASSES), num_workers=1)
     measured = {}
-    for path in result.configs:
+    for path in sorted((out / "site_configs" / "dermoscopy").glob("*.yaml")):
         config = load_site_config(path)
         measured[config.name] = inspect_site(config, settings, task=task_for(config.task)).report.statistics.compared
     shift = site_shift(measured)
@@ -390,7 +408,7 @@ def test_the_shift_meter_ranks_the_strengths_in_order(strengths) -> None:
     """Measured (seed 3, scale 0.01, 5 sites, 47-67 images each) at s = 0, 0.5, 1, 1.5: mean site shift 1.13,
     1.82, 2.15, 2.35; mean distance over sites of detail % 0.19, 0.19, 0.27, 0.51 and of lesion % 0.14, 0.44, 0.77,
     0.99."""
-    measured = [_mean_site_shift(strengths[s]) for s in STRENGTHS]
+    measured = [_mean_site_shift(strengths[s][0]) for s in STRENGTHS]
     means = [mean for mean, _ in measured]
     assert means == sorted(means) and len(set(means)) == len(means), means
     detail, lesion = (DERMOSCOPY.compared.index(name) for name in ("detail %", "lesion %"))

@@ -136,13 +136,10 @@ def test_the_3d_recipes_pass_the_allow_list_and_load_only_the_records_files(tmp_
 # ---- the task on a tiny synthetic 3-D federation --------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory) -> Path:
-    """`medfl synth`'s first two prostate sites at scale 0.01 (6 cases each; volumes of 64-80 voxels, 20-24 slices)."""
-    from medfl.synth import Minimums, generate
-
-    root = tmp_path_factory.mktemp("federation3d")
-    generate(root, scale=0.01, n_derm=0, n_prostate=2, minimums=Minimums(6, 3, 3))
-    return root
+def federation(tiny_federation) -> Path:
+    """`medfl synth`'s first two prostate sites at scale 0.01 (6 cases each; volumes of 64-80 voxels, 20-24 slices):
+    the conftest tiny federation's (tests only read it)."""
+    return tiny_federation
 
 
 @pytest.fixture(scope="module")
