@@ -182,8 +182,13 @@ def test_an_interrupt_stops_every_worker_and_a_resume_with_workers_equals_an_uni
     config = load_experiment_config(experiment, rounds=3)
     coordinator = Coordinator(config, tmp_path / "run", torch.device("cpu"), progress=interrupt_in_round_1, parallel=2,
                               task=task_for(config.task))
-    with pytest.raises(KeyboardInterrupt):
-        coordinator.run()
+    # Python's own Ctrl-C handler, even where pytest was started with SIGINT ignored (a shell's background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            coordinator.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(pids) == 2 and all(gone(pid) for pid in pids)
     if Path("/proc").is_dir():
         assert all((tmp_path / "run" / LOCK_FILE).resolve() in files for files in held), held
