@@ -59,7 +59,10 @@ def test_a_trend_larger_than_the_seeds_spread_gives_advice() -> None:
     assert found.spread == pytest.approx(0.00707, abs=1e-5)
     assert "At this shift, on synthetic federations, prr led FedAvg with fine-tuning by 0.055 ± 0.007" in found.text
     assert "nearest the sweep's strength 1.5 (measured 2.30)" in found.text and "could not tell" not in found.text
+    assert "It lies above the range the sweep measured (1.40-2.30)" in found.text
+    assert "the range the sweep measured" not in advice(GROWING, 2.0).text
     mild = advice(GROWING, 1.3)  # at the small shift FedAvg-FT led, and the benchmark can say so too
+    assert "It lies below the range the sweep measured (1.40-2.30)" in mild.text
     assert mild.told and (mild.leader, mild.runner_up) == ("fedavg", "prr")
     assert "FedAvg with fine-tuning led prr by 0.015 ± 0.007" in mild.text
 

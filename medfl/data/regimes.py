@@ -140,6 +140,11 @@ def advice(figures: Figures, mean_shift: float) -> Advice:
     told = spread is not None and trend > spread
     where = (f"This federation's mean site shift ({mean_shift:.2f}) is nearest the sweep's strength "
              f"{regime.strength:g} (measured {regime.mean_shift:.2f}).")
+    lowest, highest = min(r.mean_shift for r in figures.regimes), max(r.mean_shift for r in figures.regimes)
+    if not lowest <= mean_shift <= highest:  # a real federation can differ more or less than any swept one
+        side = "below" if mean_shift < lowest else "above"
+        where += (f" It lies {side} the range the sweep measured ({lowest:.2f}-{highest:.2f}): what follows is "
+                  "the nearest measurement, not a measurement at this shift.")
     lead = (f"{figures.label(leader)} led {figures.label(runner_up)} by {_signed(here)}" if here.mean != 0 else
             f"{figures.label(leader)} and {figures.label(runner_up)} tied ({_signed(here)})")
     measure = f"test {METRIC_WORDS.get(figures.metric, figures.metric)}, {figures.protocol} protocol"
