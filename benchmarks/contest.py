@@ -68,6 +68,9 @@ from medfl.methods import method_spec  # noqa: E402
 
 COMPARED = ("local", "fedavg", "fedbn", "ditto", "pooled", "prr", "fedavg_det")
 ALSO_CONFIRMED = ("fedprox", "fml")  # at their defaults, one seed: the earlier baselines, for continuity
+# the methods every other is paired against, by seed: the method, and DET fed by plain averaging (whether PFA or
+# FedAvg should feed DET is one of the contest's questions)
+PAIRED_AGAINST = ("prr", "fedavg_det")
 LEARNING_RATES = (5e-3, 1e-2, 2e-2, 4e-2)  # SGD, the realistic dermoscopy plan's optimizer (1e-2: the reference)
 
 
@@ -396,7 +399,7 @@ def kept_values(summary: dict[str, Any], rarest: str | None) -> dict[str, dict[s
 def summarise_confirmation(jobs: list[dict[str, Any]], rarest: dict[str, str | None], replicates: int
                            ) -> dict[str, Any]:
     """From the kept runs (config, summary and case outcomes, committed): per task and method the mean over sites
-    across seeds, paired differences to prr by seed, per-site bootstrap intervals."""
+    across seeds, paired differences by seed to prr and to fedavg_det (PAIRED_AGAINST), per-site bootstrap intervals."""
     results: dict[str, Any] = {}
     for task in dict.fromkeys(job["task"] for job in jobs):
         finished = [job for job in jobs if job["task"] == task and (Path(job["kept"]) / "cases.json").is_file()]
@@ -419,14 +422,14 @@ def summarise_confirmation(jobs: list[dict[str, Any]], rarest: dict[str, str | N
                                "per_seed": {str(s): site_means[s] for s in seeds},
                                "sites": {site: {n: spread([seeds[s]["values"][site][n] for s in seeds])
                                                 for n in names} for site in sites}}
-        paired = {}
-        if "prr" in methods:
+        paired: dict[str, dict[str, Any]] = {}
+        for base in (b for b in PAIRED_AGAINST if b in methods):
             for method in methods:
-                common = sorted(set(methods["prr"]["seeds"]) & set(methods[method]["seeds"]))
-                if method != "prr" and common:
-                    paired[method] = {n: spread([methods["prr"]["per_seed"][str(s)][n]
-                                                      - methods[method]["per_seed"][str(s)][n] for s in common])
-                                      for n in names if n not in ("val",)}
+                common = sorted(set(methods[base]["seeds"]) & set(methods[method]["seeds"]))
+                if method != base and common:
+                    paired.setdefault(base, {})[method] = {
+                        n: spread([methods[base]["per_seed"][str(s)][n] - methods[method]["per_seed"][str(s)][n]
+                                   for s in common]) for n in names if n not in ("val",)}
         config = yaml.safe_load((Path(finished[0]["kept"]) / "config.yaml").read_text(encoding="utf-8"))
         classes = len(config["data"]["classes"]) if task == "dermoscopy" else None
         bootstrap = {site: bootstrap_site({m: {s: run["cases"][site] for s, run in seeds.items()}
@@ -469,12 +472,12 @@ def confirmation_markdown(results: dict[str, Any], planned: dict[str, int], fini
             entry = result["methods"][m]
             lines.append(f"| {m} | {entry['trial']} | {len(entry['seeds'])} | "
                          + " | ".join(cell(entry["mean"][c], 2 if c == "hd95" else 3) for c, _ in columns) + " |")
-        if result["paired_minus"]:
-            lines += ["", "**prr minus each method, paired by seed** (mean ± sd of the differences of the "
+        for base, against in result["paired_minus"].items():
+            lines += ["", f"**{base} minus each method, paired by seed** (mean ± sd of the differences of the "
                       "mean over sites):", "",
-                      "| prr minus | seeds | " + " | ".join(c[1] for c in columns[:4 if rare else 2]) + " |",
+                      f"| {base} minus | seeds | " + " | ".join(c[1] for c in columns[:4 if rare else 2]) + " |",
                       "|:---|---:|" + "---:|" * (4 if rare else 2)]
-            for m, diffs in result["paired_minus"].items():
+            for m, diffs in against.items():
                 lines.append(f"| {m} | {next(iter(diffs.values()))['n']} | "
                              + " | ".join(cell(diffs[c]) for c, _ in columns[:4 if rare else 2]) + " |")
         lines += ["", f"**Per site, fine-tuned {metric} with its 95% interval** (bootstrap over the site's test cases, "
