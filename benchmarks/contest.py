@@ -472,14 +472,15 @@ def confirmation_markdown(results: dict[str, Any], planned: dict[str, int], fini
             entry = result["methods"][m]
             lines.append(f"| {m} | {entry['trial']} | {len(entry['seeds'])} | "
                          + " | ".join(cell(entry["mean"][c], 2 if c == "hd95" else 3) for c, _ in columns) + " |")
+        paired_columns = columns[:4 if rare else 2]  # the scores, not retrogress or dips
         for base, against in result["paired_minus"].items():
             lines += ["", f"**{base} minus each method, paired by seed** (mean ± sd of the differences of the "
                       "mean over sites):", "",
-                      f"| {base} minus | seeds | " + " | ".join(c[1] for c in columns[:4 if rare else 2]) + " |",
-                      "|:---|---:|" + "---:|" * (4 if rare else 2)]
+                      f"| {base} minus | seeds | " + " | ".join(c[1] for c in paired_columns) + " |",
+                      "|:---|---:|" + "---:|" * len(paired_columns)]
             for m, diffs in against.items():
                 lines.append(f"| {m} | {next(iter(diffs.values()))['n']} | "
-                             + " | ".join(cell(diffs[c]) for c, _ in columns[:4 if rare else 2]) + " |")
+                             + " | ".join(cell(diffs[c]) for c, _ in paired_columns) + " |")
         lines += ["", f"**Per site, fine-tuned {metric} with its 95% interval** (bootstrap over the site's test cases, "
                   f"{replicates} resamples, the seeds' models averaged on each resample); then prr minus "
                   "each method on the same resamples:", "",
